@@ -1,0 +1,40 @@
+# `make train` and `make test` set up .venv on first use, then do their work.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+# The CPU build of torch keeps set-up small where there is no NVIDIA GPU.
+TORCH_PIN ?= 2.13.0
+ARGS    ?=
+
+.PHONY: train test lint bench bench-kernels sample clean help
+
+help:
+	@echo "make train   - set up .venv, prepare the embedded corpus, pretrain the default (tiny) model"
+	@echo "make test    - set up .venv and run the test suite"
+	@echo "make bench   - run every kernel benchmark (needs CUDA) ; make lint - ruff"
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  $(BIN)/pip install -q torch; \
+	else \
+	  $(BIN)/pip install -q "torch==$(TORCH_PIN)" || $(BIN)/pip install -q torch --index-url https://download.pytorch.org/whl/cpu; \
+	fi
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/python train.py $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run_all $(ARGS)
+
+clean:
+	rm -rf $(VENV) out data

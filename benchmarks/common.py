@@ -1,0 +1,152 @@
+"""Shared benchmark plumbing: device detection, peak tables, timing, result files.
+
+Every kernel benchmark:
+  * exits non-zero with one line when there is no CUDA device (`require_cuda`);
+  * times providers side by side in one process with `bench` (triton.testing.do_bench:
+    median, p20, p80 in ms);
+  * writes CSV + PNG + markdown under benchmarks/results/<device>/ with `write_results`.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import platform
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# Datasheet peaks per device name fragment: (dense bf16 TFLOP/s, HBM TB/s). Checked in order,
+# so more specific names come first. Prefer measured ceilings (`measure_ceilings`) for "% of peak".
+PEAKS: list[tuple[str, float, float]] = [
+    ("H100 NVL", 835.0, 3.9),
+    ("H100 PCIe", 756.0, 2.0),
+    ("H100", 989.0, 3.35),  # SXM
+    ("H200", 989.0, 4.8),
+    ("GH200", 989.0, 4.0),
+    ("A100-SXM4-80GB", 312.0, 2.04),
+    ("A100 80GB PCIe", 312.0, 1.94),
+    ("A100", 312.0, 1.55),
+    ("L40S", 362.0, 0.864),
+    ("A10G", 70.0, 0.6),
+    ("RTX 4090", 165.0, 1.0),
+    ("RTX 3090", 71.0, 0.936),
+]
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def device_slug() -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", device_name()).strip("-") or "cpu"
+
+
+def peak(name: str | None = None) -> tuple[float | None, float | None]:
+    """(TFLOP/s, TB/s) datasheet peaks for a device name, or (None, None) when unknown."""
+    name = name or device_name()
+    for key, tf, tb in PEAKS:
+        if key in name:
+            return tf, tb
+    return None, None
+
+
+def require_cuda(what: str) -> None:
+    if not torch.cuda.is_available():
+        print(f"{what}: no CUDA device found; kernel benchmarks need a GPU (nothing measured).")
+        sys.exit(2)
+
+
+def bench(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds of fn() on the current CUDA device."""
+    import triton.testing
+
+    ms = triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
+    return tuple(float(m) for m in ms)
+
+
+def measure_ceilings() -> tuple[float, float]:
+    """Measured (bf16 matmul TFLOP/s, copy TB/s counting bytes read + written) on this GPU."""
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms, _, _ = bench(lambda: a @ b)
+    tflops = 2 * n**3 / ms / 1e9
+    x = torch.empty(1 << 28, device="cuda", dtype=torch.bfloat16)  # 512 MiB
+    y = torch.empty_like(x)
+    ms, _, _ = bench(lambda: y.copy_(x))
+    tbs = 2 * x.numel() * x.element_size() / ms / 1e9
+    return tflops, tbs
+
+
+def versions() -> str:
+    try:
+        import triton
+
+        tv = triton.__version__
+    except ImportError:
+        tv = "n/a"
+    date = _dt.date.today().isoformat()
+    return f"device: {device_name()} | torch {torch.__version__} | triton {tv} | {date}"
+
+
+def write_results(name: str, rows: list[dict], x: str, y: str, series: str = "provider",
+                  panels: str | None = None, title: str = "") -> Path:
+    """Write rows as <name>.csv, <name>.md (markdown table) and <name>.png under results/<device>/.
+
+    The plot draws `y` against `x`, one line per value of `series`, one subplot per value of
+    `panels` (e.g. mode fwd/bwd). Returns the output folder.
+    """
+    out = RESULTS / device_slug()
+    out.mkdir(parents=True, exist_ok=True)
+    cols = list(rows[0].keys()) if rows else []
+    with open(out / f"{name}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    lines = [f"# {title or name}", "", versions(), "", "| " + " | ".join(cols) + " |",
+             "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    _plot(out / f"{name}.png", rows, x, y, series, panels, title or name)
+    print("\n".join(lines))
+    print(f"\nwrote {out}/{name}.{{csv,md,png}}")
+    return out
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _plot(path: Path, rows: list[dict], x: str, y: str, series: str, panels: str | None, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panel_vals = sorted({r[panels] for r in rows}, key=str) if panels else [None]
+    fig, axes = plt.subplots(1, len(panel_vals), figsize=(5 * len(panel_vals), 4), squeeze=False)
+    for ax, pv in zip(axes[0], panel_vals):
+        sub = [r for r in rows if panels is None or r[panels] == pv]
+        for s in sorted({r[series] for r in sub}, key=str):
+            pts = [(r[x], r[y]) for r in sub if r[series] == s and r[y] is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=str(s))
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.set_title(f"{title} {pv}" if pv is not None else title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

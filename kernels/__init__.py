@@ -1,0 +1,1 @@
+"""Triton kernels, one op per file; kernels.reference holds the PyTorch references."""

@@ -1,0 +1,232 @@
+"""Plain-PyTorch reference for every op the model computes.
+
+Each `<op>_ref` has the same signature and defaults as the Triton `<op>` in
+`kernels/<file>.py`. Math runs in fp32 (inputs are upcast) and the result is
+cast back to the input dtype, so a reference run in low precision is also the
+"low-precision baseline" of the FlashAttention tolerance rule.
+
+Layouts used throughout:
+  activations (B, T, C); attention q (B, T, H, D), k/v (B, S, Hkv, D) with
+  H % Hkv == 0 (GQA; Hkv == 1 is MQA, Hkv == H is MHA).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# ----------------------------------------------------------------------------- norms
+
+
+def rms_norm_ref(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
+    """y = x / sqrt(mean(x^2) + eps) * w over the last dim. x (..., C), w (C,)."""
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * rstd * weight.float()).to(x.dtype)
+
+
+def add_rms_norm_ref(x: Tensor, residual: Tensor, weight: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """h = x + residual; y = rms_norm(h). Returns (h, y), both in x's dtype.
+
+    The sum is rounded to x's dtype before the norm (it is what the next
+    residual add reads), so fused kernels must normalize the rounded sum too.
+    """
+    h = (x.float() + residual.float()).to(x.dtype)
+    return h, rms_norm_ref(h, weight, eps)
+
+
+def layer_norm_ref(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
+    """LayerNorm over the last dim (GPT-2 classic)."""
+    w = weight.float()
+    b = bias.float() if bias is not None else None
+    return F.layer_norm(x.float(), (x.shape[-1],), w, b, eps).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- rope
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float = 10000.0, device=None,
+                scaling: dict | None = None) -> tuple[Tensor, Tensor]:
+    """cos, sin tables (max_len, head_dim // 2), fp32.
+
+    inv_freq_i = theta^(-2i/D); angle(p, i) = p * inv_freq_i. `scaling` is an
+    optional Llama-3-style frequency rescale {"type": "llama3", "factor",
+    "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}.
+    """
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head dim, got {head_dim}")
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
+    if scaling is not None:
+        inv_freq = _scale_inv_freq(inv_freq, scaling)
+    pos = torch.arange(max_len, dtype=torch.float64, device=device)
+    ang = torch.outer(pos, inv_freq)
+    return ang.cos().float(), ang.sin().float()
+
+
+def _scale_inv_freq(inv_freq: Tensor, s: dict) -> Tensor:
+    kind = s.get("type", s.get("rope_type"))
+    if kind != "llama3":
+        raise ValueError(f"unsupported RoPE scaling type {kind!r} (supported: llama3)")
+    factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old = s["original_max_position_embeddings"]
+    wavelen = 2 * torch.pi / inv_freq
+    low_wl, high_wl = old / lo, old / hi
+    smooth = (old / wavelen - lo) / (hi - lo)
+    scaled = torch.where(wavelen > low_wl, inv_freq / factor, inv_freq)
+    mid = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    is_mid = (wavelen <= low_wl) & (wavelen >= high_wl)
+    return torch.where(is_mid, mid, scaled)
+
+
+def rope_ref(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor) -> Tensor:
+    """Rotary embedding, "rotate-half" pairing (i, i + D/2) as in Llama/HF.
+
+    x (B, T, H, D); cos/sin (L, D/2) fp32; positions (T,) or (B, T) int, < L.
+    out[..., :D/2] = x1*cos - x2*sin ; out[..., D/2:] = x2*cos + x1*sin
+    """
+    half = x.shape[-1] // 2
+    c = cos[positions].float()  # (T, D/2) or (B, T, D/2)
+    s = sin[positions].float()
+    if c.dim() == 2:
+        c, s = c[None], s[None]
+    c, s = c[:, :, None, :], s[:, :, None, :]  # (B|1, T, 1, D/2)
+    xf = x.float()
+    x1, x2 = xf[..., :half], xf[..., half:]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- mlp
+
+
+def swiglu_ref(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) * up, elementwise. gate, up (..., F)."""
+    g = gate.float()
+    return (F.silu(g) * up.float()).to(gate.dtype)
+
+
+def gelu_ref(x: Tensor) -> Tensor:
+    """tanh-approximate GELU (GPT-2)."""
+    return F.gelu(x.float(), approximate="tanh").to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def cross_entropy_ref(logits: Tensor, targets: Tensor, ignore_index: int = -100,
+                      z_loss: float = 0.0) -> Tensor:
+    """Mean cross-entropy over targets != ignore_index, plus z_loss * mean(lse^2).
+
+    logits (N, V), targets (N,) int. Returns an fp32 scalar. Labels outside
+    [0, V) (other than ignore_index) raise ValueError.
+    """
+    check_labels(targets, logits.shape[-1], ignore_index)
+    lf = logits.float()
+    keep = targets != ignore_index
+    n = keep.sum().clamp_min(1)
+    lse = torch.logsumexp(lf, dim=-1)
+    safe_t = torch.where(keep, targets, torch.zeros_like(targets))
+    nll = lse - lf.gather(-1, safe_t[:, None]).squeeze(-1)
+    loss = (nll * keep).sum() / n
+    if z_loss:
+        loss = loss + z_loss * ((lse * lse) * keep).sum() / n
+    return loss
+
+
+def linear_cross_entropy_ref(x: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100,
+                             z_loss: float = 0.0) -> Tensor:
+    """cross_entropy(x @ weight.T, targets). x (N, d), weight (V, d), targets (N,)."""
+    return cross_entropy_ref(x @ weight.t(), targets, ignore_index, z_loss)
+
+
+def check_labels(targets: Tensor, vocab: int, ignore_index: int) -> None:
+    """Raise ValueError when a label is outside [0, vocab) and not ignore_index."""
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    if bool(bad.any()):
+        v = int(targets[bad][0])
+        raise ValueError(f"label {v} is outside the vocabulary [0, {vocab}) (ignore_index={ignore_index})")
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def attention_ref(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None,
+                  window: int | None = None) -> Tensor:
+    """Softmax attention with grouped-query heads.
+
+    q (B, T, H, D), k/v (B, S, Hkv, D), H % Hkv == 0. Query i sits at absolute
+    position i + (S - T) (the causal mask is aligned bottom-right, so a
+    prefill chunk attends to everything before it). causal: key j visible iff
+    j <= pos(i); window w (sliding/local attention): also pos(i) - j < w.
+    Returns (B, T, H, D) in q's dtype; math in fp32.
+    """
+    B, T, H, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    if H % Hkv:
+        raise ValueError(f"n_head {H} is not a multiple of n_kv_head {Hkv}")
+    scale = D ** -0.5 if scale is None else scale
+    qf = q.float().transpose(1, 2)  # (B, H, T, D)
+    kf = k.float().transpose(1, 2)  # (B, Hkv, S, D)
+    vf = v.float().transpose(1, 2)
+    mask = None
+    if causal or window is not None:
+        qpos = torch.arange(T, device=q.device)[:, None] + (S - T)
+        kpos = torch.arange(S, device=q.device)[None, :]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device)
+        if causal:
+            mask &= kpos <= qpos
+        if window is not None:
+            mask &= (qpos - kpos) < window
+    o = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, scale=scale, enable_gqa=Hkv != H)
+    return o.transpose(1, 2).to(q.dtype)
+
+
+def decode_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor,
+                         scale: float | None = None) -> Tensor:
+    """New query tokens against a KV cache with a per-row valid length.
+
+    q (B, Tq, H, D); k_cache/v_cache (B, S_max, Hkv, D); lengths (B,) int: the
+    number of valid cache entries per row, *including* the Tq new tokens
+    (already written). Query t of row b sits at position lengths[b] - Tq + t
+    and attends keys 0..that position (causal among the new tokens).
+    Returns (B, Tq, H, D) in q's dtype; math in fp32.
+    """
+    B, Tq, H, D = q.shape
+    Hkv = k_cache.shape[2]
+    if H % Hkv:
+        raise ValueError(f"n_head {H} is not a multiple of n_kv_head {Hkv}")
+    S = int(lengths.max())
+    scale = D ** -0.5 if scale is None else scale
+    qf = q.float().transpose(1, 2)  # (B, H, Tq, D)
+    kf = k_cache[:, :S].float().transpose(1, 2)  # (B, Hkv, S, D)
+    vf = v_cache[:, :S].float().transpose(1, 2)
+    qpos = lengths.to(q.device)[:, None] - Tq + torch.arange(Tq, device=q.device)[None, :]  # (B, Tq)
+    kpos = torch.arange(S, device=q.device)
+    mask = kpos[None, None, :] <= qpos[:, :, None]  # (B, Tq, S)
+    o = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask[:, None], scale=scale, enable_gqa=Hkv != H)
+    return o.transpose(1, 2).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------- mixture of experts
+
+
+def moe_experts_ref(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, topk_idx: Tensor,
+                    topk_weight: Tensor) -> Tensor:
+    """Routed SwiGLU experts, a plain loop over experts (dropless).
+
+    x (N, d); w_gate, w_up (E, F, d); w_down (E, d, F); topk_idx (N, k) int;
+    topk_weight (N, k). out_n = sum_j topk_weight[n, j] * E_{idx[n, j]}(x_n),
+    E_e(x) = w_down[e] @ (silu(w_gate[e] @ x) * (w_up[e] @ x)).
+    Returns (N, d) in x's dtype.
+    """
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    xf = x.float()
+    for e in range(w_gate.shape[0]):
+        rows, slot = (topk_idx == e).nonzero(as_tuple=True)
+        if rows.numel() == 0:
+            continue
+        xe = xf[rows]
+        h = F.silu(xe @ w_gate[e].float().t()) * (xe @ w_up[e].float().t())
+        ye = (h @ w_down[e].float().t()) * topk_weight[rows, slot].float()[:, None]
+        out.index_add_(0, rows, ye)
+    return out.to(x.dtype)

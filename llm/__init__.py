@@ -1,0 +1,1 @@
+"""llm: a small, fast, hackable decoder-only LM stack."""
