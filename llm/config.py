@@ -1,0 +1,264 @@
+"""Configuration: ModelConfig (+ named presets), DataConfig, TrainConfig.
+
+Every field becomes a command-line flag (`n_layer` -> `--n-layer`) with its help text
+taken from the field's metadata; see `add_dataclass_args`. Precedence when building a
+config: dataclass defaults < --preset < --config FILE.toml < explicit flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the CLIs print its message as one line."""
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = _f(4096, "vocabulary size of the model (set from the tokenizer when training)", flag=False)
+    block_size: int = _f(256, "context length in tokens")
+    n_layer: int = _f(4, "number of Transformer blocks")
+    n_head: int = _f(4, "number of query heads")
+    n_kv_head: int | None = _f(None, "number of key/value heads (GQA; 1 = MQA; default = n_head, MHA)")
+    n_embd: int = _f(256, "model width")
+    head_dim: int | None = _f(None, "per-head width (default n_embd // n_head)")
+    intermediate_size: int | None = _f(None, "MLP hidden width (default: 8/3*n_embd rounded up to 64 "
+                                             "for SwiGLU, 4*n_embd for GELU)")
+    pos_emb: str = _f("rope", "position encoding", choices=("rope", "learned"))
+    norm: str = _f("rmsnorm", "normalization", choices=("rmsnorm", "layernorm"))
+    mlp: str = _f("swiglu", "MLP type", choices=("swiglu", "gelu"))
+    bias: bool = _f(False, "biases in every linear and norm (GPT-2 classic)")
+    qkv_bias: bool = _f(False, "biases on the q/k/v projections only (Qwen2)")
+    qk_norm: bool = _f(False, "RMSNorm on each query/key head before RoPE (Qwen3)")
+    tie_embeddings: bool = _f(False, "share the token embedding and LM-head weights")
+    rope_theta: float = _f(10000.0, "RoPE base theta")
+    rope_scaling: dict | None = _f(None, "RoPE frequency scaling (llama3 style dict); from HF configs")
+    norm_eps: float = _f(1e-5, "epsilon of the norms")
+    window: int | None = _f(None, "sliding-window attention width (None = full causal)")
+    dropout: float = _f(0.0, "dropout on attention output and MLP output")
+    pad_vocab_multiple: int = _f(64, "round vocab_size up to a multiple of this (faster matmuls)")
+    kernels: str = _f("auto", "op implementation: triton (CUDA or TRITON_INTERPRET=1), torch, or auto",
+                      choices=("auto", "triton", "torch"))
+    # Mixture of Experts (n_experts = 0 means dense).
+    n_experts: int = _f(0, "routed experts per MoE layer (0 = dense model)")
+    top_k: int = _f(2, "experts each token is routed to")
+    n_shared_experts: int = _f(0, "always-active shared experts per MoE layer")
+    expert_hidden: int | None = _f(None, "hidden width of each expert (default intermediate_size)")
+    first_dense_layers: int = _f(0, "the first N blocks keep a dense MLP")
+    score_func: str = _f("softmax", "router scores", choices=("softmax", "sigmoid"))
+    norm_topk: bool = _f(True, "renormalize the top-k routing weights to sum to 1")
+    route_scale: float = _f(1.0, "scale on the routing weights")
+    balance: str = _f("aux", "load balancing: aux loss, aux-loss-free bias, or none",
+                      choices=("aux", "bias", "none"))
+    aux_coef: float = _f(0.01, "weight of the load-balancing auxiliary loss")
+    z_coef: float = _f(0.001, "weight of the router z-loss")
+    bias_rate: float = _f(0.001, "update rate of the aux-loss-free routing bias")
+    experts_impl: str = _f("auto", "expert computation", choices=("loop", "grouped", "auto"))
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.head_dim is None and self.n_head > 0:
+            if self.n_embd % self.n_head:
+                raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+            self.head_dim = self.n_embd // self.n_head
+        if self.intermediate_size is None:
+            if self.mlp == "swiglu":
+                self.intermediate_size = _round_up(int(8 * self.n_embd / 3), 64)
+            else:
+                self.intermediate_size = 4 * self.n_embd
+        if self.expert_hidden is None:
+            self.expert_hidden = self.intermediate_size
+        self.validate()
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return _round_up(self.vocab_size, max(1, self.pad_vocab_multiple))
+
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head"):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        need(self.n_head % self.n_kv_head == 0,
+             f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+        need(self.head_dim >= 1, f"head_dim must be >= 1, got {self.head_dim}")
+        need(self.pos_emb != "rope" or self.head_dim % 2 == 0,
+             f"RoPE needs an even head_dim, got {self.head_dim}")
+        need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        need(self.window is None or self.window >= 1, f"window must be >= 1, got {self.window}")
+        for name in ("pos_emb", "norm", "mlp", "kernels", "score_func", "balance", "experts_impl"):
+            choices = _choices(name)
+            need(getattr(self, name) in choices, f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        if self.n_experts:
+            need(self.n_experts >= 1, f"n_experts must be >= 0, got {self.n_experts}")
+            need(1 <= self.top_k <= self.n_experts,
+                 f"top_k ({self.top_k}) must be between 1 and n_experts ({self.n_experts})")
+            need(0 <= self.first_dense_layers <= self.n_layer,
+                 f"first_dense_layers ({self.first_dense_layers}) must be in [0, n_layer={self.n_layer}]")
+            need(self.mlp == "swiglu", "MoE experts are SwiGLU: set mlp='swiglu'")
+        need(self.n_shared_experts >= 0, f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _f("pystdlib", "corpus name (pystdlib = the Python standard library's source, "
+                                  "on every machine) or a path to a text file / folder")
+    data_dir: str = _f("data", "where prepared token shards are cached")
+    vocab_size: int = _f(2048, "BPE vocabulary size to train (ignored with --tokenizer NAME)")
+    tokenizer: str | None = _f(None, "use a named tiktoken encoding (gpt2, cl100k_base, o200k_base) "
+                                     "instead of training a BPE")
+    val_fraction: float = _f(0.05, "share of documents held out for validation")
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = _f("out", "where checkpoints and metrics.jsonl go")
+    max_steps: int = _f(600, "optimizer steps to train")
+    batch_size: int = _f(16, "sequences per micro-batch")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    lr: float = _f(3e-3, "peak learning rate")
+    min_lr: float = _f(3e-4, "learning rate at the end of the cosine decay")
+    warmup_steps: int = _f(50, "linear warmup steps")
+    weight_decay: float = _f(0.1, "AdamW weight decay (matrices only)")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.95, "AdamW beta2")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)")
+    eval_interval: int = _f(100, "steps between validation-loss evaluations")
+    eval_iters: int = _f(20, "batches per validation-loss estimate")
+    save_interval: int = _f(200, "steps between checkpoints (a final one is always written)")
+    log_interval: int = _f(10, "steps between metric lines in metrics.jsonl")
+    seed: int = _f(1337, "random seed (model init and data order)")
+    device: str = _f("auto", "cpu, cuda, cuda:N or auto")
+    dtype: str = _f("auto", "float32, bfloat16 or float16 autocast (auto: bf16 on CUDA if supported, "
+                            "else fp32)", choices=("auto", "float32", "bfloat16", "float16"))
+    compile: bool = _f(False, "torch.compile the model")
+    wandb: str = _f("off", "Weights & Biases logging", choices=("off", "offline", "online"))
+    wandb_project: str = _f("llm", "wandb project name")
+
+
+PRESETS: dict[str, dict] = {
+    # Trains in ~4 minutes on 2 CPU cores (make train).
+    "tiny": dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=192, block_size=128),
+    # GPT-2-124M-sized, Llama-style (RoPE, RMSNorm, SwiGLU, GQA).
+    "small": dict(n_layer=12, n_head=12, n_kv_head=4, n_embd=768, block_size=1024, vocab_size=50304,
+                  intermediate_size=2048),
+    # Llama-3.2-1B shape.
+    "1b": dict(n_layer=16, n_head=32, n_kv_head=8, n_embd=2048, intermediate_size=8192, block_size=2048,
+               vocab_size=128256, rope_theta=500000.0, tie_embeddings=True),
+    # Classic GPT-2 124M: learned positions, LayerNorm, GELU, biases, tied embeddings.
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, pos_emb="learned",
+                 norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True),
+}
+
+
+def preset(name: str) -> dict:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return dict(PRESETS[name])
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+def _choices(name: str) -> tuple:
+    return next(f.metadata.get("choices") for f in fields(ModelConfig) if f.name == name)
+
+
+# ----------------------------------------------------------------------------- CLI plumbing
+
+
+def _base_type(tp):
+    """(python type, optional) for a field annotation such as `int | None`."""
+    tp = typing.get_type_hints(ModelConfig).get(tp, tp) if isinstance(tp, str) else tp
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return tp, False
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: str) -> None:
+    """One flag per field of `cls`; defaults are SUPPRESSed so only explicit flags override."""
+    group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        tp, optional = _base_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f"{f.metadata.get('help', '')} (default: {f.default})"
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help_)
+        if not f.metadata.get("flag", True):
+            continue
+        if tp is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif tp is dict:
+            continue  # structured fields come from --config files or HF imports, not flags
+        else:
+            conv = _optional(tp) if optional else tp
+            group.add_argument(flag, type=conv, choices=f.metadata.get("choices"), metavar=tp.__name__.upper()
+                               if not f.metadata.get("choices") else None, **kw)
+
+
+def _optional(tp):
+    def conv(s: str):
+        return None if s.lower() in ("none", "null", "") else tp(s)
+
+    conv.__name__ = tp.__name__
+    return conv
+
+
+def load_toml(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    flat: dict = {}
+    for k, v in data.items():  # sections ([model], [train], [data]) are optional
+        if isinstance(v, dict) and k in ("model", "train", "data"):
+            flat.update(v)
+        else:
+            flat[k] = v
+    return flat
+
+
+def build(cls, values: dict):
+    """Instantiate `cls` from the keys of `values` that are its fields."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def known_fields() -> set[str]:
+    return {f.name for c in (ModelConfig, DataConfig, TrainConfig) for f in fields(c)}
+
+
+def to_dict(cfg) -> dict:
+    return asdict(cfg)
+
+
+def model_config_from_dict(d: dict) -> ModelConfig:
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = set(d) - names
+    if unknown:
+        raise ConfigError(f"unknown model config keys: {', '.join(sorted(unknown))}")
+    return ModelConfig(**d)

@@ -1,0 +1,231 @@
+"""Decoder-only Transformer: Llama-style by default, classic GPT-2 through the config.
+
+Llama-style block (pre-norm):  h = x + Attn(RMSNorm(x));  out = h + SwiGLU(RMSNorm(h))
+GPT-2 classic:                 same with LayerNorm, GELU MLP, biases, learned positions.
+Every op goes through `llm.ops`, which picks the Triton kernel or the PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from kernels.reference import rope_tables
+from llm import ops
+from llm.config import ModelConfig
+from llm.kvcache import KVCache
+
+
+class Norm(nn.Module):
+    """RMSNorm (Zhang & Sennrich 2019) or LayerNorm, over the last dim. x (..., C)."""
+
+    def __init__(self, dim: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.kind, self.eps, self.kernels = cfg.norm, cfg.norm_eps, cfg.kernels
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if cfg.norm == "layernorm" and cfg.bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "rmsnorm":
+            return ops.rms_norm(x, self.weight, self.eps, kernels=self.kernels)
+        return ops.layer_norm(x, self.weight, self.bias, self.eps, kernels=self.kernels)
+
+    def add_forward(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        """(h, norm(h)) with h = x + residual; one fused kernel for RMSNorm."""
+        if self.kind == "rmsnorm":
+            return ops.add_rms_norm(x, residual, self.weight, self.eps, kernels=self.kernels)
+        h = x + residual
+        return h, self.forward(h)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads (Ainslie et al. 2023) and RoPE (Su et al. 2021).
+
+    x (B, T, C) -> q (B, T, H, D), k/v (B, T, Hkv, D). K/V are never repeated to H heads:
+    the attention op maps query head h to kv head h // (H / Hkv).
+    """
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer, self.cfg = layer, cfg
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        qkv_out = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim
+        self.wqkv = nn.Linear(cfg.n_embd, qkv_out, bias=cfg.bias or cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
+        if cfg.qk_norm:
+            self.q_norm = Norm(cfg.head_dim, cfg)
+            self.k_norm = Norm(cfg.head_dim, cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, positions: Tensor,
+                cache: KVCache | None = None) -> Tensor:
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.wqkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            cos, sin = rope
+            q = ops.rope(q, cos, sin, positions, kernels=self.cfg.kernels)
+            k = ops.rope(k, cos, sin, positions, kernels=self.cfg.kernels)
+        if cache is None:
+            o = ops.attention(q, k, v, causal=True, window=self.cfg.window, kernels=self.cfg.kernels)
+        else:
+            k_all, v_all, lengths = cache.update(self.layer, k, v, positions)
+            o = ops.decode_attention(q, k_all, v_all, lengths, kernels=self.cfg.kernels)
+        return self.drop(self.wo(o.reshape(B, T, H * D)))  # (B, T, C)
+
+
+class MLP(nn.Module):
+    """SwiGLU (Shazeer 2020): w2(silu(w1 x) * w3 x), or GPT-2's c_proj(gelu(c_fc x))."""
+
+    def __init__(self, cfg: ModelConfig, hidden: int | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        hidden = hidden or cfg.intermediate_size
+        if cfg.mlp == "swiglu":
+            self.w1 = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)  # gate
+            self.w3 = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)  # up
+        else:
+            self.w1 = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.w2 = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)  # down
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.cfg.mlp == "swiglu":
+            h = ops.swiglu(self.w1(x), self.w3(x), kernels=self.cfg.kernels)
+        else:
+            h = ops.gelu(self.w1(x), kernels=self.cfg.kernels)
+        return self.drop(self.w2(h))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: h = x + attn(norm1(x)); out = h + mlp(norm2(h))."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.norm1 = Norm(cfg.n_embd, cfg)
+        self.attn = Attention(cfg, layer)
+        self.norm2 = Norm(cfg.n_embd, cfg)
+        if cfg.n_experts and layer >= cfg.first_dense_layers:
+            from llm.moe import MoE
+
+            self.mlp = MoE(cfg)
+        else:
+            self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, rope, positions: Tensor, cache: KVCache | None = None) -> Tensor:
+        a = self.attn(self.norm1(x), rope, positions, cache)
+        h, y = self.norm2.add_forward(a, x)  # fused residual add + norm
+        return h + self.mlp(y)
+
+
+class Transformer(nn.Module):
+    """idx (B, T) token ids -> logits (B, T, V) and, with targets (B, T), the mean cross-entropy."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        V = cfg.padded_vocab_size
+        self.tok_emb = nn.Embedding(V, cfg.n_embd)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_emb == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm_f = Norm(cfg.n_embd, cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, V, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if cfg.pos_emb == "rope":
+            cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta, scaling=cfg.rope_scaling)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, D/2) fp32
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, 0.02); residual output projections scaled by 1/sqrt(2 * n_layer)."""
+        std = 0.02
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 1:  # norm weights
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None,
+                z_loss: float = 0.0) -> tuple[Tensor | None, Tensor | None]:
+        """Returns (logits, loss).
+
+        Without targets: logits (B, T, V) fp32 and loss None. With targets (B, T), ids or
+        -100 to ignore: logits None (the loss is computed from the hidden states in chunks
+        so the (B*T, V) logits need not exist) and the mean cross-entropy. With a cache,
+        the T tokens continue each row of the cache and their K/V are stored.
+        """
+        B, T = idx.shape
+        if cache is not None:
+            cache.check_room(T)
+            positions = cache.positions(T)  # (B, T)
+        else:
+            if T > self.cfg.block_size:
+                raise ValueError(f"sequence length {T} exceeds the context length {self.cfg.block_size}")
+            positions = torch.arange(T, device=idx.device)  # (T,)
+        x = self.tok_emb(idx)  # (B, T, C)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        x = self.drop(x)
+        rope = (self.rope_cos, self.rope_sin) if self.cfg.pos_emb == "rope" else None
+        for block in self.blocks:
+            x = block(x, rope, positions, cache)
+        if cache is not None:
+            cache.advance(T)
+        x = self.norm_f(x)
+        if targets is None:
+            return self.lm_head(x).float(), None
+        loss = ops.linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+                                        z_loss=z_loss, kernels=self.cfg.kernels)
+        return None, loss + self.aux_loss()
+
+    def aux_loss(self) -> Tensor | float:
+        """Sum of the MoE layers' auxiliary losses from the last forward (0 for dense models)."""
+        return sum((b.mlp.aux_loss for b in self.blocks if hasattr(b.mlp, "aux_loss")), 0.0)
+
+    def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache(self.cfg.n_layer, batch, max_len, self.cfg.n_kv_head, self.cfg.head_dim,
+                       device or p.device, dtype or p.dtype)
+
+    # ------------------------------------------------------------------ accounting
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel()
+            if self.pos_emb is not None:
+                n -= self.pos_emb.weight.numel()
+        return n
+
+    def num_active_params(self) -> int:
+        """Parameters touched per token (MoE: only top_k routed experts count)."""
+        n = self.num_params()
+        for b in self.blocks:
+            if hasattr(b.mlp, "inactive_params"):
+                n -= b.mlp.inactive_params()
+        return n
+
+    def flops_per_token(self, T: int | None = None) -> float:
+        """Training FLOPs per token: 6 * N_active + 12 * L * H * D * T (nanoGPT / PaLM count)."""
+        c = self.cfg
+        T = T or c.block_size
+        return 6 * self.num_active_params() + 12 * c.n_layer * c.n_head * c.head_dim * T
+
+
+def cross_entropy_logits(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean token cross-entropy from (B, T, V) logits (evaluation helper)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)

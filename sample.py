@@ -1,0 +1,8 @@
+"""Generate text from a checkpoint: `python sample.py --checkpoint DIR --prompt TEXT`. See llm/generate.py."""
+
+import sys
+
+from llm.generate import main
+
+if __name__ == "__main__":
+    sys.exit(main())

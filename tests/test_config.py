@@ -1,0 +1,37 @@
+"""Config validation: one clear error before any work."""
+
+import pytest
+
+from llm.config import PRESETS, ConfigError, ModelConfig, preset
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(n_embd=100, n_head=3), r"n_embd \(100\) must be divisible by n_head \(3\)"),
+    (dict(n_head=6, n_kv_head=4, n_embd=96), r"n_head \(6\) must be divisible by n_kv_head \(4\)"),
+    (dict(n_layer=0), "n_layer must be >= 1"),
+    (dict(n_embd=15, n_head=5), "RoPE needs an even head_dim, got 3"),
+    (dict(n_experts=4, top_k=5), r"top_k \(5\) must be between 1 and n_experts \(4\)"),
+    (dict(norm="batchnorm"), "norm must be one of"),
+    (dict(dropout=1.5), "dropout must be in"),
+], ids=["embd-heads", "kv-heads", "layers", "odd-head-dim", "topk", "norm", "dropout"])
+def test_invalid_model_config_gives_one_clear_error(kw, msg):
+    with pytest.raises(ConfigError, match=msg):
+        ModelConfig(**kw)
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="unknown preset 'huge'; choose one of: tiny, small, 1b, gpt2"):
+        preset("huge")
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_build(name):
+    cfg = ModelConfig(**preset(name))
+    assert cfg.n_head % cfg.n_kv_head == 0
+
+
+def test_derived_fields():
+    cfg = ModelConfig(n_embd=256, n_head=8)
+    assert cfg.head_dim == 32 and cfg.n_kv_head == 8 and cfg.intermediate_size == 704
+    assert ModelConfig(mlp="gelu", n_embd=64, n_head=2).intermediate_size == 256
+    assert ModelConfig(vocab_size=2049).padded_vocab_size == 2112
