@@ -196,6 +196,20 @@ class Transformer(nn.Module):
         """Sum of the MoE layers' auxiliary losses from the last forward (0 for dense models)."""
         return sum((b.mlp.aux_loss for b in self.blocks if hasattr(b.mlp, "aux_loss")), 0.0)
 
+    def after_step(self) -> None:
+        """Called by the trainer after each optimizer step (MoE: aux-loss-free routing-bias update)."""
+        for b in self.blocks:
+            if hasattr(b.mlp, "after_step"):
+                b.mlp.after_step()
+
+    def moe_stats(self) -> dict[str, float]:
+        """Per-layer expert-load statistics of the last forward ({} for dense models)."""
+        out: dict[str, float] = {}
+        for i, b in enumerate(self.blocks):
+            if hasattr(b.mlp, "load_stats"):
+                out.update({f"moe/{i}/{k}": v for k, v in b.mlp.load_stats().items()})
+        return out
+
     def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
         p = self.lm_head.weight
         return KVCache(self.cfg.n_layer, batch, max_len, self.cfg.n_kv_head, self.cfg.head_dim,
