@@ -1,0 +1,547 @@
+"""FlashAttention-2 style softmax attention with grouped-query heads, forward and backward.
+
+Same semantics as `kernels.reference.attention_ref`: q (B, T, H, D), k/v (B, S, Hkv, D), H % Hkv == 0;
+query head h reads kv head h // (H // Hkv) (K/V are never repeated in memory). Query i sits at absolute
+position i + S - T (bottom-right causal alignment); key j is visible iff j <= pos(i) when causal, and
+pos(i) - j < window when a window is given. A query that sees no key returns 0 (as the reference does).
+
+Forward: one program per (BLOCK_M queries, batch, query head) streams K/V blocks with an online softmax
+in fp32 (base 2: exp2 is one instruction) and stores the log-sum-exp. Key blocks are visited in three
+phases: blocks partly cut by the window, blocks every query of the tile fully sees (no mask arithmetic),
+blocks cut by the causal diagonal or the sequence end. Backward recomputes P from the stored lse:
+  delta_i = rowsum(dO_i * O_i)                      (preprocess kernel)
+  dV_j = sum_i P_ij dO_i ; dK_j = scale * sum_i dS_ij Q_i, dS = P * (dO V^T - delta)
+         one program per key block and kv head, looping over the query heads of its group (so dK, dV
+         are summed over the group without atomics) and over the query blocks that see the key block;
+  dQ_i = scale * sum_j dS_ij K_j                     (one program per query block, like the forward).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_LOG2E = 1.4426950408889634  # scores are kept in base 2: exp(x) = exp2(x * log2(e))
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base_ptr, v_base_ptr, stride_ks, stride_vs, pos, lo, hi, S, W,
+               qk_scale,
+               HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+               CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK: tl.constexpr, DOT_PREC: tl.constexpr):
+    # acc (BLOCK_M, BLOCK_D) fp32 unnormalised output; l_i, m_i (BLOCK_M,) running sum and max (base 2)
+    # q (BLOCK_M, BLOCK_D) this tile's queries; k_base_ptr/v_base_ptr: this (batch, kv head)'s K/V
+    # pos (BLOCK_M,) absolute query positions; [lo, hi) key range to visit, step BLOCK_N
+    # MASK: apply bounds/causal/window masks (False only for blocks every query fully sees)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D  # padded head dims (80, 96) load as 0 and do not change q.k
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        if MASK:
+            kv_ok = cols < S
+        else:
+            kv_ok = cols >= 0  # unmasked blocks lie inside [0, S): only the head-dim padding is masked
+        kT = tl.load(k_base_ptr + cols[None, :] * stride_ks + offs_d[:, None],
+                     mask=kv_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
+        qk = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
+        if MASK:
+            keep = kv_ok[None, :]
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= pos[:, None])
+            if WINDOW:
+                keep = keep & ((pos[:, None] - cols[None, :]) < W)
+            qk = tl.where(keep, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # A row that has seen no key yet has m_new = -inf; shift by 0 so exp2 gives 0, not NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_shift)
+        p = tl.exp2(qk - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base_ptr + cols[:, None] * stride_vs + offs_d[None, :],
+                    mask=kv_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+                     stride_qb, stride_qt, stride_qh,  # q (B, T, H, D), last dim contiguous
+                     stride_kb, stride_ks, stride_kh,  # k (B, S, Hkv, D)
+                     stride_vb, stride_vs, stride_vh,  # v (B, S, Hkv, D)
+                     stride_ob, stride_ot, stride_oh,  # o (B, T, H, D)
+                     T, S, H, G, W,  # query/key lengths, query heads, heads per kv group, window
+                     qk_scale,  # softmax scale * log2(e)
+                     seq_bucket,  # unused in the body: autotune key (power-of-two bucket of max(T, S))
+                     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,  # head dim and its power-of-two pad
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # query / key tile sizes
+                     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOT_PREC: tl.constexpr):
+    # Causal tiles near the end have the most keys: launch them first so the tail of the grid is short.
+    n_m = tl.cdiv(T, BLOCK_M)
+    pid_m = n_m - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    hk = h // G
+    off = S - T  # query i sits at position i + off
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    pos = offs_m + off
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=(offs_m[:, None] < T) & (offs_d[None, :] < HEAD_D), other=0.0)
+    k_base = k_ptr + b * stride_kb + hk * stride_kh
+    v_base = v_ptr + b * stride_vb + hk * stride_vh
+
+    # Key range any row of the tile sees, and the sub-range every row fully sees (no mask needed).
+    hi = S
+    full_hi = S
+    if CAUSAL:
+        hi = tl.minimum(S, m0 + BLOCK_M + off)
+        full_hi = tl.minimum(S, m0 + off + 1)
+    hi = tl.maximum(hi, 0)
+    full_hi = (tl.maximum(full_hi, 0) // BLOCK_N) * BLOCK_N
+    lo = 0
+    full_lo = 0
+    if WINDOW:
+        lo = (tl.maximum(m0 + off - W + 1, 0) // BLOCK_N) * BLOCK_N
+        full_lo = tl.cdiv(tl.maximum(m0 + BLOCK_M + off - W, 0), BLOCK_N) * BLOCK_N
+    a = tl.minimum(tl.maximum(full_lo, lo), hi)
+    z = tl.maximum(tl.minimum(full_hi, hi), a)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, pos, lo, a, S, W,
+                               qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, True, DOT_PREC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, pos, a, z, S, W,
+                               qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, False, DOT_PREC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, pos, z, hi, S, W,
+                               qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, True, DOT_PREC)
+
+    empty = l_i == 0.0  # rows that see no key (T > S with causal, or a window): output 0
+    l_safe = tl.where(empty, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    # lse = +inf for empty rows makes the backward's exp2(s - lse) exactly 0 instead of NaN.
+    lse = tl.where(empty, float("inf"), m_i + tl.log2(l_safe))
+    m_ok = offs_m < T
+    tl.store(lse_ptr + pid_bh.to(tl.int64) * T + offs_m, lse, mask=m_ok)
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+             o.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < HEAD_D))
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(o_ptr, do_ptr, delta_ptr,
+                                stride_ob, stride_ot, stride_oh,  # o (B, T, H, D)
+                                stride_dob, stride_dot, stride_doh,  # dO (B, T, H, D), any row strides
+                                T, H,
+                                HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    # delta_i = sum_d dO_id * O_id = sum_j P_ij dP_ij: the softmax-Jacobian term of dS, in fp32.
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < T) & (offs_d[None, :] < HEAD_D)
+    o = tl.load(o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(delta_ptr + pid_bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, q_base_ptr, do_base_ptr, lse_base_ptr, delta_base_ptr,
+                    stride_qt, stride_dot, cols, lo, hi, T, off, W, qk_scale,
+                    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK: tl.constexpr, DOT_PREC: tl.constexpr):
+    # dk, dv (BLOCK_N, BLOCK_D) fp32 accumulators; k, v (BLOCK_N, BLOCK_D) this program's key block
+    # *_base_ptr: one query head's Q, dO, lse, delta; cols (BLOCK_N,) key indices
+    # [lo, hi) query range, step BLOCK_M; MASK False only for query blocks that fully see the key block
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        rows = start_m + tl.arange(0, BLOCK_M)
+        if MASK:
+            r_ok = rows < T
+        else:
+            r_ok = rows >= 0  # unmasked query blocks lie inside [0, T)
+        qT = tl.load(q_base_ptr + rows[None, :] * stride_qt + offs_d[:, None],
+                     mask=r_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_M)
+        lse = tl.load(lse_base_ptr + rows, mask=r_ok, other=float("inf"))
+        qkT = tl.dot(k, qT, input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
+        pT = tl.exp2(qkT - lse[None, :])
+        if MASK:
+            keep = r_ok[None, :]
+            pos = rows + off
+            if CAUSAL:
+                keep = keep & (cols[:, None] <= pos[None, :])
+            if WINDOW:
+                keep = keep & ((pos[None, :] - cols[:, None]) < W)
+            pT = tl.where(keep, pT, 0.0)
+        do = tl.load(do_base_ptr + rows[:, None] * stride_dot + offs_d[None, :],
+                     mask=r_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        delta = tl.load(delta_base_ptr + rows, mask=r_ok, other=0.0)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+                          stride_qb, stride_qt, stride_qh,  # q (B, T, H, D)
+                          stride_kb, stride_ks, stride_kh,  # k (B, S, Hkv, D)
+                          stride_vb, stride_vs, stride_vh,  # v (B, S, Hkv, D)
+                          stride_dob, stride_dot, stride_doh,  # dO (B, T, H, D)
+                          stride_dkb, stride_dks, stride_dkh,  # dk and dv (B, S, Hkv, D), same layout
+                          T, S, H, G, W,  # lengths, query heads, heads per kv group, window
+                          qk_scale, sm_scale,  # scale * log2(e) for P, plain scale for dK
+                          seq_bucket,  # autotune key only
+                          HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    Hkv = H // G
+    b = (pid_bk // Hkv).to(tl.int64)
+    hk = pid_bk % Hkv
+    off = S - T
+    n0 = pid_n * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_mask = (cols[:, None] < S) & (offs_d[None, :] < HEAD_D)
+    k = tl.load(k_ptr + b * stride_kb + hk * stride_kh + cols[:, None] * stride_ks + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + b * stride_vb + hk * stride_vh + cols[:, None] * stride_vs + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+
+    # Query rows that see any key of this block, and the sub-range whose blocks see all of them.
+    lo = 0
+    full_lo = 0
+    if CAUSAL:
+        lo = (tl.maximum(n0 - off, 0) // BLOCK_M) * BLOCK_M
+        full_lo = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - off, 0), BLOCK_M) * BLOCK_M
+    hi = T
+    full_hi = T
+    if WINDOW:
+        hi = tl.minimum(T, n0 + BLOCK_N - 1 + W - off)
+        full_hi = tl.minimum(T, n0 + W - off)
+    hi = tl.maximum(hi, 0)
+    full_hi = (tl.maximum(full_hi, 0) // BLOCK_M) * BLOCK_M
+    a = tl.minimum(tl.maximum(full_lo, lo), hi)
+    z = tl.maximum(tl.minimum(full_hi, hi), a)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(G):  # the query heads sharing this kv head: their dK/dV contributions add up
+        h = hk * G + g
+        bh = b * H + h
+        q_base = q_ptr + b * stride_qb + h * stride_qh
+        do_base = do_ptr + b * stride_dob + h * stride_doh
+        lse_base = lse_ptr + bh * T
+        delta_base = delta_ptr + bh * T
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                                 cols, lo, a, T, off, W, qk_scale, HEAD_D, BLOCK_D, BLOCK_M,
+                                 CAUSAL, WINDOW, True, DOT_PREC)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                                 cols, a, z, T, off, W, qk_scale, HEAD_D, BLOCK_D, BLOCK_M,
+                                 CAUSAL, WINDOW, False, DOT_PREC)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                                 cols, z, hi, T, off, W, qk_scale, HEAD_D, BLOCK_D, BLOCK_M,
+                                 CAUSAL, WINDOW, True, DOT_PREC)
+    out_off = b * stride_dkb + hk * stride_dkh + cols[:, None] * stride_dks + offs_d[None, :]
+    tl.store(dk_ptr + out_off, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + out_off, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse, delta, k_base_ptr, v_base_ptr, stride_ks, stride_vs, pos, lo, hi, S, W,
+                  qk_scale,
+                  HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK: tl.constexpr, DOT_PREC: tl.constexpr):
+    # dq (BLOCK_M, BLOCK_D) fp32 accumulator; q, do this tile's rows; lse, delta (BLOCK_M,)
+    # [lo, hi) key range, step BLOCK_N; MASK as in the forward
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        if MASK:
+            kv_ok = cols < S
+        else:
+            kv_ok = cols >= 0
+        kT = tl.load(k_base_ptr + cols[None, :] * stride_ks + offs_d[:, None],
+                     mask=kv_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
+        vT = tl.load(v_base_ptr + cols[None, :] * stride_vs + offs_d[:, None],
+                     mask=kv_ok[None, :] & d_ok[:, None], other=0.0)
+        qk = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
+        p = tl.exp2(qk - lse[:, None])
+        if MASK:
+            keep = kv_ok[None, :]
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= pos[:, None])
+            if WINDOW:
+                keep = keep & ((pos[:, None] - cols[None, :]) < W)
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, vT, input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+                        stride_qb, stride_qt, stride_qh,  # q (B, T, H, D)
+                        stride_kb, stride_ks, stride_kh,  # k (B, S, Hkv, D)
+                        stride_vb, stride_vs, stride_vh,  # v (B, S, Hkv, D)
+                        stride_dob, stride_dot, stride_doh,  # dO (B, T, H, D)
+                        stride_dqb, stride_dqt, stride_dqh,  # dq (B, T, H, D)
+                        T, S, H, G, W, qk_scale, sm_scale,
+                        seq_bucket,  # autotune key only
+                        HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOT_PREC: tl.constexpr):
+    n_m = tl.cdiv(T, BLOCK_M)
+    pid_m = n_m - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    hk = h // G
+    off = S - T
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    pos = offs_m + off
+    m_ok = offs_m < T
+    mask = m_ok[:, None] & (offs_d[None, :] < HEAD_D)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=mask, other=0.0)
+    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=mask, other=0.0)
+    lse = tl.load(lse_ptr + pid_bh.to(tl.int64) * T + offs_m, mask=m_ok, other=float("inf"))
+    delta = tl.load(delta_ptr + pid_bh.to(tl.int64) * T + offs_m, mask=m_ok, other=0.0)
+    k_base = k_ptr + b * stride_kb + hk * stride_kh
+    v_base = v_ptr + b * stride_vb + hk * stride_vh
+
+    # Same key ranges as the forward.
+    hi = S
+    full_hi = S
+    if CAUSAL:
+        hi = tl.minimum(S, m0 + BLOCK_M + off)
+        full_hi = tl.minimum(S, m0 + off + 1)
+    hi = tl.maximum(hi, 0)
+    full_hi = (tl.maximum(full_hi, 0) // BLOCK_N) * BLOCK_N
+    lo = 0
+    full_lo = 0
+    if WINDOW:
+        lo = (tl.maximum(m0 + off - W + 1, 0) // BLOCK_N) * BLOCK_N
+        full_lo = tl.cdiv(tl.maximum(m0 + BLOCK_M + off - W, 0), BLOCK_N) * BLOCK_N
+    a = tl.minimum(tl.maximum(full_lo, lo), hi)
+    z = tl.maximum(tl.minimum(full_hi, hi), a)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, pos, lo, a, S, W,
+                       qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, True, DOT_PREC)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, pos, a, z, S, W,
+                       qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, False, DOT_PREC)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, pos, z, hi, S, W,
+                       qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, True, DOT_PREC)
+    tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
+             (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = 256
+# Interpreter tiles: small, and BLOCK_M != BLOCK_N, so CPU tests on short sequences cross tile edges and
+# reach every masking phase (window-cut, full, causal/end-cut) with tiles misaligned to each other.
+_INTERP_TILES = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
+_TUNE_KEY = ["seq_bucket", "HEAD_D", "CAUSAL", "WINDOW"]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _tile_shapes(kind: str, block_d: int, major: int) -> list[tuple[int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for one kernel, head-dim pad and GPU arch.
+
+    Hopper (sm_90, 228 KB shared memory) affords deeper pipelines and 128-wide key tiles; Ampere
+    (sm_80, 164 KB) one stage less; other parts (~100 KB) small tiles. The last entry fits every dtype
+    (fp32 included) at head dim 256 on all of them, so autotuning always has a config that runs.
+    """
+    d = "64" if block_d <= 64 else ("128" if block_d <= 128 else "256")
+    table = {
+        9: {"fwd": {"64": [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4)],
+                    "128": [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+                    "256": [(128, 64, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2)]},
+            "dkdv": {"64": [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
+                     "128": [(64, 128, 8, 2), (32, 128, 8, 3), (32, 64, 4, 3)],
+                     "256": [(32, 64, 8, 2), (16, 64, 4, 2)]},
+            "dq": {"64": [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+                   "128": [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3)],
+                   "256": [(64, 32, 8, 2), (32, 64, 4, 2)]}},
+        8: {"fwd": {"64": [(128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+                    "128": [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)],
+                    "256": [(64, 64, 8, 1), (64, 32, 4, 2)]},
+            "dkdv": {"64": [(32, 128, 4, 2), (64, 64, 4, 3)],
+                     "128": [(32, 128, 8, 2), (32, 64, 4, 2)],
+                     "256": [(16, 64, 4, 1), (32, 32, 4, 2)]},
+            "dq": {"64": [(128, 32, 4, 2), (64, 64, 4, 3)],
+                   "128": [(128, 32, 8, 2), (64, 64, 4, 2)],
+                   "256": [(64, 32, 8, 1), (32, 32, 4, 2)]}},
+    }
+    if major >= 9:
+        shapes = list(table[9][kind][d])
+    elif major == 8:
+        shapes = list(table[8][kind][d])
+    else:
+        shapes = [(64, 32, 4, 2)] if kind != "dkdv" else [(32, 64, 4, 2)]
+    shapes.append((32, 32, 8 if block_d > 128 else 4, 1))
+    return shapes
+
+
+@functools.cache
+def _tuned(kind: str, block_d: int, major: int):
+    """The autotuned kernel for (kind, head-dim pad, arch); built once, CUDA only."""
+    kernel = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}[kind]
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+               for m, n, w, s in _tile_shapes(kind, block_d, major)]
+    # Kernels only write their own outputs, so re-running candidates during tuning is harmless.
+    return triton.autotune(configs=configs, key=_TUNE_KEY)(kernel)
+
+
+def _launch(kind: str, kernel, grid, args: tuple, consts: dict, device: torch.device) -> None:
+    """Run `kernel` with autotuned tiles on CUDA, fixed small tiles under the interpreter."""
+    if device.type == "cuda" and not _interpreting():
+        major = torch.cuda.get_device_capability(device)[0]
+        _tuned(kind, consts["BLOCK_D"], major)[grid](*args, **consts)
+    else:
+        bm, bn = _INTERP_TILES[kind]
+        kernel[grid](*args, **consts, BLOCK_M=bm, BLOCK_N=bn)
+
+
+def _rows_contiguous(x: Tensor) -> Tensor:
+    """Kernels take any batch/sequence/head strides but need unit stride along the head dim."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, window: int | None) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attention expects q (B, T, H, D) and k/v (B, S, Hkv, D), got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, T, H, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must both be (B={B}, S, Hkv, D={D})")
+    if H % k.shape[2]:
+        raise ValueError(f"n_head {H} is not a multiple of n_kv_head {k.shape[2]}")
+    if not 1 <= D <= _MAX_HEAD_DIM:
+        raise ValueError(f"head dim {D} is not supported (1..{_MAX_HEAD_DIM})")
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one dtype among {_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1 or None, got {window}")
+
+
+def _common(q: Tensor, k: Tensor, causal: bool, window: int | None) -> dict:
+    D = q.shape[3]
+    return dict(HEAD_D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=bool(causal),
+                WINDOW=window is not None,
+                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")  # fp32 exact, not tf32
+
+
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
+                  window: int | None) -> tuple[Tensor, Tensor]:
+    """Forward: returns o (B, T, H, D) in q's dtype and lse (B, H, T) fp32, base 2 (+inf: no key seen)."""
+    _check(q, k, v, window)
+    q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
+    B, T, H, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    o = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    if o.numel() == 0:
+        return o, lse
+    W = 0 if window is None else int(window)
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
+    args = (q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+            T, S, H, H // Hkv, W, scale * _LOG2E, triton.next_power_of_2(max(T, S, 16)))
+    _launch("fwd", _attn_fwd_kernel, grid, args, _common(q, k, causal, window), q.device)
+    return o, lse
+
+
+def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool,
+                  scale: float, window: int | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward from the forward's o and lse: returns dq (like q), dk and dv (like k), input dtypes."""
+    q, k, v, o, do = (_rows_contiguous(x) for x in (q, k, v, o, do))
+    B, T, H, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    dq = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, S, Hkv, D), dtype=k.dtype, device=k.device)
+    dv = torch.empty_like(dk)
+    if dq.numel() == 0 or dk.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    c = _common(q, k, causal, window)
+    W = 0 if window is None else int(window)
+    G = H // Hkv
+    bucket = triton.next_power_of_2(max(T, S, 16))
+    delta = torch.empty_like(lse)
+    pre_m = 64
+    _attn_bwd_preprocess_kernel[(triton.cdiv(T, pre_m), B * H)](
+        o, do, delta, *o.stride()[:3], *do.stride()[:3], T, H,
+        HEAD_D=D, BLOCK_D=c["BLOCK_D"], BLOCK_M=pre_m)
+    qkv_strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
+    grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)
+    args = (q, k, v, do, lse, delta, dk, dv, *qkv_strides, *dk.stride()[:3],
+            T, S, H, G, W, scale * _LOG2E, scale, bucket)
+    _launch("dkdv", _attn_bwd_dkdv_kernel, grid, args, c, q.device)
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
+    args = (q, k, v, do, lse, delta, dq, *qkv_strides, *dq.stride()[:3],
+            T, S, H, G, W, scale * _LOG2E, scale, bucket)
+    _launch("dq", _attn_bwd_dq_kernel, grid, args, c, q.device)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- autograd + public API
+
+
+class AttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
+                window: int | None) -> Tensor:
+        o, lse = attention_fwd(q, k, v, causal, scale, window)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal, ctx.scale, ctx.window = causal, scale, window
+        return o
+
+    @staticmethod
+    def backward(ctx, do: Tensor):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.window)
+        return dq, dk, dv, None, None, None
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None,
+              window: int | None = None) -> Tensor:
+    """softmax(scale * q k^T + mask) v with grouped-query heads; differentiable.
+
+    q (B, T, H, D); k, v (B, S, Hkv, D) with H % Hkv == 0; any strides with a unit-stride head dim
+    (others are copied). Query i sits at position i + S - T; causal: key j visible iff j <= pos(i);
+    window w: also pos(i) - j < w. scale defaults to D**-0.5. Returns (B, T, H, D) in q's dtype.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return AttentionFunction.apply(q, k, v, causal, scale, window)

@@ -1,0 +1,242 @@
+"""Flash-decoding: a few new query tokens against a KV cache with per-row lengths (inference only).
+
+Same semantics as `kernels.reference.decode_attention_ref`: q (B, Tq, H, D); caches (B, S_max, Hkv, D);
+lengths (B,) valid entries per row *including* the Tq new tokens; query t of row b sits at position
+lengths[b] - Tq + t and sees keys 0..that position.
+
+Decoding has one query token per head, so a program per (row, head) would leave most of the GPU idle
+on long caches. Instead:
+  1. `_decode_fwd_kernel`: grid (B, Hkv x head-chunks x token-chunks, splits). Each program takes all the
+     query heads of one kv group (and a chunk of the Tq tokens) as the rows of one tile, so every K/V
+     element is read once per group, and runs an online softmax over one contiguous split of the keys.
+     It writes a normalised partial output and its log-sum-exp (base 2; -inf when it saw no key).
+  2. `_decode_combine_kernel`: per (row, head, token), out = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max).
+The number of splits comes from the longest length and the SM count (about two waves of programs), so a
+single sequence with a long cache still fills the GPU.
+
+Any Tq is accepted (the model also calls this for the prompt): for Tq > 16 with all rows at the same
+length the call is routed to `kernels.attention.attention` on the cache sliced to that length (its
+bottom-right causal alignment is exactly this mask, and it parallelises over query blocks); ragged rows
+with Tq > 16 run the decode kernel with the tokens in chunks of 16 (token-chunk grid axis). No autograd:
+inputs that require grad are refused. Choosing the splits reads lengths.min()/max() on the host (one
+device sync per call).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kernels.attention import _LOG2E, _interpreting, _rows_contiguous, attention
+
+
+@triton.jit
+def _decode_fwd_kernel(q_ptr, k_ptr, v_ptr, len_ptr, o_part_ptr, lse_part_ptr,
+                       stride_qb, stride_qt, stride_qh,  # q (B, Tq, H, D), last dim contiguous
+                       stride_kb, stride_ks, stride_kh,  # k cache (B, S_max, Hkv, D)
+                       stride_vb, stride_vs, stride_vh,  # v cache (B, S_max, Hkv, D)
+                       Tq, H, G,  # new tokens, query heads, query heads per kv head
+                       n_gc, n_qc,  # head chunks per group, token chunks (grid axis 1 = Hkv * n_gc * n_qc)
+                       n_splits, split_size,  # key splits (grid axis 2) and keys per split
+                       qk_scale,  # softmax scale * log2(e)
+                       HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,  # head dim and its power-of-two pad
+                       BLOCK_N: tl.constexpr,  # keys per inner step
+                       G_BLOCK: tl.constexpr, TQ_BLOCK: tl.constexpr,  # heads x tokens packed in a tile
+                       BLOCK_M: tl.constexpr,  # tile rows: G_BLOCK * TQ_BLOCK, at least 16 for tl.dot
+                       DOT_PREC: tl.constexpr):
+    b = tl.program_id(0)
+    pid1 = tl.program_id(1)
+    s = tl.program_id(2)
+    qc = pid1 % n_qc
+    gc = (pid1 // n_qc) % n_gc
+    hk = pid1 // (n_qc * n_gc)
+    L = tl.load(len_ptr + b)
+    b64 = b.to(tl.int64)
+
+    r = tl.arange(0, BLOCK_M)
+    gl = r // TQ_BLOCK  # row r of the tile is (head gc*G_BLOCK + gl, token qc*TQ_BLOCK + r % TQ_BLOCK)
+    g = gc * G_BLOCK + gl
+    t = qc * TQ_BLOCK + r % TQ_BLOCK
+    row_ok = (gl < G_BLOCK) & (g < G) & (t < Tq)
+    h = hk * G + g
+    pos = L - Tq + t  # absolute position of each row's token
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
+    q = tl.load(q_ptr + b64 * stride_qb + t[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    start = s * split_size
+    end = tl.minimum(start + split_size, L)
+    # No row of this token chunk sees past the position of its last token (causal among new tokens).
+    end = tl.minimum(end, L - Tq + tl.minimum(qc * TQ_BLOCK + TQ_BLOCK, Tq))
+    k_base = k_ptr + b64 * stride_kb + hk * stride_kh
+    v_base = v_ptr + b64 * stride_vb + hk * stride_vh
+    offs_n = tl.arange(0, BLOCK_N)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        kv_ok = cols < end
+        kT = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None],
+                     mask=kv_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
+        qk = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
+        qk = tl.where(kv_ok[None, :] & (cols[None, :] <= pos[:, None]), qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: exp2 -> 0, not NaN
+        alpha = tl.exp2(m_i - m_shift)
+        p = tl.exp2(qk - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :],
+                    mask=kv_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+        m_i = m_new
+
+    empty = l_i == 0.0  # split beyond this row's length, or fully in its causal future
+    l_safe = tl.where(empty, 1.0, l_i)
+    lse = tl.where(empty, float("-inf"), m_i + tl.log2(l_safe))  # -inf: weight 0 in the combine
+    # Partials are laid out (B, H, Tq, n_splits, D) so the combine reads one contiguous slab per output.
+    part = ((b64 * H + h) * Tq + t) * n_splits + s
+    tl.store(lse_part_ptr + part, lse, mask=row_ok)
+    tl.store(o_part_ptr + part[:, None] * HEAD_D + offs_d[None, :], acc / l_safe[:, None],
+             mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _decode_combine_kernel(o_part_ptr, lse_part_ptr, out_ptr,
+                           Tq, H, n_splits,  # new tokens, query heads, splits per output row
+                           HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
+                           BLOCK_S: tl.constexpr):  # splits handled per step
+    row = tl.program_id(0).to(tl.int64)  # index into the partials' (B, H, Tq) rows
+    t = row % Tq
+    h = (row // Tq) % H
+    b = row // (Tq * H)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
+    m_vec = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, n_splits, BLOCK_S):
+        lse = tl.load(lse_part_ptr + row * n_splits + s0 + offs_s, mask=s0 + offs_s < n_splits,
+                      other=float("-inf"))
+        m_vec = tl.maximum(m_vec, lse)
+    m = tl.max(m_vec, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # no split saw a key: all weights 0, output 0
+    acc = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
+    den = tl.zeros([BLOCK_S], dtype=tl.float32)
+    for s0 in range(0, n_splits, BLOCK_S):
+        s_ok = s0 + offs_s < n_splits
+        lse = tl.load(lse_part_ptr + row * n_splits + s0 + offs_s, mask=s_ok, other=float("-inf"))
+        w = tl.exp2(lse - m)
+        o = tl.load(o_part_ptr + (row * n_splits + s0 + offs_s[:, None]) * HEAD_D + offs_d[None, :],
+                    mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += w[:, None] * o
+        den += w
+    total = tl.sum(den, 0)
+    out = tl.sum(acc, 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptr + ((b * Tq + t) * H + h) * HEAD_D + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_TQ_BLOCK = 16  # tokens per tile; also the Tq above which equal-length calls go to attention()
+_MAX_ROWS = 128  # heads x tokens per tile, so registers stay bounded for wide MQA groups
+_MIN_SPLIT = 256  # keys per split at least, so each program runs several pipelined K/V steps
+_MAX_SPLITS = 256
+
+
+def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor) -> None:
+    if q.dim() != 4 or k_cache.dim() != 4:
+        raise ValueError(f"decode_attention expects q (B, Tq, H, D) and caches (B, S_max, Hkv, D), got "
+                         f"{tuple(q.shape)} and {tuple(k_cache.shape)}")
+    B, _, H, D = q.shape
+    if v_cache.shape != k_cache.shape or k_cache.shape[0] != B or k_cache.shape[3] != D:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must both be "
+                         f"(B={B}, S_max, Hkv, D={D})")
+    if H % k_cache.shape[2]:
+        raise ValueError(f"n_head {H} is not a multiple of n_kv_head {k_cache.shape[2]}")
+    if not 1 <= D <= 256:
+        raise ValueError(f"head dim {D} is not supported (1..256)")
+    if q.dtype not in _DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"q and caches must share one dtype among {_DTYPES}, got {q.dtype}, "
+                         f"{k_cache.dtype}, {v_cache.dtype}")
+    if not (q.device == k_cache.device == v_cache.device):
+        raise ValueError(f"q and caches must be on one device, got {q.device}, {k_cache.device}, "
+                         f"{v_cache.device}")
+    if lengths.shape != (B,) or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+        raise ValueError(f"lengths must be an integer tensor of shape ({B},), got {lengths.dtype} "
+                         f"{tuple(lengths.shape)}")
+    if torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad):
+        raise ValueError("decode_attention is inference-only (no backward): call it under torch.no_grad(), "
+                         "or use kernels.attention.attention for training")
+
+
+def decode_attention_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, scale: float,
+                         split_size: int | None = None) -> Tensor:
+    """Split-KV decode attention. split_size forces the keys per split (tests); None picks it."""
+    _check(q, k_cache, v_cache, lengths)
+    q, k_cache, v_cache = (_rows_contiguous(x) for x in (q, k_cache, v_cache))
+    B, Tq, H, D = q.shape
+    S_max, Hkv = k_cache.shape[1], k_cache.shape[2]
+    out = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    lo, hi = (int(x) for x in torch.stack([lengths.min(), lengths.max()]).tolist())  # one host sync
+    if lo < 0 or hi > S_max:
+        raise ValueError(f"lengths must lie in [0, S_max={S_max}], got min {lo}, max {hi}")
+    if Tq > _MAX_TQ_BLOCK and lo == hi:
+        # Prefill-like call, every row at the same length: plain causal attention over the valid prefix.
+        return attention(q, k_cache[:, :hi], v_cache[:, :hi], causal=True, scale=scale)
+
+    G = H // Hkv
+    TQ_BLOCK = min(triton.next_power_of_2(Tq), _MAX_TQ_BLOCK)
+    G_BLOCK = min(triton.next_power_of_2(G), max(1, _MAX_ROWS // TQ_BLOCK))
+    n_qc, n_gc = triton.cdiv(Tq, TQ_BLOCK), triton.cdiv(G, G_BLOCK)
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    on_gpu = q.is_cuda and not _interpreting()
+    # K/V tiles of ~16 KB each: 64 keys at bf16/fp16 head dim 128, fewer for wider rows (fp32, D=256).
+    BLOCK_N = max(16, min(64, 16384 // (BLOCK_D * q.element_size()))) if on_gpu else 16
+    if split_size is None:
+        n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+        programs = B * Hkv * n_gc * n_qc
+        want = triton.cdiv(2 * n_sm, programs)  # about two waves of programs
+        n_splits = max(1, min(want, triton.cdiv(hi, _MIN_SPLIT), _MAX_SPLITS))
+        split_size = triton.cdiv(triton.cdiv(max(hi, 1), n_splits), BLOCK_N) * BLOCK_N
+    elif split_size < 1:
+        raise ValueError(f"split_size must be >= 1, got {split_size}")
+    n_splits = max(1, triton.cdiv(hi, split_size))
+
+    lengths = lengths.to(device=q.device, dtype=torch.int32)
+    o_part = torch.empty((B, H, Tq, n_splits, D), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((B, H, Tq, n_splits), dtype=torch.float32, device=q.device)
+    launch = dict(num_warps=4, num_stages=3 if q.element_size() < 4 else 2) if on_gpu else {}
+    _decode_fwd_kernel[(B, Hkv * n_gc * n_qc, n_splits)](
+        q, k_cache, v_cache, lengths, o_part, lse_part,
+        *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
+        Tq, H, G, n_gc, n_qc, n_splits, split_size, scale * _LOG2E,
+        HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, G_BLOCK=G_BLOCK, TQ_BLOCK=TQ_BLOCK,
+        BLOCK_M=max(16, G_BLOCK * TQ_BLOCK), DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        **launch)
+    _decode_combine_kernel[(B * H * Tq,)](
+        o_part, lse_part, out, Tq, H, n_splits,
+        HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_S=min(32, triton.next_power_of_2(n_splits)))
+    return out
+
+
+# ----------------------------------------------------------------------------- public API
+# Forward only: there is no DecodeAttentionFunction (inference never differentiates through the cache).
+
+
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor,
+                     scale: float | None = None, split_size: int | None = None) -> Tensor:
+    """Attention of Tq new tokens per row against a KV cache with per-row lengths (no autograd).
+
+    q (B, Tq, H, D); k_cache, v_cache (B, S_max, Hkv, D), H % Hkv == 0; lengths (B,) int, valid cache
+    entries per row including the new tokens. Query t of row b attends keys 0..lengths[b] - Tq + t.
+    scale defaults to D**-0.5; split_size forces the keys per split (for tests). Returns (B, Tq, H, D).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return decode_attention_fwd(q, k_cache, v_cache, lengths, scale, split_size)
