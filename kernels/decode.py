@@ -11,15 +11,16 @@ on long caches. Instead:
      element is read once per group, and runs an online softmax over one contiguous split of the keys.
      It writes a normalised partial output and its log-sum-exp (base 2; -inf when it saw no key).
   2. `_decode_combine_kernel`: per (row, head, token), out = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max).
-The number of splits comes from the longest length and the SM count (about two waves of programs), so a
-single sequence with a long cache still fills the GPU.
+The number of splits comes from the SM count (about two waves of programs, capped by the cache capacity
+S_max / 256), and each program sizes its split from its own row's length, so a single sequence with a
+long cache still fills the GPU, ragged rows are balanced, and no host sync reads `lengths` (the decode
+step stays CUDA-graph friendly; a max over lengths on the host would stall every layer of every token).
 
 Any Tq is accepted (the model also calls this for the prompt): for Tq > 16 with all rows at the same
 length the call is routed to `kernels.attention.attention` on the cache sliced to that length (its
 bottom-right causal alignment is exactly this mask, and it parallelises over query blocks); ragged rows
-with Tq > 16 run the decode kernel with the tokens in chunks of 16 (token-chunk grid axis). No autograd:
-inputs that require grad are refused. Choosing the splits reads lengths.min()/max() on the host (one
-device sync per call).
+with Tq > 16 run the decode kernel with the tokens in chunks of 16 (token-chunk grid axis). Only that
+Tq > 16 check reads lengths on the host. No autograd: inputs that require grad are refused.
 """
 
 from __future__ import annotations
@@ -38,8 +39,11 @@ def _decode_fwd_kernel(q_ptr, k_ptr, v_ptr, len_ptr, o_part_ptr, lse_part_ptr,
                        stride_kb, stride_ks, stride_kh,  # k cache (B, S_max, Hkv, D)
                        stride_vb, stride_vs, stride_vh,  # v cache (B, S_max, Hkv, D)
                        Tq, H, G,  # new tokens, query heads, query heads per kv head
+                       S_max,  # cache capacity: lengths are clamped to [0, S_max] (never read outside)
                        n_gc, n_qc,  # head chunks per group, token chunks (grid axis 1 = Hkv * n_gc * n_qc)
-                       n_splits, split_size,  # key splits (grid axis 2) and keys per split
+                       n_splits,  # key splits (grid axis 2)
+                       split_size,  # keys per split; 0: each row splits its own length n_splits ways
+                       min_split,  # with split_size 0, keys per split at least this (a multiple of BLOCK_N)
                        qk_scale,  # softmax scale * log2(e)
                        HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,  # head dim and its power-of-two pad
                        BLOCK_N: tl.constexpr,  # keys per inner step
@@ -52,7 +56,7 @@ def _decode_fwd_kernel(q_ptr, k_ptr, v_ptr, len_ptr, o_part_ptr, lse_part_ptr,
     qc = pid1 % n_qc
     gc = (pid1 // n_qc) % n_gc
     hk = pid1 // (n_qc * n_gc)
-    L = tl.load(len_ptr + b)
+    L = tl.minimum(tl.maximum(tl.load(len_ptr + b).to(tl.int32), 0), S_max)
     b64 = b.to(tl.int64)
 
     r = tl.arange(0, BLOCK_M)
@@ -67,8 +71,13 @@ def _decode_fwd_kernel(q_ptr, k_ptr, v_ptr, len_ptr, o_part_ptr, lse_part_ptr,
     q = tl.load(q_ptr + b64 * stride_qb + t[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
-    start = s * split_size
-    end = tl.minimum(start + split_size, L)
+    # Splits are sized per row from its own length (no host-side max): short rows leave late splits empty.
+    if split_size > 0:
+        keys = split_size
+    else:
+        keys = tl.maximum(min_split, tl.cdiv(tl.cdiv(L, n_splits), BLOCK_N) * BLOCK_N)
+    start = s * keys
+    end = tl.minimum(start + keys, L)
     # No row of this token chunk sees past the position of its last token (causal among new tokens).
     end = tl.minimum(end, L - Tq + tl.minimum(qc * TQ_BLOCK + TQ_BLOCK, Tq))
     k_base = k_ptr + b64 * stride_kb + hk * stride_kh
@@ -175,8 +184,14 @@ def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor) -> None
 
 
 def decode_attention_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, scale: float,
-                         split_size: int | None = None) -> Tensor:
-    """Split-KV decode attention. split_size forces the keys per split (tests); None picks it."""
+                         split_size: int | None = None, num_splits: int | None = None) -> Tensor:
+    """Split-KV decode attention, returns (B, Tq, H, D) in q's dtype.
+
+    Splits: by default their number comes from the SM count (about two waves of programs, at most
+    S_max / 256) and each row cuts its own length into that many pieces (at least 256 keys each), inside
+    the kernel, so no host sync on `lengths` is needed (CUDA-graph friendly). split_size forces a fixed
+    number of keys per split, num_splits a number of splits (tests use both to get several on short caches).
+    """
     _check(q, k_cache, v_cache, lengths)
     q, k_cache, v_cache = (_rows_contiguous(x) for x in (q, k_cache, v_cache))
     B, Tq, H, D = q.shape
@@ -184,12 +199,14 @@ def decode_attention_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: T
     out = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    lo, hi = (int(x) for x in torch.stack([lengths.min(), lengths.max()]).tolist())  # one host sync
-    if lo < 0 or hi > S_max:
-        raise ValueError(f"lengths must lie in [0, S_max={S_max}], got min {lo}, max {hi}")
-    if Tq > _MAX_TQ_BLOCK and lo == hi:
-        # Prefill-like call, every row at the same length: plain causal attention over the valid prefix.
-        return attention(q, k_cache[:, :hi], v_cache[:, :hi], causal=True, scale=scale)
+    lengths = lengths.to(q.device)
+    if Tq > _MAX_TQ_BLOCK:
+        lo, hi = (int(x) for x in torch.stack([lengths.min(), lengths.max()]).tolist())  # host sync
+        if lo < 0 or hi > S_max:
+            raise ValueError(f"lengths must lie in [0, S_max={S_max}], got min {lo}, max {hi}")
+        if lo == hi:
+            # Prefill-like call, every row at the same length: causal attention over the valid prefix.
+            return attention(q, k_cache[:, :hi], v_cache[:, :hi], causal=True, scale=scale)
 
     G = H // Hkv
     TQ_BLOCK = min(triton.next_power_of_2(Tq), _MAX_TQ_BLOCK)
@@ -199,24 +216,28 @@ def decode_attention_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: T
     on_gpu = q.is_cuda and not _interpreting()
     # K/V tiles of ~16 KB each: 64 keys at bf16/fp16 head dim 128, fewer for wider rows (fp32, D=256).
     BLOCK_N = max(16, min(64, 16384 // (BLOCK_D * q.element_size()))) if on_gpu else 16
-    if split_size is None:
+    min_split = BLOCK_N
+    if split_size is not None:
+        if split_size < 1:
+            raise ValueError(f"split_size must be >= 1, got {split_size}")
+        n_splits = triton.cdiv(S_max, split_size)
+    elif num_splits is not None:
+        if num_splits < 1:
+            raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+        n_splits, split_size = num_splits, 0
+    else:
         n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
         programs = B * Hkv * n_gc * n_qc
-        want = triton.cdiv(2 * n_sm, programs)  # about two waves of programs
-        n_splits = max(1, min(want, triton.cdiv(hi, _MIN_SPLIT), _MAX_SPLITS))
-        split_size = triton.cdiv(triton.cdiv(max(hi, 1), n_splits), BLOCK_N) * BLOCK_N
-    elif split_size < 1:
-        raise ValueError(f"split_size must be >= 1, got {split_size}")
-    n_splits = max(1, triton.cdiv(hi, split_size))
+        n_splits = max(1, min(triton.cdiv(2 * n_sm, programs), triton.cdiv(S_max, _MIN_SPLIT), _MAX_SPLITS))
+        split_size, min_split = 0, _MIN_SPLIT
 
-    lengths = lengths.to(device=q.device, dtype=torch.int32)
     o_part = torch.empty((B, H, Tq, n_splits, D), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((B, H, Tq, n_splits), dtype=torch.float32, device=q.device)
     launch = dict(num_warps=4, num_stages=3 if q.element_size() < 4 else 2) if on_gpu else {}
     _decode_fwd_kernel[(B, Hkv * n_gc * n_qc, n_splits)](
         q, k_cache, v_cache, lengths, o_part, lse_part,
         *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
-        Tq, H, G, n_gc, n_qc, n_splits, split_size, scale * _LOG2E,
+        Tq, H, G, S_max, n_gc, n_qc, n_splits, split_size, min_split, scale * _LOG2E,
         HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, G_BLOCK=G_BLOCK, TQ_BLOCK=TQ_BLOCK,
         BLOCK_M=max(16, G_BLOCK * TQ_BLOCK), DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         **launch)
@@ -231,12 +252,15 @@ def decode_attention_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: T
 
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor,
-                     scale: float | None = None, split_size: int | None = None) -> Tensor:
+                     scale: float | None = None, split_size: int | None = None,
+                     num_splits: int | None = None) -> Tensor:
     """Attention of Tq new tokens per row against a KV cache with per-row lengths (no autograd).
 
     q (B, Tq, H, D); k_cache, v_cache (B, S_max, Hkv, D), H % Hkv == 0; lengths (B,) int, valid cache
-    entries per row including the new tokens. Query t of row b attends keys 0..lengths[b] - Tq + t.
-    scale defaults to D**-0.5; split_size forces the keys per split (for tests). Returns (B, Tq, H, D).
+    entries per row including the new tokens, in [0, S_max] (checked only when Tq > 16; otherwise clamped
+    in the kernel, since checking would cost a host sync). Query t of row b attends keys
+    0..lengths[b] - Tq + t. scale defaults to D**-0.5; split_size / num_splits force the split-KV
+    partition (for tests). Returns (B, Tq, H, D) in q's dtype.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return decode_attention_fwd(q, k_cache, v_cache, lengths, scale, split_size)
+    return decode_attention_fwd(q, k_cache, v_cache, lengths, scale, split_size, num_splits)

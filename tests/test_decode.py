@@ -18,17 +18,18 @@ from kernels.reference import decode_attention_ref
 
 FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
-# (lengths, Tq, H, Hkv, D, S_max, split_size, dtype)
+# (lengths, Tq, H, Hkv, D, S_max, partition, dtype); partition forces split_size (fixed keys per split)
+# or num_splits (each row cuts its own length that many ways, as the default does on a GPU).
 CASES = [
-    pytest.param([1, 37, 200], 1, 8, 2, 64, 208, 32, FP32, id="tq1-gqa4-ragged-split32"),
-    pytest.param([1, 37, 200], 1, 8, 2, 64, 208, 32, FP16, id="tq1-gqa4-ragged-split32-fp16"),
-    pytest.param([300], 1, 4, 1, 32, 300, 48, FP32, id="tq1-b1-mqa-7splits"),
-    pytest.param([3, 50, 129], 3, 4, 1, 128, 130, 24, FP16, id="tq3-mqa-d128-split24-fp16"),
-    pytest.param([5, 77], 3, 2, 2, 80, 90, None, FP32, id="tq3-mha-d80-auto-split"),
-    pytest.param([2, 45], 2, 4, 2, 256, 50, 16, FP16, id="tq2-d256-fp16"),
-    pytest.param([9, 33], 1, 6, 2, 96, 40, 8, FP32, id="tq1-gqa3-d96-split8"),
-    pytest.param([40, 40], 20, 8, 2, 64, 48, None, FP16, id="tq20-equal-to-attention-fp16"),
-    pytest.param([25, 60], 20, 4, 2, 32, 64, 16, FP32, id="tq20-ragged-chunks"),
+    pytest.param([1, 37, 200], 1, 8, 2, 64, 208, dict(split_size=32), FP32, id="tq1-gqa4-ragged-split32"),
+    pytest.param([1, 37, 200], 1, 8, 2, 64, 208, dict(num_splits=5), FP16, id="tq1-gqa4-ragged-5splits-fp16"),
+    pytest.param([300], 1, 4, 1, 32, 300, dict(split_size=48), FP32, id="tq1-b1-mqa-7splits"),
+    pytest.param([3, 50, 129], 3, 4, 1, 128, 130, dict(split_size=24), FP16, id="tq3-mqa-d128-split24-fp16"),
+    pytest.param([5, 77], 3, 2, 2, 80, 90, dict(), FP32, id="tq3-mha-d80-default"),
+    pytest.param([2, 45], 2, 4, 2, 256, 50, dict(num_splits=3), FP16, id="tq2-d256-3splits-fp16"),
+    pytest.param([9, 33], 1, 6, 2, 96, 40, dict(split_size=8), FP32, id="tq1-gqa3-d96-split8"),
+    pytest.param([40, 40], 20, 8, 2, 64, 48, dict(), FP16, id="tq20-equal-to-attention-fp16"),
+    pytest.param([25, 60], 20, 4, 2, 32, 64, dict(num_splits=4), FP32, id="tq20-ragged-chunks"),
 ]
 
 
@@ -42,9 +43,9 @@ def _inputs(lengths: list[int], Tq: int, H: int, Hkv: int, D: int, S_max: int, d
     return [x.to(device=DEVICE, dtype=dtype) for x in (q, k, v)] + [lens]
 
 
-def _compare(q, k, v, lens, **kw) -> None:
-    out = decode_attention(q, k, v, lens, **kw)
-    kw.pop("split_size", None)
+def _compare(q, k, v, lens, scale: float | None = None, **partition) -> None:
+    out = decode_attention(q, k, v, lens, scale, **partition)
+    kw = dict(scale=scale)
     hp = decode_attention_ref(q.float(), k.float(), v.float(), lens, **kw)
     assert out.dtype == q.dtype and out.shape == q.shape
     if q.dtype == torch.float32:
@@ -53,10 +54,10 @@ def _compare(q, k, v, lens, **kw) -> None:
         assert_fa_rule(out, decode_attention_ref(q, k, v, lens, **kw), hp)
 
 
-@pytest.mark.parametrize("lengths, Tq, H, Hkv, D, S_max, split_size, dtype", CASES)
-def test_decode_matches_reference(lengths, Tq, H, Hkv, D, S_max, split_size, dtype):
+@pytest.mark.parametrize("lengths, Tq, H, Hkv, D, S_max, partition, dtype", CASES)
+def test_decode_matches_reference(lengths, Tq, H, Hkv, D, S_max, partition, dtype):
     q, k, v, lens = _inputs(lengths, Tq, H, Hkv, D, S_max, dtype, seed=sum(lengths) + Tq + D)
-    _compare(q, k, v, lens, split_size=split_size)
+    _compare(q, k, v, lens, **partition)
 
 
 def test_custom_scale_and_strided_q():
@@ -72,11 +73,13 @@ def test_custom_scale_and_strided_q():
     _compare(q, k, v, lens, scale=0.2, split_size=32)
 
 
-def test_default_split_equals_forced_splits():
+def test_partitions_agree():
     q, k, v, lens = _inputs([130, 7, 64], 1, 4, 2, 32, 140, FP32, seed=9)
     a = decode_attention(q, k, v, lens)
     b = decode_attention(q, k, v, lens, split_size=20)  # 7 splits, the last partly past every length
+    c = decode_attention(q, k, v, lens, num_splits=6)  # per-row sizes: 32, 16 and 16 keys per split
     assert_close(b, a)
+    assert_close(c, a)
 
 
 def test_prefill_then_token_by_token_matches_full_attention():
@@ -105,8 +108,9 @@ def test_requires_grad_and_bad_inputs_raise():
         decode_attention(q.clone().requires_grad_(), k, v, lens)
     with torch.no_grad():  # fine without grad mode
         decode_attention(q.clone().requires_grad_(), k, v, lens)
-    with pytest.raises(ValueError, match="S_max"):
-        decode_attention(q, k, v, torch.tensor([5, 13], device=DEVICE))
+    q20 = torch.randn(2, 20, 4, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="S_max"):  # checked where the host reads lengths anyway (Tq > 16)
+        decode_attention(q20, k, v, torch.tensor([20, 21], device=DEVICE))
     with pytest.raises(ValueError, match="lengths"):
         decode_attention(q, k, v, torch.tensor([5.0, 9.0], device=DEVICE))
     with pytest.raises(ValueError, match="multiple"):
