@@ -24,6 +24,7 @@ def main() -> int:
         print(f"\n===== {name} =====", flush=True)
         try:
             mod = importlib.import_module(f"benchmarks.{name}")
+            sys.argv = [name]  # each benchmark parses its own flags: give it none, so defaults apply
             rc = mod.main()
             if rc not in (None, 0):
                 failed.append(name)
