@@ -170,9 +170,12 @@ def _first_line(e: BaseException) -> str:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                **overrides) -> tuple[torch.nn.Module, Tokenizer, dict]:
-    """(model in eval mode, tokenizer, config dict) from a checkpoint dir or an out_dir."""
+    """(model in eval mode, tokenizer, config dict) from a checkpoint dir, an out_dir, or a Hugging Face model dir."""
+    from llm import hf
     from llm.model import Transformer
 
+    if hf.is_hf_dir(path):
+        return hf.load_hf(path, device, dtype, **overrides)
     ckpt = resolve(path)
     cfg = read_config(ckpt)
     mcfg: ModelConfig = model_config_from_dict({**cfg["model"], **overrides})
