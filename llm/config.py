@@ -115,6 +115,13 @@ class ModelConfig:
             need(0 <= self.first_dense_layers <= self.n_layer,
                  f"first_dense_layers ({self.first_dense_layers}) must be in [0, n_layer={self.n_layer}]")
             need(self.mlp == "swiglu", "MoE experts are SwiGLU: set mlp='swiglu'")
+            need(self.expert_hidden >= 1, f"expert_hidden must be >= 1, got {self.expert_hidden}")
+            need(self.route_scale > 0, f"route_scale must be > 0, got {self.route_scale}")
+            for name in ("aux_coef", "z_coef", "bias_rate"):
+                need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+            need(not (self.experts_impl == "grouped" and self.kernels == "torch"),
+                 "experts_impl='grouped' is the Triton kernel: it cannot run with kernels='torch' "
+                 "(use experts_impl='loop' or 'auto')")
         need(self.n_shared_experts >= 0, f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
 
 
@@ -167,6 +174,13 @@ PRESETS: dict[str, dict] = {
     # Classic GPT-2 124M: learned positions, LayerNorm, GELU, biases, tied embeddings.
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, pos_emb="learned",
                  norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True),
+    # Mixtral-style MoE on the tiny shape: 8 experts, top-2, each half the dense MLP width, so the
+    # active parameters per token match `tiny`. Trains on 2 CPU cores in minutes.
+    "moe-tiny": dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=192, block_size=128, n_experts=8, top_k=2,
+                     expert_hidden=256),
+    # `small` (GPT-2-124M-sized) with 8 experts top-2 of half width: 124M active of ~310M parameters.
+    "moe-small": dict(n_layer=12, n_head=12, n_kv_head=4, n_embd=768, block_size=1024, vocab_size=50304,
+                      intermediate_size=2048, n_experts=8, top_k=2, expert_hidden=1024),
 }
 
 

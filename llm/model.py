@@ -154,7 +154,7 @@ class Transformer(nn.Module):
                 nn.init.zeros_(p)
             elif p.dim() == 1:  # norm weights
                 nn.init.ones_(p)
-            elif name.endswith(("wo.weight", "w2.weight")):
+            elif name.endswith(("wo.weight", "w2.weight", "w_down")):  # residual outputs (+ MoE experts)
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
             else:
                 nn.init.normal_(p, 0.0, std)
