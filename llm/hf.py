@@ -68,6 +68,15 @@ def is_hf_dir(path: str | Path) -> bool:
 
 def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     """Our ModelConfig for a transformers config dict; unsupported values raise one line naming them all."""
+    try:
+        return _config_from_hf(hf, source)
+    except KeyError as e:
+        raise CheckpointError(f"{source}: {hf.get('model_type')} config lacks the key {e}") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{source}: bad {hf.get('model_type')} config value ({_first_line(e)})") from None
+
+
+def _config_from_hf(hf: dict, source: str) -> ModelConfig:
     family = hf.get("model_type")
     if family not in FAMILIES:
         raise CheckpointError(f"{source}: unsupported Hugging Face architecture {family!r} "

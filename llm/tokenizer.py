@@ -135,12 +135,15 @@ class Tokenizer:
         add_bos = bos_first is not None or bool(tcfg.get("add_bos_token", False))
         info = {"eot": eot, "bos": bos, "add_bos": add_bos}
         ranks = _ranks_from_merges(vocab, merges, added) if vocab is not None else None
-        if ranks is None:  # not plain byte-level BPE: the tokenizers library runs it
-            return cls._from_tokenizers(d / "tokenizer.json", {"kind": "hf", "file": "tokenizer.json", **info})
-        special = {c: t["id"] for c, t in added.items()}
-        always = sorted(c for c, t in added.items() if not t.get("special", True))
-        extra = {**info, "always": always, **({"normalize": normalize} if normalize else {})}
-        return cls.from_ranks(ranks, pattern, special, name=d.name or "hf", extra=extra)
+        try:
+            if ranks is None:  # not plain byte-level BPE: the tokenizers library runs it
+                return cls._from_tokenizers(d / "tokenizer.json", {"kind": "hf", "file": "tokenizer.json", **info})
+            special = {c: t["id"] for c, t in added.items()}
+            always = sorted(c for c, t in added.items() if not t.get("special", True))
+            extra = {**info, "always": always, **({"normalize": normalize} if normalize else {})}
+            return cls.from_ranks(ranks, pattern, special, name=d.name or "hf", extra=extra)
+        except KeyError as e:
+            raise TokenizerError(f"{d}: the tokenizer has no token {e} (named as eos/bos)") from None
 
     @classmethod
     def _from_tokenizers(cls, path: Path, info: dict) -> Tokenizer:

@@ -170,3 +170,26 @@ def test_pickle_only_directory_is_refused(tmp_path):
     with pytest.raises(CheckpointError) as e:
         load_model(tmp_path)
     assert "pytorch_model.bin is pickle-based" in _one_line_error(e)
+
+
+def test_config_lacking_a_key_is_one_line(tmp_path):
+    make_hf("llama2", tmp_path)
+    p = tmp_path / "config.json"
+    j = json.loads(p.read_text())
+    del j["hidden_size"]
+    p.write_text(json.dumps(j))
+    with pytest.raises(CheckpointError) as e:
+        load_hf(tmp_path, tokenizer=False)
+    assert "lacks the key 'hidden_size'" in _one_line_error(e)
+
+
+def test_sample_cli_names_an_unsupported_architecture(tmp_path, capsys):
+    from llm.generate import main as sample_main
+
+    make_hf("llama2", tmp_path)
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(json.loads(p.read_text()) | {"model_type": "falcon"}))
+    capsys.readouterr()  # drop transformers' save progress bar
+    assert sample_main(["--checkpoint", str(tmp_path), "--prompt", "hi", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "unsupported Hugging Face architecture 'falcon'" in err and "\n" not in err
