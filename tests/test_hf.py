@@ -22,7 +22,7 @@ V, CTX = 101, 128
 COMMON = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               max_position_embeddings=CTX, bos_token_id=None, eos_token_id=None, pad_token_id=None)
 LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-              original_max_position_embeddings=32)
+              original_max_position_embeddings=64)  # 64: all three frequency bands at head_dim 16
 
 FAMILIES = {
     # classic GPT-2, tied head

@@ -25,7 +25,7 @@ BASE = dict(block_size=96, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, kernels=
 VARIANTS = {
     "llama": dict(rope_theta=500000.0, tie_embeddings=True, rope_scaling=dict(
         rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-        original_max_position_embeddings=32)),
+        original_max_position_embeddings=64)),
     "llama-bias": dict(bias=True, n_kv_head=4),
     "gpt2": dict(pos_emb="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True, n_kv_head=4),
     "qwen2": dict(qkv_bias=True, tie_embeddings=True),
