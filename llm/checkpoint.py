@@ -7,6 +7,7 @@
     optimizer.safetensors   AdamW moments (training checkpoints)
     trainer.json            step, RNG states, anything the trainer needs to resume
   <out_dir>/latest          name of the newest complete checkpoint (updated last)
+  <out_dir>/best            name of the checkpoint with the lowest validation loss (training)
 
 A save goes to a temporary sibling directory, every file is fsynced, the directory is
 renamed into place, then `latest` is replaced; a crash at any point leaves the previous
@@ -29,8 +30,8 @@ from llm.config import ModelConfig, model_config_from_dict
 from llm.tokenizer import Tokenizer
 
 FORMAT, VERSION = "llm-checkpoint", 1
-MODEL_FILE, OPTIM_FILE, CONFIG_FILE, TRAINER_FILE, LATEST = (
-    "model.safetensors", "optimizer.safetensors", "config.json", "trainer.json", "latest")
+MODEL_FILE, OPTIM_FILE, CONFIG_FILE, TRAINER_FILE, LATEST, BEST = (
+    "model.safetensors", "optimizer.safetensors", "config.json", "trainer.json", "latest", "best")
 
 
 class CheckpointError(ValueError):
@@ -41,8 +42,13 @@ class CheckpointError(ValueError):
 
 
 def save(out_dir: str | Path, name: str, model: torch.nn.Module, tokenizer: Tokenizer, extra: dict | None = None,
-         optimizer: torch.optim.Optimizer | None = None, trainer_state: dict | None = None) -> Path:
-    """Write checkpoint `out_dir/name` atomically and point `out_dir/latest` at it."""
+         optimizer: torch.optim.Optimizer | dict | None = None, trainer_state: dict | None = None,
+         model_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write checkpoint `out_dir/name` atomically and point `out_dir/latest` at it.
+
+    `optimizer` may be an optimizer or its (full) state dict, and `model_state` a full state
+    dict to write instead of `model.state_dict()` (FSDP gathers both from every rank first).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / name
@@ -50,7 +56,7 @@ def save(out_dir: str | Path, name: str, model: torch.nn.Module, tokenizer: Toke
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    tensors = model_tensors(model)
+    tensors = model_tensors(model, model_state)
     save_file(tensors, tmp / MODEL_FILE, metadata={"format": FORMAT, "crc32": json.dumps(_crcs(tensors))})
     cfg = {"format": FORMAT, "version": VERSION, "model": model.cfg.__dict__ | {},
            "tokenizer": tokenizer.save(tmp), **(extra or {})}
@@ -66,18 +72,43 @@ def save(out_dir: str | Path, name: str, model: torch.nn.Module, tokenizer: Toke
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync(out_dir)
-    ptr = out_dir / f".{LATEST}.tmp{os.getpid()}"
-    ptr.write_text(name + "\n")
-    _fsync(ptr)
-    os.replace(ptr, out_dir / LATEST)
-    _fsync(out_dir)
+    set_pointer(out_dir, name, LATEST)
     return final
 
 
-def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with shared (tied) tensors stored once, contiguous, on CPU."""
+def set_pointer(out_dir: str | Path, name: str, pointer: str = LATEST) -> None:
+    """Atomically make the file `out_dir/pointer` (latest, best) name checkpoint `name`."""
+    out_dir = Path(out_dir)
+    ptr = out_dir / f".{pointer}.tmp{os.getpid()}"
+    ptr.write_text(name + "\n")
+    _fsync(ptr)
+    os.replace(ptr, out_dir / pointer)
+    _fsync(out_dir)
+
+
+def pointed(out_dir: str | Path, pointer: str = LATEST) -> str | None:
+    """The checkpoint name a pointer file holds, or None."""
+    p = Path(out_dir) / pointer
+    return (p.read_text().strip() or None) if p.is_file() else None
+
+
+def prune(out_dir: str | Path, keep: int) -> list[str]:
+    """Delete all but the newest `keep` ckpt-* dirs (never the `latest` or `best` target) and the
+    temp dirs of interrupted saves; returns the names removed. keep <= 0 keeps every checkpoint."""
+    out_dir = Path(out_dir)
+    protect = {pointed(out_dir, LATEST), pointed(out_dir, BEST)}
+    ckpts = sorted(p.name for p in out_dir.glob("ckpt-*") if p.is_dir())
+    doomed = [n for n in (ckpts[:-keep] if keep > 0 else []) if n not in protect]
+    doomed += [p.name for p in out_dir.glob(".ckpt-*.tmp*") if p.is_dir()]  # saves cut short by a crash
+    for n in doomed:
+        shutil.rmtree(out_dir / n, ignore_errors=True)
+    return doomed
+
+
+def model_tensors(model: torch.nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """State dict (or `state`) with shared (tied) tensors stored once, contiguous, on CPU."""
     out, seen = {}, set()
-    for k, v in model.state_dict().items():
+    for k, v in (model.state_dict() if state is None else state).items():
         if v.data_ptr() in seen and v.numel():
             continue
         seen.add(v.data_ptr())
@@ -85,8 +116,8 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    sd = opt.state_dict()
+def optimizer_tensors(opt: torch.optim.Optimizer | dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    sd = opt if isinstance(opt, dict) else opt.state_dict()
     tensors = {}
     for pid, st in sd["state"].items():
         for k, v in st.items():
@@ -123,6 +154,10 @@ def resolve(path: str | Path) -> Path:
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {p}")
+    if p.is_file() and p.name in (LATEST, BEST):  # a pointer file: follow it
+        p = p.parent / p.read_text().strip()
+        if not p.is_dir():
+            raise CheckpointError(f"{path} points at {p.name!r}, which does not exist")
     if p.is_file():
         raise CheckpointError(f"{p} is a file; pass the checkpoint directory (holding {MODEL_FILE} and {CONFIG_FILE})")
     if (p / LATEST).is_file() and not (p / CONFIG_FILE).is_file():
@@ -221,13 +256,18 @@ def _rebuild_buffers(model: torch.nn.Module, device) -> None:
 
 
 def load_optimizer(ckpt: Path, optimizer: torch.optim.Optimizer) -> None:
+    optimizer.load_state_dict(read_optimizer_state(ckpt))
+
+
+def read_optimizer_state(ckpt: Path) -> dict:
+    """The optimizer state dict ({"state": {id: {...}}, "param_groups": [...]}) of a checkpoint."""
     tensors, meta = read_tensors(ckpt / OPTIM_FILE)
     groups = json.loads(meta["param_groups"])
     state: dict[int, dict] = {}
     for key, t in tensors.items():
         pid, name = key.split(".", 1)
         state.setdefault(int(pid), {})[name] = t
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}
 
 
 def read_trainer_state(ckpt: Path) -> dict:

@@ -127,13 +127,18 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = _f("pystdlib", "corpus name (pystdlib = the Python standard library's source, "
-                                  "on every machine) or a path to a text file / folder")
+    dataset: str = _f("pystdlib", "pystdlib (the Python standard library's source, on every machine), "
+                                  "shakespeare (downloaded once), tinystories / fineweb-edu (Hugging Face "
+                                  "`datasets`, streamed), or a local text file, folder, glob or .jsonl")
     data_dir: str = _f("data", "where prepared token shards are cached")
     vocab_size: int = _f(2048, "BPE vocabulary size to train (ignored with --tokenizer NAME)")
     tokenizer: str | None = _f(None, "use a named tiktoken encoding (gpt2, cl100k_base, o200k_base) "
                                      "instead of training a BPE")
     val_fraction: float = _f(0.05, "share of documents held out for validation")
+    text_field: str = _f("text", "JSON field holding the document text (.jsonl files, Hugging Face datasets)")
+    max_tokens: int | None = _f(None, "stop preparing the train split after this many tokens (streamed "
+                                      "datasets are large; default: all)")
+    prep_workers: int = _f(4, "threads tokenizing documents during preparation")
 
 
 @dataclass
@@ -160,6 +165,16 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile the model")
     wandb: str = _f("off", "Weights & Biases logging", choices=("off", "offline", "online"))
     wandb_project: str = _f("llm", "wandb project name")
+    global_batch_tokens: int | None = _f(None, "tokens per optimizer step over all ranks; the planner then picks "
+                                               "--grad-accum and, unless given, --batch-size to fit memory")
+    activation_checkpointing: bool = _f(False, "recompute each block's activations in the backward (less memory)")
+    fsdp: bool = _f(False, "under torchrun, shard parameters, gradients and optimizer state (FSDP2 fully_shard) "
+                           "instead of replicating them (DDP)")
+    keep_last: int = _f(3, "periodic checkpoints to keep (the best-by-validation one is kept too; 0 = all)")
+    max_bad_steps: int = _f(5, "stop after this many consecutive steps with a NaN/Inf loss or gradient")
+    deterministic: bool = _f(False, "deterministic algorithms only (bit-exact resume on GPU; slower)")
+    init_from: str | None = _f(None, "initialise the weights from this checkpoint or Hugging Face model dir "
+                                     "(its architecture and tokenizer are used)")
 
 
 PRESETS: dict[str, dict] = {
