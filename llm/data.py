@@ -1,25 +1,47 @@
-"""Corpora -> token shards -> deterministic batches.
+"""Datasets -> token shards -> deterministic batches.
 
-`prepare(cfg)` reads a corpus (the embedded default or local text files), trains or
-loads the tokenizer, encodes every document (each followed by <|endoftext|>), splits
-documents into train/val by a hash of their name, and writes, once:
+The registry (`--dataset`):
+  pystdlib      the running Python's standard-library sources (embedded: on every machine)
+  shakespeare   tiny-shakespeare (1.1 MB), downloaded once from its public URL into <data_dir>/downloads/
+  tinystories   roneneldan/TinyStories through Hugging Face `datasets` (streamed; its own val split)
+  fineweb-edu   HuggingFaceFW/fineweb-edu sample-10BT through `datasets` (streamed; cap it with --max-tokens)
+  PATH          a text file, a folder of text files, a glob ("books/*.txt"), or .jsonl (one JSON
+                object per line, the text in --text-field)
 
-  <data_dir>/<corpus>-<tokenizer>/
-    train.bin, val.bin   flat token ids (uint16 if the vocab fits, else uint32)
+`prepare(cfg)` tokenizes a dataset once (each document followed by <|endoftext|>; documents go
+to val by a hash of their name unless the dataset has its own val split; a one-document corpus
+has its tokens split instead) into
+
+  <data_dir>/<dataset>-<tokenizer>/
+    train-00000.bin ...  flat token ids (uint16 if the vocab fits, else uint32), ~SHARD_TOKENS each
+    val-00000.bin ...
     tokenizer.tiktoken   the trained BPE (if one was trained)
-    manifest.json        counts, dtype, sha256 of each shard, tokenizer info, unigram entropy
+    manifest.json        token and document counts, dtype, sha256 of every shard, tokenizer, unigram entropy
 
-`Loader` draws random windows from a shard; batch number i depends only on (seed,
-rank, i), so a resumed run continues at the same place by knowing its step.
+Work happens in `<dir>.partial/`: every COMMIT_TOKENS tokens the shards are fsynced and
+progress.json records their lengths and the documents consumed, so an interrupted preparation
+resumes where it stopped and gives the same bytes; the folder is renamed into place at the end.
+Documents are tokenized in batches on `prep_workers` threads (tiktoken's batch encoder).
+
+`Loader` draws random windows from a split's shards; batch number i depends only on
+(seed, rank, i), so a resumed run continues at the same place by knowing its step.
 """
 
 from __future__ import annotations
 
+import argparse
+import glob
 import hashlib
+import itertools
 import json
 import os
 import re
+import shutil
+import sys
 import sysconfig
+import tempfile
+import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,13 +52,39 @@ from llm.config import DataConfig
 from llm.tokenizer import Tokenizer
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".json", ".jsonl", ".csv", ".html", ".tex", ".c", ".h", ""}
+MANIFEST, PROGRESS, MANIFEST_VERSION = "manifest.json", "progress.json", 2
+SHARD_TOKENS = 100_000_000  # tokens per shard file (windows never cross shards)
+COMMIT_TOKENS = 10_000_000  # tokens between progress records of a preparation
+BATCH_DOCS = 512  # documents per tokenizer batch
+TOKENIZER_SAMPLE_CHARS = 100_000_000  # text a BPE is trained on at most (streamed datasets are huge)
+
+# name -> (public URL, file name); fetched once into <data_dir>/downloads/<name>/.
+DOWNLOADS = {
+    "shakespeare": ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+                    "input.txt"),
+}
+# name -> (Hugging Face dataset, config, {our split: their split}); no "val" = split by document hash.
+HF_DATASETS = {
+    "tinystories": ("roneneldan/TinyStories", None, {"val": "validation", "train": "train"}),
+    "fineweb-edu": ("HuggingFaceFW/fineweb-edu", "sample-10BT", {"train": "train"}),
+}
 
 
 class DataError(ValueError):
     """The dataset cannot be found or used; the message is one line."""
 
 
-# ----------------------------------------------------------------------------- corpora
+# ----------------------------------------------------------------------------- sources
+
+
+@dataclass
+class Source:
+    """A dataset's documents: `docs()` yields (split, name, text) in a fixed order."""
+
+    name: str
+    slug: str  # directory-safe identity
+    docs: Callable[[], Iterator[tuple[str, str, str]]]
+    single: Path | None = None  # a one-document corpus: its tokens are split between train and val
 
 
 def pystdlib_files() -> list[Path]:
@@ -48,95 +96,321 @@ def pystdlib_files() -> list[Path]:
     return files
 
 
-CORPORA = {"pystdlib": pystdlib_files}
+def registry() -> list[str]:
+    return ["pystdlib", *DOWNLOADS, *HF_DATASETS]
 
 
-def corpus_files(dataset: str) -> tuple[str, list[Path]]:
-    """(slug, files) for a registered corpus name or a local file / folder path."""
-    if dataset in CORPORA:
-        return dataset, CORPORA[dataset]()
-    p = Path(dataset).expanduser()
-    if not p.exists():
-        raise DataError(f"dataset {dataset!r} is neither a known corpus ({', '.join(CORPORA)}) nor an existing path")
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES
-                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
+def open_source(cfg: DataConfig) -> Source:
+    """The Source for a registered name or a local path / glob; raises DataError naming what is wrong."""
+    name = cfg.dataset
+    if name in HF_DATASETS:
+        return Source(name, name, lambda: _hf_docs(name, cfg))
+    slug, files = corpus_files(name, cfg.data_dir)
+    return _file_source(name, slug, files, cfg)
+
+
+def corpus_files(dataset: str, data_dir: str | Path = "data") -> tuple[str, list[Path]]:
+    """(slug, files) for pystdlib, a downloadable corpus, or a local file / folder / glob."""
+    if dataset == "pystdlib":
+        return dataset, pystdlib_files()
+    if dataset in DOWNLOADS:
+        return dataset, [download(dataset, data_dir)]
+    if dataset in HF_DATASETS:
+        raise DataError(f"dataset {dataset!r} is streamed from Hugging Face, not a set of files")
+    if any(c in dataset for c in "*?["):
+        files = sorted(Path(f) for f in glob.glob(os.path.expanduser(dataset), recursive=True) if Path(f).is_file())
         if not files:
-            raise DataError(f"dataset folder {p} holds no text files ({', '.join(sorted(TEXT_SUFFIXES - {''}))})")
+            raise DataError(f"dataset glob {dataset!r} matches no files")
+        key, base = dataset, re.sub(r"[*?\[\]]+", "_", Path(dataset).name)
     else:
-        files = [p]
-    digest = hashlib.sha1(str(p.resolve()).encode()).hexdigest()[:8]
-    return f"{re.sub(r'[^A-Za-z0-9_-]+', '_', p.name)[:40]}-{digest}", files
+        p = Path(dataset).expanduser()
+        if not p.exists():
+            raise DataError(f"dataset {dataset!r} is neither a known corpus ({', '.join(registry())}) "
+                            "nor an existing path")
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            if not files:
+                raise DataError(f"dataset folder {p} holds no text files "
+                                f"({', '.join(sorted(TEXT_SUFFIXES - {''}))})")
+        else:
+            files = [p]
+        key, base = str(p.resolve()), p.name
+    digest = hashlib.sha1(key.encode()).hexdigest()[:8]
+    return f"{re.sub(r'[^A-Za-z0-9_-]+', '_', base)[:40]}-{digest}", files
+
+
+def download(name: str, data_dir: str | Path) -> Path:
+    """The cached file of a downloadable corpus, fetching it from its public URL on first use."""
+    url, fname = DOWNLOADS[name]
+    dest = Path(data_dir) / "downloads" / name / fname
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(fname + f".part{os.getpid()}")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+            shutil.copyfileobj(r, f)
+    except (OSError, ValueError) as e:  # URLError, timeouts, refused connections are OSErrors
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"dataset {name!r} could not be downloaded from {url} ({_first_line(e)}); offline, fetch "
+                        f"that file elsewhere and put it at {dest}, or pass --dataset /path/to/{fname}") from None
+    os.replace(tmp, dest)
+    return dest
 
 
 def read_text(path: Path) -> str:
-    raw = path.read_bytes()
+    raw = Path(path).read_bytes()
     if b"\x00" in raw[:8192]:
         raise DataError(f"{path} is not a text file (it contains NUL bytes)")
     return raw.decode("utf-8", errors="replace")
 
 
-# ----------------------------------------------------------------------------- preparation
+def _file_source(name: str, slug: str, files: list[Path], cfg: DataConfig) -> Source:
+    plain = [f for f in files if f.suffix.lower() != ".jsonl"]
+    single = files[0] if len(files) == 1 and plain else None
+    val = {f for f in plain if _in_val(str(f), cfg.val_fraction) and not single}
+    if len(plain) > 1 and not val and cfg.val_fraction > 0:  # always hold out at least one document
+        val = {plain[-1]}
+
+    def docs() -> Iterator[tuple[str, str, str]]:
+        for f in files:
+            if f.suffix.lower() == ".jsonl":
+                yield from _jsonl_docs(f, cfg)
+                continue
+            text = read_text(f)
+            if text.strip():
+                yield ("val" if f in val else "train"), str(f), text
+
+    return Source(name, slug, docs, single)
 
 
-def dataset_dir(cfg: DataConfig) -> Path:
-    slug, _ = corpus_files(cfg.dataset)
-    tok = cfg.tokenizer or f"bpe{cfg.vocab_size}"
-    return Path(cfg.data_dir) / f"{slug}-{tok}"
+def _jsonl_docs(path: Path, cfg: DataConfig) -> Iterator[tuple[str, str, str]]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                raise DataError(f"{path}:{i} is not valid JSON (.jsonl holds one JSON object per line)") from None
+            text = obj.get(cfg.text_field) if isinstance(obj, dict) else None
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{i} has no string field {cfg.text_field!r} (choose one with --text-field)")
+            if text.strip():
+                name = f"{path}:{i}"
+                yield ("val" if _in_val(name, cfg.val_fraction) else "train"), name, text
 
 
-def prepare(cfg: DataConfig, log=print) -> Path:
-    """Prepare the dataset once (idempotent: an existing complete manifest is reused)."""
-    out = dataset_dir(cfg)
-    if (out / "manifest.json").is_file():
-        return out
-    _, files = corpus_files(cfg.dataset)
-    docs = [(str(f), read_text(f)) for f in files]
-    docs = [(n, t) for n, t in docs if t.strip()]
-    if not docs:
-        raise DataError(f"dataset {cfg.dataset!r} is empty: its {len(files)} file(s) hold no text")
-    val_names = {n for n, _ in docs if _in_val(n, cfg.val_fraction)}
-    if len(docs) > 1 and not val_names:  # always hold out at least one document
-        val_names = {docs[-1][0]}
-    log(f"preparing {cfg.dataset}: {len(docs)} documents, {sum(len(t) for _, t in docs) / 1e6:.1f}M characters")
-    if cfg.tokenizer:
-        tok = Tokenizer.named(cfg.tokenizer)
-    else:
-        tok = Tokenizer.train((t for n, t in docs if n not in val_names), cfg.vocab_size)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    tok_info = tok.save(tmp)
-    dtype = np.uint16 if tok.n_vocab <= 65536 else np.uint32
-    manifest = {"dataset": cfg.dataset, "documents": len(docs), "n_vocab": tok.n_vocab, "dtype": np.dtype(dtype).name,
-                "tokenizer": tok_info, "splits": {}}
-    for split in ("train", "val"):
-        texts = [t for n, t in docs if (n in val_names) == (split == "val")]
-        ids = tok.encode_batch(texts)
-        flat = np.fromiter((i for doc in ids for i in (*doc, tok.eot_id)), dtype=dtype)
-        if len(docs) == 1:  # one document: split its tokens instead
-            all_ids = np.array(tok.encode_batch([docs[0][1]])[0] + [tok.eot_id], dtype=dtype)
-            cut = int(len(all_ids) * (1 - cfg.val_fraction))
-            flat = all_ids[:cut] if split == "train" else all_ids[cut:]
-        flat.tofile(tmp / f"{split}.bin")
-        manifest["splits"][split] = {"tokens": int(flat.size), "documents": len(texts) or 1,
-                                     "sha256": hashlib.sha256(flat.tobytes()).hexdigest()}
-        if split == "train":
-            manifest["unigram_entropy"] = unigram_entropy(flat, tok.n_vocab)
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    if out.exists():  # a concurrent preparation finished first
-        import shutil
-
-        shutil.rmtree(tmp)
-        return out
-    os.replace(tmp, out)
-    log(f"wrote {out}: {manifest['splits']['train']['tokens']:,} train / {manifest['splits']['val']['tokens']:,} "
-        f"val tokens, unigram entropy {manifest['unigram_entropy']:.3f} nats")
-    return out
+def _hf_docs(name: str, cfg: DataConfig) -> Iterator[tuple[str, str, str]]:
+    repo, config, splits = HF_DATASETS[name]
+    offline = ("offline, set HF_DATASETS_OFFLINE=1 with the dataset in the Hugging Face cache, or export it to "
+               ".jsonl/.txt and pass --dataset PATH")
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"dataset {name!r} ({repo}) needs the Hugging Face `datasets` package: pip install datasets; "
+                        f"{offline}") from None
+    for ours, theirs in splits.items():
+        try:
+            stream = datasets.load_dataset(repo, config, split=theirs, streaming=True)
+            for i, row in enumerate(stream):
+                text = row.get(cfg.text_field)
+                if not isinstance(text, str):
+                    raise DataError(f"dataset {name!r} rows have no string field {cfg.text_field!r}")
+                doc = str(row.get("id", f"{theirs}:{i}"))
+                split = ours if "val" in splits else ("val" if _in_val(doc, cfg.val_fraction) else "train")
+                if text.strip():
+                    yield split, doc, text
+        except DataError:
+            raise
+        except Exception as e:  # network and hub errors come in many types
+            raise DataError(f"dataset {name!r} ({repo}) cannot be reached ({type(e).__name__}: {_first_line(e)}); "
+                            f"{offline}") from None
 
 
 def _in_val(name: str, fraction: float) -> bool:
     h = int(hashlib.sha1(Path(name).name.encode()).hexdigest()[:8], 16)
     return h / 0xFFFFFFFF < fraction
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0][:200] if s else type(e).__name__
+
+
+# ----------------------------------------------------------------------------- preparation
+
+
+def tokenizer_slug(tok: Tokenizer) -> str:
+    """A short identity of a given tokenizer (its name, or a hash of its saved files)."""
+    if tok.info.get("kind") == "tiktoken":
+        return tok.info["name"]
+    h = hashlib.sha1(json.dumps(tok.info, sort_keys=True, default=str).encode())
+    with tempfile.TemporaryDirectory() as d:
+        tok.save(d)
+        for f in sorted(Path(d).iterdir()):
+            h.update(f.read_bytes())
+    return f"tok{h.hexdigest()[:10]}"
+
+
+def dataset_dir(cfg: DataConfig, tokenizer: Tokenizer | None = None, source: Source | None = None) -> Path:
+    slug = (source or open_source(cfg)).slug + (f"-max{cfg.max_tokens}" if cfg.max_tokens else "")
+    tok = tokenizer_slug(tokenizer) if tokenizer else cfg.tokenizer or f"bpe{cfg.vocab_size}"
+    return Path(cfg.data_dir) / f"{slug}-{tok}"
+
+
+def prepare(cfg: DataConfig, log: Callable[[str], None] = print, tokenizer: Tokenizer | None = None,
+            shard_tokens: int = SHARD_TOKENS) -> Path:
+    """Prepare the dataset once (an existing manifest is reused; an interrupted run resumes).
+
+    `tokenizer` encodes with a given tokenizer (e.g. a checkpoint's) instead of a named or trained one.
+    """
+    src = open_source(cfg)
+    out = dataset_dir(cfg, tokenizer, src)
+    if (out / MANIFEST).is_file():
+        return out
+    work = out.with_name(out.name + ".partial")
+    work.mkdir(parents=True, exist_ok=True)
+    prog = json.loads((work / PROGRESS).read_text()) if (work / PROGRESS).is_file() else None
+    if prog:
+        log(f"resuming the preparation of {cfg.dataset}: {prog['docs']:,} documents already done")
+        tok = tokenizer or Tokenizer.load(work, prog["tokenizer"])
+    else:
+        tok = tokenizer or _make_tokenizer(src, cfg, log)
+        prog = {"tokenizer": tok.save(work), "docs": 0, "done": False,
+                "splits": {s: {"files": [], "length": 0, "tokens": 0, "docs": 0} for s in ("train", "val")}}
+    dtype = np.dtype(np.uint16 if tok.n_vocab <= 65536 else np.uint32)
+    writers = {s: _ShardWriter(work, s, dtype, st, shard_tokens) for s, st in prog["splits"].items()}
+    if not prog["done"]:
+        log(f"preparing {cfg.dataset} with {prog['tokenizer'].get('name', prog['tokenizer']['kind'])} "
+            f"tokens into {work}")
+        _encode_all(src, cfg, tok, prog, writers, work)
+    manifest = _finish(cfg, src, tok, prog, work, dtype)
+    try:
+        os.replace(work, out)
+    except OSError:  # a concurrent preparation finished first
+        if not (out / MANIFEST).is_file():
+            raise
+        shutil.rmtree(work, ignore_errors=True)
+        return out
+    t = manifest["splits"]
+    log(f"wrote {out}: {t['train']['tokens']:,} train / {t['val']['tokens']:,} val tokens in "
+        f"{len(t['train']['shards']) + len(t['val']['shards'])} shard(s), unigram entropy "
+        f"{manifest['unigram_entropy']:.3f} nats")
+    return out
+
+
+def _make_tokenizer(src: Source, cfg: DataConfig, log) -> Tokenizer:
+    if cfg.tokenizer:
+        return Tokenizer.named(cfg.tokenizer)
+
+    def sample() -> Iterator[str]:
+        n = 0
+        for split, _, text in src.docs():
+            if split == "train" and n < TOKENIZER_SAMPLE_CHARS:
+                n += len(text)
+                yield text
+            if n >= TOKENIZER_SAMPLE_CHARS:
+                return
+
+    log(f"training a {cfg.vocab_size}-token BPE on {cfg.dataset}")
+    tok = Tokenizer.train(sample(), cfg.vocab_size)
+    if tok.n_vocab <= 257:
+        raise DataError(f"dataset {cfg.dataset!r} is empty: it holds no text to train a tokenizer on")
+    return tok
+
+
+class _ShardWriter:
+    """Appends token arrays to <split>-NNNNN.bin files; `commit` fsyncs and returns the durable state."""
+
+    def __init__(self, work: Path, split: str, dtype: np.dtype, state: dict, shard_tokens: int) -> None:
+        self.work, self.split, self.dtype, self.state, self.shard_tokens = work, split, dtype, state, shard_tokens
+        self.pending: list[np.ndarray] = []
+        if state["files"]:  # resuming: drop whatever was written after the last commit
+            with open(work / state["files"][-1], "r+b") as f:
+                f.truncate(state["length"] * dtype.itemsize)
+
+    def add(self, ids: list[int]) -> None:
+        self.pending.append(np.asarray(ids, dtype=self.dtype))
+        self.state["docs"] += 1
+
+    def pending_tokens(self) -> int:
+        return sum(a.size for a in self.pending)
+
+    def commit(self) -> None:
+        if not self.pending:
+            return
+        st = self.state
+        new = not st["files"] or st["length"] >= self.shard_tokens
+        if new:
+            st["files"].append(f"{self.split}-{len(st['files']):05d}.bin")
+            st["length"] = 0
+        data = np.concatenate(self.pending)
+        with open(self.work / st["files"][-1], "wb" if new else "ab") as f:
+            f.write(data.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        st["length"] += data.size
+        st["tokens"] += data.size
+        self.pending = []
+
+
+def _encode_all(src: Source, cfg: DataConfig, tok: Tokenizer, prog: dict, writers: dict, work: Path) -> None:
+    def commit() -> None:
+        for w in writers.values():
+            w.commit()
+        tmp = work / (PROGRESS + ".tmp")
+        tmp.write_text(json.dumps(prog))
+        os.replace(tmp, work / PROGRESS)
+
+    if src.single is not None:  # one document: split its tokens
+        text = read_text(src.single)
+        if not text.strip():
+            raise DataError(f"dataset {cfg.dataset!r} is empty: {src.single} holds no text")
+        ids = tok.encode_batch([text], num_threads=cfg.prep_workers)[0] + [tok.eot_id]
+        cut = int(len(ids) * (1 - cfg.val_fraction))
+        writers["train"].add(ids[:cut][: cfg.max_tokens])
+        writers["val"].add(ids[cut:])
+        prog["docs"] = 1
+    else:
+        docs = itertools.islice(src.docs(), prog["docs"], None)
+        while writers["train"].state["tokens"] + writers["train"].pending_tokens() < (cfg.max_tokens or 1 << 62):
+            batch = list(itertools.islice(docs, BATCH_DOCS))
+            if not batch:
+                break
+            for (split, _, _), ids in zip(batch, tok.encode_batch([t for _, _, t in batch], cfg.prep_workers)):
+                writers[split].add(ids + [tok.eot_id])
+            prog["docs"] += len(batch)
+            if sum(w.pending_tokens() for w in writers.values()) >= COMMIT_TOKENS:
+                commit()
+    prog["done"] = True
+    commit()
+
+
+def _finish(cfg: DataConfig, src: Source, tok: Tokenizer, prog: dict, work: Path, dtype: np.dtype) -> dict:
+    """Checksums, counts and unigram entropy of the written shards -> manifest.json."""
+    splits, counts = {}, np.zeros(tok.n_vocab, dtype=np.int64)
+    for split, st in prog["splits"].items():
+        if st["tokens"] == 0 and split == "train":
+            raise DataError(f"dataset {cfg.dataset!r} is empty: it holds no text")
+        if st["tokens"] == 0:
+            raise DataError(f"dataset {cfg.dataset!r} has no validation documents: raise --val-fraction "
+                            f"(now {cfg.val_fraction}) or add documents")
+        shards = []
+        for name in st["files"]:
+            arr = np.fromfile(work / name, dtype=dtype)
+            shards.append({"file": name, "tokens": int(arr.size), "sha256": hashlib.sha256(arr.tobytes()).hexdigest()})
+            if split == "train":
+                counts += np.bincount(arr, minlength=tok.n_vocab)[: tok.n_vocab]
+        splits[split] = {"tokens": st["tokens"], "documents": st["docs"], "shards": shards}
+    p = counts[counts > 0] / counts.sum()
+    manifest = {"version": MANIFEST_VERSION, "dataset": cfg.dataset, "source": src.slug, "documents": prog["docs"],
+                "n_vocab": tok.n_vocab, "dtype": dtype.name, "tokenizer": prog["tokenizer"], "splits": splits,
+                "unigram_entropy": float(-(p * np.log(p)).sum())}
+    (work / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    (work / PROGRESS).unlink()
+    return manifest
 
 
 def unigram_entropy(ids: np.ndarray, n_vocab: int) -> float:
@@ -147,7 +421,32 @@ def unigram_entropy(ids: np.ndarray, n_vocab: int) -> float:
 
 
 def load_manifest(path: Path) -> dict:
-    return json.loads((Path(path) / "manifest.json").read_text())
+    f = Path(path) / MANIFEST
+    if not f.is_file():
+        raise DataError(f"{path} is not a prepared dataset (no {MANIFEST})")
+    return json.loads(f.read_text())
+
+
+def shard_list(manifest: dict, split: str) -> list[dict]:
+    """[{"file", "tokens", "sha256"}] of a split (manifests before version 2 had one <split>.bin)."""
+    info = manifest["splits"][split]
+    return info.get("shards") or [{"file": f"{split}.bin", "tokens": info["tokens"], "sha256": info.get("sha256")}]
+
+
+def fingerprint(manifest: dict) -> str:
+    """A short hash of the prepared data (every shard's checksum): the identity a resume checks."""
+    return hashlib.sha256(json.dumps(manifest["splits"], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def verify(path: Path) -> None:
+    """Recompute every shard's sha256 and compare with the manifest; DataError on a mismatch."""
+    m = load_manifest(path)
+    for split in m["splits"]:
+        for s in shard_list(m, split):
+            f = Path(path) / s["file"]
+            if not f.is_file() or hashlib.sha256(f.read_bytes()).hexdigest() != s["sha256"]:
+                raise DataError(f"{f} is missing or corrupted (sha256 differs from {MANIFEST}); "
+                                f"delete {path} to prepare it again")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -155,7 +454,11 @@ def load_manifest(path: Path) -> dict:
 
 @dataclass
 class Loader:
-    """Random (x, y) windows of `block_size` tokens from one split, deterministic per step."""
+    """Random (x, y) windows of `block_size` tokens from one split, deterministic per step.
+
+    Window starts are drawn uniformly over every position of every shard that leaves
+    block_size + 1 tokens; batch(i) depends only on (seed, rank, i, split).
+    """
 
     path: Path
     split: str
@@ -166,16 +469,32 @@ class Loader:
 
     def __post_init__(self) -> None:
         manifest = load_manifest(self.path)
-        self.tokens = np.memmap(Path(self.path) / f"{self.split}.bin", dtype=manifest["dtype"], mode="r")
+        dtype = np.dtype(manifest["dtype"])
+        self.shards: list[np.memmap] = []
+        for s in shard_list(manifest, self.split):
+            f = Path(self.path) / s["file"]
+            size = f.stat().st_size if f.is_file() else -1
+            if size != s["tokens"] * dtype.itemsize:
+                raise DataError(f"{f} is missing or truncated ({max(size, 0)} bytes, the manifest says "
+                                f"{s['tokens'] * dtype.itemsize}); delete {self.path} to prepare it again")
+            if s["tokens"]:
+                self.shards.append(np.memmap(f, dtype=dtype, mode="r"))
         need = self.block_size + 1
-        if len(self.tokens) < need:
-            raise DataError(f"the {self.split} split of {self.path} has {len(self.tokens)} tokens, fewer than "
-                            f"one window of block_size + 1 = {need}; use a smaller --block-size or more data")
+        self.counts = np.array([max(0, len(t) - self.block_size) for t in self.shards], dtype=np.int64)
+        if not self.counts.sum():
+            longest = max((len(t) for t in self.shards), default=0)
+            where = " in its largest shard" if len(self.shards) > 1 else ""
+            raise DataError(f"the {self.split} split of {self.path} has {longest} tokens{where}, fewer than one "
+                            f"window of block_size + 1 = {need}; use a smaller --block-size or more data")
+        self.cum = np.cumsum(self.counts)
 
     def batch(self, step: int, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """x, y (batch_size, block_size) int64: y is x shifted by one token."""
         rng = np.random.default_rng([self.seed, self.rank, step, 0 if self.split == "train" else 1])
-        starts = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
-        w = np.stack([self.tokens[s: s + self.block_size + 1].astype(np.int64) for s in starts])
+        g = rng.integers(0, self.cum[-1], size=self.batch_size)
+        shard = np.searchsorted(self.cum, g, side="right")
+        starts = g - (self.cum[shard] - self.counts[shard])
+        w = np.stack([self.shards[i][s: s + self.block_size + 1].astype(np.int64) for i, s in zip(shard, starts)])
         t = torch.from_numpy(w)
         x, y = t[:, :-1], t[:, 1:]
         if torch.device(device).type == "cuda":
@@ -183,4 +502,30 @@ class Loader:
         return x.contiguous().to(device), y.contiguous().to(device)
 
     def num_windows(self) -> float:
-        return len(self.tokens) / self.block_size
+        return sum(len(t) for t in self.shards) / self.block_size
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m llm.data --dataset NAME|PATH [--verify]`: prepare ahead of training (e.g. where there is network)."""
+    from llm.config import add_dataclass_args, build
+
+    p = argparse.ArgumentParser(prog="python -m llm.data", description=main.__doc__)
+    add_dataclass_args(p, DataConfig, "data")
+    p.add_argument("--verify", action="store_true", help="recompute and check every shard's sha256")
+    args = p.parse_args(argv)
+    try:
+        path = prepare(build(DataConfig, vars(args)))
+        if args.verify:
+            verify(path)
+            print(f"{path}: every shard matches its checksum")
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -24,7 +24,8 @@ def test_prepare_writes_shards_and_manifest(tmp_path):
     # a small corpus can run out of merges before 300 ids; never more than asked
     V = m["n_vocab"]
     assert m["dtype"] == "uint16" and 257 < V <= 300
-    train = np.fromfile(out / "train.bin", dtype=np.uint16)
+    shards = m["splits"]["train"]["shards"]
+    train = np.concatenate([np.fromfile(out / s["file"], dtype=np.uint16) for s in shards])
     assert train.size == m["splits"]["train"]["tokens"] > 0 and m["splits"]["val"]["tokens"] > 0
     assert train.max() < V and (train == V - 1).sum() >= 1  # documents end with <|endoftext|>
     assert 0 < m["unigram_entropy"] < np.log(V)
