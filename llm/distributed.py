@@ -1,0 +1,307 @@
+"""Data parallelism under torchrun, FSDP2 sharding, activation checkpointing, RNG capture, and the memory planner.
+
+Under `torchrun --nproc_per_node=N [--nnodes=M ...] train.py ...` the environment carries RANK,
+WORLD_SIZE and LOCAL_RANK; `setup` joins the process group (NCCL on GPUs, gloo on CPU) and
+binds each rank to cuda:LOCAL_RANK. Without them everything here is a no-op for one process.
+
+Data order does not depend on the world size: optimizer step s, micro-batch m of rank r reads
+global micro-batch (s * A + m) * W + r (A = accumulation steps, W = world size), so 2 ranks x
+1 micro-batch see the same batches as 1 rank x 2 micro-batches, and a run may resume with a
+different world size as long as A * W (and the micro-batch) stay the same.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from llm.config import ConfigError, ModelConfig
+
+# ----------------------------------------------------------------------------- process group
+
+
+@dataclass
+class Dist:
+    """This process's place in the job: rank among world_size, local_rank on its node, its device."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def setup(device: str = "auto") -> Dist:
+    """Join the torchrun process group when launched by torchrun; pick this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+    if world > 1:
+        dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(dev)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+        return Dist(rank, world, local, dev)
+    dev = torch.device(("cuda" if use_cuda else "cpu") if device == "auto" else device)
+    return Dist(0, 1, 0, dev)
+
+
+def env_rank() -> int | None:
+    """RANK when launched by torchrun with more than one process, else None."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+def all_reduce(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Sum of `t` over ranks (in place)."""
+    if d.enabled:
+        dist.all_reduce(t)
+    return t
+
+
+def all_gather_objects(obj, d: Dist) -> list:
+    if not d.enabled:
+        return [obj]
+    out = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ----------------------------------------------------------------------------- wrapping
+
+
+def wrap(model: nn.Module, d: Dist, fsdp: bool, activation_checkpointing: bool, compile: bool) -> nn.Module:
+    """The module to call in the training step: AC on each block -> FSDP2 / DDP -> torch.compile.
+
+    `model` itself stays usable for evaluation and saving (FSDP2 shards it in place; DDP wraps it).
+    """
+    from llm.model import Block
+
+    if activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+            apply_activation_checkpointing,
+            checkpoint_wrapper,
+        )
+
+        apply_activation_checkpointing(model, checkpoint_wrapper_fn=checkpoint_wrapper,
+                                       check_fn=lambda m: isinstance(m, Block))
+    fwd = model
+    if d.enabled and fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(d.device.type, (d.world,))
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    elif d.enabled:
+        fwd = nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    return torch.compile(fwd) if compile else fwd
+
+
+def grad_sync(fwd: nn.Module, model: nn.Module, sync: bool, d: Dist, fsdp: bool):
+    """Context for one micro-batch's backward: gradient all-reduce only on the last micro-batch."""
+    import contextlib
+
+    if d.enabled and fsdp:
+        model.set_requires_gradient_sync(sync)
+    elif d.enabled and not sync:
+        ddp = getattr(fwd, "_orig_mod", fwd)
+        return ddp.no_sync()
+    return contextlib.nullcontext()
+
+
+def _clean(name: str) -> str:
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+
+
+def _param_index(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """FQN -> the integer id torch's Optimizer.state_dict() gives that parameter."""
+    ids = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    return {_clean(n): ids[id(p)] for n, p in model.named_parameters(remove_duplicate=False) if id(p) in ids}
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> tuple[dict | None, dict]:
+    """(full model state dict or None = use the module, optimizer state dict with integer ids).
+
+    Under FSDP every rank must call this (it gathers shards); the full dicts land on rank 0.
+    """
+    if not fsdp or not dist.is_initialized():
+        return None, optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(model, options=opts)
+    osd = get_optimizer_state_dict(model, optimizer, options=opts)
+    if not osd:  # ranks > 0 receive empty dicts
+        return msd, {"state": {}, "param_groups": []}
+    index = _param_index(model, optimizer)
+    state = {index[k]: v for k, v in osd["state"].items()}
+    groups = [{**g, "params": [index[k] for k in g["params"]]} for g in osd["param_groups"]]
+    return msd, {"state": state, "param_groups": groups}
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, osd: dict, fsdp: bool) -> None:
+    """Load a full optimizer state dict (integer ids, as saved) into a plain or FSDP-sharded optimizer."""
+    if not fsdp or not dist.is_initialized():
+        optimizer.load_state_dict(osd)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    name = {i: k for k, i in _param_index(model, optimizer).items()}
+    full = {"state": {name[int(i)]: v for i, v in osd["state"].items()},
+            "param_groups": [{**g, "params": [name[int(i)] for i in g["params"]]} for g in osd["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
+
+
+# ----------------------------------------------------------------------------- RNG
+
+
+def rng_state(device: torch.device) -> dict:
+    """This rank's torch RNG states (CPU, and CUDA when used) as base64 strings."""
+    st = {"cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if device.type == "cuda":
+        st["cuda"] = base64.b64encode(torch.cuda.get_rng_state(device).numpy().tobytes()).decode()
+    return st
+
+
+def set_rng_state(st: dict, device: torch.device) -> None:
+    def tensor(s: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+    torch.set_rng_state(tensor(st["cpu"]))
+    if device.type == "cuda" and "cuda" in st:
+        torch.cuda.set_rng_state(tensor(st["cuda"]), device)
+
+
+# ----------------------------------------------------------------------------- memory planner
+
+
+@dataclass
+class Plan:
+    """Per-rank micro-batch and accumulation for a global batch, with the memory estimate behind it."""
+
+    batch_size: int
+    grad_accum: int
+    world: int
+    block_size: int
+    fixed_bytes: float  # parameters + gradients + optimizer (+ autocast weight copies)
+    act_bytes: float  # activations of one micro-batch
+    budget_bytes: float | None
+
+    @property
+    def tokens(self) -> int:
+        return self.batch_size * self.grad_accum * self.world * self.block_size
+
+    @property
+    def total_bytes(self) -> float:
+        return self.fixed_bytes + self.act_bytes
+
+    def describe(self) -> str:
+        budget = f" of {fmt_bytes(self.budget_bytes)} available" if self.budget_bytes else ""
+        return (f"global batch {self.tokens:,} tokens = {self.world} rank(s) x {self.grad_accum} accumulation x "
+                f"{self.batch_size} seqs x {self.block_size} tokens; est. memory per rank {fmt_bytes(self.total_bytes)}"
+                f" (weights+grads+AdamW {fmt_bytes(self.fixed_bytes)}, activations {fmt_bytes(self.act_bytes)})"
+                f"{budget}")
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def memory_estimate(cfg: ModelConfig, n_params: int, batch: int, amp: bool, flash: bool, fused_ce: bool,
+                    act_ckpt: bool, world: int = 1, fsdp: bool = False) -> tuple[float, float]:
+    """(fixed bytes, activation bytes) per rank of one training micro-batch of `batch` sequences.
+
+    fixed = N * (4 weights + 4 grads + 8 AdamW moments) [/ W under FSDP] + 2N autocast copies.
+    Activations per token per layer (s = 2 under autocast, else 4): fp32 residual stream,
+    norm outputs 16C; s * (2C linear inputs + Cq + 2Ckv qkv + Cq + Ckv after RoPE + Cq attention
+    output + 3I MLP); attention without a fused kernel adds fp32 q/k/v and 2 * H * T scores.
+    Activation checkpointing keeps only the 4C block input per layer plus one layer's worth.
+    The LM head holds (4 + 4 + s) * V per token unless the fused linear cross-entropy runs.
+    """
+    s = 2 if amp else 4
+    C, H, T, L = cfg.n_embd, cfg.n_head, cfg.block_size, cfg.n_layer
+    Cq, Ckv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    inner = cfg.expert_hidden * (cfg.top_k + cfg.n_shared_experts) if cfg.n_experts else cfg.intermediate_size
+    mlp = (3 if cfg.mlp == "swiglu" else 2) * inner
+    layer = 16 * C + s * (2 * C + 2 * Cq + 2 * Ckv + Cq + Ckv + Cq + mlp)
+    if not flash:
+        layer += 4 * (Cq + 2 * Ckv) + 8 * H * T
+    per_token = (4 * C * L + layer) if act_ckpt else layer * L
+    per_token += 8 * C + (4 * C if fused_ce else (8 + s) * cfg.padded_vocab_size)
+    fixed = n_params * 16 / (world if fsdp else 1) + (2 * n_params if amp else 0)
+    return float(fixed), float(per_token * batch * T)
+
+
+def memory_budget(device: torch.device) -> float | None:
+    """Bytes this rank may use: 90% of the free GPU memory, or 80% of the available RAM on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] * 0.9
+    try:
+        with open("/proc/meminfo") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        return kb * 1024 * 0.8
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def plan_batch(cfg: ModelConfig, n_params: int, batch_size: int, grad_accum: int, world: int,
+               global_tokens: int | None, explicit_batch: bool, budget: float | None, **est) -> Plan:
+    """Pick (micro-batch, accumulation) per rank.
+
+    Without global_tokens: the given batch_size x grad_accum per rank. With it: sequences per
+    rank = global_tokens / (block_size * world) must be whole; the micro-batch is batch_size when
+    given explicitly (it must divide them), else the largest divisor whose estimate fits `budget`.
+    `est` are memory_estimate's keyword arguments (amp, flash, fused_ce, act_ckpt, fsdp).
+    """
+    T = cfg.block_size
+
+    def plan(b: int, a: int) -> Plan:
+        fixed, act = memory_estimate(cfg, n_params, b, world=world, **est)
+        return Plan(b, a, world, T, fixed, act, budget)
+
+    if global_tokens is None:
+        return plan(batch_size, grad_accum)
+    unit = T * world
+    if global_tokens < unit or global_tokens % unit:
+        lo, hi = max(unit, global_tokens // unit * unit), (global_tokens // unit + 1) * unit
+        raise ConfigError(f"--global-batch-tokens {global_tokens:,} must be a multiple of block_size x world size "
+                          f"= {T} x {world} = {unit:,} (e.g. {lo:,} or {hi:,})")
+    seqs = global_tokens // unit
+    if explicit_batch:
+        if seqs % batch_size:
+            raise ConfigError(f"--batch-size {batch_size} does not divide the {seqs} sequences per rank of "
+                              f"--global-batch-tokens {global_tokens:,}; pick a divisor of {seqs}")
+        return plan(batch_size, seqs // batch_size)
+    divisors = [b for b in range(seqs, 0, -1) if seqs % b == 0]
+    for b in divisors:
+        p = plan(b, seqs // b)
+        if budget is None or p.total_bytes <= budget:
+            return p
+    return plan(1, seqs)
+
