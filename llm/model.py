@@ -76,8 +76,7 @@ class Attention(nn.Module):
         if cache is None:
             o = ops.attention(q, k, v, causal=True, window=self.cfg.window, kernels=self.cfg.kernels)
         else:
-            k_all, v_all, lengths = cache.update(self.layer, k, v, positions)
-            o = ops.decode_attention(q, k_all, v_all, lengths, kernels=self.cfg.kernels)
+            o = cache.attend(self.layer, q, k, v, positions, window=self.cfg.window, kernels=self.cfg.kernels)
         return self.drop(self.wo(o.reshape(B, T, H * D)))  # (B, T, C)
 
 
@@ -160,13 +159,15 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None,
-                z_loss: float = 0.0) -> tuple[Tensor | None, Tensor | None]:
+                z_loss: float = 0.0, logits_at: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
         """Returns (logits, loss).
 
         Without targets: logits (B, T, V) fp32 and loss None. With targets (B, T), ids or
         -100 to ignore: logits None (the loss is computed from the hidden states in chunks
         so the (B*T, V) logits need not exist) and the mean cross-entropy. With a cache,
-        the T tokens continue each row of the cache and their K/V are stored.
+        the T tokens continue each row of the cache and their K/V are stored. logits_at (B,)
+        int: logits (B, 1, V) of that one position per row only (a prefill needs just the last
+        prompt token's, not a (B, T, V) tensor).
         """
         B, T = idx.shape
         if cache is not None:
@@ -185,6 +186,8 @@ class Transformer(nn.Module):
             x = block(x, rope, positions, cache)
         if cache is not None:
             cache.advance(T)
+        if logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at][:, None]  # (B, 1, C)
         x = self.norm_f(x)
         if targets is None:
             return self.lm_head(x).float(), None

@@ -1,0 +1,153 @@
+"""KV cache (promise 17): cached == uncached logits for 200+ steps, chunked prefill == one prefill,
+ragged rows, static (CUDA-graph) mode == dynamic mode, GQA-width storage, no write past the end."""
+
+import pytest
+import torch
+
+from kernels.reference import decode_attention_ref
+from llm.config import ModelConfig
+from llm.generate import prefill
+from llm.kvcache import masked_attention
+from llm.model import Transformer
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread (and the suite shares the CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def build(**kw) -> Transformer:
+    torch.manual_seed(0)
+    base = dict(vocab_size=97, block_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, kernels="torch")
+    return Transformer(ModelConfig(**(base | kw))).eval()
+
+
+VARIANTS = {"llama-gqa": {}, "gpt2": dict(pos_emb="learned", norm="layernorm", mlp="gelu", bias=True, n_kv_head=4),
+            "qwen-like": dict(qkv_bias=True, qk_norm=True, n_kv_head=1), "window": dict(window=9)}
+
+
+def test_cache_is_preallocated_at_the_gqa_width_and_sized_to_the_request():
+    model = build()
+    cache = model.new_cache(3, 40)
+    assert len(cache.k) == 2 and cache.k[0].shape == (3, 40, 2, 8) and cache.v[1].shape == (3, 40, 2, 8)
+    ptrs = [t.data_ptr() for t in cache.k + cache.v]
+    with torch.no_grad():
+        model(torch.randint(0, 97, (3, 30)), cache=cache)
+        model(torch.randint(0, 97, (3, 1)), cache=cache)
+    assert [t.data_ptr() for t in cache.k + cache.v] == ptrs  # written in place, never reallocated
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=list(VARIANTS))
+def test_cached_logits_equal_uncached_for_210_steps(variant):
+    """Promise 17: fp32, atol = rtol = 1e-5, every step of a 210-token decode, two rows."""
+    model = build(**VARIANTS[variant])
+    prompt = torch.randint(0, 97, (2, 7))
+    steps = 210
+    cache = model.new_cache(2, prompt.shape[1] + steps)
+    with torch.no_grad():
+        logits, _ = model(prompt, cache=cache)
+        seq, cached = prompt, [logits]
+        for _ in range(steps):
+            nxt = cached[-1][:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+            cached.append(model(nxt, cache=cache)[0])
+        full, _ = model(seq)
+    assert seq.shape[1] == 217
+    torch.testing.assert_close(torch.cat(cached, 1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16, 33])
+@pytest.mark.parametrize("variant", ["llama-gqa", "window"])
+def test_chunked_prefill_equals_one_prefill(chunk, variant):
+    """Promise 17, ragged rows included: last-token logits and every cached K/V entry agree."""
+    model = build(**VARIANTS[variant])
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (33, 5, 20)]
+    one, many = model.new_cache(3, 40), model.new_cache(3, 40)
+    a = prefill(model, one, prompts)
+    b = prefill(model, many, prompts, chunk=chunk)
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    assert one.host_lengths == many.host_lengths == [33, 5, 20] and one.lengths.tolist() == [33, 5, 20]
+    for r, n in enumerate([33, 5, 20]):
+        for layer in range(2):
+            torch.testing.assert_close(many.k[layer][r, :n], one.k[layer][r, :n], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(many.v[layer][r, :n], one.v[layer][r, :n], atol=1e-5, rtol=1e-5)
+
+
+def test_ragged_prefill_and_decode_equal_each_row_alone():
+    model = build()
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (3, 11, 7)]
+    cache = model.new_cache(3, 11 + 6)
+    with torch.no_grad():
+        last = [prefill(model, cache, prompts)]
+        nxt = torch.randint(0, 97, (3, 6))
+        for t in range(6):
+            last.append(model(nxt[:, t:t + 1], cache=cache)[0][:, -1])
+        for r, p in enumerate(prompts):
+            full, _ = model(torch.tensor([p + nxt[r].tolist()]))
+            alone = full[0, len(p) - 1:]  # logits after the prompt and after each fed token
+            torch.testing.assert_close(torch.stack([x[r] for x in last]), alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_static_masked_attention_equals_the_reference(window):
+    """The CUDA-graph step attends over every slot with a device-side mask: same result."""
+    torch.manual_seed(3)
+    B, S, H, Hkv, D, Tq = 3, 24, 4, 2, 8, 2
+    q = torch.randn(B, Tq, H, D)
+    k, v = torch.randn(B, S, Hkv, D), torch.randn(B, S, Hkv, D)
+    lengths = torch.tensor([5, 24, 13])
+    got = masked_attention(q, k, v, lengths, window)
+    if window is None:
+        torch.testing.assert_close(got, decode_attention_ref(q, k, v, lengths), atol=1e-6, rtol=1e-6)
+    for b in range(B):  # each row against plain causal attention over its own prefix
+        n = int(lengths[b])
+        s = torch.einsum("thd,shd->hts", q[b], k[b, :n].repeat_interleave(H // Hkv, 1)) * D**-0.5
+        pos = torch.arange(n - Tq, n)[:, None]
+        keep = torch.arange(n)[None] <= pos
+        if window is not None:
+            keep &= pos - torch.arange(n)[None] < window
+        o = torch.einsum("hts,shd->thd", s.masked_fill(~keep, float("-inf")).softmax(-1),
+                         v[b, :n].repeat_interleave(H // Hkv, 1))
+        torch.testing.assert_close(got[b], o, atol=1e-5, rtol=1e-5)
+
+
+def test_static_mode_forward_equals_dynamic_mode():
+    model = build()
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (6, 2)]
+    caches = [model.new_cache(2, 20), model.new_cache(2, 20)]
+    toks = torch.randint(0, 97, (2, 8))
+    outs = []
+    with torch.no_grad():
+        for static, cache in zip((False, True), caches):
+            prefill(model, cache, prompts)
+            cache.static = static
+            outs.append(torch.stack([model(toks[:, t:t + 1], cache=cache)[0][:, -1] for t in range(8)]))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    assert caches[1].lengths.tolist() == caches[1].host_lengths == [14, 10]
+
+
+def test_cache_refuses_to_write_past_its_end_before_compute():
+    """Promise 13: never a write past the end of the KV cache."""
+    model = build()
+    cache = model.new_cache(2, 8)
+    with torch.no_grad():
+        prefill(model, cache, [[1, 2, 3, 4, 5, 6], [1, 2]])
+        before = [t.clone() for t in cache.k]
+        with pytest.raises(ValueError, match="KV cache overflow: 9 positions needed, the cache holds 8"):
+            model(torch.ones(2, 3, dtype=torch.long), cache=cache)
+    assert all(torch.equal(a, b) for a, b in zip(before, cache.k)) and cache.host_lengths == [6, 2]
+
+
+def test_reorder_moves_rows_with_their_lengths():
+    model = build()
+    cache = model.new_cache(2, 10)
+    with torch.no_grad():
+        prefill(model, cache, [[1, 2, 3], [4]])
+    k0 = cache.k[0].clone()
+    cache.reorder(torch.tensor([1, 1, 0]))
+    assert cache.batch == 3 and cache.host_lengths == [1, 1, 3] and cache.lengths.tolist() == [1, 1, 3]
+    assert torch.equal(cache.k[0][2], k0[0]) and torch.equal(cache.k[0][0], k0[1])
