@@ -442,8 +442,8 @@ def train(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str | 
                 if val_loss < best_val:
                     best_val = val_loss
                     save(step, best=True)
-            if step % tcfg.save_interval == 0 and step < tcfg.max_steps:
-                save(step)
+            if step % tcfg.save_interval == 0 and step < tcfg.max_steps and not streak:
+                save(step)  # never during a run of bad steps: the last good checkpoint stays the newest
             if any([cb(step, rec) for cb in callbacks]):
                 stop.signal = stop.signal or -1
     except BaseException:
