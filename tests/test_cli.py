@@ -61,6 +61,85 @@ def test_bad_input_gets_one_clear_line(args, msg):
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny random-weight checkpoint with a BPE tokenizer that knows some CJK and emoji (no training run)."""
+    import torch
+
+    from llm.checkpoint import save
+    from llm.config import ModelConfig
+    from llm.model import Transformer
+    from llm.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["def f(x):\n    return x + 1\n# 日本語 中文 😀 🎉\n" * 30], 300)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.n_vocab, block_size=48, n_layer=1, n_head=2, n_embd=32))
+    return save(tmp_path_factory.mktemp("sample"), "ckpt", model, tok)
+
+
+def test_sample_cli_streams_unicode_and_same_seed_gives_same_text(ckpt):
+    args = ("sample.py", "--checkpoint", str(ckpt), "--prompt", "日本語 😀", "--max-new-tokens", "20", "--seed", "5",
+            "--threads", "1",
+            "--stream", "--top-k", "50", "--top-p", "0.95", "--min-p", "0.01", "--repetition-penalty", "1.2")
+    a, b = run(*args), run(*args)
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout and a.stdout.startswith("日本語 😀") and len(a.stdout) > len("日本語 😀\n")
+    assert "TTFT" in a.stderr and "tok/s" in a.stderr
+
+
+def test_sample_cli_batch_of_prompts_stops_and_beams(ckpt, tmp_path):
+    (tmp_path / "p.txt").write_text("def f(x):")
+    r = run("sample.py", "--checkpoint", str(ckpt), "--prompt", "", "--prompt", "中文", "--prompt-file",
+            str(tmp_path / "p.txt"), "--max-new-tokens", "12", "--temperature", "0", "--num-samples", "2",
+            "--stop", "\\n", "--quiet", "--threads", "1")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert len(r.stdout.splitlines()) >= 6  # 3 prompts x 2 samples, none holds the stop string
+    q = run("sample.py", "--checkpoint", str(ckpt), "--prompt", "def", "--max-new-tokens", "8", "--num-beams", "3",
+            "--num-samples", "2", "--threads", "1")
+    assert q.returncode == 0, q.stderr
+    assert "--- prompt 1, sample 2" in q.stdout and q.stdout.count("def") >= 2
+
+
+def test_context_overflow_names_both_numbers_unless_truncated(ckpt):
+    long = "return x + 1 " * 20
+    r = run("sample.py", "--checkpoint", str(ckpt), "--prompt", long, "--max-new-tokens", "30")
+    assert r.returncode == 2 and r.stderr.startswith("error: prompt (") and "max_new_tokens (30)" in r.stderr
+    assert "exceeds the context length 48" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    t = run("sample.py", "--checkpoint", str(ckpt), "--prompt", long, "--max-new-tokens", "30", "--truncate-prompt")
+    assert t.returncode == 0 and "note: prompt truncated to its last 18 tokens" in t.stderr, t.stderr
+
+
+def test_eval_cli_reports_loss_and_perplexity_as_json(ckpt, tmp_path):
+    import json
+    import math
+
+    (tmp_path / "doc.txt").write_text("def f(x):\n    return x + 1\n" * 20)
+    r = run("-m", "llm.eval", "--checkpoint", str(ckpt), "--dataset", str(tmp_path / "doc.txt"), "--stride", "16",
+            "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["stride"] == 16 and res["context"] == 48 and res["tokens"] > 100
+    assert res["perplexity"] == math.exp(res["loss"]) and res["loss"] > 0
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--min-p", "2"], "error: min_p must be in [0, 1], got 2.0"),
+    (["--num-beams", "2", "--top-k", "5"], "error: beam search is deterministic: --top-k do not apply"),
+    (["--max-new-tokens", "0"], "error: max_new_tokens must be >= 1, got 0"),
+    (["--stream", "--prompt", "a", "--prompt", "b"], "error: --stream prints one sequence"),
+    (["--prompt-file", "/nonexistent/p.txt"], "error: cannot read prompt file /nonexistent/p.txt"),
+], ids=["min-p", "beams-top-k", "max-new", "stream-batch", "prompt-file"])
+def test_bad_sample_flags_get_one_clear_line(args, msg):
+    r = run("sample.py", "--checkpoint", ".", *args)
+    assert r.returncode == 2 and r.stderr.startswith(msg), r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bad_eval_input_gets_one_clear_line(ckpt):
+    r = run("-m", "llm.eval", "--checkpoint", str(ckpt), "--dataset", "pystdlib", "--stride", "100")
+    assert r.returncode == 2 and r.stderr.strip() == "error: need 1 <= stride <= context, got stride 100 and context 48"
+
+
 def test_train_help_lists_flags_with_defaults():
     r = run("train.py", "--help")
     assert r.returncode == 0
