@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import signal
 import sys
 import threading
@@ -42,6 +43,7 @@ from llm.config import (
     preset,
 )
 from llm.data import DataError, Loader, fingerprint, load_manifest, prepare
+from llm.distributed import fmt_bytes
 from llm.metrics import MetricsLogger, Progress, device_name, fmt_duration, mfu, peak_flops, plot_losses
 from llm.model import Transformer
 from llm.tokenizer import Tokenizer, TokenizerError
@@ -146,7 +148,8 @@ def describe_config(*cfgs) -> str:
     """The resolved settings, one `section: key=value ...` line per config."""
     lines = []
     for name, cfg in zip(("model", "data", "train"), cfgs):
-        lines.append(f"{name}: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
+        lines.append(f"{name}: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()
+                                            if not (name == "model" and k == "vocab_size")))  # from the tokenizer
     return "\n".join(lines)
 
 
@@ -243,11 +246,12 @@ def train(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str | 
           callbacks: Sequence[Callable[[int, dict], bool | None]] = ()) -> dict:
     """Train; returns a summary dict. `callbacks(step, record)` run after every step; True stops the run."""
     check_configs(dcfg, tcfg)
+    if tcfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before CUDA starts
+        torch.use_deterministic_algorithms(True, warn_only=True)
     d = dd.setup(tcfg.device)
     device, W = d.device, d.world
     dtype = pick_dtype(tcfg.dtype, device)
-    if tcfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
     say = print if d.main else (lambda *a, **k: None)
     out = Path(tcfg.out_dir)
     src = state = None
@@ -370,6 +374,31 @@ def train(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str | 
         dd.barrier(d)
         return out / name
 
+    def one_step(step: int, lr: float) -> tuple[float, float, bool]:
+        """Accumulate A micro-batches, all-reduce, clip, and step unless non-finite: (loss, grad norm, bad)."""
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for m in range(A):
+            x, y = train_loader.batch((step * A + m) * W + d.rank, device)  # global micro-batch index
+            with dd.grad_sync(fwd, model, m == A - 1, d, tcfg.fsdp):
+                with autocast():
+                    _, loss = fwd(x, y)
+                scaler.scale(loss / A).backward()
+            loss_sum += loss.detach().float()
+        scaler.unscale_(optimizer)
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or math.inf)  # pre-clip norm
+        loss_val = dd.all_reduce(loss_sum, d).item() / (A * W)
+        gnorm_val = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+        bad = not math.isfinite(loss_val) or (not math.isfinite(gnorm_val) and not scaler.is_enabled())
+        if not bad:
+            scaler.step(optimizer)  # an fp16 overflow (inf grads, finite loss) is skipped by the scaler itself
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if not bad and math.isfinite(gnorm_val):
+            model.after_step()
+        return loss_val, gnorm_val, bad
+
     stop = _StopFlag()
     main_thread = threading.current_thread() is threading.main_thread()
     old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)} if main_thread else {}
@@ -384,36 +413,15 @@ def train(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str | 
             if dd.all_reduce(flag, d).item() > 0:
                 break
             lr = lr_at(step, tcfg)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
             try:
-                loss_sum = torch.zeros((), device=device)
-                for m in range(A):
-                    x, y = train_loader.batch((step * A + m) * W + d.rank, device)
-                    with dd.grad_sync(fwd, model, m == A - 1, d, tcfg.fsdp):
-                        with autocast():
-                            _, loss = fwd(x, y)
-                        scaler.scale(loss / A).backward()
-                    loss_sum += loss.detach().float()
-                scaler.unscale_(optimizer)
-                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or math.inf)
+                loss_val, gnorm_val, bad = one_step(step, lr)
             except (torch.OutOfMemoryError, RuntimeError) as e:
                 if step != start_step or not _is_oom(e):
                     raise
                 raise ConfigError(
                     f"out of memory in the first step with micro-batch {tcfg.batch_size} x {T} tokens (planner "
-                    f"estimate {plan.total_bytes / 2**30:.2f} GiB): use a smaller --batch-size with a larger "
-                    "--grad-accum, --global-batch-tokens N to let the planner choose, or --activation-checkpointing"
-                ) from None
-            loss_val = dd.all_reduce(loss_sum, d).item() / (A * W)
-            gnorm_val = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
-            bad = not math.isfinite(loss_val) or (not math.isfinite(gnorm_val) and not scaler.is_enabled())
-            if not bad:
-                scaler.step(optimizer)  # an fp16 overflow (inf grads, finite loss) is skipped by the scaler itself
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if not bad and math.isfinite(gnorm_val):
-                model.after_step()
+                    f"estimate {fmt_bytes(plan.total_bytes)}): use a smaller --batch-size with a larger --grad-accum, "
+                    "--global-batch-tokens N to let the planner choose, or --activation-checkpointing") from None
             step += 1
             streak = streak + 1 if bad else 0
             skipped += bad
@@ -488,7 +496,7 @@ def main(argv: list[str] | None = None, callbacks: Sequence[Callable[[int, dict]
         print(f"error: {tag}{e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"error: {tag}aborted by a second Ctrl-C; the last checkpoint is intact", file=sys.stderr)
+        print(f"error: {tag}interrupted (Ctrl-C); checkpoints already written are intact", file=sys.stderr)
         return 130
     finally:
         dd.cleanup()

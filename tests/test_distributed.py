@@ -1,8 +1,9 @@
 """torchrun data parallelism on CPU (gloo): 2 processes train exactly like 1 process with the same global batch.
 
-One torchrun launch (2 ranks) runs a DDP job that stops at step 3 (a final checkpoint) and an
-FSDP2 job of 6 steps; one process then resumes the DDP checkpoint with the world size remapped
-(2 ranks x 1 micro-batch -> 1 rank x 2 micro-batches) and must continue the reference exactly.
+One torchrun launch (2 ranks) runs a DDP job that stops at step 3 (a final checkpoint), and an
+FSDP2 job (with activation checkpointing) that stops at step 3 and resumes to step 6; one process
+then resumes the DDP checkpoint with the world size remapped (2 ranks x 1 micro-batch -> 1 rank
+x 2 micro-batches) and must continue the reference exactly.
 """
 
 import json
@@ -64,7 +65,8 @@ def runs(tmp_path_factory):
     assert main(tiny_args(tmp, "one")) == 0  # the 1-process reference: 2 micro-batches of 4 per step
     script = tmp / "job.py"
     script.write_text(SCRIPT)
-    jobs = [(tiny_args(tmp, "ddp"), 3), (tiny_args(tmp, "fsdp") + ["--fsdp"], -1)]
+    fsdp = tiny_args(tmp, "fsdp") + ["--fsdp", "--activation-checkpointing"]
+    jobs = [(tiny_args(tmp, "ddp"), 3), (fsdp, 3), (fsdp + ["--resume"], -1)]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         str(script), json.dumps([[list(map(str, a)), s] for a, s in jobs])],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=400)
@@ -78,7 +80,7 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(runs):
     assert sorted(ddp) == [1, 2, 3]
     assert all(ddp[s] == ref[s] for s in ddp), (ddp, ref)  # bitwise
     assert "2 rank(s) x 1 accumulation x 4 seqs" in stdout and "1 rank(s) x 2" not in stdout
-    assert stdout.count("plan: ") == 2  # rank 0 alone prints (one line per job)
+    assert stdout.count("plan: ") == 3  # rank 0 alone prints (one line per job)
     assert (tmp / "ddp" / "latest").read_text().strip() == "ckpt-0000003"
 
 
@@ -92,10 +94,10 @@ def test_resume_remaps_world_size_exactly(runs):
     assert all((a[k] - b[k]).abs().max() == 0 for k in a)
 
 
-def test_fsdp_two_processes_match_one_process(runs):
+def test_fsdp_two_processes_match_one_process_through_a_resume(runs):
     tmp, _ = runs
     ref, fsdp = losses(tmp / "one"), losses(tmp / "fsdp")
-    assert sorted(fsdp) == list(range(1, 7))
+    assert sorted(fsdp) == list(range(1, 7)) and "resumed from" in runs[1]
     # Sharded gradient norms sum in a different order than one process's; nothing else differs.
     assert all(abs(fsdp[s] - ref[s]) <= 1e-5 * abs(ref[s]) for s in fsdp), (fsdp, ref)
     model, _, _ = ck.load_model(tmp / "fsdp")  # a full (gathered) checkpoint, loadable by one process
