@@ -111,7 +111,7 @@ class Progress:
             self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, file=sys.stdout,
                             mininterval=1.0)
 
-    def update(self, rec: dict, eta_s: float) -> None:
+    def update(self, rec: dict, eta_s: float | None) -> None:
         """rec: step, loss, lr, grad_norm, tokens_per_s, mfu (None = unknown)."""
         if not self.enabled:
             return
@@ -123,7 +123,7 @@ class Progress:
         elif rec["step"] % self.every == 0 or rec["step"] == self.total:
             print(f"step {rec['step']:>{len(str(self.total))}}/{self.total} | loss {rec['loss']:.4f} | "
                   f"lr {rec['lr']:.2e} | grad norm {rec['grad_norm']:.3f} | {rec['tokens_per_s']:,.0f} tok/s | "
-                  f"MFU {mfu_s} | ETA {fmt_duration(eta_s)}", flush=True)
+                  f"MFU {mfu_s} | ETA {'?' if eta_s is None else fmt_duration(eta_s)}", flush=True)
 
     def write(self, line: str) -> None:
         if not self.enabled:

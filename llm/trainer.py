@@ -427,14 +427,15 @@ def train(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str | 
             skipped += bad
             now = time.perf_counter()
             dt, last = now - last, now
-            dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
+            if step > start_step + 1:  # the first step carries start-up and compilation
+                dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
             tok_s = tokens_per_step / dt
             rec = {"step": step, "loss": loss_val, "lr": lr, "grad_norm": gnorm_val, "tokens_per_s": tok_s,
                    "mfu": mfu(flops_per_token, tok_s, peak, W), "skipped": skipped, "tokens": step * tokens_per_step}
             rec.update(model.moe_stats())
             if step % tcfg.log_interval == 0 or step == tcfg.max_steps or bad:
                 logger.log(rec)
-            progress.update(rec, dt_avg * (tcfg.max_steps - step))
+            progress.update(rec, None if dt_avg is None else dt_avg * (tcfg.max_steps - step))
             if bad:
                 progress.write(f"step {step}: non-finite loss {loss_val} / grad norm {gnorm_val}: step skipped "
                                f"({streak} in a row, {skipped} in total)")
