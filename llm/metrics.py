@@ -99,6 +99,16 @@ def _step(line: str) -> int:
         return 1 << 62  # a torn last line from a killed run: drop it
 
 
+def moe_summary(rec: dict) -> str:
+    """' | moe (max over layers) name v ...' from the "moe/<layer>/<name>" entries of a record, or ''."""
+    worst: dict[str, float] = {}
+    for k, v in rec.items():
+        if k.startswith("moe/") and isinstance(v, (int, float)):
+            name = k.rsplit("/", 1)[-1]
+            worst[name] = max(worst.get(name, v), v)
+    return (" | moe (max over layers) " + " ".join(f"{k} {v:.3g}" for k, v in worst.items())) if worst else ""
+
+
 class Progress:
     """Console progress: a tqdm bar on a terminal, else one line every `every` steps; rank 0 only."""
 
@@ -116,14 +126,15 @@ class Progress:
         if not self.enabled:
             return
         mfu_s = f"{rec['mfu']:.1%}" if rec.get("mfu") is not None else "unknown"
+        moe = moe_summary(rec)
         if self.bar is not None:
             self.bar.set_postfix_str(f"loss {rec['loss']:.3f} lr {rec['lr']:.2e} gnorm {rec['grad_norm']:.2f} "
-                                     f"{rec['tokens_per_s']:,.0f} tok/s mfu {mfu_s}", refresh=False)
+                                     f"{rec['tokens_per_s']:,.0f} tok/s mfu {mfu_s}{moe}", refresh=False)
             self.bar.update(rec["step"] - self.bar.n)
         elif rec["step"] % self.every == 0 or rec["step"] == self.total:
             print(f"step {rec['step']:>{len(str(self.total))}}/{self.total} | loss {rec['loss']:.4f} | "
                   f"lr {rec['lr']:.2e} | grad norm {rec['grad_norm']:.3f} | {rec['tokens_per_s']:,.0f} tok/s | "
-                  f"MFU {mfu_s} | ETA {'?' if eta_s is None else fmt_duration(eta_s)}", flush=True)
+                  f"MFU {mfu_s} | ETA {'?' if eta_s is None else fmt_duration(eta_s)}{moe}", flush=True)
 
     def write(self, line: str) -> None:
         if not self.enabled:

@@ -178,7 +178,7 @@ def _patch_forward(monkeypatch, bad: set[int], snapshots: dict | None = None):
     monkeypatch.setattr(Transformer, "forward", forward)
 
 
-def test_nan_loss_skips_the_step_and_leaves_the_optimizer_untouched(tmp, monkeypatch):
+def test_nan_loss_skips_the_step_and_leaves_the_optimizer_untouched(tmp, monkeypatch, capsys):
     """Promise 8: a NaN step is skipped (weights and AdamW state unchanged), logged and counted."""
     snaps, after = {}, []
     _patch_forward(monkeypatch, {3}, snaps)
@@ -192,6 +192,9 @@ def test_nan_loss_skips_the_step_and_leaves_the_optimizer_untouched(tmp, monkeyp
     opt = ck.read_optimizer_state(ck.resolve(tmp / "nan"))
     assert float(opt["state"][0]["step"]) == 5  # 6 steps, 1 skipped
     assert len(after) == 5 and all(r["moe/0/max_load"] == 1.25 for r in recs)  # MoE hooks: after_step + stats
+    out = capsys.readouterr().out
+    assert "step 3: non-finite loss nan / grad norm nan: step skipped (1 in a row, 1 in total)" in out
+    assert "| moe (max over layers) max_load 1.25" in out
 
 
 def test_k_bad_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(tmp, monkeypatch, capsys):
