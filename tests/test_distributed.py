@@ -19,6 +19,7 @@ from llm import checkpoint as ck
 from llm.trainer import main
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # a torchrun launch of 2 processes
 
 
 @pytest.fixture(scope="module", autouse=True)

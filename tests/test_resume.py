@@ -85,6 +85,7 @@ def killed(tmp, straight):
     return tmp / "killed", r
 
 
+@pytest.mark.slow
 def test_sigkill_during_save_leaves_previous_checkpoint_loadable(killed):
     """Promise 1: SIGKILL mid-save -> `latest` still names the previous, complete checkpoint."""
     out, r = killed
@@ -128,6 +129,7 @@ def test_crash_at_any_point_of_a_save_keeps_latest_on_a_complete_checkpoint(tmp_
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_is_bit_exact(tmp, straight, killed):
     """Promise 5: N steps + kill + resume == 2N straight steps, bitwise (fp32, CPU, dropout on)."""
     out, _ = killed
@@ -161,6 +163,7 @@ def test_resume_with_changed_dataset_is_refused(tmp, straight, capsys):
     assert "error: --resume: the dataset differs from the checkpoint's" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_final_checkpoint_and_resume_continues(tmp, straight):
     """Promise 7: SIGTERM -> checkpoint at the current step, exit 0; --resume carries on from there."""
     out = tmp / "term"
