@@ -473,8 +473,9 @@ def train(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str | 
     if interrupted:
         say(f"interrupted at step {step}: saved {path}; continue with --resume")
     else:
-        msg = f"done: {step - start_step} steps in {fmt_duration(elapsed)}, val loss {val_loss:.4f} nats/token"
-        if manifest.get("unigram_entropy"):
+        msg = f"done: {step - start_step} steps in {fmt_duration(elapsed)}"
+        msg += f", val loss {val_loss:.4f} nats/token" if val_loss is not None else f" (already at step {step})"
+        if manifest.get("unigram_entropy") and val_loss is not None:
             msg += f" (unigram entropy of the corpus: {manifest['unigram_entropy']:.4f})"
         say(msg)
         best = ckpt_io.pointed(out, ckpt_io.BEST)
