@@ -316,7 +316,7 @@ def _blocks(rows: int, n_experts: int, x: Tensor) -> _Blocks:
     per_expert = rows / max(1, n_experts)
     m = 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64 if per_expert <= 128 else 128
     if not x.is_cuda:  # TRITON_INTERPRET=1: each program costs ~10 ms of Python; few, wide tiles
-        return _Blocks(m=min(m, 32), n_gate_up=128, n=128, k=64, p=64, q=64, r=32, warps=4, stages=1)
+        return _Blocks(m=min(m, 32), n_gate_up=128, n=128, k=64, p=128, q=128, r=32, warps=4, stages=1)
     wide, fp32 = m >= 64, x.dtype == torch.float32
     # Shared memory per pipeline stage stays under ~64 KB (fp32 halves the reduction chunk), so
     # three stages fit an A100 (164 KB) as well as an H100 (228 KB).
