@@ -109,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="micro-batch (default: the planner's pick)")
     p.add_argument("--block-size", type=int, default=None, help="sequence length (default: the preset's)")
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's choice)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     args.presets = args.presets or (["small", "1b"] if cuda else ["tiny"])
