@@ -32,7 +32,7 @@ from llm.sampling import SamplingError, SamplingParams, row_uniforms, sample, se
 __all__ = ["Completion", "Decoder", "SamplingError", "SamplingParams", "Stats", "TextStream", "complete",
            "fit_prompts", "generate", "prefill", "stream_text", "stream_tokens"]
 
-MODES = ("eager", "static", "graph")
+MODES = ("eager", "static", "compile", "graph")
 PLAIN = SamplingParams()  # temperature 1, nothing cut
 
 
@@ -95,9 +95,11 @@ def prefill(model: Transformer, cache: KVCache, prompts: list[list[int]], chunk:
 class Decoder:
     """The decode step of one batch, tokens (B,) -> next tokens (B,): forward + sampling, on the device.
 
-    mode "eager": plain calls. "static": the same step with the cache in static mode (fixed shapes,
-    no host sync), i.e. exactly what "graph" captures, runnable on any device. "graph": the static
-    step captured once in a CUDA graph and replayed, one launch sequence per token (CUDA only).
+    mode "eager": plain calls. The other modes run the step with the cache in static mode (fixed
+    shapes, no host state or sync inside the step; room checks and the host lengths are kept here):
+    "static" calls it as is (what the others compile or capture, runnable anywhere); "compile" runs
+    it through torch.compile (static shapes, compiled once per batch); "graph" captures it once in
+    a CUDA graph and replays it, one launch sequence per token (CUDA only).
     Uniform u[:, i] (B, n) feeds the i-th sampled token; `seen` (B, V) tracks the repetition penalty.
     """
 
@@ -108,10 +110,12 @@ class Decoder:
         if mode == "graph" and cache.lengths.device.type != "cuda":
             raise SamplingError("CUDA-graph decoding needs the model on a CUDA device")
         self.model, self.cache, self.params, self.u, self.seen, self.vocab = model, cache, params, uniforms, seen, vocab
-        self.mode, self.graph, self.out = mode, None, None
+        self.mode, self.graph, self.out, self.run = mode, None, None, self._step
         device = cache.lengths.device
         self.i = torch.zeros(1, dtype=torch.long, device=device)  # index of the next uniform
         self.tok = torch.zeros(cache.batch, dtype=torch.long, device=device)  # the graph's input buffer
+        if mode == "compile":
+            self.run = torch.compile(self._step, dynamic=False)
 
     def _sample(self, logits: Tensor) -> Tensor:
         u = None if self.u is None else self.u.index_select(1, self.i).squeeze(1)
@@ -126,22 +130,25 @@ class Decoder:
         self.cache.static = self.mode != "eager"
         return self._sample(logits)
 
-    def _step(self) -> Tensor:
-        logits, _ = self.model(self.tok[:, None], cache=self.cache)  # (B, 1, V)
+    def _step(self, tok: Tensor) -> Tensor:
+        logits, _ = self.model(tok[:, None], cache=self.cache)  # (B, 1, V)
         return self._sample(logits[:, -1])
 
     def step(self, tok: Tensor) -> Tensor:
         """Feed tok (B,) and return the next token of each row."""
-        if self.mode != "graph":
-            self.tok = tok
-            return self._step()
-        self.cache.check_room(1)
-        self.tok.copy_(tok)
-        if self.graph is None:
-            self._capture()
-        self.graph.replay()
-        self.cache.advance(1, on_device=False)  # the graph moved the device lengths
-        return self.out
+        if self.mode == "eager":
+            return self._step(tok)
+        self.cache.check_room(1, host=True)
+        if self.mode == "graph":
+            self.tok.copy_(tok)
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+            nxt = self.out
+        else:
+            nxt = self.run(tok)
+        self.cache.advance_host(1)  # the static step moved the device lengths only
+        return nxt
 
     def _capture(self) -> None:
         snap, i0 = self.cache.snapshot(), self.i.clone()
@@ -157,12 +164,12 @@ class Decoder:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up off the capture: Triton JIT, cuBLAS handles, allocator
             for _ in range(2):
-                self._step()
+                self._step(self.tok)
                 restore()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.out = self._step()
+            self.out = self._step(self.tok)
         restore()
 
 
@@ -433,6 +440,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, default=None, help="prefill at most this many tokens per pass")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                    help="on CUDA, replay each decode step as one captured CUDA graph")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (static shapes; seconds to minutes to compile once per "
+                        "batch and length, then the fastest CPU path)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weights and compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
@@ -486,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
             for t, i in zip(texts, ids):
                 if len(i) < len(tok.encode(t)):
                     print(f"note: prompt truncated to its last {len(i)} tokens to fit the context", file=sys.stderr)
-        mode = "graph" if device.type == "cuda" and args.cuda_graph else "eager"
+        mode = "compile" if args.compile else "graph" if device.type == "cuda" and args.cuda_graph else "eager"
         stats = Stats()
         kw = dict(params=params, stop=[_unescape(s) for s in args.stop], num_samples=args.num_samples,
                   truncate_prompt=args.truncate_prompt, seed=args.seed, prefill_chunk=args.prefill_chunk, stats=stats)

@@ -18,8 +18,9 @@ class KVCache:
 
     The host keeps a copy of the lengths (`host_lengths`), so checks and the common equal-length
     case (slice copies instead of scatters) need no device sync. `static=True` makes every call
-    shape-static and sync-free (attention over all S_max slots, masked by `lengths` on the device),
-    which is what a CUDA graph or torch.compile of a decode step needs.
+    shape-static and free of host state (attention over all S_max slots, masked by `lengths` on
+    the device; room checks and the host copy left to the step's driver), which is what a CUDA
+    graph or torch.compile of a decode step needs.
     """
 
     def __init__(self, n_layer: int, batch: int, max_len: int, n_kv_head: int, head_dim: int,
@@ -45,7 +46,14 @@ class KVCache:
         """(B, T) absolute positions of the next T tokens of each row."""
         return self.lengths[:, None] + torch.arange(T, device=self.lengths.device)[None, :]
 
-    def check_room(self, T: int) -> None:
+    def check_room(self, T: int, host: bool = False) -> None:
+        """Raise before T more tokens would be written past S_max (reads the host copy: no sync).
+
+        In static mode the model's own call is skipped (a compiled or captured step cannot read
+        host state); whoever drives the steps calls check_room(T, host=True) before each one.
+        """
+        if self.static and not host:
+            return
         end = max(self.host_lengths) + T
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions needed, the cache holds {self.max_len}")
@@ -69,15 +77,17 @@ class KVCache:
 
         Query t of row b sits at position lengths[b] + t and sees keys 0..that position (with a
         sliding window w, only the last w of them). Without a window this is `ops.decode_attention`
-        (the Triton decode kernel on CUDA, sync-free for a decode step, so it also serves static
-        mode there); static mode on the reference ops, and windowed ragged rows, use
-        `masked_attention`; windowed equal-length rows use `ops.attention` on the last w + T - 1 keys.
+        (the Triton decode kernel on CUDA, sync-free for a decode step, so it also serves a captured
+        static step there); static mode otherwise, and windowed ragged rows, use `masked_attention`;
+        windowed equal-length rows use `ops.attention` on the last w + T - 1 keys.
         """
         T = q.shape[1]
         L = self._uniform()
         k_all, v_all, lengths = self.update(layer, k, v, positions)
         if self.static:
-            if window is None and T == 1 and ops.use_triton(kernels, q):
+            # the Triton decode kernel is sync-free for a decode step, so a CUDA graph can capture it;
+            # under torch.compile the plain-torch mask below compiles into the step instead
+            if window is None and T == 1 and ops.use_triton(kernels, q) and not torch.compiler.is_compiling():
                 return ops.decode_attention(q, k_all, v_all, lengths, kernels=kernels)
             return masked_attention(q, k_all, v_all, lengths, window)
         if window is None:
@@ -89,10 +99,14 @@ class KVCache:
         S = max(self.host_lengths) + T
         return masked_attention(q, k_all[:, :S], v_all[:, :S], lengths, window)
 
-    def advance(self, T: int, on_device: bool = True) -> None:
-        """lengths += T. on_device=False moves only the host copy (a replayed CUDA graph moved the rest)."""
-        if on_device:
-            self.lengths += T
+    def advance(self, T: int) -> None:
+        """lengths += T on the device, and on the host copy unless static (then: `advance_host`)."""
+        self.lengths += T
+        if not self.static:
+            self.advance_host(T)
+
+    def advance_host(self, T: int) -> None:
+        """Move the host copy on after a static step (compiled or replayed) moved the device lengths."""
         self.host_lengths = [n + T for n in self.host_lengths]
 
     def set_lengths(self, lengths: list[int]) -> None:

@@ -277,3 +277,12 @@ def test_stats_count_tokens_and_time(model, tok):
     comps = complete(model, tok, ["a", "bc"], 12, params=SamplingParams(0.0), stats=stats)
     assert stats.rows == 2 and stats.new_tokens == sum(len(c.tokens) + (c.finish_reason == "eos") for c in comps)
     assert 0 < stats.ttft <= stats.total and "TTFT" in stats.line() and "tok/s" in stats.line()
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_equals_eager(model):
+    """torch.compile of the static step (seconds to compile): same ids as eager, ragged rows, every sampler stage."""
+    prompts = [[5, 6, 7, 8, 9], [1], [4, 4, 4]]
+    p = SamplingParams(0.9, top_k=20, top_p=0.9, min_p=0.01, repetition_penalty=1.3)
+    eager = list(stream_tokens(model, prompts, 12, p, seed=3, eos_ids=[7], vocab_limit=300))
+    assert list(stream_tokens(model, prompts, 12, p, seed=3, eos_ids=[7], vocab_limit=300, mode="compile")) == eager

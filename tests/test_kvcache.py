@@ -125,9 +125,18 @@ def test_static_mode_forward_equals_dynamic_mode():
         for static, cache in zip((False, True), caches):
             prefill(model, cache, prompts)
             cache.static = static
-            outs.append(torch.stack([model(toks[:, t:t + 1], cache=cache)[0][:, -1] for t in range(8)]))
+            steps = []
+            for t in range(8):
+                steps.append(model(toks[:, t:t + 1], cache=cache)[0][:, -1])
+                if static:  # a static step leaves the host copy to its driver
+                    assert cache.host_lengths == [6 + t, 2 + t]
+                    cache.advance_host(1)
+            outs.append(torch.stack(steps))
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
-    assert caches[1].lengths.tolist() == caches[1].host_lengths == [14, 10]
+    assert caches[1].lengths.tolist() == caches[1].host_lengths == caches[0].host_lengths == [14, 10]
+    caches[1].check_room(6)  # skipped in static mode; the driver's host check still refuses
+    with pytest.raises(ValueError, match="KV cache overflow: 21 positions needed, the cache holds 20"):
+        caches[1].check_room(7, host=True)
 
 
 def test_cache_refuses_to_write_past_its_end_before_compute():

@@ -1,0 +1,195 @@
+"""End-to-end decoding: time to first token and tokens/s, our sampler vs transformers generate().
+
+    python -m benchmarks.bench_decode [--presets tiny small] [--batch 1 16] [--prompt 128 2048]
+                                      [--new-tokens 64] [--repeats 3] [--threads N]
+
+Both sides get the same random weights: our model is built from the preset (context stretched to
+fit the longest prompt), and the equivalent transformers model is built from our config with the
+weights copied through llm.hf's name mapping (fused wqkv rows [q; k; v] split into q/k/v_proj, w1 =
+gate, w3 = up, w2 = down; rotate-half RoPE on both). Greedy decoding, no early stop, so both do the
+same work; `same` says whether the generated ids agree (fp32: they should; bf16 may drift).
+
+Providers: ours (eager on CPU, CUDA graph on CUDA), ours+compile (torch.compile'd decode step;
+its one-off compile time is reported apart), hf (generate(), default dynamic cache, SDPA).
+TTFT: call -> every row's first new token (prefill + one sample). tok/s: B * (N - 1) tokens after
+the first, per second of the rest of the call. On CUDA also the fraction of the bandwidth roofline:
+bytes a decode step must read (weights, minus the untouched embedding table, plus the KV cache at
+its mean length) times steps/s, over the measured copy bandwidth (benchmarks.common.measure_ceilings).
+Runs on CPU too (end-to-end benchmark); configurations whose prefill exceeds --max-prefill-tflop
+are skipped there (say so, and are counted in the output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from functools import partial
+from types import SimpleNamespace
+
+import torch
+
+from benchmarks.common import device_name, measure_ceilings, write_results
+from llm.config import ModelConfig, preset
+from llm.generate import Stats, stream_tokens
+from llm.model import Transformer
+from llm.sampling import SamplingParams
+
+
+def build(name: str, context: int, device: torch.device, dtype: torch.dtype) -> Transformer:
+    torch.manual_seed(0)
+    kw = preset(name)
+    kw["block_size"] = max(kw.get("block_size", 256), context)
+    return Transformer(ModelConfig(**kw, kernels="auto")).to(device, dtype).eval()
+
+
+def to_transformers(model: Transformer):
+    """The same network as a transformers model, weights copied (llm.hf's mapping)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llm.hf import _split, family_of, hf_config, weight_rules
+
+    cfg = model.cfg
+    family = family_of(cfg)
+    conf = hf_config(cfg, family, SimpleNamespace(bos_id=None, eot_id=None))
+    hf_cfg = AutoConfig.for_model(conf.pop("model_type"), **conf)
+    p = model.lm_head.weight
+    with torch.device(p.device):
+        hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=p.dtype, attn_implementation="sdpa")
+    sd = model.state_dict()
+    tensors = {n: t for r in weight_rules(cfg, family) for n, t in zip(r.hf, _split(r, sd[r.ours]), strict=True)}
+    missing, unexpected = hf.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"weight mapping incomplete: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    if cfg.tie_embeddings:
+        hf.tie_weights()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    return hf.eval()
+
+
+def run_ours(model: Transformer, prompt: torch.Tensor, n: int, mode: str) -> tuple[float, float, torch.Tensor]:
+    """(TTFT s, decode tok/s, new ids (B, n))."""
+    stats = Stats()
+    steps = list(stream_tokens(model, prompt.tolist(), n, SamplingParams(0.0), mode=mode, stats=stats))
+    return stats.ttft, stats.decode_tok_s or float("nan"), torch.tensor(steps).T
+
+
+def run_hf(hf, prompt: torch.Tensor, n: int) -> tuple[float, float, torch.Tensor]:
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Clock(LogitsProcessor):  # first call: the prefill's logits exist
+        first = None
+
+        def __call__(self, input_ids, scores):
+            if self.first is None:
+                if scores.is_cuda:
+                    torch.cuda.synchronize()
+                self.first = time.perf_counter()
+            return scores
+
+    clock = Clock()
+    B = prompt.shape[0]
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, logits_processor=LogitsProcessorList([clock]))
+    t1 = time.perf_counter()
+    return clock.first - t0, B * (n - 1) / (t1 - clock.first), out[:, prompt.shape[1]:].cpu()
+
+
+def step_bytes(model: Transformer, B: int, kv_len: float) -> float:
+    """Bytes one decode step reads: every weight but the embedding table (B rows), plus K and V."""
+    c, elt = model.cfg, model.lm_head.weight.element_size()
+    w = sum(p.numel() for p in model.parameters()) * elt
+    if not c.tie_embeddings:
+        w -= model.tok_emb.weight.numel() * elt
+    return w + B * kv_len * c.n_layer * 2 * c.n_kv_head * c.head_dim * elt
+
+
+def bench_case(model: Transformer, hf, prompt: torch.Tensor, n: int, providers: list[str], repeats: int,
+               bw: float | None) -> list[dict]:
+    """One row per provider: median TTFT and tok/s over `repeats` interleaved runs after a warm-up."""
+    cuda = prompt.is_cuda
+    runs = {"ours": partial(run_ours, model, prompt, n, "graph" if cuda else "eager"),
+            "ours+compile": partial(run_ours, model, prompt, n, "compile"),
+            "hf": partial(run_hf, hf, prompt, n)}
+    runs = {k: v for k, v in runs.items() if k in providers}
+    first = {}
+    for k, fn in runs.items():  # warm-up; the compile happens here
+        t = time.perf_counter()
+        first[k] = (fn(), time.perf_counter() - t)
+    res: dict[str, list] = {k: [] for k in runs}
+    for _ in range(repeats):  # interleaved, so load changes hit every provider alike
+        for k, fn in runs.items():
+            res[k].append(fn())
+    ref = first["hf" if "hf" in first else next(iter(first))][0][2]
+    base = statistics.median(r[1] for r in res["hf"]) if "hf" in res else None
+    B, P = prompt.shape
+    rows = []
+    for k, rs in res.items():
+        tps = statistics.median(r[1] for r in rs)
+        row = dict(provider=k, ttft_ms=1e3 * statistics.median(r[0] for r in rs), tok_s=tps,
+                   vs_hf=tps / base if base else None, same=bool(torch.equal(first[k][0][2].cpu(), ref.cpu())),
+                   compile_s=first[k][1] if k == "ours+compile" else None)
+        if bw:
+            row["roofline"] = step_bytes(model, B, P + n / 2) * tps / B / (bw * 1e12)
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--presets", nargs="+", default=["tiny", "small", "1b"] if cuda else ["tiny", "small"])
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 16])
+    p.add_argument("--prompt", nargs="+", type=int, default=[128, 2048])
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per provider (after one warm-up), median")
+    p.add_argument("--providers", nargs="+", default=["ours", "ours+compile", "hf"])
+    p.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=("float32", "bfloat16"))
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--max-prefill-tflop", type=float, default=float("inf") if cuda else 2.0,
+                   help="skip configurations whose prefill needs more (2 * params * batch * prompt)")
+    p.add_argument("--name", default="bench_decode", help="result file name under benchmarks/results/<device>/")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = getattr(torch, args.dtype)
+    bw = measure_ceilings()[1] if cuda else None  # TB/s, bytes read + written
+    N = args.new_tokens
+    where = f"{device_name()} ({'CUDA' if cuda else f'CPU, {torch.get_num_threads()} threads'}), {args.dtype}"
+    print(f"decode benchmark on {where}; {N} new tokens, greedy, median of {args.repeats}"
+          + (f"; measured copy bandwidth {bw:.2f} TB/s" if bw else ""), flush=True)
+    rows, skipped = [], 0
+    for name in args.presets:
+        model = build(name, max(args.prompt) + N, device, dtype)
+        hf = to_transformers(model) if "hf" in args.providers else None
+        n_params = model.num_params()
+        for B in args.batch:
+            for P in args.prompt:
+                if 2 * n_params * B * P / 1e12 > args.max_prefill_tflop:
+                    print(f"skip {name} batch {B} prompt {P}: prefill > {args.max_prefill_tflop} TFLOP "
+                          "(--max-prefill-tflop)", flush=True)
+                    skipped += 1
+                    continue
+                torch.manual_seed(1)
+                prompt = torch.randint(0, model.cfg.vocab_size, (B, P), device=device)
+                for row in bench_case(model, hf, prompt, N, args.providers, args.repeats, bw):
+                    rows.append(dict(case=f"{name} b{B}", preset=name, batch=B, prompt=P) | row)
+                    print(f"{name:6s} b{B:<3d} p{P:<5d} {row['provider']:13s} TTFT {row['ttft_ms']:9.1f} ms  "
+                          f"{row['tok_s']:9.1f} tok/s" + (f"  x{row['vs_hf']:.2f} vs hf" if row["vs_hf"] else "")
+                          + f"  same={row['same']}" + (f"  {100 * row['roofline']:.0f}% of roofline" if bw else ""),
+                          flush=True)
+        del model, hf
+    if rows:
+        write_results(args.name, rows, x="prompt", y="tok_s", panels="case",
+                      title=f"decode tok/s, {where}" + (f", {skipped} config(s) skipped" if skipped else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
