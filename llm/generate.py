@@ -34,6 +34,9 @@ __all__ = ["Completion", "Decoder", "SamplingError", "SamplingParams", "Stats", 
 
 MODES = ("eager", "static", "compile", "graph")
 PLAIN = SamplingParams()  # temperature 1, nothing cut
+# Prefill chunk off CUDA: the reference attention masks densely, so chunks skip most of the masked
+# half of a long prompt's scores (2k prompt, tiny preset, 1 CPU thread: 308 -> 226 ms at batch 1).
+CPU_CHUNK = 512
 
 
 def fit_prompts(prompts: list[list[int]], max_new_tokens: int, block_size: int,
@@ -70,14 +73,17 @@ def prefill(model: Transformer, cache: KVCache, prompts: list[list[int]], chunk:
 
     Ragged prompts are right-padded to T = max length; a row's real tokens never see its padding
     (causal), and `cache.set_lengths` drops the padding's entries afterwards. chunk: tokens per
-    forward pass (None: the whole prompt in one pass); every chunking gives the same logits.
+    forward pass, 0 for the whole prompt in one pass, None for CPU_CHUNK tokens off CUDA and one
+    pass on CUDA; every chunking gives the same logits.
     """
     if any(cache.host_lengths):
         raise ValueError("prefill needs an empty cache")
-    if chunk is not None and chunk < 1:
-        raise SamplingError(f"prefill chunk must be >= 1, got {chunk}")
+    if chunk is not None and chunk < 0:
+        raise SamplingError(f"prefill chunk must be >= 0 (0 = one pass), got {chunk}")
     lens = [len(p) for p in prompts]
     B, T, device = len(prompts), max(lens), cache.lengths.device
+    if chunk is None:
+        chunk = 0 if device.type == "cuda" else CPU_CHUNK
     ids = torch.zeros(B, T, dtype=torch.long)
     for b, p in enumerate(prompts):
         ids[b, : lens[b]] = torch.tensor(p, dtype=torch.long)
@@ -332,9 +338,13 @@ class Completion:
 
 def encode_prompts(tok, prompts: str | Sequence[str], max_new_tokens: int, block_size: int,
                    truncate: bool = False) -> list[list[int]]:
-    """Ids of each text prompt: special-token strings are plain text; an empty prompt is [end-of-text]."""
+    """Ids of each text prompt, as the tokenizer's model expects them (a BOS first if it adds one).
+
+    Special-token strings are plain text; an empty prompt is [BOS] (= end-of-text for our tokenizers).
+    """
     texts = [prompts] if isinstance(prompts, str) else list(prompts)
-    return fit_prompts([tok.encode(t) or [tok.eot_id] for t in texts], max_new_tokens, block_size, truncate)
+    ids = [tok.encode(t, bos=tok.add_bos) or [tok.bos_id] for t in texts]
+    return fit_prompts(ids, max_new_tokens, block_size, truncate)
 
 
 def stream_text(model: Transformer, tok, prompts: str | Sequence[str], max_new_tokens: int = 200, *,
@@ -437,7 +447,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="print the text as it is generated (one row)")
     p.add_argument("--truncate-prompt", action="store_true",
                    help="keep only the last prompt tokens that fit the context instead of refusing")
-    p.add_argument("--prefill-chunk", type=int, default=None, help="prefill at most this many tokens per pass")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help=f"prompt tokens per prefill pass; 0 = one pass (default: one pass on CUDA, {CPU_CHUNK} on CPU)")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                    help="on CUDA, replay each decode step as one captured CUDA graph")
     p.add_argument("--compile", action="store_true",
@@ -494,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         ids = encode_prompts(tok, texts, args.max_new_tokens, model.cfg.block_size, args.truncate_prompt)
         if not args.quiet:
             for t, i in zip(texts, ids):
-                if len(i) < len(tok.encode(t)):
+                if len(i) < len(tok.encode(t, bos=tok.add_bos)):
                     print(f"note: prompt truncated to its last {len(i)} tokens to fit the context", file=sys.stderr)
         mode = "compile" if args.compile else "graph" if device.type == "cuda" and args.cuda_graph else "eager"
         stats = Stats()

@@ -76,10 +76,10 @@ class KVCache:
         """Store the new k, v (B, T, Hkv, D) and attend q (B, T, H, D) over each row's cache -> (B, T, H, D).
 
         Query t of row b sits at position lengths[b] + t and sees keys 0..that position (with a
-        sliding window w, only the last w of them). Without a window this is `ops.decode_attention`
-        (the Triton decode kernel on CUDA, sync-free for a decode step, so it also serves a captured
-        static step there); static mode otherwise, and windowed ragged rows, use `masked_attention`;
-        windowed equal-length rows use `ops.attention` on the last w + T - 1 keys.
+        sliding window w, only the last w of them). Rows all at one length: `ops.attention` on the
+        valid keys (prefills; windowed steps); a decode step or ragged rows: `ops.decode_attention`
+        (the Triton decode kernel on CUDA, sync-free, so it also serves a captured static step);
+        static mode otherwise, and windowed ragged rows: `masked_attention`.
         """
         T = q.shape[1]
         L = self._uniform()
@@ -90,12 +90,14 @@ class KVCache:
             if window is None and T == 1 and ops.use_triton(kernels, q) and not torch.compiler.is_compiling():
                 return ops.decode_attention(q, k_all, v_all, lengths, kernels=kernels)
             return masked_attention(q, k_all, v_all, lengths, window)
-        if window is None:
-            return ops.decode_attention(q, k_all, v_all, lengths, kernels=kernels)
-        if L is not None:  # bottom-right causal alignment of attention() is exactly this mask
-            s0 = max(0, L - window + 1)
+        if L is not None and (T > 1 or window is not None):
+            # every row at length L: attention()'s bottom-right causal alignment is exactly this mask,
+            # over the last w + T - 1 keys with a window (a prefill: one (T, S) mask, not one per row)
+            s0 = 0 if window is None else max(0, L - window + 1)
             return ops.attention(q, k_all[:, s0:L + T], v_all[:, s0:L + T], causal=True, window=window,
                                  kernels=kernels)
+        if window is None:
+            return ops.decode_attention(q, k_all, v_all, lengths, kernels=kernels)
         S = max(self.host_lengths) + T
         return masked_attention(q, k_all[:, :S], v_all[:, :S], lengths, window)
 

@@ -80,7 +80,7 @@ def test_same_seed_same_text(model, tok):
 @pytest.mark.parametrize("kw,msg", [
     (dict(top_p=1.01), "top_p must be in (0, 1], got 1.01"),
     (dict(min_p=-1.0), "min_p must be in [0, 1], got -1.0"),
-    (dict(prefill_chunk=0), "prefill chunk must be >= 1, got 0"),
+    (dict(prefill_chunk=-1), "prefill chunk must be >= 0 (0 = one pass), got -1"),
     (dict(max_new_tokens=0), "max_new_tokens must be >= 1, got 0"),
     (dict(num_beams=2, num_return=3), "beam search returns 1 to num_beams (2) sequences per prompt, asked for 3"),
 ], ids=["top-p", "min-p", "chunk", "max-new", "beams"])

@@ -67,7 +67,7 @@ def test_chunked_prefill_equals_one_prefill(chunk, variant):
     model = build(**VARIANTS[variant])
     prompts = [torch.randint(0, 97, (n,)).tolist() for n in (33, 5, 20)]
     one, many = model.new_cache(3, 40), model.new_cache(3, 40)
-    a = prefill(model, one, prompts)
+    a = prefill(model, one, prompts, chunk=0)
     b = prefill(model, many, prompts, chunk=chunk)
     torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
     assert one.host_lengths == many.host_lengths == [33, 5, 20] and one.lengths.tolist() == [33, 5, 20]
@@ -75,6 +75,16 @@ def test_chunked_prefill_equals_one_prefill(chunk, variant):
         for layer in range(2):
             torch.testing.assert_close(many.k[layer][r, :n], one.k[layer][r, :n], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(many.v[layer][r, :n], one.v[layer][r, :n], atol=1e-5, rtol=1e-5)
+
+
+def test_default_cpu_chunking_of_a_long_prompt_equals_one_pass():
+    model = build(block_size=640)
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (600, 530)]
+    one, auto = model.new_cache(2, 620), model.new_cache(2, 620)
+    torch.testing.assert_close(prefill(model, auto, prompts), prefill(model, one, prompts, chunk=0),
+                               atol=1e-5, rtol=1e-5)
+    for layer in range(2):
+        torch.testing.assert_close(auto.k[layer][0, :600], one.k[layer][0, :600], atol=1e-5, rtol=1e-5)
 
 
 def test_ragged_prefill_and_decode_equal_each_row_alone():
