@@ -56,14 +56,21 @@ def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
     return out
 
 
-@torch.no_grad()
-def evaluate(model, ids: list[int], context: int | None = None, stride: int | None = None,
-             batch_size: int = 1, n_bytes: int | None = None, progress: bool = False) -> EvalResult:
-    """Loss and perplexity of `model` on the token stream `ids` (see the module docstring)."""
+def check_windows(model, context: int | None, stride: int | None) -> tuple[int, int]:
+    """(context, stride) with their defaults, or EvalError: before any data is read."""
     context = context or model.cfg.block_size
     if context > model.cfg.block_size:
         raise EvalError(f"context {context} exceeds the model's context length {model.cfg.block_size}")
     stride = stride or context
+    windows(2, context, stride)  # checks 1 <= stride <= context
+    return context, stride
+
+
+@torch.no_grad()
+def evaluate(model, ids: list[int], context: int | None = None, stride: int | None = None,
+             batch_size: int = 1, n_bytes: int | None = None, progress: bool = False) -> EvalResult:
+    """Loss and perplexity of `model` on the token stream `ids` (see the module docstring)."""
+    context, stride = check_windows(model, context, stride)
     if len(ids) < 2:
         raise EvalError(f"the dataset has {len(ids)} token(s); at least 2 are needed to score one")
     if batch_size < 1:
@@ -141,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         dtype = pick_dtype(args.dtype, device)
         overrides = {"kernels": args.kernels} if args.kernels else {}
         model, tok, _ = load_model(args.checkpoint, device, dtype, **overrides)
+        check_windows(model, args.context, args.stride)
         ids, n_bytes = dataset_stream(args.dataset, tok, args.max_tokens)
         res = evaluate(model, ids, args.context, args.stride, args.batch_size, n_bytes,
                        progress=not args.json and sys.stderr.isatty())
