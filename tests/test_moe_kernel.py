@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import DEVICE, assert_close, assert_fa_rule, requires_cuda
 
-from kernels.reference import moe_experts_ref
+from kernels.reference import moe_experts_ref, swiglu_ref
 
 
 def make(N: int, E: int, k: int, d: int = 40, Fh: int = 72, dtype=torch.float32, seed: int = 0):
@@ -161,12 +161,18 @@ def test_autocast_runs_in_the_autocast_dtype_and_grads_reach_fp32_weights():
 
 
 def lowp_loop(x, wg, wu, wd, idx, w):
-    """The loop with low-precision matmuls and intermediates (the FlashAttention rule's baseline)."""
+    """The loop composed of the reference ops in low precision (the FlashAttention rule's baseline).
+
+    Matmuls in x's dtype; the activation is the project's SwiGLU reference (fp32 math, one rounding),
+    as the dense model computes it. Rounding silu(g) to low precision on its own before the product
+    (F.silu(g) * u) is a different rounding scheme whose error sometimes cancels the others by chance,
+    so against it the max-error ratio of a 66-value gradient swings past 2x on some seeds.
+    """
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in range(wg.shape[0]):
         rows, slot = (idx == e).nonzero(as_tuple=True)
         xe = x[rows]
-        h = F.silu(xe @ wg[e].t()) * (xe @ wu[e].t())
+        h = swiglu_ref(xe @ wg[e].t(), xe @ wu[e].t())
         out.index_add_(0, rows, (h @ wd[e].t()).float() * w[rows, slot].float()[:, None])
     return out.to(x.dtype)
 
@@ -178,7 +184,7 @@ def test_fp16_within_fa_rule(N, E, k):
     lp = make(N, E, k, dtype=torch.float16)
     hp = [t.detach().float().requires_grad_() if t.is_floating_point() else t for t in lp]
     hp[5] = lp[5]  # the routing weights stay fp32 in every run
-    dy = torch.randn(N, 40, device=DEVICE)
+    dy = torch.randn(N, 40, generator=torch.Generator().manual_seed(1)).to(DEVICE)  # not the global RNG: order-free
     got = out_and_grads(moe_experts, lp, dy.half())
     base = out_and_grads(lowp_loop, lp, dy.half())
     ref = out_and_grads(moe_experts_ref, hp, dy)
@@ -195,7 +201,7 @@ def test_bf16_cuda_within_fa_rule(N, E, k, d, Fh):
     lp = make(N, E, k, d, Fh, dtype=torch.bfloat16)
     hp = [t.detach().float().requires_grad_() if t.is_floating_point() else t for t in lp]
     hp[5] = lp[5]
-    dy = torch.randn(N, d, device=DEVICE)
+    dy = torch.randn(N, d, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     got = out_and_grads(moe_experts, lp, dy.bfloat16())
     base = out_and_grads(lowp_loop, lp, dy.bfloat16())
     ref = out_and_grads(moe_experts_ref, hp, dy)
