@@ -225,14 +225,21 @@ def _base_type(tp):
     return tp, False
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: str) -> None:
-    """One flag per field of `cls`; defaults are SUPPRESSed so only explicit flags override."""
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: str, base: dict | None = None,
+                       base_name: str = "") -> None:
+    """One flag per field of `cls`; defaults are SUPPRESSed so only explicit flags override.
+
+    base: values that replace the field defaults when no flag is given (a preset); --help shows
+    them as the default, naming `base_name`.
+    """
     group = parser.add_argument_group(title)
     hints = typing.get_type_hints(cls)
+    base = base or {}
     for f in fields(cls):
         tp, optional = _base_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
-        help_ = f"{f.metadata.get('help', '')} (default: {f.default})"
+        shown = f"{base[f.name]}, from {base_name}" if f.name in base else f.default
+        help_ = f"{f.metadata.get('help', '')} (default: {shown})"
         kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help_)
         if not f.metadata.get("flag", True):
             continue

@@ -31,6 +31,7 @@ from llm import checkpoint as ckpt_io
 from llm import distributed as dd
 from llm.checkpoint import CheckpointError
 from llm.config import (
+    PRESETS,
     ConfigError,
     DataConfig,
     ModelConfig,
@@ -68,13 +69,14 @@ def parser() -> argparse.ArgumentParser:
         prog="train.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Pretrain a decoder-only Transformer. Precedence: defaults < --preset < (the checkpoint's "
                     "settings with --resume) < --config < flags. Under torchrun it trains data-parallel.")
-    p.add_argument("--preset", help="named model preset: tiny (default), small, 1b, gpt2")
+    # "%(default).0s" prints nothing; it only stops the formatter appending "(default: None)".
+    p.add_argument("--preset", help=f"named model preset: {', '.join(PRESETS)} (default: tiny)%(default).0s")
     p.add_argument("--config", help="TOML file of settings (keys are flag names with underscores; optional "
                                     "[model] [data] [train] sections)")
     p.add_argument("--resume", nargs="?", const="", default=None,
                    help="continue from the latest checkpoint in --out-dir, or from the given checkpoint dir; its "
                         "settings are the defaults, flags override them")
-    add_dataclass_args(p, ModelConfig, "model")
+    add_dataclass_args(p, ModelConfig, "model", base=preset("tiny"), base_name="--preset tiny")
     add_dataclass_args(p, DataConfig, "data")
     add_dataclass_args(p, TrainConfig, "training")
     return p

@@ -35,3 +35,19 @@ def test_derived_fields():
     assert cfg.head_dim == 32 and cfg.n_kv_head == 8 and cfg.intermediate_size == 704
     assert ModelConfig(mlp="gelu", n_embd=64, n_head=2).intermediate_size == 256
     assert ModelConfig(vocab_size=2049).padded_vocab_size == 2112
+
+
+def test_train_help_shows_the_defaults_that_actually_apply():
+    # With no --preset the tiny preset's values are used, so --help must show those, not the bare
+    # dataclass defaults; and it must name every preset.
+    from llm.config import PRESETS, preset
+    from llm.trainer import parser
+
+    text = " ".join(parser().format_help().split())
+    tiny = preset("tiny")
+    assert f"--block-size INT context length in tokens (default: {tiny['block_size']}, from --preset tiny)" in text
+    assert f"(default: {tiny['n_embd']}, from --preset tiny)" in text
+    preset_help = text.split("--preset PRESET named", 1)[1].split("--config", 1)[0]
+    for name in PRESETS:
+        assert name in preset_help, name
+    assert "(default: tiny)" in preset_help and "(default: None)" not in preset_help

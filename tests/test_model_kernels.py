@@ -6,11 +6,11 @@ the FlashAttention-style bound (error of the triton path vs fp32 <= 2x the error
 
 import pytest
 import torch
+from conftest import DEVICE, assert_fa_rule, requires_cuda
 
 from llm.config import ModelConfig
 from llm.generate import generate
 from llm.model import Transformer
-from conftest import DEVICE, assert_fa_rule, requires_cuda
 
 
 def build(kernels: str, dtype=torch.float32, **kw) -> Transformer:
