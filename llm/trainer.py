@@ -305,8 +305,9 @@ def train(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str | 
             raise ConfigError(f"--resume: the dataset differs from the checkpoint's ({state['data'].get('path')}); "
                               "resume with the same --dataset, or start a new run")
         if state.get("world", 1) != W:
+            extra = "; ranks beyond the saved ones get fresh RNG streams" if W > state.get("world", 1) else ""
             say(f"resume: remapped from {state.get('world', 1)} to {W} rank(s) with grad_accum {was['grad_accum']} -> "
-                f"{A}: same global batch and data order; ranks beyond the saved ones get fresh RNG streams")
+                f"{A}: same global batch and data order{extra}")
 
     if src is not None:
         tensors, _ = ckpt_io.read_tensors(src / ckpt_io.MODEL_FILE, device=str(device))
