@@ -50,6 +50,7 @@ from llm.model import Transformer
 from llm.tokenizer import Tokenizer, TokenizerError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError)
+DEFAULT_PRESET = "tiny"  # the model trained when no --preset is given
 
 
 class TrainingDiverged(RuntimeError):
@@ -70,13 +71,15 @@ def parser() -> argparse.ArgumentParser:
         description="Pretrain a decoder-only Transformer. Precedence: defaults < --preset < (the checkpoint's "
                     "settings with --resume) < --config < flags. Under torchrun it trains data-parallel.")
     # "%(default).0s" prints nothing; it only stops the formatter appending "(default: None)".
-    p.add_argument("--preset", help=f"named model preset: {', '.join(PRESETS)} (default: tiny)%(default).0s")
+    p.add_argument("--preset",
+                   help=f"named model preset: {', '.join(PRESETS)} (default: {DEFAULT_PRESET})%(default).0s")
     p.add_argument("--config", help="TOML file of settings (keys are flag names with underscores; optional "
                                     "[model] [data] [train] sections)")
     p.add_argument("--resume", nargs="?", const="", default=None,
                    help="continue from the latest checkpoint in --out-dir, or from the given checkpoint dir; its "
                         "settings are the defaults, flags override them")
-    add_dataclass_args(p, ModelConfig, "model", base=preset("tiny"), base_name="--preset tiny")
+    add_dataclass_args(p, ModelConfig, "model", base=preset(DEFAULT_PRESET),
+                       base_name=f"--preset {DEFAULT_PRESET}")
     add_dataclass_args(p, DataConfig, "data")
     add_dataclass_args(p, TrainConfig, "training")
     return p
@@ -100,7 +103,7 @@ def _check_types(values: dict, source: str) -> None:
 def resolve_configs(argv: list[str] | None) -> tuple[ModelConfig, DataConfig, TrainConfig, argparse.Namespace]:
     """(model, data, train configs, args); args.explicit holds the keys set by --config or flags."""
     args = parser().parse_args(argv)
-    base: dict = preset(args.preset or "tiny")  # model fields only
+    base: dict = preset(args.preset or DEFAULT_PRESET)  # model fields only
     values: dict = {}
     if args.config:
         file_vals = load_toml(args.config)
@@ -295,18 +298,18 @@ def train(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str | 
         diff = sorted(k for k, v in asdict(mcfg).items() if k not in runtime and was_model.get(k) != v)
         if diff:
             raise ConfigError(f"--resume: the model config differs from the checkpoint's ({src}): {', '.join(diff)}")
-        was = state["train"]
-        if was["batch_size"] != tcfg.batch_size or was["grad_accum"] * state.get("world", 1) != A * W:
+        was, was_world = state["train"], state.get("world", 1)
+        if was["batch_size"] != tcfg.batch_size or was["grad_accum"] * was_world != A * W:
             raise ConfigError(
                 f"--resume: the batch changed (checkpoint: micro-batch {was['batch_size']} x {was['grad_accum']} "
-                f"accumulation x {state.get('world', 1)} rank(s); now {tcfg.batch_size} x {A} x {W}); the data order "
+                f"accumulation x {was_world} rank(s); now {tcfg.batch_size} x {A} x {W}); the data order "
                 "would not continue exactly: keep the micro-batch and accumulation x world size, or start a new run")
         if state.get("data", {}).get("fingerprint") not in (None, data_id):
             raise ConfigError(f"--resume: the dataset differs from the checkpoint's ({state['data'].get('path')}); "
                               "resume with the same --dataset, or start a new run")
-        if state.get("world", 1) != W:
-            extra = "; ranks beyond the saved ones get fresh RNG streams" if W > state.get("world", 1) else ""
-            say(f"resume: remapped from {state.get('world', 1)} to {W} rank(s) with grad_accum {was['grad_accum']} -> "
+        if was_world != W:
+            extra = "; ranks beyond the saved ones get fresh RNG streams" if W > was_world else ""
+            say(f"resume: remapped from {was_world} to {W} rank(s) with grad_accum {was['grad_accum']} -> "
                 f"{A}: same global batch and data order{extra}")
 
     if src is not None:
