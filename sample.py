@@ -2,7 +2,7 @@
 
 import sys
 
-from llm.generate import main
+from llm.generate.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

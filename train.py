@@ -2,7 +2,7 @@
 
 import sys
 
-from llm.trainer import main
+from llm.train.trainer import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -33,8 +33,8 @@ import torch
 from benchmarks.common import device_name, measure_ceilings, write_results
 from llm.config import ModelConfig, preset
 from llm.generate import Stats, stream_tokens
+from llm.generate.sampling import SamplingParams
 from llm.model import Transformer
-from llm.sampling import SamplingParams
 
 
 def build(name: str, context: int, device: torch.device, dtype: torch.dtype) -> Transformer:
@@ -45,10 +45,11 @@ def build(name: str, context: int, device: torch.device, dtype: torch.dtype) -> 
 
 
 def to_transformers(model: Transformer):
-    """The same network as a transformers model, weights copied (llm.hf's mapping)."""
+    """The same network as a transformers model, weights copied (llm.interop.hf mapping)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from llm.hf import _split, family_of, hf_config, weight_rules
+    from llm.interop.hf import family_of, split_tensor, weight_rules
+    from llm.interop.hf_export import hf_config
 
     cfg = model.cfg
     family = family_of(cfg)
@@ -58,7 +59,7 @@ def to_transformers(model: Transformer):
     with torch.device(p.device):
         hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=p.dtype, attn_implementation="sdpa")
     sd = model.state_dict()
-    tensors = {n: t for r in weight_rules(cfg, family) for n, t in zip(r.hf, _split(r, sd[r.ours]), strict=True)}
+    tensors = {n: t for r in weight_rules(cfg, family) for n, t in zip(r.hf, split_tensor(r, sd[r.ours]), strict=True)}
     missing, unexpected = hf.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rep", type=int, default=200, help="do_bench repetition budget (ms)")
     args = ap.parse_args(argv)
 
-    from kernels.reference import rope_tables
+    from llm.layers import rope_tables
 
     raise_recompile_limit()
     _, copy_tbs = measure_ceilings()

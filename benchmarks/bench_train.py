@@ -29,10 +29,10 @@ import time
 import torch
 
 from benchmarks.common import write_results
-from llm import distributed as dd
 from llm.config import ModelConfig, preset
-from llm.metrics import device_name, peak_flops
 from llm.model import Transformer
+from llm.train import distributed as dd
+from llm.train.metrics import device_name, peak_flops
 
 PROVIDERS = ("triton", "triton+compile", "torch", "torch+compile")
 

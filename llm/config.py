@@ -12,7 +12,7 @@ import dataclasses
 import sys
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 if sys.version_info >= (3, 11):
@@ -51,10 +51,10 @@ class ModelConfig:
     rope_scaling: dict | None = _f(None, "RoPE frequency scaling (llama3 style dict); from HF configs")
     norm_eps: float = _f(1e-5, "epsilon of the norms")
     window: int | None = _f(None, "sliding-window attention width (None = full causal)")
-    dropout: float = _f(0.0, "dropout on attention output and MLP output")
+    dropout: float = _f(0.0, "dropout on attention output and MLP output", runtime=True)
     pad_vocab_multiple: int = _f(64, "round vocab_size up to a multiple of this (faster matmuls)")
     kernels: str = _f("auto", "op implementation: triton (CUDA or TRITON_INTERPRET=1), torch, or auto",
-                      choices=("auto", "triton", "torch"))
+                      choices=("auto", "triton", "torch"), runtime=True)
     # Mixture of Experts (n_experts = 0 means dense).
     n_experts: int = _f(0, "routed experts per MoE layer (0 = dense model)")
     top_k: int = _f(2, "experts each token is routed to")
@@ -69,7 +69,6 @@ class ModelConfig:
     aux_coef: float = _f(0.01, "weight of the load-balancing auxiliary loss")
     z_coef: float = _f(0.001, "weight of the router z-loss")
     bias_rate: float = _f(0.001, "update rate of the aux-loss-free routing bias")
-    experts_impl: str = _f("auto", "expert computation", choices=("loop", "grouped", "auto"))
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
@@ -86,6 +85,11 @@ class ModelConfig:
         if self.expert_hidden is None:
             self.expert_hidden = self.intermediate_size
         self.validate()
+
+    def architecture(self) -> dict:
+        """The fields that shape the weights, without the run-time ones (metadata runtime=True: kernels,
+        dropout), which a resumed run or a loaded checkpoint may change freely."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("runtime")}
 
     @property
     def padded_vocab_size(self) -> int:
@@ -105,7 +109,7 @@ class ModelConfig:
              f"RoPE needs an even head_dim, got {self.head_dim}")
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         need(self.window is None or self.window >= 1, f"window must be >= 1, got {self.window}")
-        for name in ("pos_emb", "norm", "mlp", "kernels", "score_func", "balance", "experts_impl"):
+        for name in ("pos_emb", "norm", "mlp", "kernels", "score_func", "balance"):
             choices = _choices(name)
             need(getattr(self, name) in choices, f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.n_experts:
@@ -119,9 +123,6 @@ class ModelConfig:
             need(self.route_scale > 0, f"route_scale must be > 0, got {self.route_scale}")
             for name in ("aux_coef", "z_coef", "bias_rate"):
                 need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-            need(not (self.experts_impl == "grouped" and self.kernels == "torch"),
-                 "experts_impl='grouped' is the Triton kernel: it cannot run with kernels='torch' "
-                 "(use experts_impl='loop' or 'auto')")
         need(self.n_shared_experts >= 0, f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
 
 
@@ -288,12 +289,12 @@ def known_fields() -> set[str]:
     return {f.name for c in (ModelConfig, DataConfig, TrainConfig) for f in fields(c)}
 
 
-def to_dict(cfg) -> dict:
-    return asdict(cfg)
+LEGACY_MODEL_KEYS = {"experts_impl"}  # written by earlier versions; the kernels switch now decides
 
 
 def model_config_from_dict(d: dict) -> ModelConfig:
     names = {f.name for f in dataclasses.fields(ModelConfig)}
+    d = {k: v for k, v in d.items() if k not in LEGACY_MODEL_KEYS}
     unknown = set(d) - names
     if unknown:
         raise ConfigError(f"unknown model config keys: {', '.join(sorted(unknown))}")

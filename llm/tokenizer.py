@@ -85,7 +85,7 @@ class Tokenizer:
         trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                       show_progress=False, special_tokens=[])
         hf.train_from_iterator(texts, trainer=trainer)
-        byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+        byte_of = {c: b for b, c in bytes_to_unicode().items()}
         vocab = hf.get_vocab()  # token string -> id; ids follow merge order after the 256 bytes
         ranks: dict[bytes, int] = {}
         for tok, _ in sorted(vocab.items(), key=lambda kv: kv[1]):
@@ -238,7 +238,7 @@ class Tokenizer:
             yield tail
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map used by byte-level BPE."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -328,7 +328,7 @@ def _ranks_from_merges(vocab: dict[str, int], merges: list, added: dict) -> dict
     merges the pair listed first in `merges`. They agree when every multi-byte token is the
     result of a merge and merge results have increasing ids in merge order.
     """
-    byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
     skip = {t["id"] for t in added.values()}
     ranks: dict[bytes, int] = {}
     for tok, i in vocab.items():
@@ -365,7 +365,7 @@ class _TokenizersEncoding:
         vocab = hf.get_vocab(with_added_tokens=True)
         self.n_vocab = max(vocab.values()) + 1
         self.holes = frozenset(set(range(self.n_vocab)) - set(vocab.values()))
-        byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+        byte_of = {c: b for b, c in bytes_to_unicode().items()}
         byte_level = "ByteLevel" in json.dumps(json.loads(hf.to_str()).get("decoder"))
         added = {t.content for t in hf.get_added_tokens_decoder().values()}
         self._bytes: dict[int, bytes] = {}

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from llm import checkpoint as ck
-from llm.trainer import main
+from llm.train.trainer import main
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # a torchrun launch of 2 processes
@@ -34,8 +34,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 SCRIPT = """
 import json, sys
-from llm import distributed as dd
-from llm.trainer import resolve_configs, train
+from llm.train import distributed as dd
+from llm.train.trainer import resolve_configs, train
 
 jobs = json.loads(sys.argv[1])
 for argv, stop_at in jobs:
@@ -101,6 +101,6 @@ def test_fsdp_two_processes_match_one_process_through_a_resume(runs):
     assert sorted(fsdp) == list(range(1, 7)) and "resumed from" in runs[1]
     # Sharded gradient norms sum in a different order than one process's; nothing else differs.
     assert all(abs(fsdp[s] - ref[s]) <= 1e-5 * abs(ref[s]) for s in fsdp), (fsdp, ref)
-    model, _, _ = ck.load_model(tmp / "fsdp")  # a full (gathered) checkpoint, loadable by one process
+    model, _, _ = ck.load_checkpoint(tmp / "fsdp")  # a full (gathered) checkpoint, loadable by one process
     a, _ = ck.read_tensors(tmp / "one" / "ckpt-0000006" / ck.MODEL_FILE)
     assert all((model.state_dict()[k] - a[k]).abs().max() < 1e-4 for k in a)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llm.config import ModelConfig
-from llm.eval import EvalError, dataset_stream, evaluate, windows
+from llm.eval.perplexity import EvalError, dataset_stream, evaluate, windows
 from llm.model import Transformer
 from llm.tokenizer import Tokenizer
 

@@ -4,10 +4,9 @@ ragged rows, static (CUDA-graph) mode == dynamic mode, GQA-width storage, no wri
 import pytest
 import torch
 
-from kernels.reference import decode_attention_ref
+from kernels.reference import decode_attention_ref, kv_attention_ref
 from llm.config import ModelConfig
 from llm.generate import prefill
-from llm.kvcache import masked_attention
 from llm.model import Transformer
 
 
@@ -110,7 +109,7 @@ def test_static_masked_attention_equals_the_reference(window):
     q = torch.randn(B, Tq, H, D)
     k, v = torch.randn(B, S, Hkv, D), torch.randn(B, S, Hkv, D)
     lengths = torch.tensor([5, 24, 13])
-    got = masked_attention(q, k, v, lengths, window)
+    got = kv_attention_ref(q, k, v, lengths, window)
     if window is None:
         torch.testing.assert_close(got, decode_attention_ref(q, k, v, lengths), atol=1e-6, rtol=1e-6)
     for b in range(B):  # each row against plain causal attention over its own prefix

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from llm import checkpoint as ck
-from llm.trainer import main
+from llm.train.trainer import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,7 @@ def straight(tmp):
 CHILD = """
 import os, signal, sys
 from llm import checkpoint
-from llm.trainer import main
+from llm.train.trainer import main
 
 real_fsync = checkpoint._fsync
 
@@ -93,7 +93,7 @@ def test_sigkill_during_save_leaves_previous_checkpoint_loadable(killed):
     assert (out / "latest").read_text().strip() == "ckpt-0000004"
     partial = [p.name for p in out.iterdir() if p.name.startswith(".ckpt-0000006.tmp")]
     assert partial and not (out / "ckpt-0000006").exists()
-    model, _, _ = ck.load_model(out)
+    model, _, _ = ck.load_checkpoint(out)
     assert ck.read_trainer_state(ck.resolve(out))["step"] == 4
     assert sum(p.numel() for p in model.parameters()) > 0
 
@@ -123,7 +123,7 @@ def test_crash_at_any_point_of_a_save_keeps_latest_on_a_complete_checkpoint(tmp_
     with pytest.raises(OSError, match="simulated crash"):
         ck.save(tmp_path, "ckpt-0000002", model, tok, None, opt, {"step": 2})
     assert ck.resolve(tmp_path).name == "ckpt-0000001"
-    loaded, _, _ = ck.load_model(tmp_path)
+    loaded, _, _ = ck.load_checkpoint(tmp_path)
     assert not torch.equal(loaded.tok_emb.weight, model.tok_emb.weight)  # the old weights, complete
     ck.prune(tmp_path, keep=3)
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]

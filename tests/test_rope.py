@@ -11,8 +11,9 @@ import pytest
 import torch
 from conftest import DEVICE, assert_close, assert_fa_rule
 
-from kernels.reference import rope_ref, rope_tables
+from kernels.reference import rope_ref
 from kernels.rope import rope
+from llm.layers import rope_tables
 
 DTYPES = [
     pytest.param(torch.float32, id="fp32"),

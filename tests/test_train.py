@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from llm import checkpoint as ck
-from llm import distributed as dd
-from llm import trainer
 from llm.config import ModelConfig, preset
-from llm.metrics import peak_flops
 from llm.model import Transformer
-from llm.trainer import main, resolve_configs
+from llm.train import distributed as dd
+from llm.train import trainer
+from llm.train.metrics import peak_flops
+from llm.train.trainer import main, resolve_configs
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -205,7 +205,7 @@ def test_k_bad_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(tmp
     out = tmp / "diverge"
     assert err == (f"error: stopped at step 6 after 3 consecutive non-finite steps; last good checkpoint: "
                    f"{out / 'ckpt-0000002'} (resume it with a lower --lr, or check the data)")
-    assert ck.resolve(out).name == "ckpt-0000002" and ck.load_model(out)[0] is not None
+    assert ck.resolve(out).name == "ckpt-0000002" and ck.load_checkpoint(out)[0] is not None
     assert not (out / "ckpt-0000004").exists()  # nothing saved during the bad streak
 
 
@@ -250,7 +250,7 @@ def test_keep_last_n_plus_best_by_validation(tmp, monkeypatch):
     out = tmp / "keep"
     assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-0000004", "ckpt-0000006", "ckpt-0000008"]
     assert (out / "best").read_text().strip() == "ckpt-0000004" and ck.resolve(out / "best").name == "ckpt-0000004"
-    assert ck.resolve(out).name == "ckpt-0000008" and ck.load_model(out / "best")[0] is not None
+    assert ck.resolve(out).name == "ckpt-0000008" and ck.load_checkpoint(out / "best")[0] is not None
 
 
 def test_activation_checkpointing_gives_the_same_losses(tmp):

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from llm.sampling import SamplingError, penalize, seen_mask
+from llm.generate.decode import fit_prompts, prefill
+from llm.generate.sampling import SamplingError, penalize, seen_mask
 
 
 @dataclass
@@ -38,8 +39,6 @@ def beam_search(model, prompts: list[list[int]], max_new_tokens: int, num_beams:
     early_stopping=False rule); at max_new_tokens the live beams finish as "length".
     prompts are ragged lists of ids that fit the context (see generate.fit_prompts).
     """
-    from llm.generate import fit_prompts, prefill
-
     K = num_beams
     if K < 1:
         raise SamplingError(f"num_beams must be >= 1, got {K}")

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from llm import checkpoint as ckpt_io
-from llm import distributed as dd
+from llm import loading, ops
 from llm.checkpoint import CheckpointError
 from llm.config import (
     PRESETS,
@@ -43,11 +43,14 @@ from llm.config import (
     load_toml,
     preset,
 )
-from llm.data import DataError, Loader, fingerprint, load_manifest, prepare
-from llm.distributed import fmt_bytes
-from llm.metrics import MetricsLogger, Progress, device_name, fmt_duration, mfu, peak_flops, plot_losses
+from llm.data.corpus import DataError
+from llm.data.shards import Loader, fingerprint, load_manifest, prepare
 from llm.model import Transformer
+from llm.runtime import pick_dtype
 from llm.tokenizer import Tokenizer, TokenizerError
+from llm.train import distributed as dd
+from llm.train.distributed import fmt_bytes
+from llm.train.metrics import MetricsLogger, Progress, device_name, fmt_duration, mfu, peak_flops, plot_losses
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError)
 DEFAULT_PRESET = "tiny"  # the model trained when no --preset is given
@@ -180,21 +183,6 @@ def to_toml(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig) -> str:
 # ----------------------------------------------------------------------------- pieces
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
-    return dev
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
 def lr_at(step: int, t: TrainConfig) -> float:
     """Linear warmup to lr over warmup_steps, then cosine decay to min_lr at max_steps."""
     if step < t.warmup_steps:
@@ -265,7 +253,7 @@ def train(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str | 
         state = ckpt_io.read_trainer_state(src)
     init_tok = None
     if tcfg.init_from and src is None:
-        init_model, init_tok, _ = ckpt_io.load_model(tcfg.init_from, "cpu", torch.float32, kernels=mcfg.kernels,
+        init_model, init_tok, _ = loading.load_model(tcfg.init_from, "cpu", torch.float32, kernels=mcfg.kernels,
                                                      dropout=mcfg.dropout)
         mcfg = init_model.cfg
     say(describe_config(mcfg, dcfg, tcfg))
@@ -284,7 +272,7 @@ def train(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str | 
     torch.manual_seed(tcfg.seed)
     model = (init_model if init_tok is not None else Transformer(mcfg)).to(device)
     n_params = model.num_params()
-    kernel_path = mcfg.kernels == "triton" or (mcfg.kernels == "auto" and device.type == "cuda")
+    kernel_path = ops.resolve(mcfg.kernels, device)
     plan = dd.plan_batch(mcfg, n_params, tcfg.batch_size, tcfg.grad_accum, W, tcfg.global_batch_tokens,
                          "batch_size" in explicit, dd.memory_budget(device), amp=dtype != torch.float32,
                          flash=kernel_path, fused_ce=kernel_path, act_ckpt=tcfg.activation_checkpointing,
@@ -294,8 +282,8 @@ def train(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str | 
     data_id = fingerprint(manifest)
 
     if src is not None:
-        was_model, runtime = ckpt_io.read_config(src)["model"], ("kernels", "dropout", "experts_impl")
-        diff = sorted(k for k, v in asdict(mcfg).items() if k not in runtime and was_model.get(k) != v)
+        was_model = ckpt_io.read_config(src)["model"]
+        diff = sorted(k for k, v in mcfg.architecture().items() if was_model.get(k) != v)
         if diff:
             raise ConfigError(f"--resume: the model config differs from the checkpoint's ({src}): {', '.join(diff)}")
         was, was_world = state["train"], state.get("world", 1)
