@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from kernels.reference import decode_attention_ref, kv_attention_ref
+from llm import ops
 from llm.config import ModelConfig
 from llm.generate import prefill
 from llm.model import Transformer
@@ -169,3 +170,28 @@ def test_reorder_moves_rows_with_their_lengths():
     cache.reorder(torch.tensor([1, 1, 0]))
     assert cache.batch == 3 and cache.host_lengths == [1, 1, 3] and cache.lengths.tolist() == [1, 1, 3]
     assert torch.equal(cache.k[0][2], k0[0]) and torch.equal(cache.k[0][0], k0[1])
+
+
+ROUTES = [  # (host lengths incl. the new tokens, Tq, window, static step): one per route of ops.kv_attention
+    pytest.param([9, 9, 9], 5, None, False, id="uniform-prefill"),
+    pytest.param([17, 17, 17], 1, 4, False, id="uniform-windowed-step"),
+    pytest.param([5, 24, 13], 1, None, False, id="ragged-step"),
+    pytest.param([6, 20, 13], 3, None, False, id="ragged-chunk"),
+    pytest.param([5, 24, 13], 2, 4, False, id="ragged-windowed"),
+    pytest.param([5, 24, 13], 1, None, True, id="static-step"),
+    pytest.param([5, 24, 13], 1, 4, True, id="static-windowed"),
+]
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+@pytest.mark.parametrize("lens,Tq,window,static", ROUTES)
+def test_every_route_of_kv_attention_equals_its_reference(lens, Tq, window, static, kernels):
+    """ops.kv_attention picks attention / decode_attention / the masked reference from the lengths it is
+    given; whichever it picks (Triton under the interpreter, or torch) equals kv_attention_ref."""
+    B, S, H, Hkv, D = len(lens), 24, 4, 2, 16
+    q = torch.randn(B, Tq, H, D)
+    k, v = torch.randn(B, S, Hkv, D), torch.randn(B, S, Hkv, D)
+    lengths = torch.tensor(lens)
+    got = ops.kv_attention(q, k, v, lengths, None if static else list(lens), window=window, kernels=kernels)
+    want = kv_attention_ref(q, k, v, lengths, window)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
