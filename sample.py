@@ -1,4 +1,4 @@
-"""Generate text from a checkpoint: `python sample.py --checkpoint DIR --prompt TEXT`. See llm/generate.py."""
+"""Generate text from a checkpoint: `python sample.py --checkpoint DIR --prompt TEXT`. See llm/generate/ (cli.py)."""
 
 import sys
 
