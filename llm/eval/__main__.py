@@ -14,13 +14,20 @@ from llm.runtime import pick_device, pick_dtype
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llm.eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="Loss and perplexity of a checkpoint over a dataset.")
+                                description="Loss and perplexity of a checkpoint over a dataset (--dataset), or "
+                                            "lm-evaluation-harness task scores (--tasks; needs the eval extra).")
     p.add_argument("--checkpoint", required=True, help="checkpoint dir, a training --out-dir, or a HF model dir")
-    p.add_argument("--dataset", required=True, help="corpus name (pystdlib) or a text file / folder")
+    p.add_argument("--dataset", default=None, help="perplexity over a corpus name (pystdlib) or a text file / folder")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated lm-eval task names or task YAML paths")
+    p.add_argument("--limit", type=float, default=None, help="with --tasks: documents per task (a fraction if < 1)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="with --tasks: few-shot examples per prompt")
+    p.add_argument("--include-path", default=None, help="with --tasks: a folder of extra task YAMLs")
     p.add_argument("--context", type=int, default=None, help="window length (default: the model's context)")
     p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: context)")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens of the stream")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    p.add_argument("--batch-size", type=int, default=None, help="windows (perplexity, default 1) or requests "
+                                                                 "(tasks, default 16) per forward pass")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weights and compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
@@ -29,8 +36,34 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def run_tasks(args: argparse.Namespace) -> int:
+    """--tasks: lm-eval scores through our backend (llm.eval.harness), a table or --json."""
+    try:
+        from llm.eval import harness  # optional extra: imported only when asked for
+
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        harness.resolve_tasks(tasks, args.include_path)  # bad names fail before the model loads
+        lm = harness.LLMEvalLM(args.checkpoint, args.device, args.dtype, args.batch_size or 16,
+                               kernels=args.kernels)
+        limit = None if args.limit is None else int(args.limit) if args.limit >= 1 else args.limit
+        out = harness.run_tasks(lm, tasks, limit, args.num_fewshot, args.include_path)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"checkpoint": args.checkpoint, "results": out["results"]}, default=float))
+    else:
+        print(harness.lm_utils.make_table(out))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if (args.dataset is None) == (args.tasks is None):
+        print("error: give --dataset NAME|PATH (perplexity) or --tasks NAMES (lm-eval), one of them", file=sys.stderr)
+        return 2
+    if args.tasks is not None:
+        return run_tasks(args)
     try:
         if args.max_tokens is not None and args.max_tokens < 2:
             raise EvalError(f"--max-tokens must be >= 2, got {args.max_tokens}")
@@ -40,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         model, tok, _ = load_model(args.checkpoint, device, dtype, **overrides)
         check_windows(model, args.context, args.stride)
         ids, n_bytes = dataset_stream(args.dataset, tok, args.max_tokens)
-        res = evaluate(model, ids, args.context, args.stride, args.batch_size, n_bytes,
+        res = evaluate(model, ids, args.context, args.stride, args.batch_size or 1, n_bytes,
                        progress=not args.json and sys.stderr.isatty())
     except (ValueError, OSError) as e:  # the project's error classes are ValueErrors with one-line messages
         print(f"error: {e}", file=sys.stderr)

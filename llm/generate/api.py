@@ -64,18 +64,19 @@ class Completion:
     finish_reason: str = "length"  # "eos", "stop" or "length"
 
 
-def encode_prompts(tok, prompts: str | Sequence[str], max_new_tokens: int, block_size: int,
+def encode_prompts(tok, prompts: str | Sequence[str | list[int]], max_new_tokens: int, block_size: int,
                    truncate: bool = False) -> list[list[int]]:
     """Ids of each text prompt, as the tokenizer's model expects them (a BOS first if it adds one).
 
     Special-token strings are plain text; an empty prompt is [BOS] (= end-of-text for our tokenizers).
+    A prompt given as a list of ids is taken as it is (callers with their own encoding rules: lm-eval).
     """
     texts = [prompts] if isinstance(prompts, str) else list(prompts)
-    ids = [tok.encode(t, bos=tok.add_bos) or [tok.bos_id] for t in texts]
+    ids = [list(t) if not isinstance(t, str) else tok.encode(t, bos=tok.add_bos) or [tok.bos_id] for t in texts]
     return fit_prompts(ids, max_new_tokens, block_size, truncate)
 
 
-def stream_text(model: Transformer, tok, prompts: str | Sequence[str], max_new_tokens: int = 200, *,
+def stream_text(model: Transformer, tok, prompts: str | Sequence[str | list[int]], max_new_tokens: int = 200, *,
                 params: SamplingParams = PLAIN, stop: Sequence[str] = (), num_samples: int = 1,
                 truncate_prompt: bool = False, seed: int | None = None, prefill_chunk: int | None = None,
                 mode: str | None = None, stats: Stats | None = None,
@@ -120,7 +121,7 @@ def stream_text(model: Transformer, tok, prompts: str | Sequence[str], max_new_t
             yield b, rest
 
 
-def complete(model: Transformer, tok, prompts: str | Sequence[str], max_new_tokens: int = 200, *,
+def complete(model: Transformer, tok, prompts: str | Sequence[str | list[int]], max_new_tokens: int = 200, *,
              params: SamplingParams = PLAIN, stop: Sequence[str] = (), num_samples: int = 1,
              num_beams: int = 1, length_penalty: float = 1.0, truncate_prompt: bool = False,
              seed: int | None = None, prefill_chunk: int | None = None, mode: str | None = None,
