@@ -16,6 +16,7 @@ from torch import Tensor
 from llm.generate.beam import beam_search
 from llm.generate.decode import PLAIN, fit_prompts, stream_tokens
 from llm.generate.sampling import SamplingError, SamplingParams
+from llm.generate.speculative import Speculation, stream_speculative
 from llm.generate.stats import Stats
 from llm.generate.text import TextStream
 from llm.model import Transformer
@@ -25,11 +26,12 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, tempera
              top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
              repetition_penalty: float = 1.0, seed: int | None = None, eos_id: int | None = None,
              vocab_limit: int | None = None, num_beams: int = 1, prefill_chunk: int | None = None,
-             mode: str | None = None) -> Tensor:
+             mode: str | None = None, speculative: Speculation | None = None) -> Tensor:
     """prompt (B, T) ids -> (B, T + n) ids, n <= max_new_tokens (the loop ends once every row is done).
 
     A row that emitted eos_id is padded with it. num_beams > 1: beam search (deterministic; the
-    sampling parameters other than repetition_penalty do not apply), best beam per row.
+    sampling parameters other than repetition_penalty do not apply), best beam per row. speculative:
+    draft with a small model or prompt lookup and verify in one target pass (greedy: the same ids).
     """
     if prompt.dim() != 2 or prompt.shape[1] == 0:
         raise SamplingError(f"prompt must be (B, T) ids with T >= 1, got shape {tuple(prompt.shape)}")
@@ -41,17 +43,28 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, tempera
     else:
         params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
         new = [[] for _ in rows]
-        for step in stream_tokens(model, rows, max_new_tokens, params, seed=seed, eos_ids=eos,
-                                  vocab_limit=vocab_limit, prefill_chunk=prefill_chunk, mode=mode):
-            for b, i in enumerate(step):
-                if i is not None:
-                    new[b].append(i)
+        for step in _steps(model, rows, max_new_tokens, params, speculative, seed=seed, eos_ids=eos,
+                           vocab_limit=vocab_limit, prefill_chunk=prefill_chunk, mode=mode):
+            for b, ids in enumerate(step):
+                new[b] += ids
     n = max(map(len, new))
     if any(len(r) < n for r in new) and eos_id is None:
         raise SamplingError("rows finished at different lengths and there is no eos_id to pad them with")
     pad = [r + [eos_id] * (n - len(r)) for r in new]
     return torch.cat([prompt, torch.tensor(pad, dtype=prompt.dtype, device=prompt.device).view(len(rows), n)], 1)
 
+
+def _steps(model: Transformer, rows: list[list[int]], n: int, params: SamplingParams,
+           speculative: Speculation | None, *, mode: str | None = None, prefill_chunk: int | None = None,
+           **kw) -> Iterator[list[list[int]]]:
+    """Per step (plain) or per target pass (speculative), each row's new ids: the one loop the APIs share."""
+    if speculative is None:
+        for step in stream_tokens(model, rows, n, params, mode=mode, prefill_chunk=prefill_chunk, **kw):
+            yield [[] if i is None else [i] for i in step]
+        return
+    if mode not in (None, "eager"):
+        raise SamplingError(f"speculative decoding runs eagerly: decode mode {mode!r} does not apply")
+    yield from stream_speculative(model, rows, n, params, speculative, prefill_chunk=prefill_chunk, **kw)
 
 
 @dataclass
@@ -80,12 +93,14 @@ def stream_text(model: Transformer, tok, prompts: str | Sequence[str | list[int]
                 params: SamplingParams = PLAIN, stop: Sequence[str] = (), num_samples: int = 1,
                 truncate_prompt: bool = False, seed: int | None = None, prefill_chunk: int | None = None,
                 mode: str | None = None, stats: Stats | None = None,
-                completions: list[Completion] | None = None) -> Iterator[tuple[int, str]]:
+                completions: list[Completion] | None = None,
+                speculative: Speculation | None = None) -> Iterator[tuple[int, str]]:
     """Yield (row, text piece) as tokens are generated; rows are prompts x num_samples (prompt-major).
 
     Each row stops at the end-of-text token, at the first of the stop strings, or after
     max_new_tokens; pieces never split a UTF-8 character and never show part of a stop string.
     Row r samples with seed + r. Pass a list as `completions` to get each row's Completion filled in.
+    speculative: a draft model or prompt lookup proposes, the target verifies (`llm.generate.speculative`).
     """
     if num_samples < 1:
         raise SamplingError(f"num_samples must be >= 1, got {num_samples}")
@@ -106,9 +121,8 @@ def stream_text(model: Transformer, tok, prompts: str | Sequence[str | list[int]
             comps[b].finish_reason = "stop"
         return streams[b].stopped
 
-    for _ in stream_tokens(model, rows, max_new_tokens, params, seed=seed, eos_ids=[tok.eot_id],
-                           vocab_limit=tok.n_vocab, prefill_chunk=prefill_chunk, mode=mode, stop=on_token,
-                           stats=stats):
+    for _ in _steps(model, rows, max_new_tokens, params, speculative, seed=seed, eos_ids=[tok.eot_id],
+                    vocab_limit=tok.n_vocab, prefill_chunk=prefill_chunk, mode=mode, stop=on_token, stats=stats):
         for b, piece in enumerate(pieces):
             if piece:
                 comps[b].text += piece
@@ -125,7 +139,7 @@ def complete(model: Transformer, tok, prompts: str | Sequence[str | list[int]], 
              params: SamplingParams = PLAIN, stop: Sequence[str] = (), num_samples: int = 1,
              num_beams: int = 1, length_penalty: float = 1.0, truncate_prompt: bool = False,
              seed: int | None = None, prefill_chunk: int | None = None, mode: str | None = None,
-             stats: Stats | None = None) -> list[Completion]:
+             stats: Stats | None = None, speculative: Speculation | None = None) -> list[Completion]:
     """The finished rows of `stream_text`, or with num_beams > 1 the num_samples best beams per prompt.
 
     Beam search is deterministic: of the sampling parameters only the repetition penalty applies.
@@ -134,9 +148,11 @@ def complete(model: Transformer, tok, prompts: str | Sequence[str | list[int]], 
         out: list[Completion] = []
         for _ in stream_text(model, tok, prompts, max_new_tokens, params=params, stop=stop, num_samples=num_samples,
                              truncate_prompt=truncate_prompt, seed=seed, prefill_chunk=prefill_chunk, mode=mode,
-                             stats=stats, completions=out):
+                             stats=stats, completions=out, speculative=speculative):
             pass
         return out
+    if speculative is not None:
+        raise SamplingError("speculative decoding samples one sequence per row: it does not combine with beam search")
     ids = encode_prompts(tok, prompts, max_new_tokens, model.cfg.block_size, truncate_prompt)
     hyps = beam_search(model, ids, max_new_tokens, num_beams, num_return=num_samples, eos_ids=[tok.eot_id],
                        repetition_penalty=params.repetition_penalty, length_penalty=length_penalty,

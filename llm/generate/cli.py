@@ -10,6 +10,7 @@ from pathlib import Path
 from llm.generate.api import complete, encode_prompts, stream_text
 from llm.generate.decode import CPU_CHUNK, fit_prompts
 from llm.generate.sampling import SamplingError, SamplingParams
+from llm.generate.speculative import Speculation, check_tokenizers
 from llm.generate.stats import Stats
 from llm.loading import load_model
 from llm.runtime import pick_device, pick_dtype, set_threads
@@ -44,6 +45,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (static shapes; seconds to minutes to compile once per "
                         "batch and length, then the fastest CPU path)")
+    p.add_argument("--draft-checkpoint", default=None,
+                   help="speculative decoding: a small model with the same tokenizer drafts, the target verifies")
+    p.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
+                   help="speculative decoding without a second model: draft what followed the last <= N tokens "
+                        "where they occur earlier in the prompt or output")
+    p.add_argument("--speculate", type=int, default=None, metavar="K",
+                   help="tokens drafted per target pass (default 4 with --draft-checkpoint / --prompt-lookup)")
+    p.add_argument("--compare-plain", action="store_true",
+                   help="with speculative decoding: also run plain decoding and print both speeds")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weights and compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
@@ -67,7 +77,18 @@ def _check_args(args: argparse.Namespace) -> SamplingParams:
         if args.num_samples > args.num_beams:
             raise SamplingError(f"--num-samples ({args.num_samples}) shows the best beams: at most --num-beams "
                                 f"({args.num_beams})")
+        if args.draft_checkpoint is not None or args.prompt_lookup is not None:
+            raise SamplingError("speculative decoding samples one sequence per row: it does not combine with "
+                                "--num-beams > 1")
         return SamplingParams(0.0, repetition_penalty=args.repetition_penalty)
+    speculative = args.draft_checkpoint is not None or args.prompt_lookup is not None
+    if args.draft_checkpoint is not None and args.prompt_lookup is not None:
+        raise SamplingError("--draft-checkpoint and --prompt-lookup are two proposers: give one")
+    if not speculative and (args.speculate is not None or args.compare_plain):
+        raise SamplingError("--speculate / --compare-plain need a proposer: --draft-checkpoint DIR or "
+                            "--prompt-lookup N")
+    if speculative and args.compile:
+        raise SamplingError("speculative decoding runs eagerly: --compile does not apply")
     temperature = 0.8 if args.temperature is None else args.temperature
     return SamplingParams(temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
 
@@ -91,10 +112,14 @@ def main(argv: list[str] | None = None) -> int:
             for t, i in zip(texts, ids):
                 if len(i) < len(tok.encode(t, bos=tok.add_bos)):
                     print(f"note: prompt truncated to its last {len(i)} tokens to fit the context", file=sys.stderr)
+        spec = _speculation(args, model, tok, device, dtype, overrides)
         mode = "compile" if args.compile else "graph" if device.type == "cuda" and args.cuda_graph else "eager"
+        mode = "eager" if spec else mode
         stats = Stats()
         kw = dict(params=params, stop=[_unescape(s) for s in args.stop], num_samples=args.num_samples,
                   truncate_prompt=args.truncate_prompt, seed=args.seed, prefill_chunk=args.prefill_chunk, stats=stats)
+        if spec:
+            kw["speculative"] = spec
         if args.stream:
             if not args.quiet:
                 print(texts[0], end="", flush=True)
@@ -114,7 +139,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not args.quiet:
         print(stats.line(), file=sys.stderr)
+        if stats.target_passes:
+            print(stats.spec_line(), file=sys.stderr)
+    if args.compare_plain:
+        plain = Stats()
+        complete(model, tok, texts, args.max_new_tokens, **(kw | dict(speculative=None, stats=plain)))
+        a, b = stats.decode_tok_s, plain.decode_tok_s
+        ratio = f" | speculative x{a / b:.2f}" if a and b else ""
+        print(f"--- plain decoding: {plain.line()[4:]}{ratio}", file=sys.stderr)
     return 0
+
+
+def _speculation(args: argparse.Namespace, model, tok, device, dtype, overrides: dict) -> Speculation | None:
+    """The proposer the flags ask for; a draft checkpoint must share the target's tokenizer."""
+    k = 4 if args.speculate is None else args.speculate
+    if args.prompt_lookup is not None:
+        return Speculation(k, lookup=args.prompt_lookup)
+    if args.draft_checkpoint is None:
+        return None
+    draft, draft_tok, _ = load_model(args.draft_checkpoint, device, dtype, **overrides)
+    check_tokenizers(tok, draft_tok)
+    return Speculation(k, draft=draft)
 
 
 def _unescape(s: str) -> str:
