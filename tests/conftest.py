@@ -21,7 +21,9 @@ if not HAS_CUDA:
 
 # Imported only now: kernel modules must see TRITON_INTERPRET when their @triton.jit functions are made.
 from llm.config import ModelConfig  # noqa: E402
+from llm.generate import TextStream  # noqa: E402
 from llm.model import Transformer  # noqa: E402
+from llm.tokenizer import Tokenizer  # noqa: E402
 
 # Device kernel tests run on: CUDA when present, else CPU through the interpreter.
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -105,6 +107,12 @@ def cached_and_uncached(model: Transformer, prompt: torch.Tensor, steps: int):
             cached.append(model(nxt, cache=cache)[0])
         full, _ = model(seq)
     return seq, torch.cat(cached, 1), full
+
+
+def streamed_text(tok: Tokenizer, ids: list[int]) -> str:
+    """The text of `ids` fed to a TextStream one token's bytes at a time, as generation streams it."""
+    stream = TextStream()
+    return "".join(stream.push(tok.decode_bytes([i])) for i in ids) + stream.close()
 
 
 @pytest.fixture(scope="module")
