@@ -241,10 +241,6 @@ def listing(what: str, items: list[str]) -> str:
     return f"{what}: {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}" if items else ""
 
 
-def load_optimizer(ckpt: Path, optimizer: torch.optim.Optimizer) -> None:
-    optimizer.load_state_dict(read_optimizer_state(ckpt))
-
-
 def read_optimizer_state(ckpt: Path) -> dict:
     """The optimizer state dict ({"state": {id: {...}}, "param_groups": [...]}) of a checkpoint."""
     tensors, meta = read_tensors(ckpt / OPTIM_FILE)

@@ -18,7 +18,7 @@ import base64
 import json
 import re
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import tiktoken
@@ -223,19 +223,6 @@ class Tokenizer:
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         return self.enc.decode_bytes(self._known(ids))
-
-    def iter_text(self, ids: Iterable[int]) -> Iterator[str]:
-        """Stream text pieces as ids arrive, holding back incomplete UTF-8 sequences."""
-        import codecs
-
-        dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        for i in ids:
-            piece = dec.decode(self.decode_bytes([i]))
-            if piece:
-                yield piece
-        tail = dec.decode(b"", final=True)
-        if tail:
-            yield tail
 
 
 def bytes_to_unicode() -> dict[int, str]:

@@ -4,11 +4,10 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from llm import checkpoint as ck
 from llm.checkpoint import CheckpointError
-from llm.config import ModelConfig
-from llm.model import Transformer
 from llm.tokenizer import Tokenizer
 
 
@@ -18,9 +17,7 @@ def tok():
 
 
 def make(**kw):
-    torch.manual_seed(0)
-    return Transformer(ModelConfig(**(dict(vocab_size=300, block_size=32, n_layer=2, n_head=2, n_embd=32,
-                                          kernels="torch") | kw))).eval()
+    return tiny_model(**(dict(vocab_size=300, block_size=32, n_head=2) | kw)).eval()
 
 
 @pytest.mark.parametrize("kw", [{}, dict(tie_embeddings=True, pos_emb="learned", norm="layernorm", mlp="gelu",

@@ -3,6 +3,7 @@ beam search, streaming text, the decode step that CUDA graphs capture."""
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from llm.config import ModelConfig
 from llm.generate import (
@@ -26,12 +27,7 @@ TEXT = ("def add(a, b):\n    return a + b\n\n# 日本語のコメント 😀 emo
         "class Point:\n    x: int = 0\n\nprint('héllo wörld', 42)\n") * 20
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +37,7 @@ def tok() -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def model(tok) -> Transformer:
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.n_vocab, block_size=96, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
-                      kernels="torch")
-    return Transformer(cfg).eval()
+    return tiny_model(vocab_size=tok.n_vocab, block_size=96).eval()
 
 
 def greedy_by_hand(model, ids: list[int], n: int, vocab: int) -> list[int]:

@@ -3,27 +3,18 @@ ragged rows, static (CUDA-graph) mode == dynamic mode, GQA-width storage, no wri
 
 import pytest
 import torch
+from conftest import cached_and_uncached, tiny_model
 
 from kernels.reference import decode_attention_ref, kv_attention_ref
 from llm import ops
-from llm.config import ModelConfig
 from llm.generate import prefill
 from llm.model import Transformer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread (and the suite shares the CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(**kw) -> Transformer:
-    torch.manual_seed(0)
-    base = dict(vocab_size=97, block_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, kernels="torch")
-    return Transformer(ModelConfig(**(base | kw))).eval()
+    return tiny_model(**(dict(vocab_size=97, block_size=256) | kw)).eval()
 
 
 VARIANTS = {"llama-gqa": {}, "gpt2": dict(pos_emb="learned", norm="layernorm", mlp="gelu", bias=True, n_kv_head=4),
@@ -46,18 +37,9 @@ def test_cached_logits_equal_uncached_for_210_steps(variant):
     """Promise 17: fp32, atol = rtol = 1e-5, every step of a 210-token decode, two rows."""
     model = build(**VARIANTS[variant])
     prompt = torch.randint(0, 97, (2, 7))
-    steps = 210
-    cache = model.new_cache(2, prompt.shape[1] + steps)
-    with torch.no_grad():
-        logits, _ = model(prompt, cache=cache)
-        seq, cached = prompt, [logits]
-        for _ in range(steps):
-            nxt = cached[-1][:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], 1)
-            cached.append(model(nxt, cache=cache)[0])
-        full, _ = model(seq)
+    seq, cached, full = cached_and_uncached(model, prompt, 210)
     assert seq.shape[1] == 217
-    torch.testing.assert_close(torch.cat(cached, 1), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 16, 33])

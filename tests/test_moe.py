@@ -7,6 +7,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import cached_and_uncached, tiny_config
 
 from llm import checkpoint as ck
 from llm import ops
@@ -18,9 +19,7 @@ from llm.tokenizer import Tokenizer
 
 
 def cfg(**kw) -> ModelConfig:
-    base = dict(vocab_size=101, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, kernels="torch",
-                n_experts=4, top_k=2, expert_hidden=48)
-    return ModelConfig(**(base | kw))
+    return tiny_config(**(dict(n_experts=4, top_k=2, expert_hidden=48) | kw))
 
 
 def layer(**kw) -> MoE:
@@ -177,17 +176,8 @@ def test_cached_generation_with_an_moe_model_equals_uncached():
     torch.manual_seed(0)
     model = Transformer(cfg(block_size=96, n_shared_experts=1, score_func="sigmoid", balance="bias")).eval()
     prompt = torch.randint(0, 101, (2, 5))
-    steps = 40
-    cache = model.new_cache(2, prompt.shape[1] + steps)
-    with torch.no_grad():
-        logits, _ = model(prompt, cache=cache)
-        seq, cached = prompt, [logits]
-        for _ in range(steps):
-            nxt = cached[-1][:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], 1)
-            cached.append(model(nxt, cache=cache)[0])
-        full, _ = model(seq)
-    torch.testing.assert_close(torch.cat(cached, 1)[:, :-1], full[:, :-1], atol=1e-5, rtol=1e-5)
+    _, cached, full = cached_and_uncached(model, prompt, 40)
+    torch.testing.assert_close(cached[:, :-1], full[:, :-1], atol=1e-5, rtol=1e-5)
 
 
 def test_grouped_kernel_model_matches_loop_model_loss_and_every_gradient():

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_argv, write_code_corpus
 
 from llm import checkpoint as ck
 from llm.train.trainer import main
@@ -22,23 +23,12 @@ from llm.train.trainer import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: tiny ops on a shared 2-core machine are far faster without OpenMP spinning."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def tiny_args(tmp: Path, out: str, **kw) -> list[str]:
-    base = dict(dataset=tmp / "corpus.txt", data_dir=tmp / "data", out_dir=tmp / out, vocab_size=300, n_layer=1,
-                n_embd=32, n_head=2, block_size=32, batch_size=4, max_steps=8, warmup_steps=2, eval_interval=100,
-                eval_iters=2, save_interval=100, log_interval=1, kernels="torch", device="cpu", dropout=0.1)
-    base.update(kw)
-    return [a for k, v in base.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    return train_argv(tmp, out, **(dict(max_steps=8, dropout=0.1) | kw))
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -51,7 +41,7 @@ def losses(out: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def tmp(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
-    (tmp / "corpus.txt").write_text("".join(f"def f{i}(x):\n    return x * {i} + 1\n\n" for i in range(400)))
+    write_code_corpus(tmp)
     return tmp
 
 

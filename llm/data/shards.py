@@ -299,6 +299,3 @@ class Loader:
             return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
         return x.contiguous().to(device), y.contiguous().to(device)
 
-    def num_windows(self) -> float:
-        return sum(len(t) for t in self.shards) / self.block_size
-
