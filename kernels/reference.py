@@ -187,6 +187,27 @@ def kv_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tenso
     return o.transpose(1, 2)  # (B, Tq, H, D)
 
 
+def paged_decode_attention_ref(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, lengths: Tensor,
+                               scale: float | None = None, window: int | None = None) -> Tensor:
+    """New query tokens against a paged KV cache (the Triton paged decode kernel's reference).
+
+    q (B, Tq, H, D); k_pool/v_pool (n_blocks, block_size, Hkv, D); block_table (B, max_blocks) int: row b's
+    position p lives in block block_table[b, p // block_size], slot p % block_size; lengths (B,) valid
+    entries per row including the Tq new ones. Query t of row b sits at p = lengths[b] - Tq + t and sees
+    keys j <= p (and p - j < window). Gathers each row's blocks into a contiguous (B, S, Hkv, D) cache,
+    then `kv_attention_ref` (math in fp32). Returns (B, Tq, H, D) in q's dtype.
+    """
+    B, nb = block_table.shape
+    bs, Hkv, D = k_pool.shape[1], k_pool.shape[2], k_pool.shape[3]
+    if q.shape[2] % Hkv:
+        raise ValueError(f"n_head {q.shape[2]} is not a multiple of n_kv_head {Hkv}")
+    idx = block_table.long()
+    k = k_pool[idx].reshape(B, nb * bs, Hkv, D).float()
+    v = v_pool[idx].reshape(B, nb * bs, Hkv, D).float()
+    scale = D ** -0.5 if scale is None else scale
+    return kv_attention_ref(q.float(), k, v, lengths.to(q.device), window, scale).to(q.dtype)
+
+
 # ----------------------------------------------------------------------------- mixture of experts
 
 

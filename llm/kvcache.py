@@ -33,6 +33,7 @@ class KVCache:
         self.host_lengths = [0] * batch
         self.max_len = max_len
         self.static = False
+        self.block_table = None  # contiguous rows; `llm.paged_cache.PagedKVCache` sets a block table
 
     @property
     def batch(self) -> int:

@@ -18,6 +18,7 @@ from llm.config import ModelConfig
 from llm.kvcache import KVCache
 from llm.layers import MLP, FeedForward, Norm, rope_tables
 from llm.moe import MoE
+from llm.paged_cache import BlockPool, PagedKVCache
 
 
 class Attention(nn.Module):
@@ -40,7 +41,7 @@ class Attention(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, positions: Tensor,
-                cache: KVCache | None = None) -> Tensor:
+                cache: KVCache | PagedKVCache | None = None) -> Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.wqkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
@@ -56,7 +57,7 @@ class Attention(nn.Module):
         else:  # store the new k, v, then attend over each row's cache
             k_all, v_all, lengths, host_lengths = cache.update(self.layer, k, v, positions)
             o = ops.kv_attention(q, k_all, v_all, lengths, host_lengths, window=self.cfg.window,
-                                 kernels=self.cfg.kernels)
+                                 kernels=self.cfg.kernels, block_table=cache.block_table)
         return self.drop(self.wo(o.reshape(B, T, H * D)))  # (B, T, C)
 
 
@@ -70,7 +71,7 @@ class Block(nn.Module):
         self.norm2 = Norm(cfg.n_embd, cfg)
         self.mlp: FeedForward = MoE(cfg) if cfg.n_experts and layer >= cfg.first_dense_layers else MLP(cfg)
 
-    def forward(self, x: Tensor, rope, positions: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, rope, positions: Tensor, cache: KVCache | PagedKVCache | None = None) -> Tensor:
         a = self.attn(self.norm1(x), rope, positions, cache)
         h, y = self.norm2.add_forward(a, x)  # fused residual add + norm
         return h + self.mlp(y)
@@ -121,7 +122,7 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None,
+    def forward(self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | PagedKVCache | None = None,
                 z_loss: float = 0.0, logits_at: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
         """Returns (logits, loss).
 
@@ -178,6 +179,12 @@ class Transformer(nn.Module):
         p = self.lm_head.weight
         return KVCache(self.cfg.n_layer, batch, max_len, self.cfg.n_kv_head, self.cfg.head_dim,
                        device or p.device, dtype or p.dtype)
+
+    def new_pool(self, n_blocks: int, block_size: int, device=None, dtype=None) -> BlockPool:
+        """A paged KV store (llm.paged_cache) of n_blocks blocks of block_size tokens per layer."""
+        p = self.lm_head.weight
+        return BlockPool(self.cfg.n_layer, n_blocks, block_size, self.cfg.n_kv_head, self.cfg.head_dim,
+                         device or p.device, dtype or p.dtype)
 
     # ------------------------------------------------------------------ accounting
 

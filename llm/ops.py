@@ -142,8 +142,17 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tenso
     return ref.decode_attention_ref(q, k_cache, v_cache, lengths, scale)
 
 
+def paged_decode_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, lengths: Tensor,
+                           scale: float | None = None, window: int | None = None, kernels: str = "auto") -> Tensor:
+    if use_triton(kernels, q):
+        from kernels.paged_decode import paged_decode_attention as kernel
+
+        return kernel(q, k_pool, v_pool, block_table, lengths, scale, window)
+    return ref.paged_decode_attention_ref(q, k_pool, v_pool, block_table, lengths, scale, window)
+
+
 def kv_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, host_lengths: list[int] | None,
-                 window: int | None = None, kernels: str = "auto") -> Tensor:
+                 window: int | None = None, kernels: str = "auto", block_table: Tensor | None = None) -> Tensor:
     """Attention of q (B, T, H, D) over each row's KV cache -> (B, T, H, D): the one place that picks how.
 
     k_cache, v_cache (B, S_max, Hkv, D) hold the T new entries already; lengths (B,) counts each row's
@@ -157,7 +166,12 @@ def kv_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, h
       T > 1 or a window      mask (with a window only the last w + T - 1 keys); one (T, S) mask, not one per row
       otherwise, no window   `decode_attention` (decode steps; ragged rows)
       ragged and windowed    the reference over the first max(lengths) slots
+    With a block_table (B, max_blocks) the caches are a paged pool (n_blocks, block_size, Hkv, D)
+    (`llm.paged_cache`): every call goes to `paged_decode_attention` (the Triton paged kernel, any T,
+    windows included, or its reference, which gathers each row's blocks).
     """
+    if block_table is not None:
+        return paged_decode_attention(q, k_cache, v_cache, block_table, lengths, window=window, kernels=kernels)
     T = q.shape[1]
     if host_lengths is None:
         if window is None and T == 1 and use_triton(kernels, q) and not torch.compiler.is_compiling():
