@@ -22,7 +22,7 @@ import threading
 import time
 import typing
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -36,12 +36,15 @@ from llm.config import (
     DataConfig,
     ModelConfig,
     TrainConfig,
-    _base_type,
     add_dataclass_args,
     build,
+    check_configs,
+    check_types,
+    describe_config,
     known_fields,
     load_toml,
     preset,
+    to_toml,
 )
 from llm.data.corpus import DataError
 from llm.data.shards import Loader, fingerprint, load_manifest, prepare
@@ -88,21 +91,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_types(values: dict, source: str) -> None:
-    """TOML values must have their field's type (ints where ints are due, ...)."""
-    for cls in (ModelConfig, DataConfig, TrainConfig):
-        hints = typing.get_type_hints(cls)
-        for f in fields(cls):
-            if f.name not in values:
-                continue
-            tp, optional = _base_type(hints[f.name])
-            v = values[f.name]
-            ok = (v is None and optional) or (isinstance(v, tp) and not (tp is int and isinstance(v, bool))) or (
-                tp is float and isinstance(v, int) and not isinstance(v, bool))
-            if not ok:
-                raise ConfigError(f"{source}: {f.name} must be {tp.__name__}, got {v!r}")
-
-
 def resolve_configs(argv: list[str] | None) -> tuple[ModelConfig, DataConfig, TrainConfig, argparse.Namespace]:
     """(model, data, train configs, args); args.explicit holds the keys set by --config or flags."""
     args = parser().parse_args(argv)
@@ -113,7 +101,7 @@ def resolve_configs(argv: list[str] | None) -> tuple[ModelConfig, DataConfig, Tr
         unknown = set(file_vals) - known_fields() - {"preset"}
         if unknown:
             raise ConfigError(f"unknown keys in {args.config}: {', '.join(sorted(unknown))}")
-        _check_types(file_vals, args.config)
+        check_types(file_vals, args.config)
         if "preset" in file_vals:
             name = file_vals.pop("preset")
             base = base if args.preset else preset(name)
@@ -134,50 +122,6 @@ def resolve_configs(argv: list[str] | None) -> tuple[ModelConfig, DataConfig, Tr
     mcfg, dcfg, tcfg = build(ModelConfig, merged), build(DataConfig, merged), build(TrainConfig, merged)
     check_configs(dcfg, tcfg)
     return mcfg, dcfg, tcfg, args
-
-
-def check_configs(d: DataConfig, t: TrainConfig) -> None:
-    """One clear ConfigError for an out-of-range data or training setting."""
-    rules = [(t.max_steps >= 1, "max_steps must be >= 1"), (t.batch_size >= 1, "batch_size must be >= 1"),
-             (t.grad_accum >= 1, "grad_accum must be >= 1"), (t.lr > 0, "lr must be > 0"),
-             (0 <= t.min_lr <= t.lr, "min_lr must be in [0, lr]"), (t.warmup_steps >= 0, "warmup_steps must be >= 0"),
-             (t.grad_clip >= 0, "grad_clip must be >= 0"), (t.eval_iters >= 1, "eval_iters must be >= 1"),
-             (min(t.eval_interval, t.save_interval, t.log_interval) >= 1, "eval/save/log intervals must be >= 1"),
-             (t.keep_last >= 0, "keep_last must be >= 0"), (t.max_bad_steps >= 1, "max_bad_steps must be >= 1"),
-             (t.global_batch_tokens is None or t.global_batch_tokens >= 1, "global_batch_tokens must be >= 1"),
-             (0 <= d.val_fraction < 1, "val_fraction must be in [0, 1)"), (d.prep_workers >= 1, "prep_workers >= 1"),
-             (d.max_tokens is None or d.max_tokens >= 1, "max_tokens must be >= 1")]
-    for ok, msg in rules:
-        if not ok:
-            raise ConfigError(msg)
-
-
-def describe_config(*cfgs) -> str:
-    """The resolved settings, one `section: key=value ...` line per config."""
-    lines = []
-    for name, cfg in zip(("model", "data", "train"), cfgs):
-        lines.append(f"{name}: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()
-                                            if not (name == "model" and k == "vocab_size")))  # from the tokenizer
-    return "\n".join(lines)
-
-
-def to_toml(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig) -> str:
-    """The resolved settings as a --config file (vocab_size of the model comes from the tokenizer)."""
-    def val(v) -> str:
-        if isinstance(v, bool):
-            return str(v).lower()
-        if isinstance(v, dict):
-            return "{" + ", ".join(f"{k} = {val(x)}" for k, x in v.items() if x is not None) + "}"
-        if isinstance(v, float) and math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return repr(v) if isinstance(v, (int, float)) else '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-    out = []
-    for name, cfg in (("model", mcfg), ("data", dcfg), ("train", tcfg)):
-        out.append(f"[{name}]")
-        out += [f"{k} = {val(v)}" for k, v in asdict(cfg).items()
-                if v is not None and not (name == "model" and k == "vocab_size")]
-    return "\n".join(out) + "\n"
 
 
 # ----------------------------------------------------------------------------- pieces
