@@ -54,6 +54,7 @@ from llm.tokenizer import Tokenizer, TokenizerError
 from llm.train import distributed as dd
 from llm.train.distributed import fmt_bytes
 from llm.train.metrics import MetricsLogger, Progress, device_name, fmt_duration, mfu, peak_flops, plot_losses
+from llm.train.optim import lr_at, make_optimizer
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError)
 DEFAULT_PRESET = "tiny"  # the model trained when no --preset is given
@@ -125,21 +126,6 @@ def resolve_configs(argv: list[str] | None) -> tuple[ModelConfig, DataConfig, Tr
 
 
 # ----------------------------------------------------------------------------- pieces
-
-
-def lr_at(step: int, t: TrainConfig) -> float:
-    """Linear warmup to lr over warmup_steps, then cosine decay to min_lr at max_steps."""
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
-    return t.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (t.lr - t.min_lr)
-
-
-def make_optimizer(model: torch.nn.Module, t: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=device.type == "cuda")
 
 
 @torch.no_grad()
