@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from llm import checkpoint as ck
-from llm.train.trainer import main
+from llm.train.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,7 @@ def straight(tmp):
 CHILD = """
 import os, signal, sys
 from llm import checkpoint
-from llm.train.trainer import main
+from llm.train.cli import main
 
 real_fsync = checkpoint._fsync
 

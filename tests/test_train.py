@@ -13,8 +13,8 @@ from llm.config import ModelConfig, preset
 from llm.model import Transformer
 from llm.train import distributed as dd
 from llm.train import trainer
+from llm.train.cli import main, resolve_configs
 from llm.train.metrics import peak_flops
-from llm.train.trainer import main, resolve_configs
 
 
 @pytest.fixture(scope="module", autouse=True)
