@@ -3,16 +3,20 @@
 Every field becomes a command-line flag (`n_layer` -> `--n-layer`) with its help text
 taken from the field's metadata; see `add_dataclass_args`. Precedence when building a
 config: dataclass defaults < --preset < --config FILE.toml < explicit flags.
+Also here: the range checks of the data and training settings (`check_configs`), the type
+check of --config values (`check_types`), and the resolved settings written back out
+(`describe_config` for the console, `to_toml` for `<out-dir>/config.toml`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import types
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 if sys.version_info >= (3, 11):
@@ -299,3 +303,65 @@ def model_config_from_dict(d: dict) -> ModelConfig:
     if unknown:
         raise ConfigError(f"unknown model config keys: {', '.join(sorted(unknown))}")
     return ModelConfig(**d)
+
+
+# ----------------------------------------------------------------------------- checks and serialisation
+
+
+def check_types(values: dict, source: str) -> None:
+    """TOML values must have their field's type (ints where ints are due, ...)."""
+    for cls in (ModelConfig, DataConfig, TrainConfig):
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            if f.name not in values:
+                continue
+            tp, optional = _base_type(hints[f.name])
+            v = values[f.name]
+            ok = (v is None and optional) or (isinstance(v, tp) and not (tp is int and isinstance(v, bool))) or (
+                tp is float and isinstance(v, int) and not isinstance(v, bool))
+            if not ok:
+                raise ConfigError(f"{source}: {f.name} must be {tp.__name__}, got {v!r}")
+
+
+def check_configs(d: DataConfig, t: TrainConfig) -> None:
+    """One clear ConfigError for an out-of-range data or training setting."""
+    rules = [(t.max_steps >= 1, "max_steps must be >= 1"), (t.batch_size >= 1, "batch_size must be >= 1"),
+             (t.grad_accum >= 1, "grad_accum must be >= 1"), (t.lr > 0, "lr must be > 0"),
+             (0 <= t.min_lr <= t.lr, "min_lr must be in [0, lr]"), (t.warmup_steps >= 0, "warmup_steps must be >= 0"),
+             (t.grad_clip >= 0, "grad_clip must be >= 0"), (t.eval_iters >= 1, "eval_iters must be >= 1"),
+             (min(t.eval_interval, t.save_interval, t.log_interval) >= 1, "eval/save/log intervals must be >= 1"),
+             (t.keep_last >= 0, "keep_last must be >= 0"), (t.max_bad_steps >= 1, "max_bad_steps must be >= 1"),
+             (t.global_batch_tokens is None or t.global_batch_tokens >= 1, "global_batch_tokens must be >= 1"),
+             (0 <= d.val_fraction < 1, "val_fraction must be in [0, 1)"), (d.prep_workers >= 1, "prep_workers >= 1"),
+             (d.max_tokens is None or d.max_tokens >= 1, "max_tokens must be >= 1")]
+    for ok, msg in rules:
+        if not ok:
+            raise ConfigError(msg)
+
+
+def describe_config(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig) -> str:
+    """The resolved settings, one `section: key=value ...` line per config."""
+    lines = []
+    for name, cfg in (("model", mcfg), ("data", dcfg), ("train", tcfg)):
+        lines.append(f"{name}: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()
+                                            if not (name == "model" and k == "vocab_size")))  # from the tokenizer
+    return "\n".join(lines)
+
+
+def to_toml(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig) -> str:
+    """The resolved settings as a --config file (vocab_size of the model comes from the tokenizer)."""
+    def val(v) -> str:
+        if isinstance(v, bool):
+            return str(v).lower()
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k} = {val(x)}" for k, x in v.items() if x is not None) + "}"
+        if isinstance(v, float) and math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v) if isinstance(v, (int, float)) else '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    out = []
+    for name, cfg in (("model", mcfg), ("data", dcfg), ("train", tcfg)):
+        out.append(f"[{name}]")
+        out += [f"{k} = {val(v)}" for k, v in asdict(cfg).items()
+                if v is not None and not (name == "model" and k == "vocab_size")]
+    return "\n".join(out) + "\n"

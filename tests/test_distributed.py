@@ -16,7 +16,7 @@ import pytest
 from conftest import train_argv, write_code_corpus
 
 from llm import checkpoint as ck
-from llm.train.trainer import main
+from llm.train.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # slow: a torchrun launch of 2 processes
@@ -26,7 +26,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 SCRIPT = """
 import json, sys
 from llm.train import distributed as dd
-from llm.train.trainer import resolve_configs, train
+from llm.train.cli import resolve_configs
+from llm.train.trainer import train
 
 jobs = json.loads(sys.argv[1])
 for argv, stop_at in jobs:

@@ -18,7 +18,7 @@ import torch
 from conftest import train_argv, write_code_corpus
 
 from llm import checkpoint as ck
-from llm.train.trainer import main
+from llm.train.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,7 @@ def straight(tmp):
 CHILD = """
 import os, signal, sys
 from llm import checkpoint
-from llm.train.trainer import main
+from llm.train.cli import main
 
 real_fsync = checkpoint._fsync
 

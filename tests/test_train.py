@@ -14,8 +14,8 @@ from llm.config import ModelConfig, preset
 from llm.model import Transformer
 from llm.train import distributed as dd
 from llm.train import trainer
+from llm.train.cli import main, resolve_configs
 from llm.train.metrics import peak_flops
-from llm.train.trainer import main, resolve_configs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -231,7 +231,7 @@ def test_out_of_memory_on_the_first_step_suggests_a_smaller_micro_batch(tmp, mon
 
 def test_keep_last_n_plus_best_by_validation(tmp, monkeypatch):
     vals = iter([3.0, 2.0, 2.5, 2.7])
-    monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: next(vals))
+    monkeypatch.setattr(trainer.Run, "evaluate", lambda *a, **k: next(vals))
     assert main(train_argv(tmp, "keep", max_steps=8, save_interval=2, eval_interval=2, keep_last=2)) == 0
     out = tmp / "keep"
     assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-0000004", "ckpt-0000006", "ckpt-0000008"]
