@@ -183,3 +183,57 @@ def moe_experts(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, topk_id
 
         return kernel(x, w_gate, w_up, w_down, topk_idx, topk_weight)
     return ref.moe_experts_ref(x, w_gate, w_up, w_down, topk_idx, topk_weight)
+
+
+# ----------------------------------------------------------------------------- weight-only quantized linears
+
+
+@cache
+def _torch_cpu_op(name: str) -> bool:
+    """Whether the installed torch has the CPU weight-only kernel `torch.ops.aten.<name>`."""
+    return hasattr(torch.ops.aten, name)
+
+
+def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = None,
+                kernels: str = "auto") -> Tensor:
+    """x @ (q * s[:, None]).T + b for an int8 per-channel weight q (N, K): the Triton W8A16 kernel, torch's
+    CPU kernel (aten._weight_int8pack_mm) for CPU tensors when torch has it, else the reference."""
+    if use_triton(kernels, x):
+        from kernels.quant_matmul import int8_matmul as kernel
+
+        return kernel(x, qweight, scales, bias)
+    if kernels == "auto" and x.device.type == "cpu" and _torch_cpu_op("_weight_int8pack_mm"):
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        y = torch.ops.aten._weight_int8pack_mm(x2, qweight, scales.to(x.dtype))
+        y = y if bias is None else y + bias.to(y.dtype)
+        return y.view(*x.shape[:-1], qweight.shape[0])
+    return ref.int8_matmul_ref(x, qweight, scales, bias)
+
+
+def int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                bias: Tensor | None = None, kernels: str = "auto", cache: dict | None = None) -> Tensor:
+    """x @ dequant(q).T + b for a group-wise int4 weight (kernels/reference.py has the format).
+
+    Triton W4A16 on CUDA; on CPU torch's tinygemm-style kernel (aten._weight_int4pack_mm_for_cpu) when
+    torch has it and the shape fits it (N % 16 == 0, G divides K), else the reference. torch's kernel
+    wants its own packing: it is built on first use and kept in `cache` (a dict the caller owns, one per
+    weight), keyed by the weight's storage and the activation dtype.
+    """
+    if use_triton(kernels, x):
+        from kernels.quant_matmul import int4_matmul as kernel
+
+        return kernel(x, qweight, scales, zeros, group_size, bias)
+    N, K = qweight.shape[0], x.shape[-1]
+    if (kernels == "auto" and x.device.type == "cpu" and cache is not None and N % 16 == 0 and K % group_size == 0
+            and _torch_cpu_op("_weight_int4pack_mm_for_cpu")):
+        key = (qweight.data_ptr(), scales.data_ptr(), x.dtype)
+        if cache.get("key") != key:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(ref.int4_unpack_ref(qweight, K), 1)
+            sz = torch.stack([scales.t(), zeros.t()], dim=-1).to(x.dtype).contiguous()  # (K/G, N, 2)
+            cache.clear()
+            cache.update(key=key, packed=packed, scales_zeros=sz)
+        x2 = x.reshape(-1, K).contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, cache["packed"], group_size, cache["scales_zeros"])
+        y = y if bias is None else y + bias.to(y.dtype)
+        return y.view(*x.shape[:-1], N)
+    return ref.int4_matmul_ref(x, qweight, scales, zeros, group_size, bias)

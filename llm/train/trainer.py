@@ -46,13 +46,14 @@ from llm.config import (
 from llm.data.corpus import DataError
 from llm.data.shards import Loader, fingerprint, load_manifest, prepare
 from llm.model import Transformer
+from llm.quant import QuantError, refuse_training
 from llm.runtime import pick_dtype
 from llm.tokenizer import Tokenizer, TokenizerError
 from llm.train import distributed as dd
 from llm.train.distributed import fmt_bytes
 from llm.train.metrics import MetricsLogger, Progress, device_name, fmt_duration, mfu, peak_flops, plot_losses
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError, QuantError)
 DEFAULT_PRESET = "tiny"  # the model trained when no --preset is given
 
 
@@ -126,6 +127,7 @@ def resolve_configs(argv: list[str] | None) -> tuple[ModelConfig, DataConfig, Tr
                               "a new run")
         src = ckpt_io.resolve(args.resume or out)
         saved = ckpt_io.read_config(src)
+        refuse_training(saved, "--resume")
         base = {**saved.get("model", {}), **saved.get("data", {}), **saved.get("train", {}),
                 "out_dir": str(src.parent)} | ({} if args.preset is None else preset(args.preset))
         base.pop("path", None)
@@ -250,11 +252,13 @@ def train(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str | 
     src = state = None
     if resume is not None:
         src = ckpt_io.resolve(resume or out)
+        refuse_training(ckpt_io.read_config(src), "--resume")
         state = ckpt_io.read_trainer_state(src)
     init_tok = None
     if tcfg.init_from and src is None:
-        init_model, init_tok, _ = loading.load_model(tcfg.init_from, "cpu", torch.float32, kernels=mcfg.kernels,
-                                                     dropout=mcfg.dropout)
+        init_model, init_tok, init_cfg = loading.load_model(tcfg.init_from, "cpu", torch.float32,
+                                                            kernels=mcfg.kernels, dropout=mcfg.dropout)
+        refuse_training(init_cfg, "--init-from")
         mcfg = init_model.cfg
     say(describe_config(mcfg, dcfg, tcfg))
 
