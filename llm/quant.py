@@ -147,7 +147,7 @@ class QuantLinear(nn.Module):
             m.qweight, m.scales, m.zeros = quantize_int4(w, group_size)
         if lin.bias is not None:
             m.bias = lin.bias.detach().clone()
-        return m
+        return m.to(w.dtype)  # fp16-rounded scales, upcast exactly: compute runs in the model's dtype
 
     @property
     def weight(self) -> Tensor:
@@ -181,7 +181,7 @@ class QuantEmbedding(nn.Module):
     def from_embedding(cls, emb: nn.Embedding) -> QuantEmbedding:
         m = cls(*emb.weight.shape, device=emb.weight.device)
         m.qweight, m.scales = quantize_int8(emb.weight)
-        return m
+        return m.to(emb.weight.dtype)
 
     @property
     def weight(self) -> Tensor:
@@ -216,6 +216,13 @@ def quantize_model(model: nn.Module, scheme: dict) -> nn.Module:
         model.cfg = replace(model.cfg, tie_embeddings=False)  # both are stored now
     model.quantization = scheme
     return model
+
+
+def storage_state(model: nn.Module) -> dict[str, Tensor]:
+    """The state dict to save: scales and offsets in fp16 (exact: they were rounded to fp16 when quantized)."""
+    names = {f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))
+             for b in ("scales", "zeros")}
+    return {k: v.to(SCALE_DTYPE) if k in names else v for k, v in model.state_dict().items()}
 
 
 def prepare_quantized(model: nn.Module, scheme: dict) -> nn.Module:

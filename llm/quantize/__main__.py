@@ -16,7 +16,7 @@ import torch
 
 from llm import checkpoint as ckpt_io
 from llm.loading import load_model
-from llm.quant import GROUP_SIZES, MODES, QuantError, describe, make_scheme, quantize_model
+from llm.quant import GROUP_SIZES, MODES, QuantError, describe, make_scheme, quantize_model, storage_state
 
 
 def parser() -> argparse.ArgumentParser:
@@ -44,7 +44,8 @@ def quantize_checkpoint(src: str, out: str | Path, scheme: dict) -> Path:
                          "checkpoint instead (codes quantized twice stack both errors)")
     quantize_model(model, scheme)
     extra = {"quantization": scheme, "quantized_from": str(src)}
-    return ckpt_io.save(out.parent, out.name, model, tok, extra=extra, pointer=None)
+    return ckpt_io.save(out.parent, out.name, model, tok, extra=extra, model_state=storage_state(model),
+                       pointer=None)
 
 
 def main(argv: list[str] | None = None) -> int:
