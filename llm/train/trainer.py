@@ -127,7 +127,6 @@ def resolve_configs(argv: list[str] | None) -> tuple[ModelConfig, DataConfig, Tr
                               "a new run")
         src = ckpt_io.resolve(args.resume or out)
         saved = ckpt_io.read_config(src)
-        refuse_training(saved, "--resume")
         base = {**saved.get("model", {}), **saved.get("data", {}), **saved.get("train", {}),
                 "out_dir": str(src.parent)} | ({} if args.preset is None else preset(args.preset))
         base.pop("path", None)
@@ -256,8 +255,8 @@ def train(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str | 
         state = ckpt_io.read_trainer_state(src)
     init_tok = None
     if tcfg.init_from and src is None:
-        init_model, init_tok, init_cfg = loading.load_model(tcfg.init_from, "cpu", torch.float32,
-                                                            kernels=mcfg.kernels, dropout=mcfg.dropout)
+        init_model, init_tok, init_cfg = loading.load_model(tcfg.init_from, "cpu", torch.float32, kernels=mcfg.kernels,
+                                                            dropout=mcfg.dropout)
         refuse_training(init_cfg, "--init-from")
         mcfg = init_model.cfg
     say(describe_config(mcfg, dcfg, tcfg))
