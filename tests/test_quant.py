@@ -18,7 +18,7 @@ from llm.loading import load_model
 from llm.model import Transformer
 from llm.quantize.__main__ import main as quantize_main
 from llm.tokenizer import Tokenizer
-from llm.train.trainer import main as train_main
+from llm.train.cli import main as train_main
 
 
 @pytest.fixture(autouse=True)
