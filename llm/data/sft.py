@@ -259,10 +259,13 @@ class SFTLoader:
         self.ids, self.mask, self.offsets = arrs["ids"], arrs["mask"], arrs["offsets"]
         self.n = len(self.offsets) - 1
 
-    def batch(self, step: int, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    def picks(self, step: int) -> np.ndarray:
+        """The example indices of batch `step` (drawn with replacement)."""
         rng = np.random.default_rng([self.seed, self.rank, step, 0 if self.split == "train" else 1])
-        picks = rng.integers(0, self.n, size=self.batch_size)
-        spans = [(int(self.offsets[i]), int(self.offsets[i + 1])) for i in picks]
+        return rng.integers(0, self.n, size=self.batch_size)
+
+    def batch(self, step: int, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        spans = [(int(self.offsets[i]), int(self.offsets[i + 1])) for i in self.picks(step)]
         L = max(b - a for a, b in spans) - 1
         x = torch.zeros(self.batch_size, L, dtype=torch.long)
         y = torch.full((self.batch_size, L), IGNORE, dtype=torch.long)
