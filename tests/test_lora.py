@@ -18,7 +18,7 @@ def randomized(model, seed=1):
     """B != 0 so the adapters change the output."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for k, p in lora.adapter_tensors(model).items():
+        for p in lora.adapter_tensors(model).values():
             p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     return model
 
@@ -75,7 +75,8 @@ def save_adapter_dir(tmp_path, model, tok, base="base"):
 def test_adapter_on_the_wrong_base_names_what_differs(tmp_path):
     tok = Tokenizer.train(["hello world " * 20], 300)
     adir = save_adapter_dir(tmp_path, tiny_model(vocab_size=tok.n_vocab), tok)
-    with pytest.raises(ck.CheckpointError, match="trained on another base: head_dim 8 vs base 12, n_embd 32 vs base 48"):
+    msg = "trained on another base: head_dim 8 vs base 12, n_embd 32 vs base 48"
+    with pytest.raises(ck.CheckpointError, match=msg):
         lora.load_adapter(tiny_model(vocab_size=tok.n_vocab, n_embd=48), adir)
 
 
