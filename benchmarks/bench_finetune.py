@@ -25,6 +25,7 @@ from llm.chat import prompt_ids
 from llm.config import DataConfig, ModelConfig, preset
 from llm.data import sft
 from llm.generate.api import complete
+from llm.generate.sampling import SamplingParams
 from llm.loading import load_model
 from llm.model import Transformer
 from llm.train.distributed import fmt_bytes
@@ -118,7 +119,7 @@ def quality(args) -> None:
     lb, lf = _answer_loss(base, path, ft.cfg.block_size), _answer_loss(ft, path, ft.cfg.block_size)
     held = [m for s, _, m in sft.examples(dcfg) if s == "val"][: args.n_generate]
     prompts = [sft_prompt(tok, m) for m in held]
-    comps = complete(ft, tok, prompts, args.max_new_tokens)
+    comps = complete(ft, tok, prompts, args.max_new_tokens, params=SamplingParams(0.0))  # greedy
     ended = sum(c.finish_reason == "eos" for c in comps)
     print(f"held-out answer loss: base {lb:.4f}, fine-tuned {lf:.4f} ({100 * (1 - lf / lb):.1f}% lower)")
     print(f"greedy answers ending with the end-of-turn token: {ended}/{len(comps)} ({100 * ended / len(comps):.1f}%)")
