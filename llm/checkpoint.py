@@ -46,12 +46,15 @@ class CheckpointError(ValueError):
 
 def save(out_dir: str | Path, name: str, model: torch.nn.Module, tokenizer: Tokenizer, extra: dict | None = None,
          optimizer: torch.optim.Optimizer | dict | None = None, trainer_state: dict | None = None,
-         model_state: dict[str, torch.Tensor] | None = None, pointer: str | None = LATEST) -> Path:
+         model_state: dict[str, torch.Tensor] | None = None, weights_file: str = MODEL_FILE,
+         json_files: dict[str, dict] | None = None, pointer: str | None = LATEST) -> Path:
     """Write checkpoint `out_dir/name` atomically and point `out_dir/latest` at it (pointer=None: no pointer,
     for a checkpoint that is its own directory, e.g. a quantized copy).
 
     `optimizer` may be an optimizer or its (full) state dict, and `model_state` a full state
     dict to write instead of `model.state_dict()` (FSDP gathers both from every rank first).
+    A LoRA run writes its adapter tensors as `model_state` into weights_file="adapter.safetensors",
+    and json_files {name: dict} adds files such as adapter_config.json.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -61,7 +64,7 @@ def save(out_dir: str | Path, name: str, model: torch.nn.Module, tokenizer: Toke
         shutil.rmtree(tmp)
     tmp.mkdir()
     tensors = model_tensors(model, model_state)
-    save_file(tensors, tmp / MODEL_FILE, metadata={"format": FORMAT, "crc32": json.dumps(_crcs(tensors))})
+    save_file(tensors, tmp / weights_file, metadata={"format": FORMAT, "crc32": json.dumps(_crcs(tensors))})
     cfg = {"format": FORMAT, "version": VERSION, "model": model.cfg.__dict__ | {},
            "tokenizer": tokenizer.save(tmp), **(extra or {})}
     _write_json(tmp / CONFIG_FILE, cfg)
@@ -70,6 +73,8 @@ def save(out_dir: str | Path, name: str, model: torch.nn.Module, tokenizer: Toke
         save_file(opt_tensors, tmp / OPTIM_FILE, metadata={"format": FORMAT, "param_groups": json.dumps(opt_meta)})
     if trainer_state is not None:
         _write_json(tmp / TRAINER_FILE, trainer_state)
+    for fname, obj in (json_files or {}).items():
+        _write_json(tmp / fname, obj)
     for f in tmp.iterdir():
         _fsync(f)
     if final.exists():

@@ -144,6 +144,9 @@ class DataConfig:
     max_tokens: int | None = _f(None, "stop preparing the train split after this many tokens (streamed "
                                       "datasets are large; default: all)")
     prep_workers: int = _f(4, "threads tokenizing documents during preparation")
+    score_prompt: bool = _f(False, "fine-tuning data: score every token, the prompt too (default: only the answers)")
+    sft_overlong: str = _f("drop", "fine-tuning data: an example longer than the context is dropped or truncated "
+                                   "(the count is printed)", choices=("drop", "truncate"))
 
 
 @dataclass
@@ -180,6 +183,11 @@ class TrainConfig:
     deterministic: bool = _f(False, "deterministic algorithms only (bit-exact resume on GPU; slower)")
     init_from: str | None = _f(None, "initialise the weights from this checkpoint or Hugging Face model dir "
                                      "(its architecture and tokenizer are used)")
+    lora_rank: int | None = _f(None, "fine-tune with LoRA adapters of this rank, the base frozen (default: full "
+                                     "fine-tuning)")
+    lora_alpha: float = _f(16.0, "LoRA alpha: the update is scaled by alpha / rank")
+    lora_dropout: float = _f(0.05, "dropout on the LoRA input")
+    lora_targets: str = _f("q,v", "projections that get adapters, comma-separated from q,k,v,o,gate,up,down")
 
 
 PRESETS: dict[str, dict] = {
@@ -333,7 +341,10 @@ def check_configs(d: DataConfig, t: TrainConfig) -> None:
              (t.keep_last >= 0, "keep_last must be >= 0"), (t.max_bad_steps >= 1, "max_bad_steps must be >= 1"),
              (t.global_batch_tokens is None or t.global_batch_tokens >= 1, "global_batch_tokens must be >= 1"),
              (0 <= d.val_fraction < 1, "val_fraction must be in [0, 1)"), (d.prep_workers >= 1, "prep_workers >= 1"),
-             (d.max_tokens is None or d.max_tokens >= 1, "max_tokens must be >= 1")]
+             (d.max_tokens is None or d.max_tokens >= 1, "max_tokens must be >= 1"),
+             (t.lora_rank is None or t.lora_rank >= 1, f"--lora-rank must be >= 1, got {t.lora_rank}"),
+             (0 <= t.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
+             (d.sft_overlong in ("drop", "truncate"), "sft_overlong must be drop or truncate")]
     for ok, msg in rules:
         if not ok:
             raise ConfigError(msg)

@@ -1,4 +1,5 @@
-"""One entry point for every checkpoint argument: our checkpoint dirs, training out-dirs, Hugging Face dirs."""
+"""One entry point for every checkpoint argument: our checkpoint dirs, training out-dirs, Hugging Face dirs,
+and LoRA adapters on top of any of them (a LoRA run's checkpoint names its base)."""
 
 from __future__ import annotations
 
@@ -6,28 +7,48 @@ from pathlib import Path
 
 import torch
 
-from llm.checkpoint import load_checkpoint
+from llm import lora as lora_io
+from llm.checkpoint import MODEL_FILE, load_checkpoint, read_config, resolve
 from llm.interop.hf import is_hf_dir, load_hf
 from llm.model import Transformer
-from llm.quant import quantize_loaded
+from llm.quant import QuantError, quantize_loaded
 from llm.tokenizer import Tokenizer
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               quantize: dict | None = None, **overrides) -> tuple[Transformer, Tokenizer, dict]:
+               quantize: dict | None = None, lora: str | Path | None = None,
+               **overrides) -> tuple[Transformer, Tokenizer, dict]:
     """(model in eval mode, tokenizer, config dict) from a checkpoint dir, an out_dir, or a Hugging Face model dir
-    (quantized checkpoints included).
+    (quantized checkpoints and LoRA checkpoints included).
 
     quantize: a scheme (llm.quant.make_scheme) to quantize the weights with at load: they are read in fp32
     on the CPU, quantized, then moved to device / dtype; the returned config records the scheme.
+    lora: an adapter dir (a LoRA run's checkpoint or out_dir) applied unmerged, with its tokenizer (which may
+    hold added chat tokens). A LoRA run's checkpoint passed as `path` loads its recorded base with it.
     overrides replace model config fields (run-time ones such as kernels or dropout).
     """
+    if lora is None and not is_hf_dir(path):
+        ckpt = resolve(path)
+        if (ckpt / lora_io.ADAPTER_CONFIG).is_file() and not (ckpt / MODEL_FILE).is_file():
+            path, lora = lora_io.read_adapter_config(ckpt)["base"], ckpt
     load = load_hf if is_hf_dir(path) else load_checkpoint
-    if quantize is None:
-        return load(path, device, dtype, **overrides)
-    model, tok, cfg = load(path, "cpu", None, **overrides)
-    if not cfg.get("quantization"):
-        model = model.float()
-    model = quantize_loaded(model, cfg, quantize).to(device=device, dtype=dtype)
-    model.init_buffers(device)  # RoPE tables stay fp32 whatever the weights' dtype
-    return model.eval(), tok, {**cfg, "model": dict(model.cfg.__dict__), "quantization": quantize}
+    if lora is not None and quantize is not None:
+        raise QuantError("a LoRA adapter on a quantized base is not supported: merge it first "
+                         "(python -m llm.interop.adapters merge) and quantize the merged checkpoint")
+    if quantize is not None:
+        model, tok, cfg = load(path, "cpu", None, **overrides)
+        if not cfg.get("quantization"):
+            model = model.float()
+        model = quantize_loaded(model, cfg, quantize).to(device=device, dtype=dtype)
+        model.init_buffers(device)  # RoPE tables stay fp32 whatever the weights' dtype
+        return model.eval(), tok, {**cfg, "model": dict(model.cfg.__dict__), "quantization": quantize}
+    model, tok, cfg = load(path, device, dtype, **overrides)
+    if lora is None:
+        return model, tok, cfg
+    if cfg.get("quantization"):
+        raise QuantError(f"{path} is quantized: a LoRA adapter needs a plain base (merge the adapter into the "
+                         "unquantized base with python -m llm.interop.adapters merge, then quantize)")
+    adir = resolve(lora)
+    lora_io.load_adapter(model, adir)
+    acfg = read_config(adir)
+    return model.eval(), Tokenizer.load(adir, acfg["tokenizer"]), cfg | {"lora": str(adir)}

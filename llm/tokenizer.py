@@ -31,6 +31,7 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 EOT = "<|endoftext|>"
 NAMED = ("gpt2", "r50k_base", "p50k_base", "cl100k_base", "o200k_base")
 FILE = "tokenizer.tiktoken"
+EXTRA_KEYS = ("eot", "bos", "add_bos", "normalize", "always", "chat_template")  # info keys a BPE reload keeps
 
 
 class TokenizerError(ValueError):
@@ -133,7 +134,7 @@ class Tokenizer:
                                  "no eos_token_id in config.json)")
         bos = bos_first or _special_name(tcfg.get("bos_token"))
         add_bos = bos_first is not None or bool(tcfg.get("add_bos_token", False))
-        info = {"eot": eot, "bos": bos, "add_bos": add_bos}
+        info = {"eot": eot, "bos": bos, "add_bos": add_bos} | _chat_template(d, tcfg)
         ranks = _ranks_from_merges(vocab, merges, added) if vocab is not None else None
         try:
             if ranks is None:  # not plain byte-level BPE: the tokenizers library runs it
@@ -192,8 +193,26 @@ class Tokenizer:
         except ValueError:
             raise TokenizerError(f"tokenizer file {path} is not in tiktoken format") from None
         special = {str(k): int(v) for k, v in info.get("special_tokens", {EOT: len(ranks)}).items()}
-        extra = {k: info[k] for k in ("eot", "bos", "add_bos", "normalize", "always") if k in info}
+        extra = {k: info[k] for k in EXTRA_KEYS if k in info}
         return cls.from_ranks(ranks, info.get("pattern", PATTERN), special, extra=extra)
+
+    def special_tokens(self) -> dict[str, int]:
+        """Special-token string -> id."""
+        return dict(self.enc._special_tokens)
+
+    def with_special(self, tokens: Iterable[str], **info) -> Tokenizer:
+        """A copy with `tokens` added as special tokens after the last id; `info` sets keys such as eot, bos,
+        chat_template. Byte-level BPE tokenizers only (ours, named tiktoken ones, HF byte-level BPE)."""
+        if self.info["kind"] not in ("bpe", "tiktoken"):
+            raise TokenizerError(f"cannot add special tokens to a {self.info['kind']!r} tokenizer (only byte-level "
+                                 "BPE ones); give the model a chat template that uses its own tokens")
+        ranks = self._ranks if self.info["kind"] == "bpe" else self.enc._mergeable_ranks
+        special, nxt = self.special_tokens(), self.n_vocab
+        for t in tokens:
+            if t not in special:
+                special[t], nxt = nxt, nxt + 1
+        extra = {k: self.info[k] for k in EXTRA_KEYS if k in self.info} | info
+        return Tokenizer.from_ranks(ranks, self.enc._pat_str, special, name=self.enc.name, extra=extra)
 
     # ------------------------------------------------------------------ use
 
@@ -248,6 +267,15 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TokenizerError(f"{path} is not valid JSON ({e})") from None
+
+
+def _chat_template(d: Path, tcfg: dict) -> dict:
+    """{"chat_template": text} from chat_template.jinja or tokenizer_config.json ({} when the model has none)."""
+    t = (d / "chat_template.jinja").read_text(encoding="utf-8") if (d / "chat_template.jinja").is_file() else \
+        tcfg.get("chat_template")
+    if isinstance(t, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        t = next((x["template"] for x in t if x.get("name") == "default"), None)
+    return {"chat_template": t} if isinstance(t, str) and t else {}
 
 
 def _special_name(tok) -> str | None:

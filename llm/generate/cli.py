@@ -7,6 +7,7 @@ import re
 import sys
 from pathlib import Path
 
+from llm.chat import prompt_ids
 from llm.generate.api import complete, encode_prompts, stream_text
 from llm.generate.decode import CPU_CHUNK, fit_prompts
 from llm.generate.sampling import SamplingError, SamplingParams
@@ -55,6 +56,12 @@ def parser() -> argparse.ArgumentParser:
                    help="tokens drafted per target pass (default 4 with --draft-checkpoint / --prompt-lookup)")
     p.add_argument("--compare-plain", action="store_true",
                    help="with speculative decoding: also run plain decoding and print both speeds")
+    p.add_argument("--lora", default=None, metavar="DIR",
+                   help="apply the LoRA adapter in DIR (a LoRA run's checkpoint or out dir) to --checkpoint, unmerged")
+    p.add_argument("--chat", action="store_true",
+                   help="chat with the model through its chat template: each --prompt is one user turn; without "
+                        "--prompt, an interactive multi-turn session (streamed; an empty line or Ctrl-D ends it)")
+    p.add_argument("--system", default=None, help="with --chat: a system message opening the conversation")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weights and compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
@@ -111,10 +118,13 @@ def main(argv: list[str] | None = None) -> int:
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
         overrides = {"kernels": args.kernels} if args.kernels else {}
+        if args.system is not None and not args.chat:
+            raise SamplingError("--system needs --chat")
         scheme = make_scheme(args.quantize, args.group_size) if args.quantize else None
-        model, tok, _ = load_model(args.checkpoint, device, dtype, quantize=scheme, **overrides)
-        ids = encode_prompts(tok, texts, args.max_new_tokens, model.cfg.block_size, args.truncate_prompt)
-        if not args.quiet:
+        model, tok, _ = load_model(args.checkpoint, device, dtype, quantize=scheme, lora=args.lora, **overrides)
+        prompts = [chat_prompt(tok, t, args.system) for t in texts] if args.chat else texts
+        ids = encode_prompts(tok, prompts, args.max_new_tokens, model.cfg.block_size, args.truncate_prompt)
+        if not args.quiet and not args.chat:
             for t, i in zip(texts, ids):
                 if len(i) < len(tok.encode(t, bos=tok.add_bos)):
                     print(f"note: prompt truncated to its last {len(i)} tokens to fit the context", file=sys.stderr)
@@ -126,14 +136,17 @@ def main(argv: list[str] | None = None) -> int:
                   truncate_prompt=args.truncate_prompt, seed=args.seed, prefill_chunk=args.prefill_chunk, stats=stats)
         if spec:
             kw["speculative"] = spec
+        if args.chat and not (args.prompt or args.prompt_file):
+            chat_loop(model, tok, args.system, args.max_new_tokens, mode=mode, **kw)
+            return 0
         if args.stream:
             if not args.quiet:
                 print(texts[0], end="", flush=True)
-            for _, piece in stream_text(model, tok, texts, args.max_new_tokens, mode=mode, **kw):
+            for _, piece in stream_text(model, tok, prompts, args.max_new_tokens, mode=mode, **kw):
                 print(piece, end="", flush=True)
             print()
         else:
-            comps = complete(model, tok, texts, args.max_new_tokens, num_beams=args.num_beams, mode=mode,
+            comps = complete(model, tok, prompts, args.max_new_tokens, num_beams=args.num_beams, mode=mode,
                              length_penalty=args.length_penalty, **kw)
             per_prompt = len(comps) // len(texts)
             for r, c in enumerate(comps):
@@ -149,11 +162,36 @@ def main(argv: list[str] | None = None) -> int:
             print(stats.spec_line(), file=sys.stderr)
     if args.compare_plain:
         plain = Stats()
-        complete(model, tok, texts, args.max_new_tokens, **(kw | dict(speculative=None, stats=plain)))
+        complete(model, tok, prompts, args.max_new_tokens, **(kw | dict(speculative=None, stats=plain)))
         a, b = stats.decode_tok_s, plain.decode_tok_s
         ratio = f" | speculative x{a / b:.2f}" if a and b else ""
         print(f"--- plain decoding: {plain.line()[4:]}{ratio}", file=sys.stderr)
     return 0
+
+
+def chat_prompt(tok, text: str, system: str | None, history: list[dict] | None = None) -> list[int]:
+    """The ids of a conversation (system, history, then `text` as the user turn) up to the assistant's opening."""
+    msgs = ([{"role": "system", "content": system}] if system else []) + (history or [])
+    return prompt_ids(tok, msgs + [{"role": "user", "content": text}])
+
+
+def chat_loop(model, tok, system: str | None, max_new_tokens: int, **kw) -> None:
+    """Interactive chat on stdin/stdout: each line is a user turn, the answer streams back; history is kept."""
+    history: list[dict] = []
+    print("chat: type a message; an empty line or Ctrl-D ends the session", file=sys.stderr)
+    while True:
+        try:
+            text = input("> ")
+        except EOFError:
+            break
+        if not text.strip():
+            break
+        answer = ""
+        for _, piece in stream_text(model, tok, [chat_prompt(tok, text, system, history)], max_new_tokens, **kw):
+            answer += piece
+            print(piece, end="", flush=True)
+        print()
+        history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
 
 
 def _speculation(args: argparse.Namespace, model, tok, device, dtype, overrides: dict) -> Speculation | None:

@@ -104,6 +104,8 @@ def export_tokenizer(tok: Tokenizer, out: Path, max_len: int) -> None:
     conf = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len,
             "clean_up_tokenization_spaces": False, "eos_token": tok.decode([tok.eot_id]),
             "bos_token": tok.decode([tok.bos_id])}
+    if tok.info.get("chat_template"):
+        conf["chat_template"] = tok.info["chat_template"]
     (out / "tokenizer_config.json").write_text(json.dumps(conf, indent=2) + "\n")
 
 

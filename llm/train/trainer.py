@@ -29,14 +29,16 @@ from pathlib import Path
 import torch
 
 from llm import checkpoint as ckpt_io
-from llm import loading, ops
+from llm import loading, lora, ops
 from llm.config import ConfigError, DataConfig, ModelConfig, TrainConfig, check_configs, describe_config, to_toml
-from llm.data.shards import Loader, fingerprint, load_manifest, prepare
+from llm.data.sft import SFTLoader, open_loader
+from llm.data.shards import Loader, fingerprint, load_manifest
 from llm.model import Transformer
 from llm.quant import refuse_training
 from llm.runtime import pick_dtype
 from llm.tokenizer import Tokenizer
 from llm.train import distributed as dd
+from llm.train import finetune
 from llm.train.distributed import fmt_bytes
 from llm.train.metrics import MetricsLogger, Progress, device_name, fmt_duration, mfu, peak_flops, plot_losses
 from llm.train.optim import lr_at, make_optimizer
@@ -84,8 +86,8 @@ class Run:
     fwd: torch.nn.Module             # the model as trained: DDP / FSDP2 / compiled, or the model itself
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler     # enabled for float16 only
-    train_loader: Loader
-    val_loader: Loader
+    train_loader: Loader | SFTLoader
+    val_loader: Loader | SFTLoader
     plan: dd.Plan
     flops_per_token: float
     peak: float | None               # the device's peak FLOP/s for MFU (None: unknown)
@@ -103,6 +105,7 @@ class Run:
     loss: float = float("nan")       # the last step's train loss
     val_loss: float | None = None    # the last validation loss
     saved_name: str | None = None    # the checkpoint last written to (or resumed from) out
+    adapter: dict | None = None      # LoRA: the adapter config; checkpoints then hold the adapter, not the model
     logger: MetricsLogger = field(init=False)  # opened by _setup after the run is announced (wandb prints)
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -170,7 +173,12 @@ class Run:
                   "best_val": None if math.isinf(self.best_val) else self.best_val, "skipped": self.skipped,
                   "data": {"path": str(self.data_path), "fingerprint": self.data_id,
                            "micro_batches": self.step * A * d.world}}
-            if name != self.saved_name:
+            if name != self.saved_name and self.adapter is not None:
+                ckpt_io.save(self.out, name, self.model, self.tok, self.extra, osd, st,
+                             lora.adapter_tensors(self.model), weights_file=lora.ADAPTER_FILE,
+                             json_files={lora.ADAPTER_CONFIG: self.adapter})
+                self.saved_name = name
+            elif name != self.saved_name:
                 ckpt_io.save(self.out, name, self.model, self.tok, self.extra, osd, st, msd)
                 self.saved_name = name
             if best:
@@ -184,29 +192,34 @@ class Run:
 
 
 def _model_and_data(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, d: dd.Dist, say: Say,
-                    init: bool) -> tuple[ModelConfig, Transformer, Tokenizer, Path, dict]:
+                    init: bool) -> tuple[ModelConfig, Transformer, Tokenizer, Path, dict, dict | None]:
     """The dataset prepared (local rank 0 first) and the model, seeded and built, or loaded with its tokenizer
-    from --init-from when `init`: (model config, model on d.device, tokenizer, data path, manifest)."""
+    from --init-from when `init` (fine-tuning: chat tokens added, LoRA applied, llm/train/finetune.py):
+    (model config, model on d.device, tokenizer, data path, manifest, adapter config or None)."""
     init_model = init_tok = None
+    added: list[str] = []
     if init:
         init_model, init_tok, init_cfg = loading.load_model(tcfg.init_from, "cpu", torch.float32,
                                                             kernels=mcfg.kernels, dropout=mcfg.dropout)
         refuse_training(init_cfg, "--init-from")
+        base_vocab = init_tok.n_vocab
+        init_tok, added = finetune.tokenizer(init_tok, dcfg)
         mcfg = init_model.cfg
     say(describe_config(mcfg, dcfg, tcfg))
     if d.local_rank == 0:
-        prepare(dcfg, say, tokenizer=init_tok)
+        finetune.prepare(dcfg, init_tok, mcfg.block_size, say)
     dd.barrier(d)
-    data_path = prepare(dcfg, say, tokenizer=init_tok)
+    data_path = finetune.prepare(dcfg, init_tok, mcfg.block_size, say)
     manifest = load_manifest(data_path)
     tok = init_tok or Tokenizer.load(data_path, manifest["tokenizer"])
     if init_tok is None:
         mcfg = ModelConfig(**{**asdict(mcfg), "vocab_size": tok.n_vocab})
-    elif tok.n_vocab > mcfg.padded_vocab_size:
+    elif tok.n_vocab - len(added) > mcfg.padded_vocab_size:
         raise ConfigError(f"--init-from: the tokenizer has {tok.n_vocab} ids, more than the model's vocab")
     torch.manual_seed(tcfg.seed)
     model = (init_model if init_tok is not None else Transformer(mcfg)).to(d.device)
-    return mcfg, model, tok, data_path, manifest
+    adapter = finetune.adapt(model, tcfg, base_vocab, added, say) if init else None
+    return model.cfg, model, tok, data_path, manifest, adapter
 
 
 def _plan(mcfg: ModelConfig, n_params: int, tcfg: TrainConfig, d: dd.Dist, dtype: torch.dtype,
@@ -255,16 +268,16 @@ def _setup(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str |
         src = ckpt_io.resolve(resume or out)
         refuse_training(ckpt_io.read_config(src), "--resume")
         state = ckpt_io.read_trainer_state(src)
-    init = bool(tcfg.init_from) and src is None
-    mcfg, model, tok, data_path, manifest = _model_and_data(mcfg, dcfg, tcfg, d, say, init)
+    finetune.check(dcfg, tcfg)
+    init = bool(tcfg.init_from) and (src is None or finetune.is_finetune(dcfg, tcfg))  # a fine-tune reloads its base
+    mcfg, model, tok, data_path, manifest, adapter = _model_and_data(mcfg, dcfg, tcfg, d, say, init)
     n_params = model.num_params()
     plan = _plan(mcfg, n_params, tcfg, d, dtype, explicit)
     tcfg = replace(tcfg, batch_size=plan.batch_size, grad_accum=plan.grad_accum)
     data_id = fingerprint(manifest)
     if src is not None:
         check_resume(src, state, mcfg, tcfg, d.world, data_id, say)
-        tensors, _ = ckpt_io.read_tensors(src / ckpt_io.MODEL_FILE, device=str(device))
-        ckpt_io.load_into(model, tensors, src / ckpt_io.MODEL_FILE)
+        finetune.load_weights(model, src, adapter, device)
     model.train()
     flops_per_token = model.flops_per_token()
     fwd = dd.wrap(model, d, tcfg.fsdp, tcfg.activation_checkpointing, tcfg.compile)
@@ -278,8 +291,8 @@ def _setup(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str |
         torch.manual_seed(tcfg.seed + d.rank)  # dropout streams differ per rank
     T = mcfg.block_size
     run = Run(d=d, tcfg=tcfg, dtype=dtype, model=model, n_params=n_params, fwd=fwd, optimizer=optimizer,
-              scaler=scaler, train_loader=Loader(data_path, "train", tcfg.batch_size, T, tcfg.seed),
-              val_loader=Loader(data_path, "val", tcfg.batch_size, T, tcfg.seed), plan=plan,
+              scaler=scaler, train_loader=open_loader(data_path, "train", tcfg.batch_size, T, tcfg.seed),
+              val_loader=open_loader(data_path, "val", tcfg.batch_size, T, tcfg.seed), plan=plan, adapter=adapter,
               flops_per_token=flops_per_token, peak=peak_flops(device, dtype), say=say, out=out, tok=tok,
               extra={"train": asdict(tcfg), "data": asdict(dcfg) | {"path": str(data_path)}},
               data_path=data_path, data_id=data_id, manifest=manifest, start_step=start_step, step=start_step,

@@ -1,0 +1,180 @@
+"""Fine-tuning data, chat templates and the fine-tuning runs (llm/data/sft.py, llm/chat.py, llm/train/finetune.py).
+
+RELIABILITY.md promises 19 (bad fine-tuning data: one line naming the file and line) and 21 (LoRA runs
+resume exactly).
+"""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model, train_argv, write_code_corpus
+
+from llm import chat
+from llm import checkpoint as ck
+from llm.config import DataConfig
+from llm.data import sft
+from llm.data.corpus import DataError
+from llm.loading import load_model
+from llm.tokenizer import Tokenizer
+from llm.train.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Real-world templates: Meta-Llama-3-8B-Instruct's, Qwen2-Instruct's (ChatML with a default system turn), and
+# Mistral-Instruct-v0.1's (raise_exception on roles out of order).
+LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' "
+          "+ message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 "
+          "== 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if "
+          "add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+QWEN2 = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+         "You are a helpful assistant.<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+         "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>"
+         "assistant\n' }}{% endif %}")
+MISTRAL = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+           "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+           "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role']"
+           " == 'assistant' %}{{ message['content'] + eos_token}}{% endif %}{% endfor %}")
+CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "  Hi there "},
+        {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "What is 2+2?"}]
+EXAMPLES = [{"instruction": "Add one.", "input": "x = 1", "output": "x + 1"},
+            {"messages": [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "A pear."}]},
+            {"messages": [{"role": "system", "content": "Terse."}, {"role": "user", "content": "Hi"},
+                          {"role": "assistant", "content": "Hey."}, {"role": "user", "content": "Bye"},
+                          {"role": "assistant", "content": "Bye now."}]}]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return chat.chat_tokenizer(Tokenizer.train(["def f(x):\n    return x + 1\n" * 50, "A pear. Hello there"], 300))[0]
+
+
+@pytest.mark.parametrize("template", [LLAMA3, QWEN2], ids=["llama3", "chatml-qwen2"])
+@pytest.mark.parametrize("gen", [False, True], ids=["closed", "generation-prompt"])
+def test_chat_rendering_equals_transformers(template, gen):
+    tu = pytest.importorskip("transformers.utils.chat_template_utils")
+    msgs = CONV if gen else CONV + [{"role": "assistant", "content": "4"}]
+    kw = dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    theirs, _ = tu.render_jinja_template(conversations=[msgs], chat_template=template, add_generation_prompt=gen, **kw)
+    assert chat.render(template, msgs, add_generation_prompt=gen, **kw) == theirs[0]
+
+
+def test_template_errors_are_one_line():
+    with pytest.raises(chat.ChatError, match="roles must alternate"):
+        chat.render(MISTRAL, [{"role": "assistant", "content": "x"}], bos_token="<s>", eos_token="</s>")
+
+
+def test_answer_mask_covers_answers_and_end_of_turn(tok):
+    ids, scored = chat.encode_chat(tok, sft.to_messages(EXAMPLES[2], "x"))
+    answers = tok.decode([i for i, s in zip(ids, scored) if s])
+    assert answers == "Hey.<|im_end|>\nBye now.<|im_end|>\n"
+    assert tok.eot_id == tok.special_tokens()[chat.IM_END] and ids.count(tok.eot_id) == 5
+    assert all(chat.encode_chat(tok, sft.to_messages(EXAMPLES[2], "x"), score_all=True)[1])
+
+
+def test_masked_loss_equals_hand_computed(tmp_path, tok):
+    """Three examples in one batch: the model's loss is the mean NLL over exactly the answer tokens."""
+    f = tmp_path / "ex.jsonl"
+    f.write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES + EXAMPLES[:1]))  # the last one is held out
+    cfg = DataConfig(dataset=str(f), data_dir=str(tmp_path / "data"), val_fraction=0.0)
+    path = sft.prepare(cfg, tok, 128, log=lambda *a: None)
+    loader = sft.SFTLoader(path, "train", 3, 128, seed=0)
+    x, y = loader.batch(0)
+    model = tiny_model(vocab_size=tok.n_vocab, block_size=128)
+    _, loss = model(x, y)
+    logits, _ = model(x)
+    nll, n = 0.0, 0
+    for r, i in enumerate(loader.picks(0)):
+        a, b = int(loader.offsets[i]), int(loader.offsets[i + 1])
+        ids, mask = loader.ids[a:b].astype(int), loader.mask[a:b]
+        for t in range(b - a - 1):
+            if mask[t + 1]:
+                nll -= torch.log_softmax(logits[r, t].double(), -1)[ids[t + 1]].item()
+                n += 1
+    assert n == int((y != -100).sum())
+    assert loss.item() == pytest.approx(nll / n, abs=1e-5)
+
+
+@pytest.mark.parametrize("line, msg", [
+    ({"instruction": "Do it."}, "field 'output' is missing"),
+    ({"prompt": "x", "completion": "y"}, 'expected an object with "messages"'),
+    ({"messages": [{"role": "assistant", "content": "x"}]}, "roles out of order: message 0 is 'assistant'"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]}, "empty answer"),
+    ({"messages": [{"role": "user", "content": 3}]}, 'string "role" and "content"'),
+    ({"messages": [{"role": "bot", "content": "x"}]}, "has role 'bot'"),
+], ids=["missing-field", "no-known-fields", "roles-order", "empty-answer", "wrong-type", "unknown-role"])
+def test_bad_jsonl_names_file_and_line(tmp_path, line, msg):
+    f = tmp_path / "bad.jsonl"
+    f.write_text(json.dumps(EXAMPLES[0]) + "\n\n" + json.dumps(line) + "\n")
+    with pytest.raises(DataError, match=f"bad.jsonl:3: .*{msg}"):
+        list(sft.read_jsonl(f))
+
+
+def test_embedded_set_is_deterministic_with_a_held_out_split():
+    cfg = DataConfig(dataset=sft.EMBEDDED)
+    rows = list(sft.examples(cfg))
+    assert rows == list(sft.examples(cfg)) and len(rows) > 500
+    names = {n: m for _, n, m in rows}
+    assert names["shutil.copyfile"] == [
+        {"role": "user", "content": "What does shutil.copyfile do?"},
+        {"role": "assistant", "content": "Copy data from src to dst in the most efficient way possible."}]
+    assert 0 < sum(s == "val" for s, _, _ in rows) < len(rows) / 5
+
+
+# ----------------------------------------------------------------------------- runs through train.py
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A pretrained base (6 steps), and fine-tuning data for it."""
+    tmp = tmp_path_factory.mktemp("ft")
+    write_code_corpus(tmp)
+    assert main(train_argv(tmp, "base")) == 0
+    (tmp / "sft.jsonl").write_text("".join(json.dumps({"instruction": f"Double {i}.", "output": f"{2 * i}"}) + "\n"
+                                           for i in range(40)))
+    return tmp
+
+
+def ft_argv(tmp: Path, out: str, **kw) -> list[str]:
+    base = dict(init_from=tmp / "base", dataset=tmp / "sft.jsonl", val_fraction=0.1, max_steps=6, dropout=0.1,
+                lora_rank=4, lora_targets="q,k,v,o,gate,up,down", lora_dropout=0.1)
+    return [a for a in train_argv(tmp, out, **(base | kw)) if a != "--vocab-size" and a != "300"]
+
+
+def test_lora_run_saves_adapters_and_resumes_exactly(runs):
+    """Promise 21: a LoRA run of 6 steps == 3 steps + resume + 3 steps (adapter tensors and losses, bitwise)."""
+    assert main(ft_argv(runs, "lora")) == 0
+    assert main(ft_argv(runs, "lora2", max_steps=3)) == 0
+    assert main(ft_argv(runs, "lora2", max_steps=6) + ["--resume"]) == 0
+    a, b = ck.resolve(runs / "lora"), ck.resolve(runs / "lora2")
+    assert not (a / ck.MODEL_FILE).exists() and (a / "adapter.safetensors").stat().st_size < 200_000
+    ta, tb = ck.read_tensors(a / "adapter.safetensors")[0], ck.read_tensors(b / "adapter.safetensors")[0]
+    assert ta.keys() == tb.keys() and "tok_emb.new_rows" in ta
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    opt = ck.read_optimizer_state(a)
+    assert sum(v.numel() for s in opt["state"].values() for k, v in s.items() if k == "exp_avg") == \
+        sum(v.numel() for v in ta.values())  # only adapter parameters in the optimizer
+    losses = [[json.loads(ln)["loss"] for ln in (d / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
+              for d in (runs / "lora", runs / "lora2")]
+    assert losses[0] == losses[1]
+    model, tok, _ = load_model(runs / "lora")  # a LoRA checkpoint loads its base
+    assert tok.decode([tok.eot_id]) == chat.IM_END and model.cfg.vocab_size == tok.n_vocab
+
+
+def test_full_finetune_grows_the_vocab_in_the_checkpoint(runs):
+    assert main(ft_argv(runs, "full", lora_rank="none", max_steps=2)) == 0
+    model, tok, _ = load_model(runs / "full")
+    assert tok.special_tokens()[chat.IM_END] == tok.eot_id < model.cfg.padded_vocab_size
+
+
+@pytest.mark.parametrize("flags, msg", [
+    (dict(lora_targets="q,qq"), "--lora-targets: qq is not a LoRA target"),
+    (dict(lora_rank=0), "--lora-rank must be >= 1, got 0"),
+    (dict(init_from=""), "fine-tuning .* starts from a model: give --init-from"),
+], ids=["bad-target", "rank-0", "no-init"])
+def test_bad_lora_flags_are_one_line(runs, capsys, flags, msg):
+    assert main(ft_argv(runs, "bad", **flags)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(msg, err), err

@@ -1,0 +1,104 @@
+"""LoRA (llm/lora.py) and its adapter files (llm/interop/adapters.py): exact at step 0, merge == unmerged,
+gradients on the adapters only, a clear error on the wrong base, and the PEFT round trip (promise 20)."""
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from llm import checkpoint as ck
+from llm import lora
+from llm.config import ConfigError
+from llm.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ALL = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def randomized(model, seed=1):
+    """B != 0 so the adapters change the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora.adapter_tensors(model).values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize("targets", [("q", "v"), ("k",), ALL], ids=["q,v", "k", "all"])
+def test_step0_equals_base_and_merge_equals_unmerged(targets):
+    x = torch.randint(0, 101, (2, 13))
+    model = tiny_model().eval()
+    base = model(x)[0]
+    lora.apply_lora(model, lora.LoRAConfig(4, 8.0, 0.0, targets), new_rows=(99, 2))
+    assert torch.equal(model(x)[0], base)  # B = 0 and the new rows start as they were
+    randomized(model)
+    unmerged = model(x)[0]
+    assert not torch.allclose(unmerged, base)
+    merged = lora.merge(model)(x)[0]
+    assert not any(isinstance(m, lora.LoRALinear) for m in model.modules())
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
+
+
+def test_k_adapter_writes_only_the_k_rows():
+    model = randomized(lora.apply_lora(tiny_model(), lora.LoRAConfig(4, 8.0, 0.0, ("k",))))
+    c = model.cfg
+    q, kv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+    d = model.blocks[0].attn.wqkv.delta()
+    assert d[q: q + kv].abs().sum() > 0 and d[:q].abs().sum() == 0 and d[q + kv:].abs().sum() == 0
+
+
+def test_gradients_only_on_adapters():
+    model = lora.apply_lora(tiny_model(), lora.LoRAConfig(4, 8.0, 0.1, ALL), new_rows=(99, 2))
+    x = torch.randint(0, 101, (2, 9))
+    model(x, x)[1].backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert with_grad and all(".lora_" in n or n.endswith(".rows") for n in with_grad)
+    assert len(with_grad) == 2 * len(ALL) * model.cfg.n_layer + 2
+
+
+def test_bad_targets_and_ranks_are_refused():
+    with pytest.raises(ConfigError, match="qq is not a LoRA target"):
+        lora.LoRAConfig(4, 8.0, 0.0, ("q", "qq"))
+    with pytest.raises(ConfigError, match="--lora-rank must be >= 1, got 0"):
+        lora.LoRAConfig(0)
+
+
+def save_adapter_dir(tmp_path, model, tok, base="base"):
+    cfg = lora.LoRAConfig(4, 8.0, 0.0, ALL)
+    lora.apply_lora(model, cfg)
+    randomized(model)
+    return ck.save(tmp_path / "lora", "ckpt-1", model, tok, None, None, None, lora.adapter_tensors(model),
+                   weights_file=lora.ADAPTER_FILE,
+                   json_files={lora.ADAPTER_CONFIG: lora.adapter_config(cfg, model, str(base), tok.n_vocab, [])})
+
+
+def test_adapter_on_the_wrong_base_names_what_differs(tmp_path):
+    tok = Tokenizer.train(["hello world " * 20], 300)
+    adir = save_adapter_dir(tmp_path, tiny_model(vocab_size=tok.n_vocab), tok)
+    msg = "trained on another base: head_dim 8 vs base 12, n_embd 32 vs base 48"
+    with pytest.raises(ck.CheckpointError, match=msg):
+        lora.load_adapter(tiny_model(vocab_size=tok.n_vocab, n_embd=48), adir)
+
+
+def test_peft_round_trip(tmp_path):
+    """Our adapter -> PEFT files next to an HF export of the base -> peft.PeftModel gives our logits; and back."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from llm.interop import adapters
+    from llm.loading import load_model
+
+    tok = Tokenizer.train(["hello world, def f(x): return x " * 30], 300)
+    base = tiny_model(vocab_size=tok.n_vocab, pad_vocab_multiple=1)
+    ck.save(tmp_path / "base", "ckpt-1", base, tok)
+    adir = save_adapter_dir(tmp_path, base, tok, base=tmp_path / "base")
+    x = torch.randint(0, tok.n_vocab, (1, 11))
+    ours = load_model(tmp_path / "base", lora=adir)[0](x)[0]
+    peft_dir = adapters.export_peft(str(adir), str(tmp_path / "peft"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "peft" / "base", torch_dtype=torch.float32)
+    theirs = peft.PeftModel.from_pretrained(hf, peft_dir).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x).logits, ours, atol=1e-4, rtol=1e-4)
+    back = adapters.import_peft(str(peft_dir), str(tmp_path / "base"), str(tmp_path / "back"))
+    torch.testing.assert_close(load_model(tmp_path / "base", lora=back)[0](x)[0], ours, atol=1e-6, rtol=1e-6)
+    merged = adapters.merge_to(str(tmp_path / "base"), str(back), str(tmp_path / "merged"))
+    torch.testing.assert_close(load_model(merged)[0](x)[0], ours, atol=1e-5, rtol=1e-5)
