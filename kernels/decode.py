@@ -30,7 +30,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.attention import _LOG2E, _interpreting, _rows_contiguous, attention
+from kernels.attention import attention  # the Tq > 16 equal-length route (moving to llm/ops.py)
+from kernels.common import DTYPE_NAMES, LOG2E, AotCase, interpreting, pow2_range, rows_contiguous
 
 
 @triton.jit
@@ -155,6 +156,7 @@ _MAX_TQ_BLOCK = 16  # tokens per tile; also the Tq above which equal-length call
 _MAX_ROWS = 128  # heads x tokens per tile, so registers stay bounded for wide MQA groups
 _MIN_SPLIT = 256  # keys per split at least, so each program runs several pipelined K/V steps
 _MAX_SPLITS = 256
+_COMBINE_BLOCK_S = 32  # splits per combine step; fewer splits are masked (one compiled combine per head dim)
 
 
 def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor) -> None:
@@ -193,7 +195,7 @@ def decode_attention_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: T
     number of keys per split, num_splits a number of splits (tests use both to get several on short caches).
     """
     _check(q, k_cache, v_cache, lengths)
-    q, k_cache, v_cache = (_rows_contiguous(x) for x in (q, k_cache, v_cache))
+    q, k_cache, v_cache = (rows_contiguous(x) for x in (q, k_cache, v_cache))
     B, Tq, H, D = q.shape
     S_max, Hkv = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device)
@@ -209,14 +211,10 @@ def decode_attention_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: T
             return attention(q, k_cache[:, :hi], v_cache[:, :hi], causal=True, scale=scale)
 
     G = H // Hkv
-    TQ_BLOCK = min(triton.next_power_of_2(Tq), _MAX_TQ_BLOCK)
-    G_BLOCK = min(triton.next_power_of_2(G), max(1, _MAX_ROWS // TQ_BLOCK))
-    n_qc, n_gc = triton.cdiv(Tq, TQ_BLOCK), triton.cdiv(G, G_BLOCK)
-    BLOCK_D = max(16, triton.next_power_of_2(D))
-    on_gpu = q.is_cuda and not _interpreting()
-    # K/V tiles of ~16 KB each: 64 keys at bf16/fp16 head dim 128, fewer for wider rows (fp32, D=256).
-    BLOCK_N = max(16, min(64, 16384 // (BLOCK_D * q.element_size()))) if on_gpu else 16
-    min_split = BLOCK_N
+    on_gpu = q.is_cuda and not interpreting()
+    consts, launch = _tiles(Tq, G, D, q.dtype, on_gpu)
+    n_qc, n_gc = triton.cdiv(Tq, consts["TQ_BLOCK"]), triton.cdiv(G, consts["G_BLOCK"])
+    min_split = consts["BLOCK_N"]
     if split_size is not None:
         if split_size < 1:
             raise ValueError(f"split_size must be >= 1, got {split_size}")
@@ -233,18 +231,55 @@ def decode_attention_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: T
 
     o_part = torch.empty((B, H, Tq, n_splits, D), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((B, H, Tq, n_splits), dtype=torch.float32, device=q.device)
-    launch = dict(num_warps=4, num_stages=3 if q.element_size() < 4 else 2) if on_gpu else {}
     _decode_fwd_kernel[(B, Hkv * n_gc * n_qc, n_splits)](
         q, k_cache, v_cache, lengths, o_part, lse_part,
         *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
-        Tq, H, G, S_max, n_gc, n_qc, n_splits, split_size, min_split, scale * _LOG2E,
-        HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, G_BLOCK=G_BLOCK, TQ_BLOCK=TQ_BLOCK,
-        BLOCK_M=max(16, G_BLOCK * TQ_BLOCK), DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        **launch)
+        Tq, H, G, S_max, n_gc, n_qc, n_splits, split_size, min_split, scale * LOG2E, **consts, **launch)
     _decode_combine_kernel[(B * H * Tq,)](
         o_part, lse_part, out, Tq, H, n_splits,
-        HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_S=min(32, triton.next_power_of_2(n_splits)))
+        HEAD_D=D, BLOCK_D=consts["BLOCK_D"], BLOCK_S=_COMBINE_BLOCK_S)
     return out
+
+
+def _tiles(Tq: int, G: int, D: int, dtype: torch.dtype, on_gpu: bool) -> tuple[dict, dict]:
+    """(constexprs, launch options) of the split kernel for Tq tokens, G heads per group, head dim D."""
+    TQ_BLOCK = min(triton.next_power_of_2(Tq), _MAX_TQ_BLOCK)
+    G_BLOCK = min(triton.next_power_of_2(G), max(1, _MAX_ROWS // TQ_BLOCK))
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    elem = torch.empty((), dtype=dtype).element_size()
+    # K/V tiles of ~16 KB each: 64 keys at bf16/fp16 head dim 128, fewer for wider rows (fp32, D=256).
+    BLOCK_N = max(16, min(64, 16384 // (BLOCK_D * elem))) if on_gpu else 16
+    consts = dict(HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, G_BLOCK=G_BLOCK, TQ_BLOCK=TQ_BLOCK,
+                  BLOCK_M=max(16, G_BLOCK * TQ_BLOCK), DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
+    launch = dict(num_warps=4, num_stages=3 if elem < 4 else 2) if on_gpu else {}
+    return consts, launch
+
+
+
+
+def aot_cases() -> list[AotCase]:
+    """GPU compiles for `python -m kernels.aot`: every tile shape `_tiles` gives for Tq <= 16, any group
+    size and each head-dim pad (one (G_BLOCK, TQ_BLOCK) split per distinct BLOCK_M: the packing only
+    changes index arithmetic), per dtype; the combine per head dim."""
+    f32 = torch.float32
+    cases, seen = [], set()
+    for dtype in _DTYPES:
+        for D in (16, 32, 64, 96, 128, 256):
+            for Tq in pow2_range(1, _MAX_TQ_BLOCK):
+                for G in pow2_range(1, 2 * _MAX_ROWS):
+                    consts, launch = _tiles(Tq, G, D, dtype, on_gpu=True)
+                    key = (dtype, D, consts["BLOCK_M"], consts["BLOCK_N"])
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    cases.append(AotCase(_decode_fwd_kernel, consts, launch["num_warps"], launch["num_stages"], dtype,
+                                         f"{DTYPE_NAMES[dtype]} D={D} Tq={Tq} G={G}",
+                                         ptrs={"len_ptr": torch.int64, "o_part_ptr": f32, "lse_part_ptr": f32},
+                                         scalars={"qk_scale": 0.18}))
+            cases.append(AotCase(_decode_combine_kernel, dict(HEAD_D=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
+                                                              BLOCK_S=_COMBINE_BLOCK_S), 4, 3, f32,
+                                 f"{DTYPE_NAMES[dtype]} D={D}", ptrs={"out_ptr": dtype}))
+    return cases
 
 
 # ----------------------------------------------------------------------------- public API
