@@ -66,13 +66,16 @@ def tile_shapes(kind: str, block_d: int, major: int, fp32: bool) -> list[Tile]:
 
 def smem_estimate(kind: str, tile: Tile, block_d: int, elem: int) -> int:
     """Upper bound of the shared memory (bytes) Triton allocates for a tile: each pipeline stage holds
-    the two tiles the inner loop streams (K and V; Q and dO for dK/dV), plus the tiles a program keeps
-    for its whole life (Q; Q and dO for dQ; K and V for dK/dV) staged once. Checked against every
-    compiled configuration's measured shared memory by tests/test_aot.py."""
+    the two tiles the inner loop streams (K and V; Q and dO for dK/dV); the backward stages one set
+    more (its streamed tiles also feed a transposed dot), and fp32's 3xTF32 split one more plus an fp32
+    (BLOCK_M, BLOCK_N) layout-conversion tile; the tiles a program keeps for its whole life (Q; Q and dO
+    for dQ; K and V for dK/dV) are staged once. Checked against the measured shared memory of every
+    compiled configuration by tests/test_aot.py."""
     m, n, _, stages = tile
+    fp32 = elem == 4
     streamed = (m if kind == "dkdv" else n) * block_d * elem * 2
     resident = {"fwd": m * block_d * elem, "dq": 2 * m * block_d * elem, "dkdv": 2 * n * block_d * elem}[kind]
-    return max(stages, 1) * streamed + resident
+    return (max(stages, 1) + (kind != "fwd") + fp32) * streamed + resident + fp32 * m * n * 4
 
 
 def fitting(kind: str, block_d: int, major: int, fp32: bool, elem: int, smem_limit: int) -> list[Tile]:
