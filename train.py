@@ -1,8 +1,11 @@
-"""Pretrain a model: `python train.py --help` lists every flag. The loop lives in llm/trainer.py."""
+"""Pretrain a model: `python train.py --help` lists every flag.
+
+The flags live in llm/train/cli.py, the loop in llm/train/trainer.py.
+"""
 
 import sys
 
-from llm.trainer import main
+from llm.train.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -17,6 +17,13 @@ bytes a decode step must read (weights, minus the untouched embedding table, plu
 its mean length) times steps/s, over the measured copy bandwidth (benchmarks.common.measure_ceilings).
 Runs on CPU too (end-to-end benchmark); configurations whose prefill exceeds --max-prefill-tflop
 are skipped there (say so, and are counted in the output).
+
+Speculative decoding (needs trained weights: with random ones acceptance means nothing):
+    python -m benchmarks.bench_decode --checkpoint DIR --prompt-file FILE [--draft-checkpoint DIR]
+                                      [--prompt-lookup 3] [--speculate 4] [--new-tokens 64]
+runs plain greedy, prompt lookup and (with a draft) draft-model speculation side by side on the
+file's first tokens (as many as fit the context with --new-tokens), and reports tok/s, the speedup
+over plain, acceptance, tokens per target pass, and whether the ids equal plain greedy's.
 """
 
 from __future__ import annotations
@@ -33,8 +40,11 @@ import torch
 from benchmarks.common import device_name, measure_ceilings, write_results
 from llm.config import ModelConfig, preset
 from llm.generate import Stats, stream_tokens
+from llm.generate.api import complete
+from llm.generate.sampling import SamplingParams
+from llm.generate.speculative import Speculation, check_tokenizers
+from llm.loading import load_model
 from llm.model import Transformer
-from llm.sampling import SamplingParams
 
 
 def build(name: str, context: int, device: torch.device, dtype: torch.dtype) -> Transformer:
@@ -45,10 +55,11 @@ def build(name: str, context: int, device: torch.device, dtype: torch.dtype) -> 
 
 
 def to_transformers(model: Transformer):
-    """The same network as a transformers model, weights copied (llm.hf's mapping)."""
+    """The same network as a transformers model, weights copied (llm.interop.hf mapping)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from llm.hf import _split, family_of, hf_config, weight_rules
+    from llm.interop.hf import family_of, split_tensor, weight_rules
+    from llm.interop.hf_export import hf_config
 
     cfg = model.cfg
     family = family_of(cfg)
@@ -58,7 +69,7 @@ def to_transformers(model: Transformer):
     with torch.device(p.device):
         hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=p.dtype, attn_implementation="sdpa")
     sd = model.state_dict()
-    tensors = {n: t for r in weight_rules(cfg, family) for n, t in zip(r.hf, _split(r, sd[r.ours]), strict=True)}
+    tensors = {n: t for r in weight_rules(cfg, family) for n, t in zip(r.hf, split_tensor(r, sd[r.ours]), strict=True)}
     missing, unexpected = hf.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
@@ -140,6 +151,49 @@ def bench_case(model: Transformer, hf, prompt: torch.Tensor, n: int, providers: 
     return rows
 
 
+def bench_speculative(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> int:
+    """Plain greedy vs prompt lookup vs a draft model on one prompt of a trained checkpoint."""
+    model, tok, _ = load_model(args.checkpoint, device, dtype)
+    N, K = args.new_tokens, args.speculate
+    ids = tok.encode(open(args.prompt_file, encoding="utf-8").read())[: model.cfg.block_size - N]
+    text = tok.decode(ids)
+    specs: dict[str, Speculation | None] = {"plain": None, f"lookup n={args.prompt_lookup} k={K}":
+                                            Speculation(K, lookup=args.prompt_lookup)}
+    if args.draft_checkpoint:
+        draft, draft_tok, _ = load_model(args.draft_checkpoint, device, dtype)
+        check_tokenizers(tok, draft_tok)
+        specs[f"draft k={K}"] = Speculation(K, draft=draft)
+    where = f"{device_name()} ({device.type}, {torch.get_num_threads()} threads), {args.dtype}"
+    print(f"speculative decoding on {where}: {args.checkpoint}, prompt {args.prompt_file} ({len(ids)} tokens), "
+          f"{N} new tokens, greedy, median of {args.repeats}", flush=True)
+
+    def once(spec):
+        st = Stats()
+        c = complete(model, tok, text, N, params=SamplingParams(0.0), speculative=spec, stats=st)[0]
+        return st, c.tokens
+
+    for spec in specs.values():  # warm-up
+        once(spec)
+    res: dict[str, list] = {k: [] for k in specs}
+    for _ in range(args.repeats):  # interleaved
+        for k, spec in specs.items():
+            res[k].append(once(spec))
+    base = statistics.median(st.decode_tok_s for st, _ in res["plain"])
+    rows = []
+    for k, rs in res.items():
+        tps, (st, toks) = statistics.median(st.decode_tok_s for st, _ in rs), rs[0]
+        row = dict(case=f"{args.checkpoint}", provider=k, prompt=len(ids), new=len(toks), tok_s=tps,
+                   vs_plain=tps / base, same=toks == res["plain"][0][1], acceptance=st.acceptance,
+                   tokens_per_pass=1 + st.accepted / st.row_passes if st.row_passes else 1.0,
+                   target_passes=st.target_passes if st.target_passes else st.new_tokens - 1)
+        rows.append(row)
+        acc = "" if row["acceptance"] is None else f"  acceptance {100 * row['acceptance']:.0f}%"
+        print(f"{k:18s} {tps:8.1f} tok/s  x{row['vs_plain']:.2f} vs plain  {row['tokens_per_pass']:.2f} tok/pass  "
+              f"{row['target_passes']} passes{acc}  same={row['same']}", flush=True)
+    write_results(args.name, rows, x="provider", y="tok_s", panels="case", title=f"speculative decoding, {where}")
+    return 0 if all(r["same"] for r in rows) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -154,11 +208,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-prefill-tflop", type=float, default=float("inf") if cuda else 2.0,
                    help="skip configurations whose prefill needs more (2 * params * batch * prompt)")
     p.add_argument("--name", default="bench_decode", help="result file name under benchmarks/results/<device>/")
+    p.add_argument("--checkpoint", default=None, help="speculative decoding benchmark: the trained target")
+    p.add_argument("--draft-checkpoint", default=None, help="speculative: a trained draft (same tokenizer)")
+    p.add_argument("--prompt-file", default=None, help="speculative: the prompt (its first tokens that fit)")
+    p.add_argument("--prompt-lookup", type=int, default=3, help="speculative: n-gram size of prompt lookup")
+    p.add_argument("--speculate", type=int, default=4, help="speculative: tokens drafted per target pass")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if cuda else "cpu")
     dtype = getattr(torch, args.dtype)
+    if args.checkpoint:
+        if not args.prompt_file:
+            p.error("--checkpoint (the speculative benchmark) needs --prompt-file")
+        if args.name == "bench_decode":
+            args.name = "bench_speculative"
+        return bench_speculative(args, device, dtype)
     bw = measure_ceilings()[1] if cuda else None  # TB/s, bytes read + written
     N = args.new_tokens
     where = f"{device_name()} ({'CUDA' if cuda else f'CPU, {torch.get_num_threads()} threads'}), {args.dtype}"

@@ -24,10 +24,9 @@ import argparse
 
 import torch
 
-from benchmarks.common import bench, measure_ceilings, require_cuda, write_results
+from benchmarks.common import DTYPES, bandwidth_rows, copy_bandwidth, require_cuda, write_results
 
 EPS = 1e-6
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _providers(op: str) -> dict:
@@ -66,51 +65,6 @@ def _bytes(op: str, N: int, C: int, e: int, we: int) -> dict[str, int]:
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}
 
 
-def time_modes(fn, inputs: list[torch.Tensor], upstream: list[torch.Tensor], rep: int, *args) -> dict:
-    """(median, p20, p80) ms of fn(*inputs, *args) per mode: fwd, bwd (on a retained graph) and fwd+bwd.
-
-    Gradients are taken with torch.autograd.grad, so nothing accumulates into .grad between runs.
-    """
-
-    def fwd():
-        return fn(*inputs, *args)
-
-    def as_list(o):
-        return list(o) if isinstance(o, tuple) else [o]
-
-    outs = as_list(fwd())
-
-    def bwd():
-        return torch.autograd.grad(outs, inputs, upstream, retain_graph=True)
-
-    def fwd_bwd():
-        return torch.autograd.grad(as_list(fwd()), inputs, upstream)
-
-    fwd_bwd()  # compile / first allocations outside the measurements
-    return {"fwd": bench(fwd, rep=rep), "bwd": bench(bwd, rep=rep), "fwd+bwd": bench(fwd_bwd, rep=rep)}
-
-
-def max_error(fn, ref, inputs: list[torch.Tensor], *args) -> float:
-    """Largest |fn - ref on fp32 inputs| over the outputs: a sanity check printed with the timings.
-
-    fn gets clones (some providers rotate or overwrite their inputs in place)."""
-    with torch.no_grad():
-        want = ref(*[t.float() for t in inputs], *args)
-        got = fn(*[t.detach().clone() for t in inputs], *args)
-    got = got if isinstance(got, tuple) else (got,)
-    want = want if isinstance(want, tuple) else (want,)
-    return max((g.float() - w).abs().max().item() for g, w in zip(got, want))
-
-
-def raise_recompile_limit(n: int = 64) -> None:
-    """Benchmarks compile one graph per shape: allow more than dynamo's default of 8 recompiles."""
-    cfg = torch._dynamo.config
-    for key in ("recompile_limit", "cache_size_limit"):
-        if hasattr(cfg, key):
-            setattr(cfg, key, max(getattr(cfg, key), n))
-            return
-
-
 def _randn(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator, grad: bool = False) -> torch.Tensor:
     return torch.randn(shape, device="cuda", dtype=dtype, generator=gen).requires_grad_(grad)
 
@@ -125,9 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rep", type=int, default=200, help="do_bench repetition budget (ms)")
     args = ap.parse_args(argv)
 
-    raise_recompile_limit()
-    _, copy_tbs = measure_ceilings()
-    print(f"measured copy bandwidth: {copy_tbs:.2f} TB/s (bytes read + written)")
+    copy_tbs = copy_bandwidth()
     dtype = DTYPES[args.dtype]
     from kernels import reference as ref
 
@@ -144,23 +96,10 @@ def main(argv: list[str] | None = None) -> None:
                 else:
                     r = _randn((N, C), dtype, gen, True)
                     inputs, upstream = [x, r, w], [_randn((N, C), dtype, gen), _randn((N, C), dtype, gen)]
-                nbytes = _bytes(op, N, C, x.element_size(), w.element_size())
-                for name, fn in providers.items():
-                    try:
-                        err = max_error(fn, reference, inputs, EPS)
-                        timings = time_modes(fn, inputs, upstream, args.rep, EPS)
-                    except Exception as e:  # one provider failing (OOM, API drift) must not stop the others
-                        print(f"{name} {op} N={N} C={C}: {type(e).__name__}: {e}")
-                        torch.cuda.empty_cache()
-                        continue
-                    for mode, (med, p20, p80) in timings.items():
-                        gbps = nbytes[mode] / med / 1e6
-                        rows.append({"provider": name, "N": N, "C": C, "mode": mode, "panel": f"C={C} {mode}",
-                                     "ms": med, "ms_p20": p20, "ms_p80": p80, "GB/s": gbps,
-                                     "pct_copy": 100 * gbps / (copy_tbs * 1e3), "max_err": err})
-                    print(f"{name:>14} {op} N={N:>5} C={C:>5}: " + "  ".join(
-                        f"{m} {t[0]:.3f} ms {nbytes[m] / t[0] / 1e6:6.0f} GB/s" for m, t in timings.items())
-                        + f"  (max err {err:.2g})")
+                rows += bandwidth_rows(providers, reference, inputs, upstream, args=(EPS,),
+                                       nbytes=_bytes(op, N, C, x.element_size(), w.element_size()),
+                                       copy_tbs=copy_tbs, rep=args.rep, label=f"{op} N={N:>5} C={C:>5}",
+                                       shape={"N": N, "C": C}, panel=f"C={C}")
                 inputs = upstream = x = w = r = None
                 torch.cuda.empty_cache()
         write_results(op, rows, x="N", y="GB/s", panels="panel", title=f"{op}, {args.dtype}, fp32 weight")

@@ -22,8 +22,7 @@ import inspect
 
 import torch
 
-from benchmarks.bench_rmsnorm import DTYPES, max_error, raise_recompile_limit, time_modes
-from benchmarks.common import measure_ceilings, require_cuda, write_results
+from benchmarks.common import DTYPES, bandwidth_rows, copy_bandwidth, require_cuda, write_results
 
 BATCH = 4
 
@@ -69,11 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rep", type=int, default=200, help="do_bench repetition budget (ms)")
     args = ap.parse_args(argv)
 
-    from kernels.reference import rope_tables
+    from llm.layers import rope_tables
 
-    raise_recompile_limit()
-    _, copy_tbs = measure_ceilings()
-    print(f"measured copy bandwidth: {copy_tbs:.2f} TB/s (bytes read + written)")
+    copy_tbs = copy_bandwidth()
     dtype, D = DTYPES[args.dtype], args.head_dim
     rows: list[dict] = []
     for heads in args.heads:
@@ -90,23 +87,9 @@ def main(argv: list[str] | None = None) -> None:
             one_way = 2 * qk_bytes + 2 * T * (D // 2) * 4  # read + write q and k, read cos and sin rows
             nbytes = {"fwd": one_way, "bwd": one_way, "fwd+bwd": 2 * one_way}
             providers = _providers(cos, sin, pos)
-            reference = providers["torch"]
-            for name, fn in providers.items():
-                try:
-                    err = max_error(fn, reference, inputs)
-                    timings = time_modes(fn, inputs, upstream, args.rep)
-                except Exception as e:  # one provider failing (OOM, API drift) must not stop the others
-                    print(f"{name} H={H} Hkv={Hkv} tokens={tokens}: {type(e).__name__}: {e}")
-                    torch.cuda.empty_cache()
-                    continue
-                for mode, (med, p20, p80) in timings.items():
-                    gbps = nbytes[mode] / med / 1e6
-                    rows.append({"provider": name, "tokens": tokens, "H": H, "Hkv": Hkv, "D": D, "mode": mode,
-                                 "panel": f"H={H} Hkv={Hkv} {mode}", "ms": med, "ms_p20": p20, "ms_p80": p80,
-                                 "GB/s": gbps, "pct_copy": 100 * gbps / (copy_tbs * 1e3), "max_err": err})
-                print(f"{name:>14} H={H} Hkv={Hkv} tokens={tokens:>5}: " + "  ".join(
-                    f"{m} {t[0]:.3f} ms {nbytes[m] / t[0] / 1e6:6.0f} GB/s" for m, t in timings.items())
-                    + f"  (max err {err:.2g})")
+            rows += bandwidth_rows(providers, providers["torch"], inputs, upstream, nbytes=nbytes, copy_tbs=copy_tbs,
+                                   rep=args.rep, label=f"H={H} Hkv={Hkv} tokens={tokens:>5}",
+                                   shape={"tokens": tokens, "H": H, "Hkv": Hkv, "D": D}, panel=f"H={H} Hkv={Hkv}")
             inputs = upstream = None
             torch.cuda.empty_cache()
     write_results("rope", rows, x="tokens", y="GB/s", panels="panel", title=f"RoPE on q and k, {args.dtype}, D={D}")

@@ -20,8 +20,7 @@ import argparse
 
 import torch
 
-from benchmarks.bench_rmsnorm import DTYPES, max_error, raise_recompile_limit, time_modes
-from benchmarks.common import measure_ceilings, require_cuda, write_results
+from benchmarks.common import DTYPES, bandwidth_rows, copy_bandwidth, require_cuda, write_results
 
 
 def _providers() -> dict:
@@ -49,9 +48,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from kernels.reference import swiglu_ref
 
-    raise_recompile_limit()
-    _, copy_tbs = measure_ceilings()
-    print(f"measured copy bandwidth: {copy_tbs:.2f} TB/s (bytes read + written)")
+    copy_tbs = copy_bandwidth()
     dtype = DTYPES[args.dtype]
     providers = _providers()
     rows: list[dict] = []
@@ -62,22 +59,8 @@ def main(argv: list[str] | None = None) -> None:
             upstream = [torch.randn(N, F, device="cuda", dtype=dtype, generator=gen)]
             e = inputs[0].element_size()
             nbytes = {"fwd": 3 * N * F * e, "bwd": 5 * N * F * e, "fwd+bwd": 8 * N * F * e}
-            for name, fn in providers.items():
-                try:
-                    err = max_error(fn, swiglu_ref, inputs)
-                    timings = time_modes(fn, inputs, upstream, args.rep)
-                except Exception as ex:  # one provider failing (OOM, API drift) must not stop the others
-                    print(f"{name} N={N} F={F}: {type(ex).__name__}: {ex}")
-                    torch.cuda.empty_cache()
-                    continue
-                for mode, (med, p20, p80) in timings.items():
-                    gbps = nbytes[mode] / med / 1e6
-                    rows.append({"provider": name, "N": N, "F": F, "mode": mode, "panel": f"F={F} {mode}",
-                                 "ms": med, "ms_p20": p20, "ms_p80": p80, "GB/s": gbps,
-                                 "pct_copy": 100 * gbps / (copy_tbs * 1e3), "max_err": err})
-                print(f"{name:>14} N={N:>5} F={F:>5}: " + "  ".join(
-                    f"{m} {t[0]:.3f} ms {nbytes[m] / t[0] / 1e6:6.0f} GB/s" for m, t in timings.items())
-                    + f"  (max err {err:.2g})")
+            rows += bandwidth_rows(providers, swiglu_ref, inputs, upstream, nbytes=nbytes, copy_tbs=copy_tbs,
+                                   rep=args.rep, label=f"N={N:>5} F={F:>5}", shape={"N": N, "F": F}, panel=f"F={F}")
             inputs = upstream = None
             torch.cuda.empty_cache()
     write_results("swiglu", rows, x="N", y="GB/s", panels="panel", title=f"SwiGLU, {args.dtype}")

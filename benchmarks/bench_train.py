@@ -4,7 +4,7 @@
                                      [--batch-size B] [--block-size T] [--activation-checkpointing]
 
 One optimizer step = forward + backward + AdamW (fused on CUDA) on random tokens, bf16 autocast on
-CUDA and fp32 on CPU, the way llm/trainer.py runs it. Providers, side by side in one run:
+CUDA and fp32 on CPU, the way llm/train/trainer.py runs it. Providers, side by side in one run:
   triton            the model on our Triton kernels (ModelConfig.kernels="triton"), eager
   triton+compile    the same under torch.compile
   torch             the same model on the PyTorch reference ops (kernels="torch"), eager
@@ -29,10 +29,10 @@ import time
 import torch
 
 from benchmarks.common import write_results
-from llm import distributed as dd
 from llm.config import ModelConfig, preset
-from llm.metrics import device_name, peak_flops
 from llm.model import Transformer
+from llm.train import distributed as dd
+from llm.train.metrics import device_name, peak_flops
 
 PROVIDERS = ("triton", "triton+compile", "torch", "torch+compile")
 

@@ -5,6 +5,8 @@ Every kernel benchmark:
   * times providers side by side in one process with `bench` (triton.testing.do_bench:
     median, p20, p80 in ms);
   * writes CSV + PNG + markdown under benchmarks/results/<device>/ with `write_results`.
+Memory-bound ops (RMSNorm, RoPE, SwiGLU) time their providers in the modes fwd / bwd / fwd+bwd
+with `bandwidth_rows`.
 """
 
 from __future__ import annotations
@@ -150,3 +152,94 @@ def _plot(path: Path, rows: list[dict], x: str, y: str, series: str, panels: str
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- memory-bound ops: providers side by side
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def time_modes(fn, inputs: list[torch.Tensor], upstream: list[torch.Tensor], rep: int, *args) -> dict:
+    """(median, p20, p80) ms of fn(*inputs, *args) per mode: fwd, bwd (on a retained graph) and fwd+bwd.
+
+    Gradients are taken with torch.autograd.grad, so nothing accumulates into .grad between runs.
+    """
+
+    def fwd():
+        return fn(*inputs, *args)
+
+    def as_list(o):
+        return list(o) if isinstance(o, tuple) else [o]
+
+    outs = as_list(fwd())
+
+    def bwd():
+        return torch.autograd.grad(outs, inputs, upstream, retain_graph=True)
+
+    def fwd_bwd():
+        return torch.autograd.grad(as_list(fwd()), inputs, upstream)
+
+    fwd_bwd()  # compile / first allocations outside the measurements
+    return {"fwd": bench(fwd, rep=rep), "bwd": bench(bwd, rep=rep), "fwd+bwd": bench(fwd_bwd, rep=rep)}
+
+
+def max_error(fn, ref, inputs: list[torch.Tensor], *args) -> float:
+    """Largest |fn - ref on fp32 inputs| over the outputs: a sanity check printed with the timings.
+
+    fn gets clones (some providers rotate or overwrite their inputs in place)."""
+    with torch.no_grad():
+        want = ref(*[t.float() for t in inputs], *args)
+        got = fn(*[t.detach().clone() for t in inputs], *args)
+    got = got if isinstance(got, tuple) else (got,)
+    want = want if isinstance(want, tuple) else (want,)
+    return max((g.float() - w).abs().max().item() for g, w in zip(got, want))
+
+
+def raise_recompile_limit(n: int = 64) -> None:
+    """Benchmarks compile one graph per shape: allow more than dynamo's default of 8 recompiles."""
+    cfg = torch._dynamo.config
+    for key in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, key):
+            setattr(cfg, key, max(getattr(cfg, key), n))
+            return
+
+
+def copy_bandwidth() -> float:
+    """Set up a memory-bound benchmark: allow a compiled graph per shape, then measure and print the
+    copy bandwidth (TB/s, bytes read + written) its "% copy" column compares against."""
+    raise_recompile_limit()
+    _, copy_tbs = measure_ceilings()
+    print(f"measured copy bandwidth: {copy_tbs:.2f} TB/s (bytes read + written)")
+    return copy_tbs
+
+
+def bandwidth_rows(providers: dict[str, Callable], reference: Callable, inputs: list[torch.Tensor],
+                   upstream: list[torch.Tensor], *, nbytes: dict[str, int], copy_tbs: float, rep: int, label: str,
+                   shape: dict, panel: str, args: tuple = ()) -> list[dict]:
+    """Time every provider in every mode (`time_modes`) on one problem; one result row per provider and mode.
+
+    nbytes: bytes each mode must move (the same for every provider), giving GB/s and % of copy_tbs
+    (the measured copy bandwidth, TB/s). label names the problem in the progress lines (its
+    padding after "=" is dropped in the error line); shape holds the problem's columns of a row;
+    panel + mode is the row's plot panel. args follow the inputs in every call (e.g. eps).
+    A provider that fails (OOM, API drift) is reported in one line and skipped: it must not stop the others.
+    """
+    rows: list[dict] = []
+    for name, fn in providers.items():
+        try:
+            err = max_error(fn, reference, inputs, *args)
+            timings = time_modes(fn, inputs, upstream, rep, *args)
+        except Exception as e:
+            problem = re.sub(r"=\s+", "=", label)
+            print(f"{name} {problem}: {type(e).__name__}: {e}")
+            torch.cuda.empty_cache()
+            continue
+        for mode, (med, p20, p80) in timings.items():
+            gbps = nbytes[mode] / med / 1e6
+            rows.append({"provider": name, **shape, "mode": mode, "panel": f"{panel} {mode}", "ms": med,
+                         "ms_p20": p20, "ms_p80": p80, "GB/s": gbps, "pct_copy": 100 * gbps / (copy_tbs * 1e3),
+                         "max_err": err})
+        print(f"{name:>14} {label}: " + "  ".join(
+            f"{m} {t[0]:.3f} ms {nbytes[m] / t[0] / 1e6:6.0f} GB/s" for m, t in timings.items())
+            + f"  (max err {err:.2g})")
+    return rows

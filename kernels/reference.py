@@ -46,39 +46,6 @@ def layer_norm_ref(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float = 
 # ----------------------------------------------------------------------------- rope
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float = 10000.0, device=None,
-                scaling: dict | None = None) -> tuple[Tensor, Tensor]:
-    """cos, sin tables (max_len, head_dim // 2), fp32.
-
-    inv_freq_i = theta^(-2i/D); angle(p, i) = p * inv_freq_i. `scaling` is an
-    optional Llama-3-style frequency rescale {"type": "llama3", "factor",
-    "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}.
-    """
-    if head_dim % 2:
-        raise ValueError(f"RoPE needs an even head dim, got {head_dim}")
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
-    if scaling is not None:
-        inv_freq = _scale_inv_freq(inv_freq, scaling)
-    pos = torch.arange(max_len, dtype=torch.float64, device=device)
-    ang = torch.outer(pos, inv_freq)
-    return ang.cos().float(), ang.sin().float()
-
-
-def _scale_inv_freq(inv_freq: Tensor, s: dict) -> Tensor:
-    kind = s.get("type", s.get("rope_type"))
-    if kind != "llama3":
-        raise ValueError(f"unsupported RoPE scaling type {kind!r} (supported: llama3)")
-    factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-    old = s["original_max_position_embeddings"]
-    wavelen = 2 * torch.pi / inv_freq
-    low_wl, high_wl = old / lo, old / hi
-    smooth = (old / wavelen - lo) / (hi - lo)
-    scaled = torch.where(wavelen > low_wl, inv_freq / factor, inv_freq)
-    mid = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    is_mid = (wavelen <= low_wl) & (wavelen >= high_wl)
-    return torch.where(is_mid, mid, scaled)
-
-
 def rope_ref(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor) -> Tensor:
     """Rotary embedding, "rotate-half" pairing (i, i + D/2) as in Llama/HF.
 
@@ -183,28 +150,62 @@ def attention_ref(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: f
 
 def decode_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor,
                          scale: float | None = None) -> Tensor:
-    """New query tokens against a KV cache with a per-row valid length.
+    """New query tokens against a KV cache with a per-row valid length (the Triton decode kernel's reference).
 
     q (B, Tq, H, D); k_cache/v_cache (B, S_max, Hkv, D); lengths (B,) int: the
     number of valid cache entries per row, *including* the Tq new tokens
     (already written). Query t of row b sits at position lengths[b] - Tq + t
     and attends keys 0..that position (causal among the new tokens).
-    Returns (B, Tq, H, D) in q's dtype; math in fp32.
+    Returns (B, Tq, H, D) in q's dtype; math in fp32 over the first max(lengths) slots (a host sync).
     """
-    B, Tq, H, D = q.shape
-    Hkv = k_cache.shape[2]
+    D, H, Hkv = q.shape[3], q.shape[2], k_cache.shape[2]
     if H % Hkv:
         raise ValueError(f"n_head {H} is not a multiple of n_kv_head {Hkv}")
     S = int(lengths.max())
     scale = D ** -0.5 if scale is None else scale
-    qf = q.float().transpose(1, 2)  # (B, H, Tq, D)
-    kf = k_cache[:, :S].float().transpose(1, 2)  # (B, Hkv, S, D)
-    vf = v_cache[:, :S].float().transpose(1, 2)
-    qpos = lengths.to(q.device)[:, None] - Tq + torch.arange(Tq, device=q.device)[None, :]  # (B, Tq)
+    o = kv_attention_ref(q.float(), k_cache[:, :S].float(), v_cache[:, :S].float(), lengths.to(q.device), scale=scale)
+    return o.to(q.dtype)
+
+
+def kv_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, window: int | None = None,
+                     scale: float | None = None) -> Tensor:
+    """Attention of Tq new tokens per row over every slot of a KV cache, masked on the device (no host sync).
+
+    q (B, Tq, H, D); k_cache/v_cache (B, S, Hkv, D); lengths (B,) valid entries incl. the Tq new ones.
+    Query t of row b sits at p = lengths[b] - Tq + t; key j is visible iff j <= p (and p - j < window).
+    Slots past a row's length get weight exp(-inf) = 0; shapes do not depend on the lengths, so a CUDA
+    graph or torch.compile can capture it. Math in q's dtype (SDPA accumulates in fp32 for bf16/fp16).
+    """
+    Tq, H, S, Hkv = q.shape[1], q.shape[2], k_cache.shape[1], k_cache.shape[2]
+    qpos = lengths[:, None] - Tq + torch.arange(Tq, device=q.device)[None, :]  # (B, Tq)
     kpos = torch.arange(S, device=q.device)
     mask = kpos[None, None, :] <= qpos[:, :, None]  # (B, Tq, S)
-    o = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask[:, None], scale=scale, enable_gqa=Hkv != H)
-    return o.transpose(1, 2).to(q.dtype)
+    if window is not None:
+        mask = mask & (qpos[:, :, None] - kpos[None, None, :] < window)
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
+                                       attn_mask=mask[:, None], scale=scale, enable_gqa=Hkv != H)
+    return o.transpose(1, 2)  # (B, Tq, H, D)
+
+
+def paged_decode_attention_ref(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, lengths: Tensor,
+                               scale: float | None = None, window: int | None = None) -> Tensor:
+    """New query tokens against a paged KV cache (the Triton paged decode kernel's reference).
+
+    q (B, Tq, H, D); k_pool/v_pool (n_blocks, block_size, Hkv, D); block_table (B, max_blocks) int: row b's
+    position p lives in block block_table[b, p // block_size], slot p % block_size; lengths (B,) valid
+    entries per row including the Tq new ones. Query t of row b sits at p = lengths[b] - Tq + t and sees
+    keys j <= p (and p - j < window). Gathers each row's blocks into a contiguous (B, S, Hkv, D) cache,
+    then `kv_attention_ref` (math in fp32). Returns (B, Tq, H, D) in q's dtype.
+    """
+    B, nb = block_table.shape
+    bs, Hkv, D = k_pool.shape[1], k_pool.shape[2], k_pool.shape[3]
+    if q.shape[2] % Hkv:
+        raise ValueError(f"n_head {q.shape[2]} is not a multiple of n_kv_head {Hkv}")
+    idx = block_table.long()
+    k = k_pool[idx].reshape(B, nb * bs, Hkv, D).float()
+    v = v_pool[idx].reshape(B, nb * bs, Hkv, D).float()
+    scale = D ** -0.5 if scale is None else scale
+    return kv_attention_ref(q.float(), k, v, lengths.to(q.device), window, scale).to(q.dtype)
 
 
 # ----------------------------------------------------------------------------- mixture of experts

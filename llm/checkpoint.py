@@ -27,6 +27,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from llm.config import ModelConfig, model_config_from_dict
+from llm.model import Transformer
+from llm.runtime import first_line
 from llm.tokenizer import Tokenizer
 
 FORMAT, VERSION = "llm-checkpoint", 1
@@ -189,7 +191,7 @@ def read_tensors(path: Path, verify: bool = True, device: str = "cpu") -> tuple[
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
     if verify and "crc32" in meta:
         want = json.loads(meta["crc32"])
         for k, t in tensors.items():
@@ -198,19 +200,12 @@ def read_tensors(path: Path, verify: bool = True, device: str = "cpu") -> tuple[
     return tensors, meta
 
 
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return s[0] if s else type(e).__name__
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                    **overrides) -> tuple[Transformer, Tokenizer, dict]:
+    """(model in eval mode, tokenizer, config dict) from one of our checkpoint dirs or a training out_dir.
 
-
-def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               **overrides) -> tuple[torch.nn.Module, Tokenizer, dict]:
-    """(model in eval mode, tokenizer, config dict) from a checkpoint dir, an out_dir, or a Hugging Face model dir."""
-    from llm import hf
-    from llm.model import Transformer
-
-    if hf.is_hf_dir(path):
-        return hf.load_hf(path, device, dtype, **overrides)
+    `llm.loading.load_model` takes Hugging Face directories too; overrides replace config fields.
+    """
     ckpt = resolve(path)
     cfg = read_config(ckpt)
     mcfg: ModelConfig = model_config_from_dict({**cfg["model"], **overrides})
@@ -219,9 +214,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     with torch.device("meta"):
         model = Transformer(mcfg)
     load_into(model, tensors, ckpt / MODEL_FILE)
-    _rebuild_buffers(model, "cpu")  # off the meta device before moving
+    model.init_buffers("cpu")  # off the meta device before moving
     model.to(device=device, dtype=dtype)
-    _rebuild_buffers(model, device)  # RoPE tables stay fp32 whatever the weights' dtype
+    model.init_buffers(device)  # RoPE tables stay fp32 whatever the weights' dtype
     return model.eval(), tok, cfg
 
 
@@ -234,29 +229,16 @@ def load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: 
     shapes = sorted(f"{k} {tuple(tensors[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items()
                     if k in tensors and tensors[k].shape != v.shape)
     if missing or unexpected or shapes:
-        parts = [_listing("missing", missing), _listing("unexpected", unexpected), _listing("wrong shape", shapes)]
+        parts = [listing("missing", missing), listing("unexpected", unexpected), listing("wrong shape", shapes)]
         raise CheckpointError(f"{source} does not match the model config: " + " | ".join(p for p in parts if p))
     model.load_state_dict(tensors, strict=False, assign=True)
     if tied:
         model.lm_head.weight = model.tok_emb.weight
 
 
-def _listing(what: str, items: list[str]) -> str:
+def listing(what: str, items: list[str]) -> str:
+    """"what: a, b, ..." (at most 8 names) for a mismatch message; "" when there are none."""
     return f"{what}: {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}" if items else ""
-
-
-def _rebuild_buffers(model: torch.nn.Module, device) -> None:
-    """Non-persistent buffers (RoPE tables) are not in the file: recompute them on `device`."""
-    from kernels.reference import rope_tables
-
-    c = model.cfg
-    if c.pos_emb == "rope":
-        cos, sin = rope_tables(c.head_dim, c.block_size, c.rope_theta, device=device, scaling=c.rope_scaling)
-        model.rope_cos, model.rope_sin = cos, sin
-
-
-def load_optimizer(ckpt: Path, optimizer: torch.optim.Optimizer) -> None:
-    optimizer.load_state_dict(read_optimizer_state(ckpt))
 
 
 def read_optimizer_state(ckpt: Path) -> dict:

@@ -3,12 +3,16 @@
 Every field becomes a command-line flag (`n_layer` -> `--n-layer`) with its help text
 taken from the field's metadata; see `add_dataclass_args`. Precedence when building a
 config: dataclass defaults < --preset < --config FILE.toml < explicit flags.
+Also here: the range checks of the data and training settings (`check_configs`), the type
+check of --config values (`check_types`), and the resolved settings written back out
+(`describe_config` for the console, `to_toml` for `<out-dir>/config.toml`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -51,10 +55,10 @@ class ModelConfig:
     rope_scaling: dict | None = _f(None, "RoPE frequency scaling (llama3 style dict); from HF configs")
     norm_eps: float = _f(1e-5, "epsilon of the norms")
     window: int | None = _f(None, "sliding-window attention width (None = full causal)")
-    dropout: float = _f(0.0, "dropout on attention output and MLP output")
+    dropout: float = _f(0.0, "dropout on attention output and MLP output", runtime=True)
     pad_vocab_multiple: int = _f(64, "round vocab_size up to a multiple of this (faster matmuls)")
     kernels: str = _f("auto", "op implementation: triton (CUDA or TRITON_INTERPRET=1), torch, or auto",
-                      choices=("auto", "triton", "torch"))
+                      choices=("auto", "triton", "torch"), runtime=True)
     # Mixture of Experts (n_experts = 0 means dense).
     n_experts: int = _f(0, "routed experts per MoE layer (0 = dense model)")
     top_k: int = _f(2, "experts each token is routed to")
@@ -69,7 +73,6 @@ class ModelConfig:
     aux_coef: float = _f(0.01, "weight of the load-balancing auxiliary loss")
     z_coef: float = _f(0.001, "weight of the router z-loss")
     bias_rate: float = _f(0.001, "update rate of the aux-loss-free routing bias")
-    experts_impl: str = _f("auto", "expert computation", choices=("loop", "grouped", "auto"))
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
@@ -86,6 +89,11 @@ class ModelConfig:
         if self.expert_hidden is None:
             self.expert_hidden = self.intermediate_size
         self.validate()
+
+    def architecture(self) -> dict:
+        """The fields that shape the weights, without the run-time ones (metadata runtime=True: kernels,
+        dropout), which a resumed run or a loaded checkpoint may change freely."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("runtime")}
 
     @property
     def padded_vocab_size(self) -> int:
@@ -105,7 +113,7 @@ class ModelConfig:
              f"RoPE needs an even head_dim, got {self.head_dim}")
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         need(self.window is None or self.window >= 1, f"window must be >= 1, got {self.window}")
-        for name in ("pos_emb", "norm", "mlp", "kernels", "score_func", "balance", "experts_impl"):
+        for name in ("pos_emb", "norm", "mlp", "kernels", "score_func", "balance"):
             choices = _choices(name)
             need(getattr(self, name) in choices, f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.n_experts:
@@ -119,9 +127,6 @@ class ModelConfig:
             need(self.route_scale > 0, f"route_scale must be > 0, got {self.route_scale}")
             for name in ("aux_coef", "z_coef", "bias_rate"):
                 need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-            need(not (self.experts_impl == "grouped" and self.kernels == "torch"),
-                 "experts_impl='grouped' is the Triton kernel: it cannot run with kernels='torch' "
-                 "(use experts_impl='loop' or 'auto')")
         need(self.n_shared_experts >= 0, f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
 
 
@@ -288,13 +293,75 @@ def known_fields() -> set[str]:
     return {f.name for c in (ModelConfig, DataConfig, TrainConfig) for f in fields(c)}
 
 
-def to_dict(cfg) -> dict:
-    return asdict(cfg)
+LEGACY_MODEL_KEYS = {"experts_impl"}  # written by earlier versions; the kernels switch now decides
 
 
 def model_config_from_dict(d: dict) -> ModelConfig:
     names = {f.name for f in dataclasses.fields(ModelConfig)}
+    d = {k: v for k, v in d.items() if k not in LEGACY_MODEL_KEYS}
     unknown = set(d) - names
     if unknown:
         raise ConfigError(f"unknown model config keys: {', '.join(sorted(unknown))}")
     return ModelConfig(**d)
+
+
+# ----------------------------------------------------------------------------- checks and serialisation
+
+
+def check_types(values: dict, source: str) -> None:
+    """TOML values must have their field's type (ints where ints are due, ...)."""
+    for cls in (ModelConfig, DataConfig, TrainConfig):
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            if f.name not in values:
+                continue
+            tp, optional = _base_type(hints[f.name])
+            v = values[f.name]
+            ok = (v is None and optional) or (isinstance(v, tp) and not (tp is int and isinstance(v, bool))) or (
+                tp is float and isinstance(v, int) and not isinstance(v, bool))
+            if not ok:
+                raise ConfigError(f"{source}: {f.name} must be {tp.__name__}, got {v!r}")
+
+
+def check_configs(d: DataConfig, t: TrainConfig) -> None:
+    """One clear ConfigError for an out-of-range data or training setting."""
+    rules = [(t.max_steps >= 1, "max_steps must be >= 1"), (t.batch_size >= 1, "batch_size must be >= 1"),
+             (t.grad_accum >= 1, "grad_accum must be >= 1"), (t.lr > 0, "lr must be > 0"),
+             (0 <= t.min_lr <= t.lr, "min_lr must be in [0, lr]"), (t.warmup_steps >= 0, "warmup_steps must be >= 0"),
+             (t.grad_clip >= 0, "grad_clip must be >= 0"), (t.eval_iters >= 1, "eval_iters must be >= 1"),
+             (min(t.eval_interval, t.save_interval, t.log_interval) >= 1, "eval/save/log intervals must be >= 1"),
+             (t.keep_last >= 0, "keep_last must be >= 0"), (t.max_bad_steps >= 1, "max_bad_steps must be >= 1"),
+             (t.global_batch_tokens is None or t.global_batch_tokens >= 1, "global_batch_tokens must be >= 1"),
+             (0 <= d.val_fraction < 1, "val_fraction must be in [0, 1)"), (d.prep_workers >= 1, "prep_workers >= 1"),
+             (d.max_tokens is None or d.max_tokens >= 1, "max_tokens must be >= 1")]
+    for ok, msg in rules:
+        if not ok:
+            raise ConfigError(msg)
+
+
+def describe_config(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig) -> str:
+    """The resolved settings, one `section: key=value ...` line per config."""
+    lines = []
+    for name, cfg in (("model", mcfg), ("data", dcfg), ("train", tcfg)):
+        lines.append(f"{name}: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()
+                                            if not (name == "model" and k == "vocab_size")))  # from the tokenizer
+    return "\n".join(lines)
+
+
+def to_toml(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig) -> str:
+    """The resolved settings as a --config file (vocab_size of the model comes from the tokenizer)."""
+    def val(v) -> str:
+        if isinstance(v, bool):
+            return str(v).lower()
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k} = {val(x)}" for k, x in v.items() if x is not None) + "}"
+        if isinstance(v, float) and math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v) if isinstance(v, (int, float)) else '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    out = []
+    for name, cfg in (("model", mcfg), ("data", dcfg), ("train", tcfg)):
+        out.append(f"[{name}]")
+        out += [f"{k} = {val(v)}" for k, v in asdict(cfg).items()
+                if v is not None and not (name == "model" and k == "vocab_size")]
+    return "\n".join(out) + "\n"

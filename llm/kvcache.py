@@ -1,12 +1,13 @@
-"""Static KV cache: preallocated per layer at the GQA width, with a per-row valid length."""
+"""Static KV cache: preallocated per layer at the GQA width, with a per-row valid length.
+
+The cache is a store (lengths, positions, update, reorder, snapshot); how attention reads it is
+decided in one place, `llm.ops.kv_attention`.
+"""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-
-from llm import ops
 
 
 class KVCache:
@@ -32,6 +33,7 @@ class KVCache:
         self.host_lengths = [0] * batch
         self.max_len = max_len
         self.static = False
+        self.block_table = None  # contiguous rows; `llm.paged_cache.PagedKVCache` sets a block table
 
     @property
     def batch(self) -> int:
@@ -58,8 +60,13 @@ class KVCache:
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions needed, the cache holds {self.max_len}")
 
-    def update(self, layer: int, k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Write k, v (B, T, Hkv, D) at `positions` (B, T); return (k_cache, v_cache, lengths incl. new)."""
+    def update(self, layer: int, k: Tensor, v: Tensor,
+               positions: Tensor) -> tuple[Tensor, Tensor, Tensor, list[int] | None]:
+        """Write k, v (B, T, Hkv, D) at `positions` (B, T) of `layer`.
+
+        Returns (k_cache, v_cache, lengths, host_lengths) with the new entries counted: lengths (B,) on
+        the device, host_lengths the same on the host, None in static mode (a static step reads no host state).
+        """
         T = k.shape[1]
         L = self._uniform()
         if L is not None:  # every row at the same length: a slice copy, no index tensors
@@ -69,37 +76,8 @@ class KVCache:
             rows = torch.arange(k.shape[0], device=k.device)[:, None]
             self.k[layer][rows, positions] = k.to(self.k[layer].dtype)
             self.v[layer][rows, positions] = v.to(self.v[layer].dtype)
-        return self.k[layer], self.v[layer], self.lengths + T
-
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, window: int | None = None,
-               kernels: str = "auto") -> Tensor:
-        """Store the new k, v (B, T, Hkv, D) and attend q (B, T, H, D) over each row's cache -> (B, T, H, D).
-
-        Query t of row b sits at position lengths[b] + t and sees keys 0..that position (with a
-        sliding window w, only the last w of them). Rows all at one length: `ops.attention` on the
-        valid keys (prefills; windowed steps); a decode step or ragged rows: `ops.decode_attention`
-        (the Triton decode kernel on CUDA, sync-free, so it also serves a captured static step);
-        static mode otherwise, and windowed ragged rows: `masked_attention`.
-        """
-        T = q.shape[1]
-        L = self._uniform()
-        k_all, v_all, lengths = self.update(layer, k, v, positions)
-        if self.static:
-            # the Triton decode kernel is sync-free for a decode step, so a CUDA graph can capture it;
-            # under torch.compile the plain-torch mask below compiles into the step instead
-            if window is None and T == 1 and ops.use_triton(kernels, q) and not torch.compiler.is_compiling():
-                return ops.decode_attention(q, k_all, v_all, lengths, kernels=kernels)
-            return masked_attention(q, k_all, v_all, lengths, window)
-        if L is not None and (T > 1 or window is not None):
-            # every row at length L: attention()'s bottom-right causal alignment is exactly this mask,
-            # over the last w + T - 1 keys with a window (a prefill: one (T, S) mask, not one per row)
-            s0 = 0 if window is None else max(0, L - window + 1)
-            return ops.attention(q, k_all[:, s0:L + T], v_all[:, s0:L + T], causal=True, window=window,
-                                 kernels=kernels)
-        if window is None:
-            return ops.decode_attention(q, k_all, v_all, lengths, kernels=kernels)
-        S = max(self.host_lengths) + T
-        return masked_attention(q, k_all[:, :S], v_all[:, :S], lengths, window)
+        host = None if self.static else [n + T for n in self.host_lengths]
+        return self.k[layer], self.v[layer], self.lengths + T, host
 
     def advance(self, T: int) -> None:
         """lengths += T on the device, and on the host copy unless static (then: `advance_host`)."""
@@ -137,23 +115,3 @@ class KVCache:
         self.lengths.copy_(snap[0])
         self.host_lengths = list(snap[1])
 
-
-def masked_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor,
-                     window: int | None = None) -> Tensor:
-    """`decode_attention_ref` over every slot of the cache, masked on the device (no host sync).
-
-    q (B, Tq, H, D); k_cache/v_cache (B, S, Hkv, D); lengths (B,) valid entries incl. the Tq new ones.
-    Query t of row b sits at p = lengths[b] - Tq + t; key j is visible iff j <= p (and p - j < window).
-    Slots past a row's length get weight exp(-inf) = 0, so the result is the reference's; shapes do
-    not depend on the lengths, so a CUDA graph or torch.compile can capture it. Math in q's dtype
-    (fp32 on CPU, where it equals the reference; SDPA accumulates in fp32 for bf16/fp16).
-    """
-    Tq, H, S, Hkv = q.shape[1], q.shape[2], k_cache.shape[1], k_cache.shape[2]
-    qpos = lengths[:, None] - Tq + torch.arange(Tq, device=q.device)[None, :]  # (B, Tq)
-    kpos = torch.arange(S, device=q.device)
-    mask = kpos[None, None, :] <= qpos[:, :, None]  # (B, Tq, S)
-    if window is not None:
-        mask = mask & (qpos[:, :, None] - kpos[None, None, :] < window)
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
-                                       attn_mask=mask[:, None], enable_gqa=Hkv != H)
-    return o.transpose(1, 2)  # (B, Tq, H, D)

@@ -11,35 +11,14 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.reference import rope_tables
 from llm import ops
 from llm.config import ModelConfig
 from llm.kvcache import KVCache
-
-
-class Norm(nn.Module):
-    """RMSNorm (Zhang & Sennrich 2019) or LayerNorm, over the last dim. x (..., C)."""
-
-    def __init__(self, dim: int, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.kind, self.eps, self.kernels = cfg.norm, cfg.norm_eps, cfg.kernels
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim)) if cfg.norm == "layernorm" and cfg.bias else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.kind == "rmsnorm":
-            return ops.rms_norm(x, self.weight, self.eps, kernels=self.kernels)
-        return ops.layer_norm(x, self.weight, self.bias, self.eps, kernels=self.kernels)
-
-    def add_forward(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
-        """(h, norm(h)) with h = x + residual; one fused kernel for RMSNorm."""
-        if self.kind == "rmsnorm":
-            return ops.add_rms_norm(x, residual, self.weight, self.eps, kernels=self.kernels)
-        h = x + residual
-        return h, self.forward(h)
+from llm.layers import MLP, FeedForward, Norm, rope_tables
+from llm.moe import MoE
+from llm.paged_cache import BlockPool, PagedKVCache
 
 
 class Attention(nn.Module):
@@ -62,7 +41,7 @@ class Attention(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, positions: Tensor,
-                cache: KVCache | None = None) -> Tensor:
+                cache: KVCache | PagedKVCache | None = None) -> Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.wqkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
@@ -75,32 +54,11 @@ class Attention(nn.Module):
             k = ops.rope(k, cos, sin, positions, kernels=self.cfg.kernels)
         if cache is None:
             o = ops.attention(q, k, v, causal=True, window=self.cfg.window, kernels=self.cfg.kernels)
-        else:
-            o = cache.attend(self.layer, q, k, v, positions, window=self.cfg.window, kernels=self.cfg.kernels)
+        else:  # store the new k, v, then attend over each row's cache
+            k_all, v_all, lengths, host_lengths = cache.update(self.layer, k, v, positions)
+            o = ops.kv_attention(q, k_all, v_all, lengths, host_lengths, window=self.cfg.window,
+                                 kernels=self.cfg.kernels, block_table=cache.block_table)
         return self.drop(self.wo(o.reshape(B, T, H * D)))  # (B, T, C)
-
-
-class MLP(nn.Module):
-    """SwiGLU (Shazeer 2020): w2(silu(w1 x) * w3 x), or GPT-2's c_proj(gelu(c_fc x))."""
-
-    def __init__(self, cfg: ModelConfig, hidden: int | None = None) -> None:
-        super().__init__()
-        self.cfg = cfg
-        hidden = hidden or cfg.intermediate_size
-        if cfg.mlp == "swiglu":
-            self.w1 = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)  # gate
-            self.w3 = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)  # up
-        else:
-            self.w1 = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
-        self.w2 = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)  # down
-        self.drop = nn.Dropout(cfg.dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.cfg.mlp == "swiglu":
-            h = ops.swiglu(self.w1(x), self.w3(x), kernels=self.cfg.kernels)
-        else:
-            h = ops.gelu(self.w1(x), kernels=self.cfg.kernels)
-        return self.drop(self.w2(h))
 
 
 class Block(nn.Module):
@@ -111,14 +69,9 @@ class Block(nn.Module):
         self.norm1 = Norm(cfg.n_embd, cfg)
         self.attn = Attention(cfg, layer)
         self.norm2 = Norm(cfg.n_embd, cfg)
-        if cfg.n_experts and layer >= cfg.first_dense_layers:
-            from llm.moe import MoE
+        self.mlp: FeedForward = MoE(cfg) if cfg.n_experts and layer >= cfg.first_dense_layers else MLP(cfg)
 
-            self.mlp = MoE(cfg)
-        else:
-            self.mlp = MLP(cfg)
-
-    def forward(self, x: Tensor, rope, positions: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, rope, positions: Tensor, cache: KVCache | PagedKVCache | None = None) -> Tensor:
         a = self.attn(self.norm1(x), rope, positions, cache)
         h, y = self.norm2.add_forward(a, x)  # fused residual add + norm
         return h + self.mlp(y)
@@ -139,26 +92,37 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, V, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        if cfg.pos_emb == "rope":
-            cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta, scaling=cfg.rope_scaling)
-            self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, D/2) fp32
-            self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_buffers()
         self.reset_parameters()
 
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)build the non-persistent buffers on `device`: the RoPE tables (block_size, D/2), always fp32.
+
+        They are not in a checkpoint: a model built on the meta device or cast to bf16 calls this again.
+        """
+        c = self.cfg
+        if c.pos_emb == "rope":
+            cos, sin = rope_tables(c.head_dim, c.block_size, c.rope_theta, device=device, scaling=c.rope_scaling)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+
     def reset_parameters(self) -> None:
-        """GPT-2 init: N(0, 0.02); residual output projections scaled by 1/sqrt(2 * n_layer)."""
+        """GPT-2 init: N(0, 0.02); biases 0, norm gains 1; the weights that write into the residual
+        stream (attention out, each feed-forward layer's `residual_outputs`) scaled by 1/sqrt(2 * n_layer)."""
         std = 0.02
-        for name, p in self.named_parameters():
-            if name.endswith("bias"):
+        biases = {id(m.bias) for m in self.modules() if isinstance(m, (nn.Linear, Norm)) and m.bias is not None}
+        residual = {id(p) for b in self.blocks for p in [b.attn.wo.weight, *b.mlp.residual_outputs()]}
+        for p in self.parameters():
+            if id(p) in biases:
                 nn.init.zeros_(p)
             elif p.dim() == 1:  # norm weights
                 nn.init.ones_(p)
-            elif name.endswith(("wo.weight", "w2.weight", "w_down")):  # residual outputs (+ MoE experts)
+            elif id(p) in residual:
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
             else:
                 nn.init.normal_(p, 0.0, std)
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None,
+    def forward(self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | PagedKVCache | None = None,
                 z_loss: float = 0.0, logits_at: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
         """Returns (logits, loss).
 
@@ -197,26 +161,30 @@ class Transformer(nn.Module):
 
     def aux_loss(self) -> Tensor | float:
         """Sum of the MoE layers' auxiliary losses from the last forward (0 for dense models)."""
-        return sum((b.mlp.aux_loss for b in self.blocks if hasattr(b.mlp, "aux_loss")), 0.0)
+        return sum((b.mlp.aux_loss for b in self.blocks), 0.0)
 
     def after_step(self) -> None:
         """Called by the trainer after each optimizer step (MoE: aux-loss-free routing-bias update)."""
         for b in self.blocks:
-            if hasattr(b.mlp, "after_step"):
-                b.mlp.after_step()
+            b.mlp.after_step()
 
     def moe_stats(self) -> dict[str, float]:
         """Per-layer expert-load statistics of the last forward ({} for dense models)."""
         out: dict[str, float] = {}
         for i, b in enumerate(self.blocks):
-            if hasattr(b.mlp, "load_stats"):
-                out.update({f"moe/{i}/{k}": v for k, v in b.mlp.load_stats().items()})
+            out.update({f"moe/{i}/{k}": v for k, v in b.mlp.load_stats().items()})
         return out
 
     def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
         p = self.lm_head.weight
         return KVCache(self.cfg.n_layer, batch, max_len, self.cfg.n_kv_head, self.cfg.head_dim,
                        device or p.device, dtype or p.dtype)
+
+    def new_pool(self, n_blocks: int, block_size: int, device=None, dtype=None) -> BlockPool:
+        """A paged KV store (llm.paged_cache) of n_blocks blocks of block_size tokens per layer."""
+        p = self.lm_head.weight
+        return BlockPool(self.cfg.n_layer, n_blocks, block_size, self.cfg.n_kv_head, self.cfg.head_dim,
+                         device or p.device, dtype or p.dtype)
 
     # ------------------------------------------------------------------ accounting
 
@@ -230,19 +198,10 @@ class Transformer(nn.Module):
 
     def num_active_params(self) -> int:
         """Parameters touched per token (MoE: only top_k routed experts count)."""
-        n = self.num_params()
-        for b in self.blocks:
-            if hasattr(b.mlp, "inactive_params"):
-                n -= b.mlp.inactive_params()
-        return n
+        return self.num_params() - sum(b.mlp.inactive_params() for b in self.blocks)
 
     def flops_per_token(self, T: int | None = None) -> float:
         """Training FLOPs per token: 6 * N_active + 12 * L * H * D * T (nanoGPT / PaLM count)."""
         c = self.cfg
         T = T or c.block_size
         return 6 * self.num_active_params() + 12 * c.n_layer * c.n_head * c.head_dim * T
-
-
-def cross_entropy_logits(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean token cross-entropy from (B, T, V) logits (evaluation helper)."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from llm import ops
 from llm.config import ModelConfig
-from llm.model import MLP
+from llm.layers import MLP, FeedForward
 
 
 class Routing(NamedTuple):
@@ -103,7 +103,7 @@ class Experts(nn.Module):
         self.w_down = nn.Parameter(torch.empty(E, d, F_))
 
 
-class MoE(nn.Module):
+class MoE(FeedForward):
     """Routed + shared SwiGLU experts in place of a block's MLP. x (..., d) -> (..., d).
 
     After a training forward, `aux_loss` holds this layer's balance + z-loss term (0.0 in eval),
@@ -121,18 +121,15 @@ class MoE(nn.Module):
         self._last: Tensor | None = None  # (E + 2,) fp32: counts of the last training forward, L_bal, z
         self._step_counts: Tensor | None = None  # (E,) int64 counts since the last after_step()
 
-    def grouped(self, x: Tensor) -> bool:
-        """Whether the experts run as the grouped Triton kernel (else the reference loop)."""
-        impl = self.cfg.experts_impl
-        return impl == "grouped" or (impl == "auto" and ops.use_triton(self.cfg.kernels, x))
+    def residual_outputs(self) -> list[nn.Parameter]:
+        return [self.experts.w_down] + (self.shared.residual_outputs() if self.shared is not None else [])
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         xf = x.reshape(-1, shape[-1])  # (N, d)
         r = self.router(xf)
         e = self.experts
-        kernels = "triton" if self.grouped(xf) else "torch"
-        y = ops.moe_experts(xf, e.w_gate, e.w_up, e.w_down, r.idx, r.weight, kernels=kernels)  # (N, d)
+        y = ops.moe_experts(xf, e.w_gate, e.w_up, e.w_down, r.idx, r.weight, kernels=self.cfg.kernels)  # (N, d)
         if self.training:
             self._record(r)
         y = self.drop(y)

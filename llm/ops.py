@@ -1,21 +1,22 @@
 """The single switch between Triton kernels and the PyTorch references.
 
-Every op the model computes goes through a function here. `kernels` is one
-of:
+Every op the model computes goes through a function here, and `resolve` is the one place that
+turns a `kernels` setting into a choice:
   "auto"   Triton when the tensors are on CUDA and Triton imports, else torch
   "triton" always Triton (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)
   "torch"  always the reference in kernels/reference.py
-Kernel modules are imported lazily, on first use, so importing the model never
-needs Triton.
+Kernel modules are imported lazily, on first use (a plain import inside the Triton branch), so
+importing the model never needs Triton. LayerNorm and GELU (GPT-2 classic only) have no Triton
+kernel: torch's fused ops already run them in one launch.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
 from functools import cache
 
+import torch
 from torch import Tensor
 
 from kernels import reference as ref
@@ -32,92 +33,167 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def use_triton(kernels: str, x: Tensor) -> bool:
-    """Resolve `kernels` for tensor `x`; raise a clear error if Triton was forced but cannot run."""
+def resolve(kernels: str, device: torch.device | str) -> bool:
+    """Whether `kernels` runs Triton for tensors on `device`; a clear error if Triton was forced but cannot run."""
     if kernels == "torch":
         return False
+    on_cuda = torch.device(device).type == "cuda"
     if kernels == "auto":
-        return x.is_cuda and triton_available()
+        return on_cuda and triton_available()
     if kernels == "triton":
         if not triton_available():
             raise RuntimeError("kernels='triton' but triton is not installed (pip install triton)")
-        if not (x.is_cuda or interpreting()):
+        if not (on_cuda or interpreting()):
             raise RuntimeError("kernels='triton' needs CUDA tensors, or TRITON_INTERPRET=1 to run kernels on CPU")
         return True
     raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
 
 
-def _kernel(module: str, name: str):
-    return getattr(importlib.import_module(f"kernels.{module}"), name)
+def use_triton(kernels: str, x: Tensor) -> bool:
+    """`resolve` for the device of tensor x."""
+    return resolve(kernels, x.device)
 
 
-# ----------------------------------------------------------------------------- ops
+# ----------------------------------------------------------------------------- norms and activations
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, kernels: str = "auto") -> Tensor:
     if use_triton(kernels, x):
-        return _kernel("rmsnorm", "rms_norm")(x, weight, eps)
+        from kernels.rmsnorm import rms_norm as kernel
+
+        return kernel(x, weight, eps)
     return ref.rms_norm_ref(x, weight, eps)
 
 
 def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float = 1e-6,
                  kernels: str = "auto") -> tuple[Tensor, Tensor]:
     if use_triton(kernels, x):
-        return _kernel("rmsnorm", "add_rms_norm")(x, residual, weight, eps)
+        from kernels.rmsnorm import add_rms_norm as kernel
+
+        return kernel(x, residual, weight, eps)
     return ref.add_rms_norm_ref(x, residual, weight, eps)
 
 
-def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float = 1e-5,
-               kernels: str = "auto") -> Tensor:
-    # GPT-2 classic only; no Triton kernel (torch's fused LayerNorm is already one launch).
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
     return ref.layer_norm_ref(x, weight, bias, eps)
 
 
 def rope(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, kernels: str = "auto") -> Tensor:
     if use_triton(kernels, x):
-        return _kernel("rope", "rope")(x, cos, sin, positions)
+        from kernels.rope import rope as kernel
+
+        return kernel(x, cos, sin, positions)
     return ref.rope_ref(x, cos, sin, positions)
 
 
 def swiglu(gate: Tensor, up: Tensor, kernels: str = "auto") -> Tensor:
     if use_triton(kernels, gate):
-        return _kernel("swiglu", "swiglu")(gate, up)
+        from kernels.swiglu import swiglu as kernel
+
+        return kernel(gate, up)
     return ref.swiglu_ref(gate, up)
 
 
-def gelu(x: Tensor, kernels: str = "auto") -> Tensor:
+def gelu(x: Tensor) -> Tensor:
     return ref.gelu_ref(x)
+
+
+# ----------------------------------------------------------------------------- losses
 
 
 def linear_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100,
                          z_loss: float = 0.0, kernels: str = "auto") -> Tensor:
     """Mean CE of (x @ weight.T) against targets; the Triton path never holds the (N, V) logits."""
     if use_triton(kernels, x):
-        return _kernel("cross_entropy", "linear_cross_entropy")(x, weight, targets, ignore_index, z_loss)
+        from kernels.cross_entropy import linear_cross_entropy as kernel
+
+        return kernel(x, weight, targets, ignore_index, z_loss)
     return ref.linear_cross_entropy_ref(x, weight, targets, ignore_index, z_loss)
 
 
 def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100, z_loss: float = 0.0,
                   kernels: str = "auto") -> Tensor:
+    """Mean CE of logits (N, V) against targets (N,), plus z_loss * mean(lse^2)."""
+    if use_triton(kernels, logits):
+        from kernels.cross_entropy import cross_entropy as kernel
+
+        return kernel(logits, targets, ignore_index, z_loss)
     return ref.cross_entropy_ref(logits, targets, ignore_index, z_loss)
+
+
+# ----------------------------------------------------------------------------- attention
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None,
               window: int | None = None, kernels: str = "auto") -> Tensor:
     if use_triton(kernels, q):
-        return _kernel("attention", "attention")(q, k, v, causal, scale, window)
+        from kernels.attention import attention as kernel
+
+        return kernel(q, k, v, causal, scale, window)
     return ref.attention_ref(q, k, v, causal, scale, window)
 
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor,
                      scale: float | None = None, kernels: str = "auto") -> Tensor:
     if use_triton(kernels, q):
-        return _kernel("decode", "decode_attention")(q, k_cache, v_cache, lengths, scale)
+        from kernels.decode import decode_attention as kernel
+
+        return kernel(q, k_cache, v_cache, lengths, scale)
     return ref.decode_attention_ref(q, k_cache, v_cache, lengths, scale)
+
+
+def paged_decode_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, lengths: Tensor,
+                           scale: float | None = None, window: int | None = None, kernels: str = "auto") -> Tensor:
+    if use_triton(kernels, q):
+        from kernels.paged_decode import paged_decode_attention as kernel
+
+        return kernel(q, k_pool, v_pool, block_table, lengths, scale, window)
+    return ref.paged_decode_attention_ref(q, k_pool, v_pool, block_table, lengths, scale, window)
+
+
+def kv_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, host_lengths: list[int] | None,
+                 window: int | None = None, kernels: str = "auto", block_table: Tensor | None = None) -> Tensor:
+    """Attention of q (B, T, H, D) over each row's KV cache -> (B, T, H, D): the one place that picks how.
+
+    k_cache, v_cache (B, S_max, Hkv, D) hold the T new entries already; lengths (B,) counts each row's
+    valid entries including them (on the device); host_lengths is the same on the host, or None inside
+    a static step (compiled or captured), which must not read host state. Query t of row b sits at
+    lengths[b] - T + t (the definition is `kv_attention_ref`); every route below equals it:
+      static step            the Triton decode kernel for T = 1 without a window (sync-free, so a CUDA
+                             graph captures it; not under torch.compile), else the reference over every
+                             slot (shape-static, it compiles into the step)
+      rows at one length,    `attention` over the valid keys: its bottom-right causal alignment is this
+      T > 1 or a window      mask (with a window only the last w + T - 1 keys); one (T, S) mask, not one per row
+      otherwise, no window   `decode_attention` (decode steps; ragged rows)
+      ragged and windowed    the reference over the first max(lengths) slots
+    With a block_table (B, max_blocks) the caches are a paged pool (n_blocks, block_size, Hkv, D)
+    (`llm.paged_cache`): every call goes to `paged_decode_attention` (the Triton paged kernel, any T,
+    windows included, or its reference, which gathers each row's blocks).
+    """
+    if block_table is not None:
+        return paged_decode_attention(q, k_cache, v_cache, block_table, lengths, window=window, kernels=kernels)
+    T = q.shape[1]
+    if host_lengths is None:
+        if window is None and T == 1 and use_triton(kernels, q) and not torch.compiler.is_compiling():
+            return decode_attention(q, k_cache, v_cache, lengths, kernels=kernels)
+        return ref.kv_attention_ref(q, k_cache, v_cache, lengths, window)
+    lo, hi = min(host_lengths), max(host_lengths)
+    if lo == hi and (T > 1 or window is not None):
+        s0 = 0 if window is None else max(0, hi - T - window + 1)
+        return attention(q, k_cache[:, s0:hi], v_cache[:, s0:hi], causal=True, window=window, kernels=kernels)
+    if window is None:
+        return decode_attention(q, k_cache, v_cache, lengths, kernels=kernels)
+    return ref.kv_attention_ref(q, k_cache[:, :hi], v_cache[:, :hi], lengths, window)
+
+
+# ----------------------------------------------------------------------------- mixture of experts
 
 
 def moe_experts(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, topk_idx: Tensor,
                 topk_weight: Tensor, kernels: str = "auto") -> Tensor:
+    """sum_j w_j * Expert_{e_j}(x): the grouped-GEMM Triton kernel, or the reference loop over experts."""
     if use_triton(kernels, x):
-        return _kernel("moe", "moe_experts")(x, w_gate, w_up, w_down, topk_idx, topk_weight)
+        from kernels.moe import moe_experts as kernel
+
+        return kernel(x, w_gate, w_up, w_down, topk_idx, topk_weight)
     return ref.moe_experts_ref(x, w_gate, w_up, w_down, topk_idx, topk_weight)

@@ -18,7 +18,7 @@ import base64
 import json
 import re
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import tiktoken
@@ -85,7 +85,7 @@ class Tokenizer:
         trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                       show_progress=False, special_tokens=[])
         hf.train_from_iterator(texts, trainer=trainer)
-        byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+        byte_of = {c: b for b, c in bytes_to_unicode().items()}
         vocab = hf.get_vocab()  # token string -> id; ids follow merge order after the 256 bytes
         ranks: dict[bytes, int] = {}
         for tok, _ in sorted(vocab.items(), key=lambda kv: kv[1]):
@@ -224,21 +224,8 @@ class Tokenizer:
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         return self.enc.decode_bytes(self._known(ids))
 
-    def iter_text(self, ids: Iterable[int]) -> Iterator[str]:
-        """Stream text pieces as ids arrive, holding back incomplete UTF-8 sequences."""
-        import codecs
 
-        dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        for i in ids:
-            piece = dec.decode(self.decode_bytes([i]))
-            if piece:
-                yield piece
-        tail = dec.decode(b"", final=True)
-        if tail:
-            yield tail
-
-
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map used by byte-level BPE."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -328,7 +315,7 @@ def _ranks_from_merges(vocab: dict[str, int], merges: list, added: dict) -> dict
     merges the pair listed first in `merges`. They agree when every multi-byte token is the
     result of a merge and merge results have increasing ids in merge order.
     """
-    byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
     skip = {t["id"] for t in added.values()}
     ranks: dict[bytes, int] = {}
     for tok, i in vocab.items():
@@ -365,7 +352,7 @@ class _TokenizersEncoding:
         vocab = hf.get_vocab(with_added_tokens=True)
         self.n_vocab = max(vocab.values()) + 1
         self.holes = frozenset(set(range(self.n_vocab)) - set(vocab.values()))
-        byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+        byte_of = {c: b for b, c in bytes_to_unicode().items()}
         byte_level = "ByteLevel" in json.dumps(json.loads(hf.to_str()).get("decoder"))
         added = {t.content for t in hf.get_added_tokens_decoder().values()}
         self._bytes: dict[int, bytes] = {}

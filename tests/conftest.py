@@ -1,4 +1,5 @@
-"""Shared test setup: the interpreter switch, the tolerance table, comparison helpers.
+"""Shared test setup: the interpreter switch, the tolerance table, comparison helpers, and the
+tiny models, training corpus and one-thread switch the model / trainer tests share.
 
 Without CUDA, Triton kernels run through TRITON_INTERPRET=1 on CPU tensors. The
 variable must be set before any @triton.jit function is created, so it is set
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,12 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Imported only now: kernel modules must see TRITON_INTERPRET when their @triton.jit functions are made.
+from llm.config import ModelConfig  # noqa: E402
+from llm.generate import TextStream  # noqa: E402
+from llm.model import Transformer  # noqa: E402
+from llm.tokenizer import Tokenizer  # noqa: E402
 
 # Device kernel tests run on: CUDA when present, else CPU through the interpreter.
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -31,6 +39,13 @@ TOL = {
 # demand an exact kernel: error <= FA_FACTOR * ref_error + FA_FLOOR[dtype].
 FA_FACTOR = 2.0
 FA_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+# The input dtypes of an elementwise kernel test, with ids.
+DTYPES = [
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.float16, id="fp16"),
+    pytest.param(torch.bfloat16, id="bf16"),
+]
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
@@ -57,3 +72,72 @@ def assert_fa_rule(out: torch.Tensor, ref_lp: torch.Tensor, ref_hp: torch.Tensor
 def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None = None, name: str = "out") -> None:
     tol = TOL[dtype or out.dtype]
     torch.testing.assert_close(out.float(), ref.float(), msg=lambda m: f"{name}: {m}", **tol)
+
+
+# ----------------------------------------------------------------------------- model and trainer tests
+
+# A two-layer GQA model small enough for hundreds of forward passes on one CPU thread.
+TINY = dict(vocab_size=101, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, kernels="torch")
+
+
+def tiny_config(**kw) -> ModelConfig:
+    """TINY with `kw` overriding or adding fields."""
+    return ModelConfig(**(TINY | kw))
+
+
+def tiny_model(**kw) -> Transformer:
+    """A Transformer(tiny_config(**kw)) with weights drawn after torch.manual_seed(0), in train mode."""
+    torch.manual_seed(0)
+    return Transformer(tiny_config(**kw))
+
+
+def cached_and_uncached(model: Transformer, prompt: torch.Tensor, steps: int):
+    """Greedy-decode `steps` tokens after `prompt` (B, T0) through a KV cache.
+
+    Returns (seq (B, T0 + steps), the cached logits of every position (B, T0 + steps, V), the logits
+    of one uncached pass over seq (B, T0 + steps, V)).
+    """
+    cache = model.new_cache(prompt.shape[0], prompt.shape[1] + steps)
+    with torch.no_grad():
+        logits, _ = model(prompt, cache=cache)
+        seq, cached = prompt, [logits]
+        for _ in range(steps):
+            nxt = cached[-1][:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+            cached.append(model(nxt, cache=cache)[0])
+        full, _ = model(seq)
+    return seq, torch.cat(cached, 1), full
+
+
+def streamed_text(tok: Tokenizer, ids: list[int]) -> str:
+    """The text of `ids` fed to a TextStream one token's bytes at a time, as generation streams it."""
+    stream = TextStream()
+    return "".join(stream.push(tok.decode_bytes([i])) for i in ids) + stream.close()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: tiny ops on a shared 2-core machine are far faster without OpenMP spinning.
+
+    Opt in per module: `pytestmark = pytest.mark.usefixtures("one_thread")`.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def write_code_corpus(folder: Path) -> Path:
+    """folder/corpus.txt: 400 small Python functions, enough text for a 300-token BPE and a few steps."""
+    path = folder / "corpus.txt"
+    path.write_text("".join(f"def f{i}(x):\n    return x * {i} + 1\n\n" for i in range(400)))
+    return path
+
+
+def train_argv(tmp: Path, out: str, **kw) -> list[str]:
+    """train.py flags for a one-layer CPU run of 6 steps on tmp/corpus.txt into tmp/out; kw overrides or adds."""
+    base = dict(dataset=tmp / "corpus.txt", data_dir=tmp / "data", out_dir=tmp / out, vocab_size=300, n_layer=1,
+                n_embd=32, n_head=2, block_size=32, batch_size=4, max_steps=6, warmup_steps=2, eval_interval=100,
+                eval_iters=2, save_interval=100, log_interval=1, kernels="torch", device="cpu")
+    base.update(kw)
+    return [a for k, v in base.items() for a in (f"--{k.replace('_', '-')}", str(v))]

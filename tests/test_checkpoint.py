@@ -4,11 +4,10 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from llm import checkpoint as ck
 from llm.checkpoint import CheckpointError
-from llm.config import ModelConfig
-from llm.model import Transformer
 from llm.tokenizer import Tokenizer
 
 
@@ -18,9 +17,7 @@ def tok():
 
 
 def make(**kw):
-    torch.manual_seed(0)
-    return Transformer(ModelConfig(**(dict(vocab_size=300, block_size=32, n_layer=2, n_head=2, n_embd=32,
-                                          kernels="torch") | kw))).eval()
+    return tiny_model(**(dict(vocab_size=300, block_size=32, n_head=2) | kw)).eval()
 
 
 @pytest.mark.parametrize("kw", [{}, dict(tie_embeddings=True, pos_emb="learned", norm="layernorm", mlp="gelu",
@@ -28,7 +25,7 @@ def make(**kw):
 def test_round_trip_gives_identical_logits(tmp_path, tok, kw):
     model = make(**kw)
     path = ck.save(tmp_path, "ckpt-1", model, tok)
-    loaded, tok2, cfg = ck.load_model(tmp_path)
+    loaded, tok2, cfg = ck.load_checkpoint(tmp_path)
     idx = torch.randint(0, 300, (2, 16))
     assert torch.equal(model(idx)[0], loaded(idx)[0])
     assert tok2.encode("hello there") == tok.encode("hello there")
@@ -45,7 +42,7 @@ def test_latest_pointer_moves_only_after_a_complete_save(tmp_path, tok):
 
 def test_missing_checkpoint_is_one_line(tmp_path):
     with pytest.raises(CheckpointError, match="checkpoint not found"):
-        ck.load_model(tmp_path / "nope")
+        ck.load_checkpoint(tmp_path / "nope")
 
 
 def test_architecture_mismatch_lists_tensors(tmp_path, tok):
@@ -55,7 +52,7 @@ def test_architecture_mismatch_lists_tensors(tmp_path, tok):
     cfg["model"]["n_embd"] = 64
     (tmp_path / "c" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"missing: blocks\.2\..*wrong shape: "):
-        ck.load_model(tmp_path / "c")
+        ck.load_checkpoint(tmp_path / "c")
 
 
 @pytest.mark.parametrize("damage", ["cut1", "half", "header_only", "bad_json", "flip"])
@@ -76,7 +73,7 @@ def test_corrupted_weights_give_one_clear_line(tmp_path, tok, damage):
         data[8 + n + 100] ^= 0xFF
     f.write_bytes(bytes(data))
     with pytest.raises(CheckpointError) as e:
-        ck.load_model(tmp_path / "c")
+        ck.load_checkpoint(tmp_path / "c")
     msg = str(e.value)
     assert "model.safetensors" in msg and "\n" not in msg
     if damage == "flip":
@@ -95,5 +92,5 @@ def test_pickle_file_is_refused_and_never_run(tmp_path, tok):
 
     (tmp_path / "c" / "model.safetensors").write_bytes(pickle.dumps(Evil()))
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
-        ck.load_model(tmp_path / "c")
+        ck.load_checkpoint(tmp_path / "c")
     assert not marker.exists()

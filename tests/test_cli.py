@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import write_code_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,8 +17,7 @@ def run(*args, cwd=ROOT):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
-    corpus = tmp / "corpus.txt"
-    corpus.write_text("".join(f"def f{i}(x):\n    return x * {i} + 1\n\n" for i in range(400)))
+    corpus = write_code_corpus(tmp)
     out = tmp / "out"
     r = run("train.py", "--dataset", str(corpus), "--data-dir", str(tmp / "data"), "--out-dir", str(out),
             "--vocab-size", "300", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "32",

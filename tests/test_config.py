@@ -41,7 +41,7 @@ def test_train_help_shows_the_defaults_that_actually_apply():
     # With no --preset the tiny preset's values are used, so --help must show those, not the bare
     # dataclass defaults; and it must name every preset.
     from llm.config import PRESETS, preset
-    from llm.trainer import parser
+    from llm.train.cli import parser
 
     text = " ".join(parser().format_help().split())
     tiny = preset("tiny")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from llm.config import DataConfig
-from llm.data import DataError, Loader, prepare
+from llm.data.corpus import DataError
+from llm.data.shards import Loader, prepare
 
 
 def write_corpus(d, n_files=6):

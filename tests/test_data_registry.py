@@ -8,9 +8,10 @@ import types
 import numpy as np
 import pytest
 
-from llm import data
 from llm.config import DataConfig
-from llm.data import DataError, Loader, prepare, verify
+from llm.data import corpus, shards
+from llm.data.corpus import DataError
+from llm.data.shards import Loader, prepare, verify
 
 QUIET = dict(log=lambda *_: None)
 
@@ -43,18 +44,18 @@ def fake_datasets(splits: dict[str, list[dict]], fail: tuple[int, int] | None = 
 def test_shakespeare_is_downloaded_once_then_read_from_the_cache(tmp_path, monkeypatch):
     src = tmp_path / "remote.txt"
     src.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n\n" * 200)
-    monkeypatch.setitem(data.DOWNLOADS, "shakespeare", (src.as_uri(), "input.txt"))
+    monkeypatch.setitem(corpus.DOWNLOADS, "shakespeare", (src.as_uri(), "input.txt"))
     cfg = DataConfig(dataset="shakespeare", data_dir=str(tmp_path / "d"), vocab_size=300)
     out = prepare(cfg, **QUIET)
     assert (tmp_path / "d" / "downloads" / "shakespeare" / "input.txt").read_bytes() == src.read_bytes()
     m = json.loads((out / "manifest.json").read_text())
     assert m["splits"]["train"]["tokens"] > 10 * m["splits"]["val"]["tokens"] > 0  # one document: tokens split
-    monkeypatch.setitem(data.DOWNLOADS, "shakespeare", ("http://127.0.0.1:9/input.txt", "input.txt"))
+    monkeypatch.setitem(corpus.DOWNLOADS, "shakespeare", ("http://127.0.0.1:9/input.txt", "input.txt"))
     assert prepare(cfg, **QUIET) == out  # no network needed any more
 
 
 def test_unreachable_download_names_the_dataset_and_how_to_provide_it_offline(tmp_path, monkeypatch):
-    monkeypatch.setitem(data.DOWNLOADS, "shakespeare", ("http://127.0.0.1:9/input.txt", "input.txt"))
+    monkeypatch.setitem(corpus.DOWNLOADS, "shakespeare", ("http://127.0.0.1:9/input.txt", "input.txt"))
     with pytest.raises(DataError) as e:
         prepare(DataConfig(dataset="shakespeare", data_dir=str(tmp_path)), **QUIET)
     msg = str(e.value)
@@ -85,7 +86,7 @@ def test_hugging_face_dataset_streams_into_capped_shards(tmp_path, monkeypatch):
     calls: list = []
     monkeypatch.setitem(sys.modules, "datasets", fake_datasets({"train": stories(3000), "validation": stories(50)},
                                                                calls=calls))
-    monkeypatch.setattr(data, "COMMIT_TOKENS", 2000)
+    monkeypatch.setattr(shards, "COMMIT_TOKENS", 2000)
     cfg = DataConfig(dataset="tinystories", data_dir=str(tmp_path), vocab_size=300, max_tokens=20000)
     out = prepare(cfg, shard_tokens=5000, **QUIET)
     m = json.loads((out / "manifest.json").read_text())
@@ -101,7 +102,7 @@ def test_hugging_face_dataset_streams_into_capped_shards(tmp_path, monkeypatch):
 
 
 def test_preparation_resumes_after_an_interruption_and_gives_the_same_bytes(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "COMMIT_TOKENS", 1000)
+    monkeypatch.setattr(shards, "COMMIT_TOKENS", 1000)
     rows = {"train": stories(1500)}
     cfg = DataConfig(dataset="fineweb-edu", data_dir=str(tmp_path / "a"), vocab_size=300, val_fraction=0.1)
     monkeypatch.setitem(sys.modules, "datasets", fake_datasets(rows))

@@ -13,29 +13,21 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import train_argv, write_code_corpus
 
 from llm import checkpoint as ck
-from llm.trainer import main
+from llm.train.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow  # a torchrun launch of 2 processes
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: tiny ops on a shared 2-core machine are far faster without OpenMP spinning."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # slow: a torchrun launch of 2 processes
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 SCRIPT = """
 import json, sys
-from llm import distributed as dd
-from llm.trainer import resolve_configs, train
+from llm.train import distributed as dd
+from llm.train.cli import resolve_configs
+from llm.train.trainer import train
 
 jobs = json.loads(sys.argv[1])
 for argv, stop_at in jobs:
@@ -46,12 +38,7 @@ dd.cleanup()
 
 
 def tiny_args(tmp: Path, out: str, **kw) -> list[str]:
-    base = dict(dataset=tmp / "corpus.txt", data_dir=tmp / "data", out_dir=tmp / out, vocab_size=300, n_layer=2,
-                n_embd=32, n_head=2, block_size=32, batch_size=4, global_batch_tokens=256, max_steps=6,
-                warmup_steps=2, eval_interval=3, eval_iters=3, save_interval=100, log_interval=1, kernels="torch",
-                device="cpu")
-    base.update(kw)
-    return [a for k, v in base.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    return train_argv(tmp, out, **(dict(n_layer=2, global_batch_tokens=256, eval_interval=3, eval_iters=3) | kw))
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -62,7 +49,7 @@ def losses(out: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
-    (tmp / "corpus.txt").write_text("".join(f"def f{i}(x):\n    return x * {i} + 1\n\n" for i in range(400)))
+    write_code_corpus(tmp)
     assert main(tiny_args(tmp, "one")) == 0  # the 1-process reference: 2 micro-batches of 4 per step
     script = tmp / "job.py"
     script.write_text(SCRIPT)
@@ -101,6 +88,6 @@ def test_fsdp_two_processes_match_one_process_through_a_resume(runs):
     assert sorted(fsdp) == list(range(1, 7)) and "resumed from" in runs[1]
     # Sharded gradient norms sum in a different order than one process's; nothing else differs.
     assert all(abs(fsdp[s] - ref[s]) <= 1e-5 * abs(ref[s]) for s in fsdp), (fsdp, ref)
-    model, _, _ = ck.load_model(tmp / "fsdp")  # a full (gathered) checkpoint, loadable by one process
+    model, _, _ = ck.load_checkpoint(tmp / "fsdp")  # a full (gathered) checkpoint, loadable by one process
     a, _ = ck.read_tensors(tmp / "one" / "ckpt-0000006" / ck.MODEL_FILE)
     assert all((model.state_dict()[k] - a[k]).abs().max() < 1e-4 for k in a)

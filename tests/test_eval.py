@@ -4,26 +4,18 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_model
 
-from llm.config import ModelConfig
-from llm.eval import EvalError, dataset_stream, evaluate, windows
+from llm.eval.perplexity import EvalError, dataset_stream, evaluate, windows
 from llm.model import Transformer
 from llm.tokenizer import Tokenizer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def model() -> Transformer:
-    torch.manual_seed(0)
-    return Transformer(ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32,
-                                   kernels="torch")).eval()
+    return tiny_model(vocab_size=50, block_size=16, n_head=2).eval()
 
 
 @pytest.mark.parametrize("n,context,stride", [(2, 16, 16), (40, 16, 16), (40, 16, 5), (41, 8, 1), (17, 16, 16)])

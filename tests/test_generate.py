@@ -3,6 +3,7 @@ beam search, streaming text, the decode step that CUDA graphs capture."""
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from llm.config import ModelConfig
 from llm.generate import (
@@ -18,20 +19,15 @@ from llm.generate import (
     stream_text,
     stream_tokens,
 )
+from llm.generate.sampling import row_uniforms, seen_mask
 from llm.model import Transformer
-from llm.sampling import row_uniforms, seen_mask
 from llm.tokenizer import EOT, Tokenizer
 
 TEXT = ("def add(a, b):\n    return a + b\n\n# 日本語のコメント 😀 emoji 🎉 中文 字符\n"
         "class Point:\n    x: int = 0\n\nprint('héllo wörld', 42)\n") * 20
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +37,7 @@ def tok() -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def model(tok) -> Transformer:
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.n_vocab, block_size=96, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
-                      kernels="torch")
-    return Transformer(cfg).eval()
+    return tiny_model(vocab_size=tok.n_vocab, block_size=96).eval()
 
 
 def greedy_by_hand(model, ids: list[int], n: int, vocab: int) -> list[int]:
@@ -85,7 +78,7 @@ def test_same_seed_same_text(model, tok):
     (dict(num_beams=2, num_return=3), "beam search returns 1 to num_beams (2) sequences per prompt, asked for 3"),
 ], ids=["top-p", "min-p", "chunk", "max-new", "beams"])
 def test_bad_parameters_give_one_clear_line(model, kw, msg):
-    from llm.beam import beam_search
+    from llm.generate.beam import beam_search
 
     kw = dict(max_new_tokens=5) | kw
     with pytest.raises(SamplingError) as e:
@@ -208,7 +201,7 @@ def test_rows_stop_at_their_own_eos(model):
 
 def test_one_beam_is_greedy(model, tok):
     prompt = torch.randint(0, 300, (2, 6))
-    from llm.beam import beam_search
+    from llm.generate.beam import beam_search
 
     for ids in (prompt[0].tolist(), [3]):
         h = beam_search(model, [ids], 25, 1, vocab_limit=300)[0][0]
@@ -226,7 +219,7 @@ def test_beam_search_finds_the_best_sequence_when_the_beam_is_wide():
     torch.manual_seed(5)
     m = Transformer(ModelConfig(vocab_size=5, pad_vocab_multiple=1, block_size=16, n_layer=1, n_head=2,
                                 n_embd=16, kernels="torch")).eval()
-    from llm.beam import beam_search
+    from llm.generate.beam import beam_search
 
     prompt, n = [1, 2], 3
     best, best_lp = None, -float("inf")

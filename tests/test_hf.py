@@ -2,7 +2,7 @@
 
 Each family is a tiny randomly initialised transformers model with the family's non-default
 features (GQA, biases, q/k norm, llama3 RoPE scaling, sliding window, tied/untied heads),
-saved with save_pretrained into a temp dir and imported with llm.hf. No downloads.
+saved with save_pretrained into a temp dir and imported with llm.interop.hf. No downloads.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from llm.checkpoint import CheckpointError, load_model  # noqa: E402
+from llm.checkpoint import CheckpointError  # noqa: E402
 from llm.generate import generate  # noqa: E402
-from llm.hf import load_hf  # noqa: E402
+from llm.interop.hf import load_hf  # noqa: E402
+from llm.loading import load_model  # noqa: E402
 
 V, CTX = 101, 128
 COMMON = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -184,7 +185,7 @@ def test_config_lacking_a_key_is_one_line(tmp_path):
 
 
 def test_sample_cli_names_an_unsupported_architecture(tmp_path, capsys):
-    from llm.generate import main as sample_main
+    from llm.generate.cli import main as sample_main
 
     make_hf("llama2", tmp_path)
     p = tmp_path / "config.json"

@@ -1,4 +1,4 @@
-"""Export round trip: our checkpoint -> `python -m llm.hf export` -> transformers gives our logits and ids.
+"""Export round trip: our checkpoint -> `python -m llm.interop export` -> transformers gives our logits and ids.
 
 Models are tiny and random; the tokenizer is our own byte-level BPE trained here. No downloads.
 """
@@ -16,8 +16,9 @@ from test_hf_tokenizer import MIXED, corpus  # noqa: E402
 
 from llm import checkpoint  # noqa: E402
 from llm.config import ModelConfig  # noqa: E402
-from llm.generate import main as sample_main  # noqa: E402
-from llm.hf import main as hf_main  # noqa: E402
+from llm.generate.cli import main as sample_main  # noqa: E402
+from llm.interop.hf_export import main as hf_main  # noqa: E402
+from llm.loading import load_model  # noqa: E402
 from llm.model import Transformer  # noqa: E402
 from llm.tokenizer import Tokenizer  # noqa: E402
 
@@ -66,7 +67,7 @@ def test_export_round_trip_transformers_gives_our_logits(variant, tmp_path, tok)
     err = (got - want).abs().max().item()
     assert err <= 1e-4, f"{variant}: max |logit difference| {err:.3g}"
     # and back: the exported directory imports to the same logits
-    again, tok2, _ = checkpoint.load_model(tmp_path / "hf", kernels="torch")
+    again, tok2, _ = load_model(tmp_path / "hf", kernels="torch")
     with torch.no_grad():
         assert (again(idx)[0] - want).abs().max().item() <= 1e-5
     assert tok2.encode(MIXED[0]) == tok.encode(MIXED[0])

@@ -16,6 +16,7 @@ import pytest
 
 transformers = pytest.importorskip("transformers")
 
+from conftest import streamed_text  # noqa: E402
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: E402
 from tokenizers import Tokenizer as HFTokenizer  # noqa: E402
 from tokenizers.implementations import SentencePieceBPETokenizer  # noqa: E402
@@ -62,7 +63,7 @@ def check_same_ids(ours: Tokenizer, ref) -> None:
         want = ref(text, add_special_tokens=False).input_ids
         assert ours.encode(text) == want, text
         assert ours.decode(want) == ref.decode(want)
-        assert "".join(ours.iter_text(want)) == ref.decode(want)
+        assert streamed_text(ours, want) == ref.decode(want)
         assert ours.encode(text, bos=ours.add_bos) == ref(text).input_ids
 
 

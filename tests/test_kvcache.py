@@ -3,27 +3,18 @@ ragged rows, static (CUDA-graph) mode == dynamic mode, GQA-width storage, no wri
 
 import pytest
 import torch
+from conftest import cached_and_uncached, tiny_model
 
-from kernels.reference import decode_attention_ref
-from llm.config import ModelConfig
+from kernels.reference import decode_attention_ref, kv_attention_ref
+from llm import ops
 from llm.generate import prefill
-from llm.kvcache import masked_attention
 from llm.model import Transformer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread (and the suite shares the CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(**kw) -> Transformer:
-    torch.manual_seed(0)
-    base = dict(vocab_size=97, block_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, kernels="torch")
-    return Transformer(ModelConfig(**(base | kw))).eval()
+    return tiny_model(**(dict(vocab_size=97, block_size=256) | kw)).eval()
 
 
 VARIANTS = {"llama-gqa": {}, "gpt2": dict(pos_emb="learned", norm="layernorm", mlp="gelu", bias=True, n_kv_head=4),
@@ -46,18 +37,9 @@ def test_cached_logits_equal_uncached_for_210_steps(variant):
     """Promise 17: fp32, atol = rtol = 1e-5, every step of a 210-token decode, two rows."""
     model = build(**VARIANTS[variant])
     prompt = torch.randint(0, 97, (2, 7))
-    steps = 210
-    cache = model.new_cache(2, prompt.shape[1] + steps)
-    with torch.no_grad():
-        logits, _ = model(prompt, cache=cache)
-        seq, cached = prompt, [logits]
-        for _ in range(steps):
-            nxt = cached[-1][:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], 1)
-            cached.append(model(nxt, cache=cache)[0])
-        full, _ = model(seq)
+    seq, cached, full = cached_and_uncached(model, prompt, 210)
     assert seq.shape[1] == 217
-    torch.testing.assert_close(torch.cat(cached, 1), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 16, 33])
@@ -110,7 +92,7 @@ def test_static_masked_attention_equals_the_reference(window):
     q = torch.randn(B, Tq, H, D)
     k, v = torch.randn(B, S, Hkv, D), torch.randn(B, S, Hkv, D)
     lengths = torch.tensor([5, 24, 13])
-    got = masked_attention(q, k, v, lengths, window)
+    got = kv_attention_ref(q, k, v, lengths, window)
     if window is None:
         torch.testing.assert_close(got, decode_attention_ref(q, k, v, lengths), atol=1e-6, rtol=1e-6)
     for b in range(B):  # each row against plain causal attention over its own prefix
@@ -170,3 +152,28 @@ def test_reorder_moves_rows_with_their_lengths():
     cache.reorder(torch.tensor([1, 1, 0]))
     assert cache.batch == 3 and cache.host_lengths == [1, 1, 3] and cache.lengths.tolist() == [1, 1, 3]
     assert torch.equal(cache.k[0][2], k0[0]) and torch.equal(cache.k[0][0], k0[1])
+
+
+ROUTES = [  # (host lengths incl. the new tokens, Tq, window, static step): one per route of ops.kv_attention
+    pytest.param([9, 9, 9], 5, None, False, id="uniform-prefill"),
+    pytest.param([17, 17, 17], 1, 4, False, id="uniform-windowed-step"),
+    pytest.param([5, 24, 13], 1, None, False, id="ragged-step"),
+    pytest.param([6, 20, 13], 3, None, False, id="ragged-chunk"),
+    pytest.param([5, 24, 13], 2, 4, False, id="ragged-windowed"),
+    pytest.param([5, 24, 13], 1, None, True, id="static-step"),
+    pytest.param([5, 24, 13], 1, 4, True, id="static-windowed"),
+]
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+@pytest.mark.parametrize("lens,Tq,window,static", ROUTES)
+def test_every_route_of_kv_attention_equals_its_reference(lens, Tq, window, static, kernels):
+    """ops.kv_attention picks attention / decode_attention / the masked reference from the lengths it is
+    given; whichever it picks (Triton under the interpreter, or torch) equals kv_attention_ref."""
+    B, S, H, Hkv, D = len(lens), 24, 4, 2, 16
+    q = torch.randn(B, Tq, H, D)
+    k, v = torch.randn(B, S, Hkv, D), torch.randn(B, S, Hkv, D)
+    lengths = torch.tensor(lens)
+    got = ops.kv_attention(q, k, v, lengths, None if static else list(lens), window=window, kernels=kernels)
+    want = kv_attention_ref(q, k, v, lengths, window)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -2,16 +2,12 @@
 
 import pytest
 import torch
+from conftest import cached_and_uncached, tiny_config
 
 from kernels import reference as ref
 from llm.config import ModelConfig, preset
+from llm.layers import rope_tables
 from llm.model import Transformer
-
-
-def tiny(**kw) -> ModelConfig:
-    base = dict(vocab_size=101, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, kernels="torch")
-    return ModelConfig(**(base | kw))
-
 
 VARIANTS = {
     "llama-gqa": {},
@@ -25,7 +21,7 @@ VARIANTS = {
 @pytest.mark.parametrize("variant", VARIANTS, ids=list(VARIANTS))
 def test_causality_future_tokens_do_not_change_past_logits(variant):
     torch.manual_seed(0)
-    model = Transformer(tiny(**VARIANTS[variant])).eval()
+    model = Transformer(tiny_config(**VARIANTS[variant])).eval()
     idx = torch.randint(0, 101, (2, 20))
     idx2 = idx.clone()
     idx2[:, 12:] = torch.randint(0, 101, (2, 8))
@@ -38,7 +34,7 @@ def test_causality_future_tokens_do_not_change_past_logits(variant):
 def test_rope_scores_depend_only_on_relative_position():
     torch.manual_seed(0)
     D = 16
-    cos, sin = ref.rope_tables(D, 128)
+    cos, sin = rope_tables(D, 128)
     q = torch.randn(1, 1, 1, D)
     k = torch.randn(1, 1, 1, D)
 
@@ -66,7 +62,7 @@ def test_gqa_equals_mha_with_repeated_kv():
 
 def test_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
-    model = Transformer(tiny())
+    model = Transformer(tiny_config())
     idx = torch.randint(0, 101, (4, 33))
     x, y = idx[:, :-1], idx[:, 1:]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -82,7 +78,7 @@ def test_tiny_model_overfits_one_batch():
 
 def test_loss_equals_cross_entropy_of_logits():
     torch.manual_seed(0)
-    model = Transformer(tiny()).eval()
+    model = Transformer(tiny_config()).eval()
     idx = torch.randint(0, 101, (2, 17))
     logits, _ = model(idx[:, :-1])
     _, loss = model(idx[:, :-1], idx[:, 1:])
@@ -93,24 +89,14 @@ def test_loss_equals_cross_entropy_of_logits():
 @pytest.mark.parametrize("variant", ["llama-gqa", "gpt2", "qwen-like"])
 def test_cached_logits_equal_uncached_over_120_steps(variant):
     torch.manual_seed(0)
-    model = Transformer(tiny(block_size=160, **VARIANTS[variant])).eval()
+    model = Transformer(tiny_config(block_size=160, **VARIANTS[variant])).eval()
     prompt = torch.randint(0, 101, (2, 7))
-    steps = 120
-    cache = model.new_cache(2, prompt.shape[1] + steps)
-    with torch.no_grad():
-        logits, _ = model(prompt, cache=cache)
-        seq, cached = prompt, [logits]
-        for _ in range(steps):
-            nxt = cached[-1][:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], 1)
-            cached.append(model(nxt, cache=cache)[0])
-        full, _ = model(seq)
-    torch.testing.assert_close(torch.cat(cached, 1)[:, :-1], full[:, : seq.shape[1] - 1 + 1][:, :-1],
-                               atol=1e-5, rtol=1e-5)
+    seq, cached, full = cached_and_uncached(model, prompt, 120)
+    torch.testing.assert_close(cached[:, :-1], full[:, : seq.shape[1] - 1 + 1][:, :-1], atol=1e-5, rtol=1e-5)
 
 
 def test_cache_refuses_to_write_past_its_end():
-    model = Transformer(tiny()).eval()
+    model = Transformer(tiny_config()).eval()
     cache = model.new_cache(1, 8)
     with torch.no_grad():
         model(torch.zeros(1, 6, dtype=torch.long) + 3, cache=cache)
@@ -119,7 +105,7 @@ def test_cache_refuses_to_write_past_its_end():
 
 
 def test_sequence_longer_than_context_is_refused():
-    model = Transformer(tiny(block_size=8))
+    model = Transformer(tiny_config(block_size=8))
     with pytest.raises(ValueError, match="exceeds the context length 8"):
         model(torch.zeros(1, 9, dtype=torch.long))
 
@@ -135,5 +121,5 @@ def test_param_count_and_flops_helpers():
 
 
 def test_tied_embeddings_share_storage():
-    model = Transformer(tiny(tie_embeddings=True))
+    model = Transformer(tiny_config(tie_embeddings=True))
     assert model.lm_head.weight is model.tok_emb.weight

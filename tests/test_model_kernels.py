@@ -6,18 +6,14 @@ the FlashAttention-style bound (error of the triton path vs fp32 <= 2x the error
 
 import pytest
 import torch
-from conftest import DEVICE, assert_fa_rule, requires_cuda
+from conftest import DEVICE, assert_fa_rule, requires_cuda, tiny_model
 
-from llm.config import ModelConfig
 from llm.generate import generate
 from llm.model import Transformer
 
 
 def build(kernels: str, dtype=torch.float32, **kw) -> Transformer:
-    torch.manual_seed(0)
-    cfg = ModelConfig(**(dict(vocab_size=70, block_size=24, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
-                              kernels=kernels) | kw))
-    return Transformer(cfg).to(DEVICE, dtype)
+    return tiny_model(**(dict(vocab_size=70, block_size=24, kernels=kernels) | kw)).to(DEVICE, dtype)
 
 
 def loss_and_grads(model: Transformer, x, y):

@@ -7,18 +7,19 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import cached_and_uncached, tiny_config
 
 from llm import checkpoint as ck
+from llm import ops
 from llm.config import ConfigError, ModelConfig
-from llm.model import MLP, Transformer, cross_entropy_logits
+from llm.layers import MLP
+from llm.model import Transformer
 from llm.moe import MoE
 from llm.tokenizer import Tokenizer
 
 
 def cfg(**kw) -> ModelConfig:
-    base = dict(vocab_size=101, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, kernels="torch",
-                n_experts=4, top_k=2, expert_hidden=48)
-    return ModelConfig(**(base | kw))
+    return tiny_config(**(dict(n_experts=4, top_k=2, expert_hidden=48) | kw))
 
 
 def layer(**kw) -> MoE:
@@ -33,9 +34,8 @@ def layer(**kw) -> MoE:
     (dict(mlp="gelu"), "MoE experts are SwiGLU"),
     (dict(aux_coef=-1.0), "aux_coef must be >= 0"),
     (dict(route_scale=0.0), "route_scale must be > 0"),
-    (dict(experts_impl="grouped"), "experts_impl='grouped' is the Triton kernel"),
     (dict(score_func="relu"), "score_func must be one of"),
-], ids=["topk-high", "topk-zero", "dense-layers", "gelu", "aux-coef", "route-scale", "grouped-torch", "score"])
+], ids=["topk-high", "topk-zero", "dense-layers", "gelu", "aux-coef", "route-scale", "score"])
 def test_invalid_moe_config_gives_one_clear_error(kw, msg):
     with pytest.raises(ConfigError, match=msg):
         cfg(**kw)
@@ -70,7 +70,7 @@ def test_router_gets_gradient_and_aux_loss_is_in_the_total():
     aux = model.aux_loss()
     assert aux.item() > 0.1  # balance term >= 1 at coefficient 0.1, plus the z-loss
     logits, _ = model(idx[:, :-1])  # same weights, same routing
-    ce = cross_entropy_logits(logits, idx[:, 1:])
+    ce = ops.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten(), kernels="torch")
     torch.testing.assert_close(loss, ce + aux, atol=1e-5, rtol=1e-5)
     loss.backward()
     for b in model.blocks:
@@ -151,12 +151,12 @@ def test_router_bias_round_trips_through_a_checkpoint_and_stays_fp32(tmp_path):
         for i, b in enumerate(model.blocks):
             b.mlp.router.expert_bias.copy_(torch.tensor([0.001, -0.002, 0.0031, -0.0007]) * (i + 1))
     ck.save(tmp_path, "ckpt-1", model.eval(), tok)
-    loaded, _, _ = ck.load_model(tmp_path, dtype=torch.bfloat16)
+    loaded, _, _ = ck.load_checkpoint(tmp_path, dtype=torch.bfloat16)
     for a, b in zip(model.blocks, loaded.blocks):
         assert b.mlp.router.expert_bias.dtype == torch.float32
         assert torch.equal(a.mlp.router.expert_bias, b.mlp.router.expert_bias)
     assert loaded.blocks[0].mlp.experts.w_gate.dtype == torch.bfloat16
-    loaded32, _, _ = ck.load_model(tmp_path)
+    loaded32, _, _ = ck.load_checkpoint(tmp_path)
     idx = torch.randint(0, 300, (2, 16))
     assert torch.equal(model(idx)[0], loaded32(idx)[0])
 
@@ -176,32 +176,23 @@ def test_cached_generation_with_an_moe_model_equals_uncached():
     torch.manual_seed(0)
     model = Transformer(cfg(block_size=96, n_shared_experts=1, score_func="sigmoid", balance="bias")).eval()
     prompt = torch.randint(0, 101, (2, 5))
-    steps = 40
-    cache = model.new_cache(2, prompt.shape[1] + steps)
-    with torch.no_grad():
-        logits, _ = model(prompt, cache=cache)
-        seq, cached = prompt, [logits]
-        for _ in range(steps):
-            nxt = cached[-1][:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], 1)
-            cached.append(model(nxt, cache=cache)[0])
-        full, _ = model(seq)
-    torch.testing.assert_close(torch.cat(cached, 1)[:, :-1], full[:, :-1], atol=1e-5, rtol=1e-5)
+    _, cached, full = cached_and_uncached(model, prompt, 40)
+    torch.testing.assert_close(cached[:, :-1], full[:, :-1], atol=1e-5, rtol=1e-5)
 
 
 def test_grouped_kernel_model_matches_loop_model_loss_and_every_gradient():
-    # kernels='auto' keeps the other ops on torch on CPU; experts_impl='grouped' runs the Triton
-    # experts (through TRITON_INTERPRET=1 here).
-    def run(impl):
+    # kernels='triton' runs every op, the grouped experts among them, as Triton kernels (through
+    # TRITON_INTERPRET=1 here); kernels='torch' runs the references, the experts as a loop.
+    def run(kernels):
         torch.manual_seed(0)
-        model = Transformer(cfg(n_layer=1, kernels="auto", experts_impl=impl, n_shared_experts=1, n_experts=8))
+        model = Transformer(cfg(n_layer=1, kernels=kernels, n_shared_experts=1, n_experts=8))
         idx = torch.randint(0, 101, (2, 13))
         _, loss = model(idx[:, :-1], idx[:, 1:])
         loss.backward()
         return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 
-    l_loop, g_loop = run("loop")
-    l_grp, g_grp = run("grouped")
+    l_loop, g_loop = run("torch")
+    l_grp, g_grp = run("triton")
     torch.testing.assert_close(l_grp, l_loop, atol=1e-5, rtol=1e-5)
     for name in g_loop:
         torch.testing.assert_close(g_grp[name], g_loop[name], atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")

@@ -15,30 +15,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_argv, write_code_corpus
 
 from llm import checkpoint as ck
-from llm.trainer import main
+from llm.train.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: tiny ops on a shared 2-core machine are far faster without OpenMP spinning."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def tiny_args(tmp: Path, out: str, **kw) -> list[str]:
-    base = dict(dataset=tmp / "corpus.txt", data_dir=tmp / "data", out_dir=tmp / out, vocab_size=300, n_layer=1,
-                n_embd=32, n_head=2, block_size=32, batch_size=4, max_steps=8, warmup_steps=2, eval_interval=100,
-                eval_iters=2, save_interval=100, log_interval=1, kernels="torch", device="cpu", dropout=0.1)
-    base.update(kw)
-    return [a for k, v in base.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    return train_argv(tmp, out, **(dict(max_steps=8, dropout=0.1) | kw))
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -51,7 +41,7 @@ def losses(out: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def tmp(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
-    (tmp / "corpus.txt").write_text("".join(f"def f{i}(x):\n    return x * {i} + 1\n\n" for i in range(400)))
+    write_code_corpus(tmp)
     return tmp
 
 
@@ -64,7 +54,7 @@ def straight(tmp):
 CHILD = """
 import os, signal, sys
 from llm import checkpoint
-from llm.trainer import main
+from llm.train.cli import main
 
 real_fsync = checkpoint._fsync
 
@@ -93,7 +83,7 @@ def test_sigkill_during_save_leaves_previous_checkpoint_loadable(killed):
     assert (out / "latest").read_text().strip() == "ckpt-0000004"
     partial = [p.name for p in out.iterdir() if p.name.startswith(".ckpt-0000006.tmp")]
     assert partial and not (out / "ckpt-0000006").exists()
-    model, _, _ = ck.load_model(out)
+    model, _, _ = ck.load_checkpoint(out)
     assert ck.read_trainer_state(ck.resolve(out))["step"] == 4
     assert sum(p.numel() for p in model.parameters()) > 0
 
@@ -123,7 +113,7 @@ def test_crash_at_any_point_of_a_save_keeps_latest_on_a_complete_checkpoint(tmp_
     with pytest.raises(OSError, match="simulated crash"):
         ck.save(tmp_path, "ckpt-0000002", model, tok, None, opt, {"step": 2})
     assert ck.resolve(tmp_path).name == "ckpt-0000001"
-    loaded, _, _ = ck.load_model(tmp_path)
+    loaded, _, _ = ck.load_checkpoint(tmp_path)
     assert not torch.equal(loaded.tok_emb.weight, model.tok_emb.weight)  # the old weights, complete
     ck.prune(tmp_path, keep=3)
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]

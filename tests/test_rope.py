@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, assert_close, assert_fa_rule
+from conftest import DEVICE, DTYPES, assert_close, assert_fa_rule
 
-from kernels.reference import rope_ref, rope_tables
+from kernels.reference import rope_ref
 from kernels.rope import rope
+from llm.layers import rope_tables
 
-DTYPES = [
-    pytest.param(torch.float32, id="fp32"),
-    pytest.param(torch.float16, id="fp16"),
-    pytest.param(torch.bfloat16, id="bf16"),
-]
 # (B, T, H, D): T = 1 (decode), odd T, head dims 2 / 6 / 64 / 80 / 96 / 128, one head and many.
 SHAPES = [
     pytest.param((1, 1, 1, 2), id="b1_t1_h1_d2"),

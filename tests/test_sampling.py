@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from llm.sampling import SamplingError, SamplingParams, draw, penalize, row_uniforms, sample, seen_mask, warp
+from llm.generate.sampling import SamplingError, SamplingParams, draw, penalize, row_uniforms, sample, seen_mask, warp
 
 
 def logits_of(probs) -> torch.Tensor:

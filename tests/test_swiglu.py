@@ -9,16 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, assert_close, assert_fa_rule
+from conftest import DEVICE, DTYPES, assert_close, assert_fa_rule
 
 from kernels.reference import swiglu_ref
 from kernels.swiglu import SwiGLUFunction, swiglu
 
-DTYPES = [
-    pytest.param(torch.float32, id="fp32"),
-    pytest.param(torch.float16, id="fp16"),
-    pytest.param(torch.bfloat16, id="bf16"),
-]
 SHAPES = [
     pytest.param((1, 1), id="row1_f1"),
     pytest.param((5, 1), id="rows5_f1"),

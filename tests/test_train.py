@@ -7,38 +7,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_argv, write_code_corpus
 
 from llm import checkpoint as ck
-from llm import distributed as dd
-from llm import trainer
 from llm.config import ModelConfig, preset
-from llm.metrics import peak_flops
 from llm.model import Transformer
-from llm.trainer import main, resolve_configs
+from llm.train import distributed as dd
+from llm.train import trainer
+from llm.train.cli import main, resolve_configs
+from llm.train.metrics import peak_flops
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: tiny ops on a shared 2-core machine are far faster without OpenMP spinning."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tmp(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
-    (tmp / "corpus.txt").write_text("".join(f"def f{i}(x):\n    return x * {i} + 1\n\n" for i in range(400)))
+    write_code_corpus(tmp)
     return tmp
-
-
-def tiny_args(tmp: Path, out: str, **kw) -> list[str]:
-    base = dict(dataset=tmp / "corpus.txt", data_dir=tmp / "data", out_dir=tmp / out, vocab_size=300, n_layer=1,
-                n_embd=32, n_head=2, block_size=32, batch_size=4, max_steps=6, warmup_steps=2, eval_interval=100,
-                eval_iters=2, save_interval=100, log_interval=1, kernels="torch", device="cpu")
-    base.update(kw)
-    return [a for k, v in base.items() for a in (f"--{k.replace('_', '-')}", str(v))]
 
 
 def records(out: Path) -> list[dict]:
@@ -59,7 +45,7 @@ def test_toml_config_with_cli_override_and_the_resolved_config_is_printed_and_sa
     m, d, t, args = resolve_configs(["--config", str(cfg), "--max-steps", "3", "--n-embd", "64"])
     assert (m.n_layer, m.n_embd, m.block_size, t.max_steps, t.lr, d.val_fraction) == (2, 64, 128, 3, 1e-3, 0.1)
     assert {"n_layer", "max_steps", "lr", "n_embd"} <= args.explicit
-    args = tiny_args(tmp, "toml", max_steps=2)
+    args = train_argv(tmp, "toml", max_steps=2)
     assert main(["--config", str(cfg)] + args) == 0
     out = capsys.readouterr().out
     assert re.search(r"^model: .*n_layer=1 .*n_embd=32", out, re.M) and re.search(r"^train: .*max_steps=2", out, re.M)
@@ -111,7 +97,7 @@ class _no_raise:
 
 def test_dataset_too_small_for_one_window_is_a_clear_error_with_the_numbers(tmp, capsys):
     """Promise 12 through the trainer."""
-    assert main(tiny_args(tmp, "small", block_size=4096)) == 2
+    assert main(train_argv(tmp, "small", block_size=4096)) == 2
     err = capsys.readouterr().err.strip()
     assert re.fullmatch(r"error: the \w+ split of \S+ has \d+ tokens, fewer than one window of block_size \+ 1 = "
                         r"4097; use a smaller --block-size or more data", err), err
@@ -143,7 +129,7 @@ def test_planner_picks_the_micro_batch_and_accumulation_for_a_global_batch():
 
 
 def test_planner_runs_in_the_trainer_and_prints_its_plan(tmp, capsys):
-    assert main(tiny_args(tmp, "plan", max_steps=1, global_batch_tokens=384, batch_size=4)) == 0
+    assert main(train_argv(tmp, "plan", max_steps=1, global_batch_tokens=384, batch_size=4)) == 0
     assert "plan: global batch 384 tokens = 1 rank(s) x 3 accumulation x 4 seqs x 32 tokens" in capsys.readouterr().out
 
 
@@ -184,7 +170,7 @@ def test_nan_loss_skips_the_step_and_leaves_the_optimizer_untouched(tmp, monkeyp
     _patch_forward(monkeypatch, {3}, snaps)
     monkeypatch.setattr(Transformer, "after_step", lambda self: after.append(1))
     monkeypatch.setattr(Transformer, "moe_stats", lambda self: {"moe/0/max_load": 1.25})
-    assert main(tiny_args(tmp, "nan")) == 0
+    assert main(train_argv(tmp, "nan")) == 0
     recs = [r for r in records(tmp / "nan") if "loss" in r]
     assert math.isnan(recs[2]["loss"]) and [r["skipped"] for r in recs] == [0, 0, 1, 1, 1, 1]
     assert all(torch.equal(snaps[3][k], snaps[4][k]) for k in snaps[3])  # step 3 changed nothing
@@ -200,12 +186,12 @@ def test_nan_loss_skips_the_step_and_leaves_the_optimizer_untouched(tmp, monkeyp
 def test_k_bad_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(tmp, monkeypatch, capsys):
     """Promise 8: max_bad_steps consecutive non-finite steps -> exit 1 naming the last good checkpoint."""
     _patch_forward(monkeypatch, set(range(4, 100)))
-    assert main(tiny_args(tmp, "diverge", max_steps=20, save_interval=2, max_bad_steps=3)) == 1
+    assert main(train_argv(tmp, "diverge", max_steps=20, save_interval=2, max_bad_steps=3)) == 1
     err = capsys.readouterr().err.strip()
     out = tmp / "diverge"
     assert err == (f"error: stopped at step 6 after 3 consecutive non-finite steps; last good checkpoint: "
                    f"{out / 'ckpt-0000002'} (resume it with a lower --lr, or check the data)")
-    assert ck.resolve(out).name == "ckpt-0000002" and ck.load_model(out)[0] is not None
+    assert ck.resolve(out).name == "ckpt-0000002" and ck.load_checkpoint(out)[0] is not None
     assert not (out / "ckpt-0000004").exists()  # nothing saved during the bad streak
 
 
@@ -221,7 +207,7 @@ def test_grad_norm_is_logged_before_clipping_and_clipping_holds(tmp, monkeypatch
         return total
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
-    assert main(tiny_args(tmp, "clip", max_steps=4, grad_clip=0.05)) == 0
+    assert main(train_argv(tmp, "clip", max_steps=4, grad_clip=0.05)) == 0
     logged = [r["grad_norm"] for r in records(tmp / "clip") if "loss" in r]
     assert logged == [pre for pre, _ in seen] and min(logged) > 0.05
     assert all(post <= 0.05 * (1 + 1e-5) for _, post in seen)
@@ -234,7 +220,7 @@ def test_out_of_memory_on_the_first_step_suggests_a_smaller_micro_batch(tmp, mon
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(Transformer, "forward", oom)
-    assert main(tiny_args(tmp, "oom")) == 2
+    assert main(train_argv(tmp, "oom")) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: out of memory in the first step with micro-batch 4 x 32 tokens") and "\n" not in err
     assert "smaller --batch-size" in err and "--global-batch-tokens" in err
@@ -245,17 +231,17 @@ def test_out_of_memory_on_the_first_step_suggests_a_smaller_micro_batch(tmp, mon
 
 def test_keep_last_n_plus_best_by_validation(tmp, monkeypatch):
     vals = iter([3.0, 2.0, 2.5, 2.7])
-    monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: next(vals))
-    assert main(tiny_args(tmp, "keep", max_steps=8, save_interval=2, eval_interval=2, keep_last=2)) == 0
+    monkeypatch.setattr(trainer.Run, "evaluate", lambda *a, **k: next(vals))
+    assert main(train_argv(tmp, "keep", max_steps=8, save_interval=2, eval_interval=2, keep_last=2)) == 0
     out = tmp / "keep"
     assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-0000004", "ckpt-0000006", "ckpt-0000008"]
     assert (out / "best").read_text().strip() == "ckpt-0000004" and ck.resolve(out / "best").name == "ckpt-0000004"
-    assert ck.resolve(out).name == "ckpt-0000008" and ck.load_model(out / "best")[0] is not None
+    assert ck.resolve(out).name == "ckpt-0000008" and ck.load_checkpoint(out / "best")[0] is not None
 
 
 def test_activation_checkpointing_gives_the_same_losses(tmp):
-    assert main(tiny_args(tmp, "noac", max_steps=3, n_layer=2)) == 0
-    assert main(tiny_args(tmp, "ac", max_steps=3, n_layer=2) + ["--activation-checkpointing"]) == 0
+    assert main(train_argv(tmp, "noac", max_steps=3, n_layer=2)) == 0
+    assert main(train_argv(tmp, "ac", max_steps=3, n_layer=2) + ["--activation-checkpointing"]) == 0
     assert train_losses(tmp / "ac") == train_losses(tmp / "noac")
     a, _ = ck.read_tensors(ck.resolve(tmp / "ac") / ck.MODEL_FILE)
     assert any(".blocks.1." in f".{k}" for k in a) and not any("checkpoint_wrapped" in k for k in a)
@@ -263,19 +249,19 @@ def test_activation_checkpointing_gives_the_same_losses(tmp):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_mixed_precision_trains_and_saves_the_scaler(tmp, dtype):
-    assert main(tiny_args(tmp, dtype, max_steps=3, dtype=dtype)) == 0
+    assert main(train_argv(tmp, dtype, max_steps=3, dtype=dtype)) == 0
     losses = train_losses(tmp / dtype)
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     state = ck.read_trainer_state(ck.resolve(tmp / dtype))
     assert bool(state["scaler"]) == (dtype == "float16")  # fp16 runs a grad scaler, and resume restores it
     if dtype == "float16":
-        assert main(tiny_args(tmp, dtype, max_steps=4, dtype=dtype) + ["--resume"]) == 0
+        assert main(train_argv(tmp, dtype, max_steps=4, dtype=dtype) + ["--resume"]) == 0
 
 
 def test_init_from_a_checkpoint_starts_from_its_weights_and_tokenizer(tmp, capsys):
-    assert main(tiny_args(tmp, "base", max_steps=3)) == 0
+    assert main(train_argv(tmp, "base", max_steps=3)) == 0
     base = ck.resolve(tmp / "base")
-    assert main(tiny_args(tmp, "ft", max_steps=1, lr=1e-12, min_lr=0, init_from=base)) == 0
+    assert main(train_argv(tmp, "ft", max_steps=1, lr=1e-12, min_lr=0, init_from=base)) == 0
     assert f"initialised from {base}" in capsys.readouterr().out
     a, _ = ck.read_tensors(base / ck.MODEL_FILE)
     b, _ = ck.read_tensors(ck.resolve(tmp / "ft") / ck.MODEL_FILE)
@@ -284,9 +270,9 @@ def test_init_from_a_checkpoint_starts_from_its_weights_and_tokenizer(tmp, capsy
 
 
 def test_wandb_offline_run_produces_its_files_and_resume_keeps_the_run_id(tmp):
-    assert main(tiny_args(tmp, "wb", max_steps=2) + ["--wandb", "offline"]) == 0
+    assert main(train_argv(tmp, "wb", max_steps=2) + ["--wandb", "offline"]) == 0
     run_id = ck.read_trainer_state(ck.resolve(tmp / "wb"))["wandb_run_id"]
     assert run_id and list((tmp / "wb" / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
-    assert main(tiny_args(tmp, "wb", max_steps=3) + ["--wandb", "offline", "--resume"]) == 0
+    assert main(train_argv(tmp, "wb", max_steps=3) + ["--wandb", "offline", "--resume"]) == 0
     assert ck.read_trainer_state(ck.resolve(tmp / "wb"))["wandb_run_id"] == run_id
     assert len(list((tmp / "wb" / "wandb").glob(f"offline-run-*-{run_id}"))) >= 1

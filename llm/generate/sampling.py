@@ -83,11 +83,16 @@ def warp(logits: Tensor, p: SamplingParams) -> Tensor:
 
 def draw(logits: Tensor, u: Tensor) -> Tensor:
     """Step 7: token per row from logits (B, V) and uniforms u (B,) in [0, 1) by inverse CDF."""
-    cdf = logits.softmax(-1).cumsum(-1)  # (B, V)
+    return draw_probs(logits.softmax(-1), u)
+
+
+def draw_probs(probs: Tensor, u: Tensor) -> Tensor:
+    """Token per row from probabilities (B, V), unnormalised allowed, and uniforms u (B,) by inverse CDF."""
+    cdf = probs.cumsum(-1)  # (B, V)
     total = cdf[:, -1:]
     # u * total < total keeps the draw off the zero-probability tail after the last kept token
     x = torch.minimum(u[:, None].to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, x, right=True).squeeze(-1).clamp_max(logits.shape[-1] - 1)
+    return torch.searchsorted(cdf, x, right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)
 
 
 def sample(logits: Tensor, p: SamplingParams, u: Tensor | None = None, seen: Tensor | None = None) -> Tensor:

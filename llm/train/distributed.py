@@ -21,6 +21,8 @@ import torch.distributed as dist
 from torch import nn
 
 from llm.config import ConfigError, ModelConfig
+from llm.model import Block
+from llm.runtime import pick_device
 
 # ----------------------------------------------------------------------------- process group
 
@@ -47,9 +49,8 @@ def setup(device: str = "auto") -> Dist:
     """Join the torchrun process group when launched by torchrun; pick this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+    picked = pick_device(device)  # a ConfigError for CUDA without CUDA
+    use_cuda = picked.type == "cuda"
     if world > 1:
         dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
         if use_cuda:
@@ -57,8 +58,7 @@ def setup(device: str = "auto") -> Dist:
         if not dist.is_initialized():
             dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
         return Dist(rank, world, local, dev)
-    dev = torch.device(("cuda" if use_cuda else "cpu") if device == "auto" else device)
-    return Dist(0, 1, 0, dev)
+    return Dist(0, 1, 0, picked)
 
 
 def env_rank() -> int | None:
@@ -99,8 +99,6 @@ def wrap(model: nn.Module, d: Dist, fsdp: bool, activation_checkpointing: bool, 
 
     `model` itself stays usable for evaluation and saving (FSDP2 shards it in place; DDP wraps it).
     """
-    from llm.model import Block
-
     if activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
             apply_activation_checkpointing,

@@ -1,12 +1,12 @@
 """Hugging Face interop: load GPT-2 / Llama / Mistral / Qwen2 / Qwen3 / Mixtral model directories, export ours.
 
-Import (`load_hf`, used by `llm.checkpoint.load_model` for any directory whose config.json has a
+Import (`load_hf`, used by `llm.loading.load_model` for any directory whose config.json has a
 "model_type"): config.json becomes a ModelConfig, every weight is read through safetensors'
 memory map one tensor at a time, cast to the target dtype on the target device and assigned
 into a model built on the meta device, so no second full copy of the weights ever exists.
 The tokenizer comes from the same directory (`Tokenizer.from_hf`).
 
-Export (`python -m llm.hf export CKPT OUT_DIR`): our checkpoint as the matching Hugging Face
+Export (`python -m llm.interop export CKPT OUT_DIR`, llm.interop.hf_export): our checkpoint as the matching Hugging Face
 family (config.json + model.safetensors + tokenizer.json), which transformers'
 AutoModelForCausalLM / AutoTokenizer load.
 
@@ -18,10 +18,8 @@ Our RoPE is rotate-half like transformers', so q/k rows copy without permutation
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import sys
 from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
@@ -29,11 +27,12 @@ from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from llm.checkpoint import CheckpointError, _first_line, _rebuild_buffers, load_into, load_model
+from llm.checkpoint import CheckpointError, listing, load_into
 from llm.config import ConfigError, ModelConfig, model_config_from_dict
-from llm.tokenizer import Tokenizer, TokenizerError
+from llm.model import Transformer
+from llm.runtime import DTYPES, first_line
+from llm.tokenizer import Tokenizer
 
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "mixtral")
 ARCH = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -41,7 +40,6 @@ ARCH = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "Mist
 INDEX = "model.safetensors.index.json"
 # Tensors transformers stores that carry no weights: GPT-2's causal-mask buffers, cached RoPE frequencies.
 IGNORED = re.compile(r"(^|\.)h\.\d+\.attn\.(masked_)?bias$|rotary_emb\.inv_freq$")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class Rule(NamedTuple):
@@ -73,7 +71,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     except KeyError as e:
         raise CheckpointError(f"{source}: {hf.get('model_type')} config lacks the key {e}") from None
     except (TypeError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"{source}: bad {hf.get('model_type')} config value ({_first_line(e)})") from None
+        raise CheckpointError(f"{source}: bad {hf.get('model_type')} config value ({first_line(e)})") from None
 
 
 def _config_from_hf(hf: dict, source: str) -> ModelConfig:
@@ -261,7 +259,7 @@ class _Weights:
             try:
                 self.where = {k: d / v for k, v in json.loads((d / INDEX).read_text())["weight_map"].items()}
             except (ValueError, KeyError, TypeError, AttributeError) as e:
-                raise CheckpointError(f"{d / INDEX}: not a safetensors index ({_first_line(e)})") from None
+                raise CheckpointError(f"{d / INDEX}: not a safetensors index ({first_line(e)})") from None
             for f in sorted(set(self.where.values())):
                 if not f.is_file():
                     raise CheckpointError(f"{d / INDEX} lists {f.name}, which is missing")
@@ -277,7 +275,7 @@ class _Weights:
             try:
                 self.handles[f] = self.stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
             except (SafetensorError, OSError, ValueError) as e:
-                raise CheckpointError(f"{f}: not a readable safetensors file ({_first_line(e)})") from None
+                raise CheckpointError(f"{f}: not a readable safetensors file ({first_line(e)})") from None
         return self.handles[f]
 
     def get(self, name: str, device, dtype: torch.dtype) -> torch.Tensor:
@@ -286,7 +284,7 @@ class _Weights:
         try:
             t = self._open(f).get_tensor(name)
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{f}: cannot read tensor {name!r} ({_first_line(e)})") from None
+            raise CheckpointError(f"{f}: cannot read tensor {name!r} ({first_line(e)})") from None
         return t.to(device=device, dtype=dtype)
 
 
@@ -299,7 +297,7 @@ def _prefix(family: str, names: set[str]) -> str:
     return "transformer." if family == "gpt2" else "model."
 
 
-def _combine(rule: Rule, ts: list[torch.Tensor]) -> torch.Tensor:
+def combine_tensors(rule: Rule, ts: list[torch.Tensor]) -> torch.Tensor:
     if rule.op == "copy":
         return ts[0]
     if rule.op == "t":
@@ -309,7 +307,7 @@ def _combine(rule: Rule, ts: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(ts, 0)
 
 
-def _split(rule: Rule, t: torch.Tensor) -> list[torch.Tensor]:
+def split_tensor(rule: Rule, t: torch.Tensor) -> list[torch.Tensor]:
     if rule.op == "copy":
         return [t]
     if rule.op == "t":
@@ -326,13 +324,11 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
     dtype: the weights' dtype (default: config.json's torch_dtype, else float32). Each tensor
     goes memory map -> `dtype` on `device` -> the model, one at a time.
     """
-    from llm.model import Transformer
-
     d = Path(path)
     try:
         hf = json.loads((d / "config.json").read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{d / 'config.json'}: cannot read ({_first_line(e)})") from None
+        raise CheckpointError(f"{d / 'config.json'}: cannot read ({first_line(e)})") from None
     mcfg = config_from_hf(hf, str(d / "config.json"))
     family = hf["model_type"]
     if overrides:
@@ -351,10 +347,10 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
                             not (n == "lm_head.weight" and mcfg.tie_embeddings))
         if missing or unexpected:
             src = d / INDEX if (d / INDEX).is_file() else d / "model.safetensors"
-            parts = [_listing("missing", missing), _listing("unexpected", unexpected)]
+            parts = [listing("missing", missing), listing("unexpected", unexpected)]
             raise CheckpointError(f"{src} does not hold the tensors of this {family} config: "
                                   + " | ".join(p for p in parts if p))
-        tensors = {r.ours: _combine(r, [weights.get(n, device, dtype) for n in r.hf]) for r in rules}
+        tensors = {r.ours: combine_tensors(r, [weights.get(n, device, dtype) for n in r.hf]) for r in rules}
     if mcfg.n_experts and mcfg.balance == "bias":  # an aux-loss-free bias to train from zero (--init-from)
         for i in range(mcfg.first_dense_layers, mcfg.n_layer):
             tensors[f"blocks.{i}.mlp.router.expert_bias"] = torch.zeros(mcfg.n_experts, device=device)
@@ -364,152 +360,9 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
     with torch.device("meta"):
         model = Transformer(mcfg)
     load_into(model, tensors, d)
-    _rebuild_buffers(model, device)
+    model.init_buffers(device)
     cfg = {"format": "hf", "model_type": family, "model": asdict(mcfg), "tokenizer": tok.info if tok else None}
     return model.eval(), tok, cfg
 
 
-def _listing(what: str, items: list[str]) -> str:
-    return f"{what}: {', '.join(items[:6])}{f' ... ({len(items)} in all)' if len(items) > 6 else ''}" if items else ""
-
-
 # ----------------------------------------------------------------------------- export
-
-
-def hf_config(cfg: ModelConfig, family: str, tok: Tokenizer) -> dict:
-    """transformers config.json for our `cfg` as `family` (vocab_size = our padded embedding rows)."""
-    ids = dict(bos_token_id=tok.bos_id, eos_token_id=tok.eot_id, torch_dtype="float32", architectures=[ARCH[family]],
-               model_type=family, vocab_size=cfg.padded_vocab_size, tie_word_embeddings=cfg.tie_embeddings)
-    if family == "gpt2":
-        return ids | dict(n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                          n_inner=cfg.intermediate_size, activation_function="gelu_new",
-                          layer_norm_epsilon=cfg.norm_eps, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
-                          attn_pdrop=0.0)
-    out = ids | dict(hidden_size=cfg.n_embd, intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.n_layer,
-                     num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
-                     max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps, hidden_act="silu",
-                     rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, attention_dropout=0.0)
-    if family == "llama":
-        out |= dict(attention_bias=cfg.bias, mlp_bias=cfg.bias)
-    elif family in ("qwen2", "qwen3"):
-        out |= dict(use_sliding_window=cfg.window is not None, sliding_window=cfg.window, max_window_layers=0,
-                    layer_types=[("sliding" if cfg.window else "full") + "_attention"] * cfg.n_layer)
-    else:  # mistral, mixtral
-        out["sliding_window"] = cfg.window
-    if family == "mixtral":
-        out |= dict(num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k,
-                    intermediate_size=cfg.expert_hidden, router_aux_loss_coef=cfg.aux_coef)
-    return out
-
-
-def export(ckpt: str | Path, out_dir: str | Path) -> Path:
-    """Write our checkpoint `ckpt` as a transformers model directory `out_dir`; returns out_dir."""
-    model, tok, _ = load_model(ckpt)
-    cfg = model.cfg
-    family = family_of(cfg)
-    sd = model.state_dict()
-    if any(k.endswith("expert_bias") and bool(v.any()) for k, v in sd.items()):
-        raise ConfigError("the model routes with a trained aux-loss-free expert bias (balance='bias'), "
-                          "which transformers' Mixtral has no place for")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, torch.Tensor] = {}
-    for rule in weight_rules(cfg, family):
-        for name, t in zip(rule.hf, _split(rule, sd[rule.ours]), strict=True):
-            tensors[name] = t.detach().to(torch.float32).contiguous().cpu()
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    conf = hf_config(cfg, family, tok)
-    (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
-    gen = {k: conf[k] for k in ("bos_token_id", "eos_token_id")}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    export_tokenizer(tok, out, cfg.block_size)
-    return out
-
-
-def export_tokenizer(tok: Tokenizer, out: Path, max_len: int) -> None:
-    """tokenizer.json (byte-level BPE with our split regex and special tokens) + tokenizer_config.json."""
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
-    from tokenizers import Tokenizer as HFTokenizer
-
-    if tok.info["kind"] == "hf":
-        tok.enc.hf.save(str(out / "tokenizer.json"))
-    else:
-        from llm.tokenizer import _bytes_to_unicode
-
-        ranks = tok._ranks if tok.info["kind"] == "bpe" else tok.enc._mergeable_ranks
-        special = dict(tok.enc._special_tokens)
-        char = _bytes_to_unicode()
-
-        def s(b: bytes) -> str:
-            return "".join(char[x] for x in b)
-
-        vocab = {s(b): i for b, i in ranks.items()} | special
-        merges = [(s(a), s(b)) for a, b in bpe_merges(ranks)]
-        hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True))
-        if tok.info.get("normalize"):
-            from tokenizers import normalizers
-
-            hf.normalizer = normalizers.NFC()
-        hf.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(tok.enc._pat_str), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-        hf.decoder = decoders.ByteLevel()
-        always = set(tok.info.get("always", ()))
-        hf.add_tokens([AddedToken(c, special=c not in always, normalized=False)
-                       for c, _ in sorted(special.items(), key=lambda kv: kv[1])])
-        if tok.add_bos:
-            bos = tok.decode([tok.bos_id])
-            hf.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                              special_tokens=[(bos, tok.bos_id)])
-        hf.save(str(out / "tokenizer.json"))
-    conf = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len,
-            "clean_up_tokenization_spaces": False, "eos_token": tok.decode([tok.eot_id]),
-            "bos_token": tok.decode([tok.bos_id])}
-    (out / "tokenizer_config.json").write_text(json.dumps(conf, indent=2) + "\n")
-
-
-def bpe_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
-    """The merge list of tiktoken ranks: for each multi-byte token in rank order, the last pair BPE joins.
-
-    BPE on the token's bytes using only lower ranks must end in exactly two parts; their
-    join is the merge that makes the token (the standard tiktoken -> merges conversion).
-    """
-    out = []
-    for tok, r in sorted(ranks.items(), key=lambda kv: kv[1]):
-        if len(tok) < 2:
-            continue
-        parts = [bytes([b]) for b in tok]
-        while len(parts) > 2:
-            best = min(((ranks.get(parts[j] + parts[j + 1]), j) for j in range(len(parts) - 1)
-                        if ranks.get(parts[j] + parts[j + 1], r) < r), default=None)
-            if best is None:
-                break
-            j = best[1]
-            parts[j:j + 2] = [parts[j] + parts[j + 1]]
-        if len(parts) != 2:
-            raise TokenizerError(f"token {tok!r} (rank {r}) is not reachable by BPE merges; cannot export")
-        out.append((parts[0], parts[1]))
-    return out
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m llm.hf", description="Hugging Face interop.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("export", help="write a checkpoint of ours as a transformers model directory")
-    e.add_argument("checkpoint", help="our checkpoint dir (or a training out dir: its latest)")
-    e.add_argument("out_dir", help="directory for config.json, model.safetensors, tokenizer.json")
-    args = p.parse_args(argv)
-    try:
-        out = export(args.checkpoint, args.out_dir)
-    except (CheckpointError, ConfigError, TokenizerError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

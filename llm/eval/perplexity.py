@@ -13,16 +13,14 @@ at least context - stride tokens of context once the first window is past.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from llm.data import corpus_files, read_text
+from llm.data.corpus import corpus_files, read_text
 
 
 class EvalError(ValueError):
@@ -117,52 +115,3 @@ def dataset_stream(dataset: str, tok, max_tokens: int | None = None) -> tuple[li
         ids = ids[:max_tokens]
         n_bytes = len(tok.decode_bytes([i for i in ids if i != tok.eot_id]))
     return ids, n_bytes
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m llm.eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="Loss and perplexity of a checkpoint over a dataset.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint dir, a training --out-dir, or a HF model dir")
-    p.add_argument("--dataset", required=True, help="corpus name (pystdlib) or a text file / folder")
-    p.add_argument("--context", type=int, default=None, help="window length (default: the model's context)")
-    p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: context)")
-    p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens of the stream")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="weights and compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--kernels", default=None, choices=("auto", "triton", "torch"), help="override the op backend")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    from llm.checkpoint import load_model
-    from llm.trainer import pick_device, pick_dtype
-
-    args = parser().parse_args(argv)
-    try:
-        if args.max_tokens is not None and args.max_tokens < 2:
-            raise EvalError(f"--max-tokens must be >= 2, got {args.max_tokens}")
-        device = pick_device(args.device)
-        dtype = pick_dtype(args.dtype, device)
-        overrides = {"kernels": args.kernels} if args.kernels else {}
-        model, tok, _ = load_model(args.checkpoint, device, dtype, **overrides)
-        check_windows(model, args.context, args.stride)
-        ids, n_bytes = dataset_stream(args.dataset, tok, args.max_tokens)
-        res = evaluate(model, ids, args.context, args.stride, args.batch_size, n_bytes,
-                       progress=not args.json and sys.stderr.isatty())
-    except (ValueError, OSError) as e:  # the project's error classes are ValueErrors with one-line messages
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps({"checkpoint": args.checkpoint, "dataset": args.dataset, **asdict(res)}))
-    else:
-        bpb = f" | {res.bits_per_byte:.4f} bits/byte" if res.bits_per_byte is not None else ""
-        print(f"{args.dataset}: {res.tokens:,} tokens in {res.windows} window(s) (context {res.context}, "
-              f"stride {res.stride}) | loss {res.loss:.4f} nats/token | perplexity {res.perplexity:.3f}{bpb}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,16 +1,6 @@
-"""Datasets -> token shards -> deterministic batches.
+"""Documents -> token shards (prepared once, resumable) -> deterministic batches.
 
-The registry (`--dataset`):
-  pystdlib      the running Python's standard-library sources (embedded: on every machine)
-  shakespeare   tiny-shakespeare (1.1 MB), downloaded once from its public URL into <data_dir>/downloads/
-  tinystories   roneneldan/TinyStories through Hugging Face `datasets` (streamed; its own val split)
-  fineweb-edu   HuggingFaceFW/fineweb-edu sample-10BT through `datasets` (streamed; cap it with --max-tokens)
-  PATH          a text file, a folder of text files, a glob ("books/*.txt"), or .jsonl (one JSON
-                object per line, the text in --text-field)
-
-`prepare(cfg)` tokenizes a dataset once (each document followed by <|endoftext|>; documents go
-to val by a hash of their name unless the dataset has its own val split; a one-document corpus
-has its tokens split instead) into
+`prepare(cfg)` tokenizes a dataset once (each document followed by <|endoftext|>) into
 
   <data_dir>/<dataset>-<tokenizer>/
     train-00000.bin ...  flat token ids (uint16 if the vocab fits, else uint32), ~SHARD_TOKENS each
@@ -29,18 +19,12 @@ Documents are tokenized in batches on `prep_workers` threads (tiktoken's batch e
 
 from __future__ import annotations
 
-import argparse
-import glob
 import hashlib
 import itertools
 import json
 import os
-import re
 import shutil
-import sys
-import sysconfig
 import tempfile
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,194 +33,14 @@ import numpy as np
 import torch
 
 from llm.config import DataConfig
+from llm.data.corpus import DataError, Source, open_source, read_text
 from llm.tokenizer import Tokenizer
 
-TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".json", ".jsonl", ".csv", ".html", ".tex", ".c", ".h", ""}
 MANIFEST, PROGRESS, MANIFEST_VERSION = "manifest.json", "progress.json", 2
 SHARD_TOKENS = 100_000_000  # tokens per shard file (windows never cross shards)
 COMMIT_TOKENS = 10_000_000  # tokens between progress records of a preparation
 BATCH_DOCS = 512  # documents per tokenizer batch
 TOKENIZER_SAMPLE_CHARS = 100_000_000  # text a BPE is trained on at most (streamed datasets are huge)
-
-# name -> (public URL, file name); fetched once into <data_dir>/downloads/<name>/.
-DOWNLOADS = {
-    "shakespeare": ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-                    "input.txt"),
-}
-# name -> (Hugging Face dataset, config, {our split: their split}); no "val" = split by document hash.
-HF_DATASETS = {
-    "tinystories": ("roneneldan/TinyStories", None, {"val": "validation", "train": "train"}),
-    "fineweb-edu": ("HuggingFaceFW/fineweb-edu", "sample-10BT", {"train": "train"}),
-}
-
-
-class DataError(ValueError):
-    """The dataset cannot be found or used; the message is one line."""
-
-
-# ----------------------------------------------------------------------------- sources
-
-
-@dataclass
-class Source:
-    """A dataset's documents: `docs()` yields (split, name, text) in a fixed order."""
-
-    name: str
-    slug: str  # directory-safe identity
-    docs: Callable[[], Iterator[tuple[str, str, str]]]
-    single: Path | None = None  # a one-document corpus: its tokens are split between train and val
-
-
-def pystdlib_files() -> list[Path]:
-    """The top-level modules of the running Python's standard library (~4.7 MB, on every machine)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(root.glob("*.py"))
-    if not files:
-        raise DataError(f"no Python standard-library sources found under {root}")
-    return files
-
-
-def registry() -> list[str]:
-    return ["pystdlib", *DOWNLOADS, *HF_DATASETS]
-
-
-def open_source(cfg: DataConfig) -> Source:
-    """The Source for a registered name or a local path / glob; raises DataError naming what is wrong."""
-    name = cfg.dataset
-    if name in HF_DATASETS:
-        return Source(name, name, lambda: _hf_docs(name, cfg))
-    slug, files = corpus_files(name, cfg.data_dir)
-    return _file_source(name, slug, files, cfg)
-
-
-def corpus_files(dataset: str, data_dir: str | Path = "data") -> tuple[str, list[Path]]:
-    """(slug, files) for pystdlib, a downloadable corpus, or a local file / folder / glob."""
-    if dataset == "pystdlib":
-        return dataset, pystdlib_files()
-    if dataset in DOWNLOADS:
-        return dataset, [download(dataset, data_dir)]
-    if dataset in HF_DATASETS:
-        raise DataError(f"dataset {dataset!r} is streamed from Hugging Face, not a set of files")
-    if any(c in dataset for c in "*?["):
-        files = sorted(Path(f) for f in glob.glob(os.path.expanduser(dataset), recursive=True) if Path(f).is_file())
-        if not files:
-            raise DataError(f"dataset glob {dataset!r} matches no files")
-        key, base = dataset, re.sub(r"[*?\[\]]+", "_", Path(dataset).name)
-    else:
-        p = Path(dataset).expanduser()
-        if not p.exists():
-            raise DataError(f"dataset {dataset!r} is neither a known corpus ({', '.join(registry())}) "
-                            "nor an existing path")
-        if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES
-                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
-            if not files:
-                raise DataError(f"dataset folder {p} holds no text files "
-                                f"({', '.join(sorted(TEXT_SUFFIXES - {''}))})")
-        else:
-            files = [p]
-        key, base = str(p.resolve()), p.name
-    digest = hashlib.sha1(key.encode()).hexdigest()[:8]
-    return f"{re.sub(r'[^A-Za-z0-9_-]+', '_', base)[:40]}-{digest}", files
-
-
-def download(name: str, data_dir: str | Path) -> Path:
-    """The cached file of a downloadable corpus, fetching it from its public URL on first use."""
-    url, fname = DOWNLOADS[name]
-    dest = Path(data_dir) / "downloads" / name / fname
-    if dest.is_file():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(fname + f".part{os.getpid()}")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-            shutil.copyfileobj(r, f)
-    except (OSError, ValueError) as e:  # URLError, timeouts, refused connections are OSErrors
-        tmp.unlink(missing_ok=True)
-        raise DataError(f"dataset {name!r} could not be downloaded from {url} ({_first_line(e)}); offline, fetch "
-                        f"that file elsewhere and put it at {dest}, or pass --dataset /path/to/{fname}") from None
-    os.replace(tmp, dest)
-    return dest
-
-
-def read_text(path: Path) -> str:
-    raw = Path(path).read_bytes()
-    if b"\x00" in raw[:8192]:
-        raise DataError(f"{path} is not a text file (it contains NUL bytes)")
-    return raw.decode("utf-8", errors="replace")
-
-
-def _file_source(name: str, slug: str, files: list[Path], cfg: DataConfig) -> Source:
-    plain = [f for f in files if f.suffix.lower() != ".jsonl"]
-    single = files[0] if len(files) == 1 and plain else None
-    val = {f for f in plain if _in_val(str(f), cfg.val_fraction) and not single}
-    if len(plain) > 1 and not val and cfg.val_fraction > 0:  # always hold out at least one document
-        val = {plain[-1]}
-
-    def docs() -> Iterator[tuple[str, str, str]]:
-        for f in files:
-            if f.suffix.lower() == ".jsonl":
-                yield from _jsonl_docs(f, cfg)
-                continue
-            text = read_text(f)
-            if text.strip():
-                yield ("val" if f in val else "train"), str(f), text
-
-    return Source(name, slug, docs, single)
-
-
-def _jsonl_docs(path: Path, cfg: DataConfig) -> Iterator[tuple[str, str, str]]:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                raise DataError(f"{path}:{i} is not valid JSON (.jsonl holds one JSON object per line)") from None
-            text = obj.get(cfg.text_field) if isinstance(obj, dict) else None
-            if not isinstance(text, str):
-                raise DataError(f"{path}:{i} has no string field {cfg.text_field!r} (choose one with --text-field)")
-            if text.strip():
-                name = f"{path}:{i}"
-                yield ("val" if _in_val(name, cfg.val_fraction) else "train"), name, text
-
-
-def _hf_docs(name: str, cfg: DataConfig) -> Iterator[tuple[str, str, str]]:
-    repo, config, splits = HF_DATASETS[name]
-    offline = ("offline, set HF_DATASETS_OFFLINE=1 with the dataset in the Hugging Face cache, or export it to "
-               ".jsonl/.txt and pass --dataset PATH")
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(f"dataset {name!r} ({repo}) needs the Hugging Face `datasets` package: pip install datasets; "
-                        f"{offline}") from None
-    for ours, theirs in splits.items():
-        try:
-            stream = datasets.load_dataset(repo, config, split=theirs, streaming=True)
-            for i, row in enumerate(stream):
-                text = row.get(cfg.text_field)
-                if not isinstance(text, str):
-                    raise DataError(f"dataset {name!r} rows have no string field {cfg.text_field!r}")
-                doc = str(row.get("id", f"{theirs}:{i}"))
-                split = ours if "val" in splits else ("val" if _in_val(doc, cfg.val_fraction) else "train")
-                if text.strip():
-                    yield split, doc, text
-        except DataError:
-            raise
-        except Exception as e:  # network and hub errors come in many types
-            raise DataError(f"dataset {name!r} ({repo}) cannot be reached ({type(e).__name__}: {_first_line(e)}); "
-                            f"{offline}") from None
-
-
-def _in_val(name: str, fraction: float) -> bool:
-    h = int(hashlib.sha1(Path(name).name.encode()).hexdigest()[:8], 16)
-    return h / 0xFFFFFFFF < fraction
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return s[0][:200] if s else type(e).__name__
 
 
 # ----------------------------------------------------------------------------- preparation
@@ -413,13 +217,6 @@ def _finish(cfg: DataConfig, src: Source, tok: Tokenizer, prog: dict, work: Path
     return manifest
 
 
-def unigram_entropy(ids: np.ndarray, n_vocab: int) -> float:
-    """Entropy (nats) of the token frequency distribution: the loss of the best context-free model."""
-    counts = np.bincount(ids, minlength=n_vocab).astype(np.float64)
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
-
-
 def load_manifest(path: Path) -> dict:
     f = Path(path) / MANIFEST
     if not f.is_file():
@@ -447,6 +244,7 @@ def verify(path: Path) -> None:
             if not f.is_file() or hashlib.sha256(f.read_bytes()).hexdigest() != s["sha256"]:
                 raise DataError(f"{f} is missing or corrupted (sha256 differs from {MANIFEST}); "
                                 f"delete {path} to prepare it again")
+
 
 
 # ----------------------------------------------------------------------------- loading
@@ -501,31 +299,3 @@ class Loader:
             return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
         return x.contiguous().to(device), y.contiguous().to(device)
 
-    def num_windows(self) -> float:
-        return sum(len(t) for t in self.shards) / self.block_size
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m llm.data --dataset NAME|PATH [--verify]`: prepare ahead of training (e.g. where there is network)."""
-    from llm.config import add_dataclass_args, build
-
-    p = argparse.ArgumentParser(prog="python -m llm.data", description=main.__doc__)
-    add_dataclass_args(p, DataConfig, "data")
-    p.add_argument("--verify", action="store_true", help="recompute and check every shard's sha256")
-    args = p.parse_args(argv)
-    try:
-        path = prepare(build(DataConfig, vars(args)))
-        if args.verify:
-            verify(path)
-            print(f"{path}: every shard matches its checksum")
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,246 @@
+"""Flash-decoding over a paged KV cache: new query tokens against K/V stored in blocks of a pool (inference only).
+
+Same semantics as `kernels.reference.paged_decode_attention_ref`: q (B, Tq, H, D); pools
+(n_blocks, PAGE, Hkv, D); block_table (B, max_blocks) int32, row b's position p in block
+block_table[b, p // PAGE], slot p % PAGE; lengths (B,) valid entries per row *including* the Tq new
+tokens; query t of row b sits at p = lengths[b] - Tq + t and sees keys j <= p (and p - j < window).
+
+The work split is `kernels.decode`'s: a program per (row, kv head, head chunk x token chunk, key split)
+packs the query heads of one kv group as the rows of a tile (each K/V element read once per group),
+runs an online softmax over its split, and writes a normalised partial plus its base-2 log-sum-exp;
+`kernels.decode._decode_combine_kernel` merges the splits. The only difference is the address of a key:
+each key column looks up its block id in the row's block table (one small gather per BLOCK_N keys), so
+blocks may sit anywhere in the pool, in any order, and any PAGE works (no alignment with BLOCK_N needed).
+Splits are sized from each row's own length inside the kernel: no host sync on `lengths`.
+
+Launch configurations: `LAUNCH_CONFIGS` lists every (BLOCK_N, num_warps, num_stages) the launcher can
+pick and `launch_config` is the one function that picks (an ahead-of-time compile check enumerates the
+list with the head dims, dtypes and tile shapes of `kernel_variants`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kernels.attention import _LOG2E, _interpreting, _rows_contiguous
+from kernels.decode import _decode_combine_kernel
+
+
+@triton.jit
+def _paged_decode_fwd_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, o_part_ptr, lse_part_ptr,
+                             stride_qb, stride_qt, stride_qh,  # q (B, Tq, H, D), last dim contiguous
+                             stride_kn, stride_ks, stride_kh,  # k pool (n_blocks, PAGE, Hkv, D)
+                             stride_vn, stride_vs, stride_vh,  # v pool (n_blocks, PAGE, Hkv, D)
+                             stride_btb,  # block table (B, max_blocks) row stride, int32 entries
+                             Tq, H, G,  # new tokens, query heads, query heads per kv head
+                             S_max,  # max_blocks * PAGE: lengths are clamped to [0, S_max] (no read outside)
+                             n_gc, n_qc,  # head chunks per group, token chunks (grid axis 1 = Hkv * n_gc * n_qc)
+                             n_splits,  # key splits (grid axis 2)
+                             min_split,  # keys per split at least (a multiple of BLOCK_N)
+                             window,  # sliding window width; a huge value for full causal attention
+                             qk_scale,  # softmax scale * log2(e)
+                             PAGE: tl.constexpr,  # tokens per block
+                             HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,  # head dim and its power-of-two pad
+                             BLOCK_N: tl.constexpr,  # keys per inner step
+                             G_BLOCK: tl.constexpr, TQ_BLOCK: tl.constexpr,  # heads x tokens packed in a tile
+                             BLOCK_M: tl.constexpr,  # tile rows: G_BLOCK * TQ_BLOCK, at least 16 for tl.dot
+                             DOT_PREC: tl.constexpr):
+    b = tl.program_id(0)
+    pid1 = tl.program_id(1)
+    s = tl.program_id(2)
+    qc = pid1 % n_qc
+    gc = (pid1 // n_qc) % n_gc
+    hk = pid1 // (n_qc * n_gc)
+    L = tl.minimum(tl.maximum(tl.load(len_ptr + b).to(tl.int32), 0), S_max)
+    b64 = b.to(tl.int64)
+
+    r = tl.arange(0, BLOCK_M)
+    gl = r // TQ_BLOCK  # row r of the tile is (head gc*G_BLOCK + gl, token qc*TQ_BLOCK + r % TQ_BLOCK)
+    g = gc * G_BLOCK + gl
+    t = qc * TQ_BLOCK + r % TQ_BLOCK
+    row_ok = (gl < G_BLOCK) & (g < G) & (t < Tq)
+    h = hk * G + g
+    pos = L - Tq + t  # absolute position of each row's token
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
+    q = tl.load(q_ptr + b64 * stride_qb + t[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    keys = tl.maximum(min_split, tl.cdiv(tl.cdiv(L, n_splits), BLOCK_N) * BLOCK_N)
+    start = s * keys
+    end = tl.minimum(start + keys, L)
+    # No row of this token chunk sees past its last token (causal), nor before the window of its first.
+    end = tl.minimum(end, L - Tq + tl.minimum(qc * TQ_BLOCK + TQ_BLOCK, Tq))
+    start = tl.maximum(start, L - Tq + qc * TQ_BLOCK - window + 1)
+    bt_row = bt_ptr + b64 * stride_btb
+    offs_n = tl.arange(0, BLOCK_N)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        kv_ok = cols < end
+        # The block of each key column: columns of one step may straddle blocks that lie far apart.
+        blk = tl.load(bt_row + cols // PAGE, mask=kv_ok, other=0).to(tl.int64)
+        slot = cols % PAGE
+        k_off = blk * stride_kn + slot * stride_ks + hk * stride_kh
+        v_off = blk * stride_vn + slot * stride_vs + hk * stride_vh
+        kT = tl.load(k_ptr + k_off[None, :] + offs_d[:, None],
+                     mask=kv_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
+        qk = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
+        vis = kv_ok[None, :] & (cols[None, :] <= pos[:, None]) & (pos[:, None] - cols[None, :] < window)
+        qk = tl.where(vis, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: exp2 -> 0, not NaN
+        alpha = tl.exp2(m_i - m_shift)
+        p = tl.exp2(qk - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :],
+                    mask=kv_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+        m_i = m_new
+
+    empty = l_i == 0.0  # split beyond this row's length, outside its window, or in its causal future
+    l_safe = tl.where(empty, 1.0, l_i)
+    lse = tl.where(empty, float("-inf"), m_i + tl.log2(l_safe))  # -inf: weight 0 in the combine
+    part = ((b64 * H + h) * Tq + t) * n_splits + s  # partials (B, H, Tq, n_splits, D), as the combine reads
+    tl.store(lse_part_ptr + part, lse, mask=row_ok)
+    tl.store(o_part_ptr + part[:, None] * HEAD_D + offs_d[None, :], acc / l_safe[:, None],
+             mask=row_ok[:, None] & d_ok[None, :])
+
+
+# ----------------------------------------------------------------------------- launchers
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_TQ_BLOCK = 16  # tokens per tile (prefill chunks run as several token chunks)
+_MAX_ROWS = 128  # heads x tokens per tile, so registers stay bounded for wide MQA groups
+_MIN_SPLIT = 256  # keys per split at least, so each program runs several pipelined K/V steps
+_MAX_SPLITS = 256
+_NO_WINDOW = 1 << 30
+
+# Every (BLOCK_N, num_warps, num_stages) the launcher can pick on a GPU; the interpreter runs BLOCK_N 16.
+# K/V tiles of ~16 KB: 64 keys at 2-byte dtypes up to head dim 128, 32 for fp32 or wider heads, 16 at 256 fp32.
+LAUNCH_CONFIGS: list[dict] = [
+    dict(BLOCK_N=64, num_warps=4, num_stages=3),
+    dict(BLOCK_N=32, num_warps=4, num_stages=2),
+    dict(BLOCK_N=16, num_warps=4, num_stages=2),
+]
+
+
+def launch_config(dtype: torch.dtype, block_d: int, on_gpu: bool) -> dict:
+    """The entry of LAUNCH_CONFIGS for this dtype and padded head dim (interpreter: BLOCK_N 16, no warps)."""
+    if not on_gpu:
+        return dict(BLOCK_N=16)
+    want = max(16, min(64, 16384 // (block_d * torch.finfo(dtype).bits // 8)))
+    return next(c for c in LAUNCH_CONFIGS if c["BLOCK_N"] <= want)
+
+
+def kernel_variants(head_dims=(64, 80, 96, 128, 256), gqa=(1, 2, 4, 8), tq=(1, 16)) -> list[dict]:
+    """Constexpr sets a launch can produce (for ahead-of-time compile checks): tile shapes x LAUNCH_CONFIGS."""
+    out = []
+    for dtype in _DTYPES:
+        for d in head_dims:
+            block_d = max(16, triton.next_power_of_2(d))
+            for g in gqa:
+                for t in tq:
+                    tq_block = min(triton.next_power_of_2(t), _MAX_TQ_BLOCK)
+                    g_block = min(triton.next_power_of_2(g), max(1, _MAX_ROWS // tq_block))
+                    out.append(dict(dtype=dtype, HEAD_D=d, BLOCK_D=block_d, G_BLOCK=g_block, TQ_BLOCK=tq_block,
+                                    BLOCK_M=max(16, g_block * tq_block), **launch_config(dtype, block_d, True)))
+    return out
+
+
+def _check(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, lengths: Tensor) -> None:
+    if q.dim() != 4 or k_pool.dim() != 4 or block_table.dim() != 2:
+        raise ValueError(f"paged_decode_attention expects q (B, Tq, H, D), pools (n_blocks, PAGE, Hkv, D) and a "
+                         f"block table (B, max_blocks), got {tuple(q.shape)}, {tuple(k_pool.shape)}, "
+                         f"{tuple(block_table.shape)}")
+    B, _, H, D = q.shape
+    if v_pool.shape != k_pool.shape or k_pool.shape[3] != D:
+        raise ValueError(f"k_pool {tuple(k_pool.shape)} and v_pool {tuple(v_pool.shape)} must both be "
+                         f"(n_blocks, PAGE, Hkv, D={D})")
+    if H % k_pool.shape[2]:
+        raise ValueError(f"n_head {H} is not a multiple of n_kv_head {k_pool.shape[2]}")
+    if not 1 <= D <= 256:
+        raise ValueError(f"head dim {D} is not supported (1..256)")
+    if q.dtype not in _DTYPES or k_pool.dtype != q.dtype or v_pool.dtype != q.dtype:
+        raise ValueError(f"q and pools must share one dtype among {_DTYPES}, got {q.dtype}, {k_pool.dtype}, "
+                         f"{v_pool.dtype}")
+    if block_table.shape[0] != B or block_table.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"block_table must be int32/int64 of shape ({B}, max_blocks), got {block_table.dtype} "
+                         f"{tuple(block_table.shape)}")
+    if lengths.shape != (B,) or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+        raise ValueError(f"lengths must be an integer tensor of shape ({B},), got {lengths.dtype} "
+                         f"{tuple(lengths.shape)}")
+    if torch.is_grad_enabled() and (q.requires_grad or k_pool.requires_grad or v_pool.requires_grad):
+        raise ValueError("paged_decode_attention is inference-only: call it under torch.no_grad()")
+
+
+def paged_decode_attention_fwd(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, lengths: Tensor,
+                               scale: float, window: int | None = None, num_splits: int | None = None) -> Tensor:
+    """Split-KV attention through a block table; returns (B, Tq, H, D) in q's dtype.
+
+    Splits: by default about two waves of programs from the SM count (at most S_max / 256); each row
+    cuts its own length into that many pieces inside the kernel. num_splits forces a number (tests).
+    """
+    _check(q, k_pool, v_pool, block_table, lengths)
+    q, k_pool, v_pool = (_rows_contiguous(x) for x in (q, k_pool, v_pool))
+    B, Tq, H, D = q.shape
+    PAGE, Hkv = k_pool.shape[1], k_pool.shape[2]
+    block_table = block_table.to(device=q.device, dtype=torch.int32).contiguous()
+    S_max = block_table.shape[1] * PAGE
+    out = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    G = H // Hkv
+    TQ_BLOCK = min(triton.next_power_of_2(Tq), _MAX_TQ_BLOCK)
+    G_BLOCK = min(triton.next_power_of_2(G), max(1, _MAX_ROWS // TQ_BLOCK))
+    n_qc, n_gc = triton.cdiv(Tq, TQ_BLOCK), triton.cdiv(G, G_BLOCK)
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    on_gpu = q.is_cuda and not _interpreting()
+    cfg = launch_config(q.dtype, BLOCK_D, on_gpu)
+    BLOCK_N = cfg.pop("BLOCK_N")
+    if num_splits is not None:
+        if num_splits < 1:
+            raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+        n_splits, min_split = num_splits, BLOCK_N
+    else:
+        n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+        programs = B * Hkv * n_gc * n_qc
+        n_splits = max(1, min(triton.cdiv(2 * n_sm, programs), triton.cdiv(S_max, _MIN_SPLIT), _MAX_SPLITS))
+        min_split = _MIN_SPLIT
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    o_part = torch.empty((B, H, Tq, n_splits, D), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((B, H, Tq, n_splits), dtype=torch.float32, device=q.device)
+    _paged_decode_fwd_kernel[(B, Hkv * n_gc * n_qc, n_splits)](
+        q, k_pool, v_pool, block_table, lengths.to(q.device), o_part, lse_part,
+        *q.stride()[:3], *k_pool.stride()[:3], *v_pool.stride()[:3], block_table.stride(0),
+        Tq, H, G, S_max, n_gc, n_qc, n_splits, min_split, window or _NO_WINDOW, scale * _LOG2E,
+        PAGE=PAGE, HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, G_BLOCK=G_BLOCK, TQ_BLOCK=TQ_BLOCK,
+        BLOCK_M=max(16, G_BLOCK * TQ_BLOCK), DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", **cfg)
+    _decode_combine_kernel[(B * H * Tq,)](
+        o_part, lse_part, out, Tq, H, n_splits,
+        HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_S=min(32, triton.next_power_of_2(n_splits)))
+    return out
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def paged_decode_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, lengths: Tensor,
+                           scale: float | None = None, window: int | None = None,
+                           num_splits: int | None = None) -> Tensor:
+    """Attention of Tq new tokens per row over a paged KV cache (no autograd).
+
+    q (B, Tq, H, D); k_pool, v_pool (n_blocks, PAGE, Hkv, D); block_table (B, max_blocks) block ids;
+    lengths (B,) valid entries per row including the new tokens (clamped to max_blocks * PAGE in the
+    kernel). Query t of row b attends keys j <= lengths[b] - Tq + t, within `window` if given.
+    scale defaults to D**-0.5. Returns (B, Tq, H, D) in q's dtype.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return paged_decode_attention_fwd(q, k_pool, v_pool, block_table, lengths, scale, window, num_splits)

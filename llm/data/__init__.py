@@ -1,0 +1,1 @@
+"""The data stage: text sources (corpus) -> token shards and batches (shards); `python -m llm.data` prepares."""

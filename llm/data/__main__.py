@@ -1,0 +1,31 @@
+"""`python -m llm.data`: prepare (and verify) a dataset ahead of training."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from llm.config import DataConfig, add_dataclass_args, build
+from llm.data.corpus import DataError
+from llm.data.shards import prepare, verify
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m llm.data --dataset NAME|PATH [--verify]`: prepare ahead of training (e.g. where there is network)."""
+    p = argparse.ArgumentParser(prog="python -m llm.data", description=main.__doc__)
+    add_dataclass_args(p, DataConfig, "data")
+    p.add_argument("--verify", action="store_true", help="recompute and check every shard's sha256")
+    args = p.parse_args(argv)
+    try:
+        path = prepare(build(DataConfig, vars(args)))
+        if args.verify:
+            verify(path)
+            print(f"{path}: every shard matches its checksum")
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""`python -m llm.eval --checkpoint DIR --dataset NAME|PATH`: loss and perplexity (see llm.eval.perplexity)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+from llm.eval.perplexity import EvalError, check_windows, dataset_stream, evaluate
+from llm.loading import load_model
+from llm.runtime import pick_device, pick_dtype
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m llm.eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Loss and perplexity of a checkpoint over a dataset (--dataset), or "
+                                            "lm-evaluation-harness task scores (--tasks; needs the eval extra).")
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir, a training --out-dir, or a HF model dir")
+    p.add_argument("--dataset", default=None, help="perplexity over a corpus name (pystdlib) or a text file / folder")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated lm-eval task names or task YAML paths")
+    p.add_argument("--limit", type=float, default=None, help="with --tasks: documents per task (a fraction if < 1)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="with --tasks: few-shot examples per prompt")
+    p.add_argument("--include-path", default=None, help="with --tasks: a folder of extra task YAMLs")
+    p.add_argument("--context", type=int, default=None, help="window length (default: the model's context)")
+    p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: context)")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens of the stream")
+    p.add_argument("--batch-size", type=int, default=None, help="windows (perplexity, default 1) or requests "
+                                                                 "(tasks, default 16) per forward pass")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="weights and compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--kernels", default=None, choices=("auto", "triton", "torch"), help="override the op backend")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return p
+
+
+def run_tasks(args: argparse.Namespace) -> int:
+    """--tasks: lm-eval scores through our backend (llm.eval.harness), a table or --json."""
+    try:
+        from llm.eval import harness  # optional extra: imported only when asked for
+
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        harness.resolve_tasks(tasks, args.include_path)  # bad names fail before the model loads
+        lm = harness.LLMEvalLM(args.checkpoint, args.device, args.dtype, args.batch_size or 16,
+                               kernels=args.kernels)
+        limit = None if args.limit is None else int(args.limit) if args.limit >= 1 else args.limit
+        out = harness.run_tasks(lm, tasks, limit, args.num_fewshot, args.include_path)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"checkpoint": args.checkpoint, "results": out["results"]}, default=float))
+    else:
+        print(harness.lm_utils.make_table(out))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if (args.dataset is None) == (args.tasks is None):
+        print("error: give --dataset NAME|PATH (perplexity) or --tasks NAMES (lm-eval), one of them", file=sys.stderr)
+        return 2
+    if args.tasks is not None:
+        return run_tasks(args)
+    try:
+        if args.max_tokens is not None and args.max_tokens < 2:
+            raise EvalError(f"--max-tokens must be >= 2, got {args.max_tokens}")
+        device = pick_device(args.device)
+        dtype = pick_dtype(args.dtype, device)
+        overrides = {"kernels": args.kernels} if args.kernels else {}
+        model, tok, _ = load_model(args.checkpoint, device, dtype, **overrides)
+        check_windows(model, args.context, args.stride)
+        ids, n_bytes = dataset_stream(args.dataset, tok, args.max_tokens)
+        res = evaluate(model, ids, args.context, args.stride, args.batch_size or 1, n_bytes,
+                       progress=not args.json and sys.stderr.isatty())
+    except (ValueError, OSError) as e:  # the project's error classes are ValueErrors with one-line messages
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"checkpoint": args.checkpoint, "dataset": args.dataset, **asdict(res)}))
+    else:
+        bpb = f" | {res.bits_per_byte:.4f} bits/byte" if res.bits_per_byte is not None else ""
+        print(f"{args.dataset}: {res.tokens:,} tokens in {res.windows} window(s) (context {res.context}, "
+              f"stride {res.stride}) | loss {res.loss:.4f} nats/token | perplexity {res.perplexity:.3f}{bpb}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

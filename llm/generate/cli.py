@@ -1,0 +1,174 @@
+"""The command line of sample.py: flags -> sampling parameters -> a loaded model -> printed text."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from llm.generate.api import complete, encode_prompts, stream_text
+from llm.generate.decode import CPU_CHUNK, fit_prompts
+from llm.generate.sampling import SamplingError, SamplingParams
+from llm.generate.speculative import Speculation, check_tokenizers
+from llm.generate.stats import Stats
+from llm.loading import load_model
+from llm.runtime import pick_device, pick_dtype, set_threads
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sample.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Generate text from a checkpoint directory (or a training out dir).")
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir, or a training --out-dir (uses its latest)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="text to continue (empty: start from end-of-text); repeat for a batch of prompts")
+    p.add_argument("--prompt-file", action="append", default=[], help="a file whose text is one more prompt")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per row")
+    p.add_argument("--temperature", type=float, default=None, help="softmax temperature; 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=None, help="keep only the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with mass >= p")
+    p.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x the top probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="divide logits of seen tokens (1 = off)")
+    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt (with beams: best beams shown)")
+    p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (1 = sampling)")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam score = log-prob sum / length^this")
+    p.add_argument("--seed", type=int, default=None, help="random seed; the same seed gives the same text")
+    p.add_argument("--stop", action="append", default=[],
+                   help=r"stop a row at this string (repeatable; \n \t \r \\ are understood)")
+    p.add_argument("--stream", action="store_true", help="print the text as it is generated (one row)")
+    p.add_argument("--truncate-prompt", action="store_true",
+                   help="keep only the last prompt tokens that fit the context instead of refusing")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help=f"prompt tokens per prefill pass; 0 = one pass (default: one pass on CUDA, {CPU_CHUNK} on CPU)")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CUDA, replay each decode step as one captured CUDA graph")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (static shapes; seconds to minutes to compile once per "
+                        "batch and length, then the fastest CPU path)")
+    p.add_argument("--draft-checkpoint", default=None,
+                   help="speculative decoding: a small model with the same tokenizer drafts, the target verifies")
+    p.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
+                   help="speculative decoding without a second model: draft what followed the last <= N tokens "
+                        "where they occur earlier in the prompt or output")
+    p.add_argument("--speculate", type=int, default=None, metavar="K",
+                   help="tokens drafted per target pass (default 4 with --draft-checkpoint / --prompt-lookup)")
+    p.add_argument("--compare-plain", action="store_true",
+                   help="with speculative decoding: also run plain decoding and print both speeds")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="weights and compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--kernels", default=None, choices=("auto", "triton", "torch"), help="override the op backend")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="print only the generated text (no timing line)")
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> SamplingParams:
+    """Sampling parameters from the flags; contradictory flags are refused in one line."""
+    if args.num_samples < 1:
+        raise SamplingError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.num_beams < 1:
+        raise SamplingError(f"--num-beams must be >= 1, got {args.num_beams}")
+    if args.num_beams > 1:
+        given = [f for f, v in (("--temperature", args.temperature), ("--top-k", args.top_k),
+                                ("--top-p", args.top_p), ("--min-p", args.min_p)) if v is not None]
+        if given:
+            raise SamplingError(f"beam search is deterministic: {', '.join(given)} do not apply with --num-beams > 1")
+        if args.num_samples > args.num_beams:
+            raise SamplingError(f"--num-samples ({args.num_samples}) shows the best beams: at most --num-beams "
+                                f"({args.num_beams})")
+        if args.draft_checkpoint is not None or args.prompt_lookup is not None:
+            raise SamplingError("speculative decoding samples one sequence per row: it does not combine with "
+                                "--num-beams > 1")
+        return SamplingParams(0.0, repetition_penalty=args.repetition_penalty)
+    speculative = args.draft_checkpoint is not None or args.prompt_lookup is not None
+    if args.draft_checkpoint is not None and args.prompt_lookup is not None:
+        raise SamplingError("--draft-checkpoint and --prompt-lookup are two proposers: give one")
+    if not speculative and (args.speculate is not None or args.compare_plain):
+        raise SamplingError("--speculate / --compare-plain need a proposer: --draft-checkpoint DIR or "
+                            "--prompt-lookup N")
+    if speculative and args.compile:
+        raise SamplingError("speculative decoding runs eagerly: --compile does not apply")
+    temperature = 0.8 if args.temperature is None else args.temperature
+    return SamplingParams(temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        params = _check_args(args)
+        texts = list(args.prompt or []) + [_read(f) for f in args.prompt_file]
+        texts = texts or [""]
+        if args.stream and (len(texts) * args.num_samples > 1 or args.num_beams > 1):
+            raise SamplingError("--stream prints one sequence: use one prompt, --num-samples 1, --num-beams 1")
+        fit_prompts([[0]], args.max_new_tokens, 1 << 62)  # max_new_tokens >= 1, before loading anything
+        set_threads(args.threads)
+        device = pick_device(args.device)
+        dtype = pick_dtype(args.dtype, device)
+        overrides = {"kernels": args.kernels} if args.kernels else {}
+        model, tok, _ = load_model(args.checkpoint, device, dtype, **overrides)
+        ids = encode_prompts(tok, texts, args.max_new_tokens, model.cfg.block_size, args.truncate_prompt)
+        if not args.quiet:
+            for t, i in zip(texts, ids):
+                if len(i) < len(tok.encode(t, bos=tok.add_bos)):
+                    print(f"note: prompt truncated to its last {len(i)} tokens to fit the context", file=sys.stderr)
+        spec = _speculation(args, model, tok, device, dtype, overrides)
+        mode = "compile" if args.compile else "graph" if device.type == "cuda" and args.cuda_graph else "eager"
+        mode = "eager" if spec else mode
+        stats = Stats()
+        kw = dict(params=params, stop=[_unescape(s) for s in args.stop], num_samples=args.num_samples,
+                  truncate_prompt=args.truncate_prompt, seed=args.seed, prefill_chunk=args.prefill_chunk, stats=stats)
+        if spec:
+            kw["speculative"] = spec
+        if args.stream:
+            if not args.quiet:
+                print(texts[0], end="", flush=True)
+            for _, piece in stream_text(model, tok, texts, args.max_new_tokens, mode=mode, **kw):
+                print(piece, end="", flush=True)
+            print()
+        else:
+            comps = complete(model, tok, texts, args.max_new_tokens, num_beams=args.num_beams, mode=mode,
+                             length_penalty=args.length_penalty, **kw)
+            per_prompt = len(comps) // len(texts)
+            for r, c in enumerate(comps):
+                if not args.quiet and len(comps) > 1:
+                    print(f"--- prompt {r // per_prompt + 1}, sample {r % per_prompt + 1} ({c.finish_reason}) ---")
+                print(c.text if args.quiet else texts[r // per_prompt] + c.text)
+    except (SamplingError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        print(stats.line(), file=sys.stderr)
+        if stats.target_passes:
+            print(stats.spec_line(), file=sys.stderr)
+    if args.compare_plain:
+        plain = Stats()
+        complete(model, tok, texts, args.max_new_tokens, **(kw | dict(speculative=None, stats=plain)))
+        a, b = stats.decode_tok_s, plain.decode_tok_s
+        ratio = f" | speculative x{a / b:.2f}" if a and b else ""
+        print(f"--- plain decoding: {plain.line()[4:]}{ratio}", file=sys.stderr)
+    return 0
+
+
+def _speculation(args: argparse.Namespace, model, tok, device, dtype, overrides: dict) -> Speculation | None:
+    """The proposer the flags ask for; a draft checkpoint must share the target's tokenizer."""
+    k = 4 if args.speculate is None else args.speculate
+    if args.prompt_lookup is not None:
+        return Speculation(k, lookup=args.prompt_lookup)
+    if args.draft_checkpoint is None:
+        return None
+    draft, draft_tok, _ = load_model(args.draft_checkpoint, device, dtype, **overrides)
+    check_tokenizers(tok, draft_tok)
+    return Speculation(k, draft=draft)
+
+
+def _unescape(s: str) -> str:
+    r"""'\n' typed in a shell is backslash-n: turn \n \t \r \\ into the characters."""
+    return re.sub(r"\\([ntr\\])", lambda m: {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[m.group(1)], s)
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise SamplingError(f"cannot read prompt file {path}: {e.strerror or e}") from None

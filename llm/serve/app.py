@@ -1,0 +1,326 @@
+"""The HTTP layer: OpenAI's routes on FastAPI, SSE streams (sse-starlette), a bearer-key check.
+
+  GET  /v1/models             the one served model
+  POST /v1/completions        prompt text / texts / ids; n, stop, seed, stream, logprobs, echo, ...
+  POST /v1/chat/completions   messages through `protocol.chat_prompt`
+  GET  /health                {"status": "ok"} (503 "draining" after SIGTERM)
+  GET  /metrics               Prometheus text format
+
+Every refusal is an OpenAI error object, decided before the job reaches the scheduler: validation
+(400), unknown model (404), context overflow (400), full queue (429 + Retry-After), draining (503),
+missing or wrong key (401). A client that goes away has its job cancelled at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from sse_starlette import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llm.generate.decode import fit_prompts
+from llm.generate.sampling import SamplingError, SamplingParams
+from llm.serve.engine import Event, Seq
+from llm.serve.protocol import CHAT_STOP, APIError, ChatRequest, CompletionRequest, chat_prompt, error_body
+from llm.serve.scheduler import QueueFull, Scheduler, ShuttingDown
+
+OPEN_PATHS = ("/health",)
+
+
+class BearerAuth:
+    """ASGI middleware: with a key set, every path but /health needs `Authorization: Bearer KEY` (else 401)."""
+
+    def __init__(self, app, key: str) -> None:
+        self.app, self.key = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            got = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(got, self.key):
+                body = error_body("Incorrect or missing API key: send 'Authorization: Bearer KEY'",
+                                  "invalid_request_error", None, "invalid_api_key")
+                await JSONResponse(body, 401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class Server:
+    """What the routes share: the scheduler, tokenizer, model name and limits."""
+
+    def __init__(self, sched: Scheduler, tok, model_name: str, block_size: int) -> None:
+        self.sched, self.tok, self.model_name, self.block_size = sched, tok, model_name, block_size
+        self.created = int(time.time())
+
+    # ------------------------------------------------------------------ request -> seqs
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.model_name}'",
+                           "invalid_request_error", "model", "model_not_found")
+
+    def encode(self, prompt) -> list[list[int]]:
+        """Prompt ids from text, texts, ids or lists of ids (a text prompt gets a BOS as sample.py does)."""
+        tok = self.tok
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if not prompt:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        if isinstance(prompt[0], int):
+            prompt = [prompt]
+        out = []
+        for p in prompt:
+            if isinstance(p, str):
+                out.append(tok.encode(p, bos=tok.add_bos) or [tok.bos_id])
+            else:
+                if not p or any(i < 0 or i >= tok.n_vocab for i in p):
+                    raise APIError(400, f"token-id prompts need ids in [0, {tok.n_vocab}) and at least one id",
+                                   param="prompt")
+                out.append(list(p))
+        return out
+
+    def seqs(self, body, prompts: list[list[int]], max_tokens: int, stop: list[str], logprobs: int | None = None,
+             echo: bool = False) -> list[Seq]:
+        try:
+            fit_prompts(prompts, max(1, max_tokens), self.block_size)
+            params = SamplingParams(1.0 if body.temperature is None else body.temperature, body.top_k, body.top_p,
+                                    body.min_p, body.repetition_penalty or 1.0)
+        except SamplingError as e:
+            code = "context_length_exceeded" if "context length" in str(e) else None
+            msg = str(e).replace("max_new_tokens", "max_tokens")
+            raise APIError(400, msg, param="max_tokens" if code else None, code=code) from None
+        n_rows = len(prompts) * body.n
+        if n_rows > self.sched.max_batch:
+            raise APIError(400, f"{len(prompts)} prompt(s) x n={body.n} = {n_rows} sequences; this server runs at "
+                           f"most {self.sched.max_batch} at once", param="n")
+        seed = body.seed if body.seed is not None else secrets.randbelow(2**62)
+        out = [Seq(prompt=p, params=params, max_tokens=max_tokens, seed=seed + i * body.n + j, emit=lambda ev: None,
+                   stop=stop, logprobs=logprobs, prompt_logprobs=echo and logprobs is not None)
+               for i, p in enumerate(prompts) for j in range(body.n)]
+        if self.sched.worst_case_blocks(out) > self.sched.pool.n_blocks:
+            raise APIError(400, "the request needs more KV cache than the server has; lower n or max_tokens",
+                           param="max_tokens")
+        return out
+
+    def submit(self, seqs: list[Seq]):
+        try:
+            return self.sched.submit(seqs)
+        except QueueFull as e:
+            raise APIError(429, f"{e}; retry later", "rate_limit_exceeded", None, "queue_full",
+                           headers={"Retry-After": "1"}) from None
+        except ShuttingDown as e:
+            raise APIError(503, str(e), "server_error", None, "shutting_down") from None
+
+    # ------------------------------------------------------------------ events
+
+    async def events(self, job, request: Request | None = None) -> AsyncIterator[tuple[int, Event]]:
+        """(choice index, event) until every choice has finished; cancels the job if the caller stops early."""
+        left = len(job.seqs)
+        watch = asyncio.create_task(self._watch(job, request)) if request is not None else None
+        try:
+            while left:
+                i, ev = await job.queue.get()
+                if ev.finish is not None:
+                    left -= 1
+                yield i, ev
+        finally:
+            if watch is not None:
+                watch.cancel()
+            if left:
+                self.sched.cancel(job)
+
+    async def _watch(self, job, request: Request) -> None:
+        """A non-streaming client that disconnects: cancel its job (streams notice through sse-starlette)."""
+        while not job.done:
+            if await request.is_disconnected():
+                self.sched.cancel(job)
+                return
+            await asyncio.sleep(0.2)
+
+    def token_str(self, i: int) -> str:
+        return self.tok.decode([i])
+
+    def top_dict(self, top) -> dict[str, float] | None:
+        return None if top is None else {self.token_str(i): lp for i, lp in top}
+
+
+def _err(ev: Event) -> APIError:
+    return APIError(500, f"generation failed: {ev.error}", "server_error", None, "internal_error")
+
+
+class Choice:
+    """One completion choice as it accumulates: text, ids, logprobs (legacy completions layout)."""
+
+    def __init__(self, srv: Server, prompt: list[int], prompt_text: str, echo: bool) -> None:
+        self.srv, self.text, self.ids, self.finish = srv, prompt_text if echo else "", [], None
+        self.lp = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        self.offset = 0 if echo else len(prompt_text)
+        self.prompt, self.echo = prompt, echo
+
+    def add_prompt_logprobs(self, plp) -> dict:
+        start = len(self.lp["tokens"])
+        for tid, (lp, top) in zip(self.prompt, plp):
+            self._add_lp(tid, lp, top)
+        return {k: v[start:] for k, v in self.lp.items()}
+
+    def _add_lp(self, tid: int, lp: float | None, top) -> None:
+        s = self.srv.token_str(tid)
+        self.lp["tokens"].append(s)
+        self.lp["token_logprobs"].append(lp)
+        self.lp["top_logprobs"].append(self.srv.top_dict(top))
+        self.lp["text_offset"].append(self.offset)
+        self.offset += len(s)
+
+    def add(self, ev: Event) -> dict | None:
+        """Fold one event in; returns the logprobs of what it added (None when logprobs are off)."""
+        start = len(self.lp["tokens"])
+        if ev.prompt_logprobs is not None and self.echo:
+            self.add_prompt_logprobs(ev.prompt_logprobs)
+        if ev.token is not None:
+            self.ids.append(ev.token)
+            if ev.logprob is not None:
+                self._add_lp(ev.token, ev.logprob, ev.top)
+        self.text += ev.text
+        self.finish = ev.finish or self.finish
+        return {k: v[start:] for k, v in self.lp.items()}
+
+
+def create_app(sched: Scheduler, tok, model_name: str, block_size: int, api_key: str | None = None,
+               drain_timeout: float = 30.0) -> FastAPI:
+    srv = Server(sched, tok, model_name, block_size)
+    app = FastAPI(title="llm serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = srv
+    if api_key:
+        app.add_middleware(BearerAuth, key=api_key)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        err = e.errors()[0] if e.errors() else {}
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        if err.get("type") == "json_invalid":
+            msg, param = "We could not parse the JSON body of your request (it is not valid JSON)", None
+        else:
+            msg, param = f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid value')}", (loc[0] if loc else None)
+        return JSONResponse(error_body(msg, "invalid_request_error", param, None), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(str(e.detail), "invalid_request_error", None, None), e.status_code)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = sched.accepting
+        return JSONResponse({"status": "ok" if ok else "draining"}, 200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(sched.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": srv.created,
+                                            "owned_by": "llm"}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        srv.check_model(body.model)
+        prompts = srv.encode(body.prompt)
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        if max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens must be >= 1 (0 only with echo)", param="max_tokens")
+        seqs = srv.seqs(body, prompts, max_tokens, body.stops(), body.logprobs, body.echo)
+        texts = [body.prompt] if isinstance(body.prompt, str) else None
+        if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str):
+            texts = body.prompt
+        texts = texts or [tok.decode(p) for p in prompts]
+        choices = [Choice(srv, s.prompt, texts[k // body.n], body.echo) for k, s in enumerate(seqs)]
+        job = srv.submit(seqs)
+        rid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
+        head = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
+        want_lp = body.logprobs is not None
+        if body.stream:
+            return EventSourceResponse(_stream_completion(srv, job, choices, head, want_lp, body.echo),
+                                       shutdown_grace_period=drain_timeout)
+        async for i, ev in srv.events(job, request):
+            if ev.finish == "error":
+                raise _err(ev)
+            choices[i].add(ev)
+        out = [{"index": k, "text": c.text, "logprobs": c.lp if want_lp else None, "finish_reason": c.finish}
+               for k, c in enumerate(choices)]
+        return head | {"choices": out, "usage": _usage(seqs, body.n)}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        srv.check_model(body.model)
+        prompts = srv.encode(chat_prompt(body.messages))
+        max_tokens = body.max_completion_tokens or body.max_tokens or max(1, block_size - len(prompts[0]))
+        seqs = srv.seqs(body, prompts, max_tokens, body.stops() + [CHAT_STOP])
+        job = srv.submit(seqs)
+        head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "object": "chat.completion", "created": int(time.time()),
+                "model": model_name}
+        if body.stream:
+            return EventSourceResponse(_stream_chat(srv, job, head), shutdown_grace_period=drain_timeout)
+        texts, finish = [""] * len(seqs), [None] * len(seqs)
+        async for i, ev in srv.events(job, request):
+            if ev.finish == "error":
+                raise _err(ev)
+            texts[i] += ev.text
+            finish[i] = ev.finish or finish[i]
+        out = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
+                "finish_reason": finish[i]} for i, t in enumerate(texts)]
+        return head | {"choices": out, "usage": _usage(seqs, body.n)}
+
+    return app
+
+
+def _usage(seqs: list[Seq], n: int) -> dict:
+    p, c = sum(len(s.prompt) for s in seqs[::n]), sum(len(s.out) for s in seqs)  # each prompt counted once
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def _sse(obj) -> dict:
+    return {"data": json.dumps(obj, ensure_ascii=False)}
+
+
+async def _stream_completion(srv: Server, job, choices: list[Choice], head: dict, want_lp: bool, echo: bool):
+    if echo:
+        for k, c in enumerate(choices):
+            yield _sse(head | {"choices": [{"index": k, "text": c.text, "logprobs": None, "finish_reason": None}]})
+    async for i, ev in srv.events(job):
+        if ev.finish == "error":
+            yield _sse(_err(ev).body())
+            break
+        before = len(choices[i].text)
+        lp = choices[i].add(ev)
+        piece = choices[i].text[before:]
+        if piece or ev.finish or (want_lp and lp["tokens"]):
+            yield _sse(head | {"choices": [{"index": i, "text": piece, "logprobs": lp if want_lp else None,
+                                            "finish_reason": ev.finish}]})
+    yield {"data": "[DONE]"}
+
+
+async def _stream_chat(srv: Server, job, head: dict):
+    head = head | {"object": "chat.completion.chunk"}
+    for i in range(len(job.seqs)):
+        yield _sse(head | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None, "finish_reason": None}]})
+    async for i, ev in srv.events(job):
+        if ev.finish == "error":
+            yield _sse(_err(ev).body())
+            break
+        if ev.text or ev.finish:
+            delta = {"content": ev.text} if ev.text else {}
+            yield _sse(head | {"choices": [{"index": i, "delta": delta, "logprobs": None,
+                                            "finish_reason": ev.finish}]})
+    yield {"data": "[DONE]"}

@@ -1,0 +1,140 @@
+"""Build and run the server: flags -> a loaded model -> engine, scheduler, app -> uvicorn.
+
+`build` wires a model into an app (tests and the benchmark use it with a model in memory);
+`ThreadedServer` runs one on 127.0.0.1 in a background thread; `main` is `python -m llm.serve`.
+SIGTERM (or Ctrl-C): admission stops at once (new requests get 503), running and queued requests
+finish for up to --drain-timeout seconds, the rest are cancelled, then the process exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+
+from llm.loading import load_model
+from llm.model import Transformer
+from llm.runtime import first_line, pick_device, pick_dtype, set_threads
+from llm.serve.app import create_app
+from llm.serve.engine import Engine
+from llm.serve.scheduler import Scheduler
+
+
+def build(model: Transformer, tok, model_name: str = "llm", max_batch: int = 16, max_queue: int = 64,
+          block_size: int = 16, num_blocks: int | None = None, prefill_chunk: int = 256,
+          api_key: str | None = None, drain_timeout: float = 30.0) -> tuple[FastAPI, Scheduler]:
+    """(app, scheduler) over a block pool of num_blocks (default: every row of a full batch at full context)."""
+    ctx = model.cfg.block_size
+    n_blocks = num_blocks or max_batch * -(-ctx // block_size)
+    pool = model.new_pool(n_blocks, block_size)
+    sched = Scheduler(Engine(model, tok, pool, prefill_chunk), max_batch=max_batch, max_queue=max_queue)
+    app = create_app(sched, tok, model_name, ctx, api_key=api_key, drain_timeout=drain_timeout)
+    return app, sched
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, but a signal first stops the scheduler's admission (503 for new requests)."""
+
+    def __init__(self, config: uvicorn.Config, sched: Scheduler) -> None:
+        super().__init__(config)
+        self.sched = sched
+
+    def handle_exit(self, sig, frame) -> None:
+        self.sched.stop_admission()
+        super().handle_exit(sig, frame)
+
+
+class ThreadedServer:
+    """The app on 127.0.0.1:port in a daemon thread (tests, benchmarks); `stop()` drains and joins."""
+
+    def __init__(self, app: FastAPI, sched: Scheduler, port: int | None = None, drain_timeout: float = 5.0) -> None:
+        self.sched, self.port, self.drain_timeout = sched, port or free_port(), drain_timeout
+        cfg = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                             timeout_graceful_shutdown=int(drain_timeout))
+        self.server = DrainingServer(cfg, sched)
+        self.thread = threading.Thread(target=self.server.run, name="llm-serve-http", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> ThreadedServer:
+        self.sched.start()
+        self.thread.start()
+        for _ in range(400):  # up to 20 s for the socket
+            if self.server.started:
+                return self
+            if not self.thread.is_alive():
+                raise RuntimeError("the server thread died while starting")
+            threading.Event().wait(0.05)
+        raise RuntimeError("the server did not start within 20 s")
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self.sched.stop_admission()
+        self.server.should_exit = True
+        self.thread.join(timeout=self.drain_timeout + 10)
+        self.sched.shutdown(self.drain_timeout)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m llm.serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="An OpenAI-compatible server (completions, chat) with continuous batching.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir, training out-dir, or Hugging Face model dir")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the server to the network)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", default=None, help="the id clients send as `model` (default: the dir's name)")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together at most")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; beyond it 429")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every route but /health")
+    p.add_argument("--kv-block-size", type=int, default=16, help="tokens per KV cache block")
+    p.add_argument("--num-blocks", type=int, default=None, help="KV blocks in the pool (default: max-batch rows at "
+                   "full context)")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per step (all requests)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds running requests get after SIGTERM")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--kernels", default=None, choices=("auto", "triton", "torch"))
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.max_batch < 1 or args.max_queue < 0 or args.kv_block_size < 1 or args.prefill_chunk < 1:
+            raise ValueError("--max-batch, --kv-block-size and --prefill-chunk must be >= 1, --max-queue >= 0")
+        set_threads(args.threads)
+        device = pick_device(args.device)
+        overrides = {"kernels": args.kernels} if args.kernels else {}
+        model, tok, _ = load_model(args.checkpoint, device, pick_dtype(args.dtype, device), **overrides)
+    except (ValueError, OSError) as e:
+        print(f"error: {first_line(e)}", file=sys.stderr)
+        return 2
+    name = args.model_name or Path(args.checkpoint).resolve().name
+    app, sched = build(model, tok, name, args.max_batch, args.max_queue, args.kv_block_size, args.num_blocks,
+                       args.prefill_chunk, args.api_key, args.drain_timeout)
+    cfg = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                         timeout_graceful_shutdown=int(args.drain_timeout))
+    for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn re-raises the signal it caught once it has stopped:
+        signal.signal(sig, lambda *_: None)  # let that be a no-op, so the drain below runs and we exit 0
+    sched.start()
+    print(f"serving {name} on http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, "
+          f"{sched.pool.n_blocks} KV blocks of {args.kv_block_size})", file=sys.stderr, flush=True)
+    DrainingServer(cfg, sched).run()
+    sched.shutdown(args.drain_timeout)
+    return 0

@@ -1,0 +1,103 @@
+"""Request schemas (pydantic models that FastAPI validates), OpenAI-shaped errors, the chat template.
+
+Strict types: a string where a number belongs is a 400, not a conversion. Fields OpenAI defines that
+we do not implement are ignored (extra="ignore"); nothing in a request names a file or a checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_N = 16  # choices per request
+MAX_LOGPROBS = 20
+MAX_STOP = 8
+
+
+class APIError(Exception):
+    """An error answered as {"error": {"message", "type", "param", "code"}} with an HTTP status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stop: str | list[str] | None = Field(None, max_length=MAX_STOP)
+    seed: int | None = Field(None, ge=0, le=2**62)
+    stream: bool = False
+    # extensions (vLLM's names)
+    top_k: int | None = Field(None, ge=1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionRequest(_Request):
+    """POST /v1/completions. prompt: text, texts, token ids or lists of token ids."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(_Request):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+CHAT_STOP = "\nUser:"  # the default template's next user turn: a chat reply ends before it
+
+
+def chat_prompt(messages: list[ChatMessage]) -> str:
+    """The default chat template, plain text (a fine-tuning issue brings real templates; replace this one function).
+
+        System: {content}        (system and developer messages)
+        User: {content}
+        Assistant: {content}
+        ...
+        Assistant:               (the model continues from here; CHAT_STOP ends its turn)
+    """
+    names = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
+    lines = [f"{names[m.role]}: {m.text()}" for m in messages]
+    return "\n".join(lines + ["Assistant:"])

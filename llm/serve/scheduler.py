@@ -1,0 +1,209 @@
+"""Continuous batching: a bounded queue of jobs, admitted into the running batch at step boundaries.
+
+One engine thread loops: drop cancelled jobs (freeing their blocks), admit waiting jobs while the
+batch has room (max_batch rows) and the pool can hold every admitted row at its worst case (prompt +
+max_tokens, so no row ever waits for memory mid-stream; blocks are still taken only as rows grow),
+run one `Engine.step` (a prefill chunk + one decode step), retire finished rows and free their
+blocks at once. The HTTP side submits from its event loop and reads events from an asyncio.Queue;
+the engine thread hands them over with `loop.call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from llm.serve.engine import Engine, Event, Seq
+from llm.serve.metrics import Metrics
+
+
+class QueueFull(Exception):
+    """The waiting queue holds max_queue jobs."""
+
+
+class ShuttingDown(Exception):
+    """Admission has stopped (SIGTERM)."""
+
+
+@dataclass
+class Job:
+    """One HTTP request: its seqs (choices), where its events go, its timings."""
+
+    seqs: list[Seq]
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    t_submit: float = field(default_factory=time.perf_counter)
+    t_first: float | None = None
+    t_tok: dict[int, float] = field(default_factory=dict)
+    cancelled: bool = False
+    failed: bool = False
+
+    @property
+    def done(self) -> bool:
+        return all(s.finish is not None for s in self.seqs)
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, max_batch: int = 16, max_queue: int = 64) -> None:
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError(f"need max_batch >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
+        self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
+        self.pool = engine.pool
+        self.waiting: deque[Job] = deque()
+        self.running: list[Job] = []
+        self.reserved = 0  # blocks the running rows may still need at their worst case, plus what they hold
+        self.accepting = True
+        self._stop = False
+        self._cond = threading.Condition()
+        self.metrics = Metrics(lambda: len(self.waiting), lambda: len(self.running), lambda: self.pool.used,
+                               self.pool.n_blocks)
+        self._thread = threading.Thread(target=self._loop, name="llm-serve-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    # ------------------------------------------------------------------ called from the event loop
+
+    def submit(self, seqs: list[Seq]) -> Job:
+        """Queue a job (429 / 503 upstream when full / shutting down); its events arrive on job.queue."""
+        job = Job(seqs, asyncio.get_running_loop())
+        for i, s in enumerate(seqs):
+            s.emit = lambda ev, i=i: self._emit(job, i, ev)
+        with self._cond:
+            if not self.accepting:
+                self.metrics.rejected.labels(reason="shutting_down").inc()
+                raise ShuttingDown("the server is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                self.metrics.rejected.labels(reason="queue_full").inc()
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
+            self.waiting.append(job)
+            self._cond.notify()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Drop the job at the next step boundary (client gone); its blocks are freed there."""
+        with self._cond:
+            if not job.done:
+                job.cancelled = True
+                self._cond.notify()
+
+    def worst_case_blocks(self, seqs: list[Seq]) -> int:
+        return sum(self.pool.blocks_for(s.worst_case_tokens()) for s in seqs)
+
+    def idle(self) -> bool:
+        with self._cond:
+            return not self.waiting and not self.running
+
+    def stop_admission(self) -> None:
+        with self._cond:
+            self.accepting = False
+
+    def shutdown(self, timeout: float) -> None:
+        """Stop admission, let running and queued jobs finish for up to `timeout` s, cancel the rest, stop."""
+        self.stop_admission()
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while (self.waiting or self.running) and time.monotonic() < deadline:
+                self._cond.wait(0.05)
+            for job in list(self.waiting) + self.running:
+                job.cancelled = True
+            self._stop = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    # ------------------------------------------------------------------ the engine thread
+
+    def _emit(self, job: Job, i: int, ev: Event) -> None:
+        now = time.perf_counter()
+        if ev.token is not None:
+            self.metrics.count_tokens(1)
+            if job.t_first is None:
+                job.t_first = now
+                self.metrics.observe("ttft", now - job.t_submit)
+            if i in job.t_tok:
+                self.metrics.observe("itl", now - job.t_tok[i])
+            job.t_tok[i] = now
+        try:
+            job.loop.call_soon_threadsafe(job.queue.put_nowait, (i, ev))
+        except RuntimeError:  # the event loop is gone (server stopped): nobody is listening
+            pass
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and not self.waiting and not self.running:
+                    self._cond.wait(0.5)
+                self._drop_cancelled()
+                if self._stop and not self.running:
+                    return
+                self._admit()
+                batch = [s for job in self.running for s in job.seqs if s.finish is None]
+            try:
+                self.engine.step(batch)
+            except Exception as e:  # noqa: BLE001 - a failed step fails its batch, never the server
+                self._fail(f"{type(e).__name__}: {e}")
+            with self._cond:
+                self._retire()
+                self._cond.notify_all()
+
+    def _drop_cancelled(self) -> None:
+        for job in [j for j in self.waiting if j.cancelled]:
+            self.waiting.remove(job)
+            self._close(job, "cancelled")
+        for job in [j for j in self.running if j.cancelled]:
+            for s in job.seqs:
+                if s.finish is None:
+                    s.finish = "cancelled"
+                    s.emit(Event(finish="cancelled"))
+            self._retire_job(job, "cancelled")
+
+    def _admit(self) -> None:
+        rows = sum(len(j.seqs) for j in self.running)
+        while self.waiting:  # queued jobs are still admitted while draining after SIGTERM
+            job = self.waiting[0]
+            need = self.worst_case_blocks(job.seqs)
+            if rows + len(job.seqs) > self.max_batch or self.reserved + need > self.pool.n_blocks:
+                break
+            self.waiting.popleft()
+            for s in job.seqs:
+                self.engine.start(s)
+                self.metrics.prompt_tokens.inc(len(s.prompt))
+            self.reserved += need
+            self.running.append(job)
+            rows += len(job.seqs)
+
+    def _retire(self) -> None:
+        for job in list(self.running):
+            for s in job.seqs:
+                if s.finish is not None and s.blocks:
+                    self.engine.release(s)  # freed the step it finished, not when the whole job ends
+            if job.done:
+                self._retire_job(job, "error" if job.failed else "ok")
+
+    def _retire_job(self, job: Job, outcome: str) -> None:
+        for s in job.seqs:
+            self.engine.release(s)
+        self.running.remove(job)
+        self.reserved -= self.worst_case_blocks(job.seqs)
+        self.metrics.requests.labels(outcome=outcome).inc()
+        if outcome == "ok":
+            self.metrics.observe("latency", time.perf_counter() - job.t_submit)
+
+    def _close(self, job: Job, reason: str) -> None:
+        for s in job.seqs:
+            s.finish = reason
+            s.emit(Event(finish=reason))
+        self.metrics.requests.labels(outcome=reason).inc()
+
+    def _fail(self, message: str) -> None:
+        with self._cond:
+            for job in self.running:
+                job.failed = True
+                for s in job.seqs:
+                    if s.finish is None:
+                        s.finish = "error"
+                        s.emit(Event(finish="error", error=message))

@@ -1,0 +1,1 @@
+"""The training stage: the loop (trainer), data parallelism and its state (distributed), telemetry (metrics)."""

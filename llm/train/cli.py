@@ -1,0 +1,115 @@
+"""train.py's command line: flags from the config dataclasses, settings resolved in order of precedence, exit codes.
+
+Precedence: dataclass defaults < --preset < (the checkpoint's settings with --resume) < --config < flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from llm import checkpoint as ckpt_io
+from llm.checkpoint import CheckpointError
+from llm.config import (
+    PRESETS,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    add_dataclass_args,
+    build,
+    check_configs,
+    check_types,
+    known_fields,
+    load_toml,
+    preset,
+)
+from llm.data.corpus import DataError
+from llm.tokenizer import TokenizerError
+from llm.train import distributed as dd
+from llm.train.trainer import TrainingDiverged, train
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError)
+DEFAULT_PRESET = "tiny"  # the model trained when no --preset is given
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:  # one line, not a usage block
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="train.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Pretrain a decoder-only Transformer. Precedence: defaults < --preset < (the checkpoint's "
+                    "settings with --resume) < --config < flags. Under torchrun it trains data-parallel.")
+    # "%(default).0s" prints nothing; it only stops the formatter appending "(default: None)".
+    p.add_argument("--preset",
+                   help=f"named model preset: {', '.join(PRESETS)} (default: {DEFAULT_PRESET})%(default).0s")
+    p.add_argument("--config", help="TOML file of settings (keys are flag names with underscores; optional "
+                                    "[model] [data] [train] sections)")
+    p.add_argument("--resume", nargs="?", const="", default=None,
+                   help="continue from the latest checkpoint in --out-dir, or from the given checkpoint dir; its "
+                        "settings are the defaults, flags override them")
+    add_dataclass_args(p, ModelConfig, "model", base=preset(DEFAULT_PRESET),
+                       base_name=f"--preset {DEFAULT_PRESET}")
+    add_dataclass_args(p, DataConfig, "data")
+    add_dataclass_args(p, TrainConfig, "training")
+    return p
+
+
+def resolve_configs(argv: list[str] | None) -> tuple[ModelConfig, DataConfig, TrainConfig, argparse.Namespace]:
+    """(model, data, train configs, args); args.explicit holds the keys set by --config or flags."""
+    args = parser().parse_args(argv)
+    base: dict = preset(args.preset or DEFAULT_PRESET)  # model fields only
+    values: dict = {}
+    if args.config:
+        file_vals = load_toml(args.config)
+        unknown = set(file_vals) - known_fields() - {"preset"}
+        if unknown:
+            raise ConfigError(f"unknown keys in {args.config}: {', '.join(sorted(unknown))}")
+        check_types(file_vals, args.config)
+        if "preset" in file_vals:
+            name = file_vals.pop("preset")
+            base = base if args.preset else preset(name)
+        values.update(file_vals)
+    values.update({k: v for k, v in vars(args).items() if k not in ("preset", "config", "resume")})
+    if args.resume is not None:  # the checkpoint's own settings sit under --config and flags
+        out = Path(values.get("out_dir", TrainConfig.out_dir))
+        if args.resume == "" and not (out / ckpt_io.LATEST).is_file():
+            raise ConfigError(f"--resume: no checkpoint in {out} (no {out / ckpt_io.LATEST}); drop --resume to start "
+                              "a new run")
+        src = ckpt_io.resolve(args.resume or out)
+        saved = ckpt_io.read_config(src)
+        base = {**saved.get("model", {}), **saved.get("data", {}), **saved.get("train", {}),
+                "out_dir": str(src.parent)} | ({} if args.preset is None else preset(args.preset))
+        base.pop("path", None)
+    args.explicit = set(values)
+    merged = base | values
+    mcfg, dcfg, tcfg = build(ModelConfig, merged), build(DataConfig, merged), build(TrainConfig, merged)
+    check_configs(dcfg, tcfg)
+    return mcfg, dcfg, tcfg, args
+
+
+def main(argv: list[str] | None = None, callbacks: Sequence[Callable[[int, dict], bool | None]] = ()) -> int:
+    """train.py: 0 when done or stopped by SIGTERM, 130 after Ctrl-C, 2 for bad input, 1 when training diverged."""
+    tag = f"[rank {dd.env_rank()}] " if dd.env_rank() is not None else ""
+    try:
+        mcfg, dcfg, tcfg, args = resolve_configs(argv)
+        summary = train(mcfg, dcfg, tcfg, args.resume, args.explicit, callbacks)
+    except USER_ERRORS as e:
+        print(f"error: {tag}{e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"error: {tag}{e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"error: {tag}interrupted (Ctrl-C); checkpoints already written are intact", file=sys.stderr)
+        return 130
+    finally:
+        dd.cleanup()
+    return 130 if summary["signal"] == signal.SIGINT else 0

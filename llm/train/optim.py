@@ -1,0 +1,33 @@
+"""The optimizer and its learning-rate schedule.
+
+AdamW (fused on CUDA) with decoupled weight decay on matrices only (embeddings and linear weights; norms
+and biases are not decayed), and a linear warmup then cosine decay of the learning rate to min_lr.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from llm.config import TrainConfig
+
+
+def lr_at(step: int, t: TrainConfig) -> float:
+    """Linear warmup to lr over warmup_steps, then cosine decay to min_lr at max_steps.
+
+    lr(s) = lr * (s + 1) / warmup                                  for s < warmup
+    lr(s) = min_lr + (lr - min_lr) * (1 + cos(pi * p)) / 2,  p = min(1, (s - warmup) / (max_steps - warmup))
+    """
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    return t.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (t.lr - t.min_lr)
+
+
+def make_optimizer(model: torch.nn.Module, t: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters: weight_decay on those with >= 2 dims, none on the rest."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=device.type == "cuda")

@@ -1,0 +1,60 @@
+"""Continuing a run from its checkpoint: every compatibility check in one place, then the restore.
+
+A resumed run must continue the saved one exactly: the same architecture (run-time fields such as
+kernels and dropout may change), the same global batch and data order (the micro-batch is kept; grad_accum
+x world size may be remapped across a different number of ranks), and the same dataset (by fingerprint).
+What is restored here comes from trainer.json (written by `trainer.Run.save`) and optimizer.safetensors;
+the weights are loaded by the trainer before the model is wrapped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from llm import checkpoint as ckpt_io
+from llm.config import ConfigError, ModelConfig, TrainConfig
+from llm.train import distributed as dd
+
+
+def check_resume(src: Path, state: dict, mcfg: ModelConfig, tcfg: TrainConfig, world: int, data_id: str,
+                 say: Callable[[str], None]) -> None:
+    """Raise ConfigError unless the run configured now continues checkpoint `src` (its trainer `state`) exactly."""
+    was_model = ckpt_io.read_config(src)["model"]
+    diff = sorted(k for k, v in mcfg.architecture().items() if was_model.get(k) != v)
+    if diff:
+        raise ConfigError(f"--resume: the model config differs from the checkpoint's ({src}): {', '.join(diff)}")
+    was, was_world = state["train"], state.get("world", 1)
+    A, W = tcfg.grad_accum, world
+    if was["batch_size"] != tcfg.batch_size or was["grad_accum"] * was_world != A * W:
+        raise ConfigError(
+            f"--resume: the batch changed (checkpoint: micro-batch {was['batch_size']} x {was['grad_accum']} "
+            f"accumulation x {was_world} rank(s); now {tcfg.batch_size} x {A} x {W}); the data order "
+            "would not continue exactly: keep the micro-batch and accumulation x world size, or start a new run")
+    if state.get("data", {}).get("fingerprint") not in (None, data_id):
+        raise ConfigError(f"--resume: the dataset differs from the checkpoint's ({state['data'].get('path')}); "
+                          "resume with the same --dataset, or start a new run")
+    if was_world != W:
+        extra = "; ranks beyond the saved ones get fresh RNG streams" if W > was_world else ""
+        say(f"resume: remapped from {was_world} to {W} rank(s) with grad_accum {was['grad_accum']} -> "
+            f"{A}: same global batch and data order{extra}")
+
+
+def restore(src: Path, state: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler, d: dd.Dist, tcfg: TrainConfig) -> tuple[int, str | None, float, int]:
+    """Load the optimizer, scaler and this rank's RNG state; (step, wandb run id, best val loss, skipped steps).
+
+    A rank the checkpoint has no RNG state for (the world grew) seeds a fresh stream, seed + rank.
+    """
+    dd.load_optimizer_state(model, optimizer, ckpt_io.read_optimizer_state(src), tcfg.fsdp)
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    rngs = state.get("rng") or []
+    if d.rank < len(rngs):
+        dd.set_rng_state(rngs[d.rank], d.device)
+    else:
+        torch.manual_seed(tcfg.seed + d.rank)
+    return state["step"], state.get("wandb_run_id"), state.get("best_val") or math.inf, state.get("skipped", 0)

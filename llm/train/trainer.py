@@ -1,0 +1,409 @@
+"""The training loop. `train.py` is only its command-line entry point (llm/train/cli.py).
+
+AdamW (fused on CUDA) with decoupled weight decay on matrices only, linear warmup then cosine
+decay to min_lr (llm/train/optim.py), gradient accumulation, bf16 autocast (fp16 with a grad scaler),
+global-norm clipping (the norm is logged before clipping), periodic validation, and checkpoints that lose
+nothing: atomic, keep-last-N plus best-by-validation, resumed exactly (model, optimizer, step,
+scaler, every rank's RNG, data position, wandb run id; checks in llm/train/resume.py), and a final one on
+SIGTERM / Ctrl-C. A step whose loss or gradient is NaN/Inf is skipped (the optimizer is untouched) and counted;
+max_bad_steps in a row stop the run with the last good checkpoint kept.
+Under torchrun it trains data-parallel (DDP, or FSDP2 with --fsdp): see llm/train/distributed.py.
+
+`train` reads top to bottom: `_setup` (data, model, plan, resume, optimizer -> a `Run`), `_loop` (the steps),
+`_finish` (the final checkpoint and the summary). `Run` holds the run's state; its methods `one_step`,
+`evaluate` and `save` are the three things the loop does to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from llm import checkpoint as ckpt_io
+from llm import loading, ops
+from llm.config import ConfigError, DataConfig, ModelConfig, TrainConfig, check_configs, describe_config, to_toml
+from llm.data.shards import Loader, fingerprint, load_manifest, prepare
+from llm.model import Transformer
+from llm.runtime import pick_dtype
+from llm.tokenizer import Tokenizer
+from llm.train import distributed as dd
+from llm.train.distributed import fmt_bytes
+from llm.train.metrics import MetricsLogger, Progress, device_name, fmt_duration, mfu, peak_flops, plot_losses
+from llm.train.optim import lr_at, make_optimizer
+from llm.train.resume import check_resume, restore
+
+Say = Callable[..., None]
+
+
+class TrainingDiverged(RuntimeError):
+    """max_bad_steps consecutive non-finite steps; the message names the last good checkpoint."""
+
+
+class _StopFlag:
+    """SIGTERM / first Ctrl-C: stop after the current step with a final checkpoint. Second Ctrl-C: abort."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def __call__(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signal == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e) or "out of memory" in str(e)
+
+
+# ----------------------------------------------------------------------------- the run's state
+
+
+@dataclass
+class Run:
+    """One training run: the pieces `_setup` builds (fixed) and the counters the loop advances.
+
+    `step` counts the optimizer steps done; step s trains on global micro-batches (s * A + m) * W + rank,
+    m < A (A = grad_accum, W = world size), so the data order depends only on the global batch A * W.
+    """
+
+    d: dd.Dist
+    tcfg: TrainConfig                # batch_size and grad_accum as the planner settled them
+    dtype: torch.dtype               # autocast dtype; float32 = no autocast
+    model: Transformer               # the bare model: weights, stats, checkpoints
+    n_params: int                    # counted before the model was wrapped
+    fwd: torch.nn.Module             # the model as trained: DDP / FSDP2 / compiled, or the model itself
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler     # enabled for float16 only
+    train_loader: Loader
+    val_loader: Loader
+    plan: dd.Plan
+    flops_per_token: float
+    peak: float | None               # the device's peak FLOP/s for MFU (None: unknown)
+    say: Say                         # print on the main rank, nothing on the others
+    out: Path
+    tok: Tokenizer
+    extra: dict                      # the train and data settings saved with every checkpoint
+    data_path: Path
+    data_id: str                     # the dataset's fingerprint (resume checks it)
+    manifest: dict
+    start_step: int = 0
+    step: int = 0
+    best_val: float = math.inf
+    skipped: int = 0                 # non-finite steps skipped so far
+    loss: float = float("nan")       # the last step's train loss
+    val_loss: float | None = None    # the last validation loss
+    saved_name: str | None = None    # the checkpoint last written to (or resumed from) out
+    logger: MetricsLogger = field(init=False)  # opened by _setup after the run is announced (wandb prints)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.d.device.type, dtype=self.dtype)
+
+    def one_step(self, lr: float) -> tuple[float, float, bool]:
+        """Optimizer step `self.step` at `lr`: accumulate A micro-batches (gradients synced on the last),
+        all-reduce the loss, clip, and step unless non-finite. Returns (mean loss, pre-clip grad norm, bad)."""
+        A, W, d, device = self.tcfg.grad_accum, self.d.world, self.d, self.d.device
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for m in range(A):
+            x, y = self.train_loader.batch((self.step * A + m) * W + d.rank, device)  # global micro-batch index
+            with dd.grad_sync(self.fwd, self.model, m == A - 1, d, self.tcfg.fsdp):
+                with self.autocast():
+                    _, loss = self.fwd(x, y)
+                self.scaler.scale(loss / A).backward()
+            loss_sum += loss.detach().float()
+        self.scaler.unscale_(self.optimizer)
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.grad_clip or math.inf)  # pre-clip
+        loss_val = dd.all_reduce(loss_sum, d).item() / (A * W)
+        gnorm_val = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+        bad = not math.isfinite(loss_val) or (not math.isfinite(gnorm_val) and not self.scaler.is_enabled())
+        if not bad:
+            self.scaler.step(self.optimizer)  # an fp16 overflow (inf grads, finite loss) is skipped by the scaler
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if not bad and math.isfinite(gnorm_val):
+            self.model.after_step()
+        return loss_val, gnorm_val, bad
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss of val batches 0..eval_iters-1, spread over ranks (every rank runs the same number of
+        forwards)."""
+        d, iters = self.d, self.tcfg.eval_iters
+        self.model.eval()
+        losses = torch.zeros(iters, device=d.device)
+        for j in range(-(-iters // d.world)):
+            i = j * d.world + d.rank
+            x, y = self.val_loader.batch(min(i, iters - 1), d.device)
+            with self.autocast():
+                _, loss = self.model(x, y)
+            if i < iters:
+                losses[i] = loss.float()
+        dd.all_reduce(losses, d)
+        self.model.train()
+        return losses.sum().item() / iters
+
+    def save(self, best: bool = False) -> Path:
+        """Checkpoint `self.step` into out (every rank takes part); `best` also points BEST at it.
+
+        A name already on disk from this run (the resumed checkpoint, the same step again) is not rewritten.
+        """
+        d, A = self.d, self.tcfg.grad_accum
+        msd, osd = dd.full_state(self.model, self.optimizer, self.tcfg.fsdp)
+        rngs = dd.all_gather_objects(dd.rng_state(d.device), d)
+        name = f"ckpt-{self.step:07d}"
+        if d.main:
+            st = {"step": self.step, "world": d.world, "train": asdict(self.tcfg), "rng": rngs,
+                  "scaler": self.scaler.state_dict(), "wandb_run_id": self.logger.run_id,
+                  "best_val": None if math.isinf(self.best_val) else self.best_val, "skipped": self.skipped,
+                  "data": {"path": str(self.data_path), "fingerprint": self.data_id,
+                           "micro_batches": self.step * A * d.world}}
+            if name != self.saved_name:
+                ckpt_io.save(self.out, name, self.model, self.tok, self.extra, osd, st, msd)
+                self.saved_name = name
+            if best:
+                ckpt_io.set_pointer(self.out, name, ckpt_io.BEST)
+            ckpt_io.prune(self.out, self.tcfg.keep_last)
+        dd.barrier(d)
+        return self.out / name
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def _model_and_data(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, d: dd.Dist, say: Say,
+                    init: bool) -> tuple[ModelConfig, Transformer, Tokenizer, Path, dict]:
+    """The dataset prepared (local rank 0 first) and the model, seeded and built, or loaded with its tokenizer
+    from --init-from when `init`: (model config, model on d.device, tokenizer, data path, manifest)."""
+    init_model = init_tok = None
+    if init:
+        init_model, init_tok, _ = loading.load_model(tcfg.init_from, "cpu", torch.float32, kernels=mcfg.kernels,
+                                                     dropout=mcfg.dropout)
+        mcfg = init_model.cfg
+    say(describe_config(mcfg, dcfg, tcfg))
+    if d.local_rank == 0:
+        prepare(dcfg, say, tokenizer=init_tok)
+    dd.barrier(d)
+    data_path = prepare(dcfg, say, tokenizer=init_tok)
+    manifest = load_manifest(data_path)
+    tok = init_tok or Tokenizer.load(data_path, manifest["tokenizer"])
+    if init_tok is None:
+        mcfg = ModelConfig(**{**asdict(mcfg), "vocab_size": tok.n_vocab})
+    elif tok.n_vocab > mcfg.padded_vocab_size:
+        raise ConfigError(f"--init-from: the tokenizer has {tok.n_vocab} ids, more than the model's vocab")
+    torch.manual_seed(tcfg.seed)
+    model = (init_model if init_tok is not None else Transformer(mcfg)).to(d.device)
+    return mcfg, model, tok, data_path, manifest
+
+
+def _plan(mcfg: ModelConfig, n_params: int, tcfg: TrainConfig, d: dd.Dist, dtype: torch.dtype,
+          explicit: set[str] | frozenset) -> dd.Plan:
+    """The planner's micro-batch and accumulation for this model, world size and device memory."""
+    kernel_path = ops.resolve(mcfg.kernels, d.device)
+    return dd.plan_batch(mcfg, n_params, tcfg.batch_size, tcfg.grad_accum, d.world,
+                         tcfg.global_batch_tokens, "batch_size" in explicit, dd.memory_budget(d.device),
+                         amp=dtype != torch.float32, flash=kernel_path, fused_ce=kernel_path,
+                         act_ckpt=tcfg.activation_checkpointing, fsdp=tcfg.fsdp)
+
+
+def _announce(run: Run, mcfg: ModelConfig, dcfg: DataConfig, init: bool, resumed: bool) -> None:
+    """The model / data / plan / device lines, and config.toml written into out (main rank)."""
+    say, tcfg, model, device, W = run.say, run.tcfg, run.model, run.d.device, run.d.world
+    say(f"model: {run.n_params / 1e6:.2f}M parameters ({model.num_params(True) / 1e6:.2f}M non-embedding), "
+        f"{mcfg.n_layer} layers, width {mcfg.n_embd}, heads {mcfg.n_head}/{mcfg.n_kv_head} (q/kv), context "
+        f"{mcfg.block_size}, vocab {mcfg.vocab_size}" + (f"; initialised from {tcfg.init_from}" if init else ""))
+    say(f"data: {run.data_path} ({run.manifest['splits']['train']['tokens']:,} train tokens)")
+    say(f"plan: {run.plan.describe()}")
+    say(f"device: {device_name(device)} x {W}, {str(run.dtype).replace('torch.', '')}, kernels={mcfg.kernels}"
+        f"{', FSDP2' if tcfg.fsdp and W > 1 else ', DDP' if W > 1 else ''}"
+        f"{', compiled' if tcfg.compile else ''}{', activation checkpointing' if tcfg.activation_checkpointing else ''}"
+        f"; MFU against {f'{run.peak / 1e12:.0f} TFLOP/s' if run.peak else 'unknown peak (not reported)'}")
+    if run.d.main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / "config.toml").write_text(to_toml(mcfg, dcfg, tcfg))
+        if not resumed and ckpt_io.pointed(run.out):
+            say(f"note: {run.out} already holds a run (latest {ckpt_io.pointed(run.out)}); starting a new one there")
+
+
+def _setup(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str | None,
+           explicit: set[str] | frozenset) -> Run:
+    """Everything before the first step, in an order that fixes the RNG calls: data, model (seeded), plan,
+    resume checks and weights, wrapper, optimizer, restored or fresh per-rank RNG, loaders, logger."""
+    if tcfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before CUDA starts
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    d = dd.setup(tcfg.device)
+    device = d.device
+    dtype = pick_dtype(tcfg.dtype, device)
+    say = print if d.main else (lambda *a, **k: None)
+    out = Path(tcfg.out_dir)
+    src = state = None
+    if resume is not None:
+        src = ckpt_io.resolve(resume or out)
+        state = ckpt_io.read_trainer_state(src)
+    init = bool(tcfg.init_from) and src is None
+    mcfg, model, tok, data_path, manifest = _model_and_data(mcfg, dcfg, tcfg, d, say, init)
+    n_params = model.num_params()
+    plan = _plan(mcfg, n_params, tcfg, d, dtype, explicit)
+    tcfg = replace(tcfg, batch_size=plan.batch_size, grad_accum=plan.grad_accum)
+    data_id = fingerprint(manifest)
+    if src is not None:
+        check_resume(src, state, mcfg, tcfg, d.world, data_id, say)
+        tensors, _ = ckpt_io.read_tensors(src / ckpt_io.MODEL_FILE, device=str(device))
+        ckpt_io.load_into(model, tensors, src / ckpt_io.MODEL_FILE)
+    model.train()
+    flops_per_token = model.flops_per_token()
+    fwd = dd.wrap(model, d, tcfg.fsdp, tcfg.activation_checkpointing, tcfg.compile)
+    optimizer = make_optimizer(model, tcfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    start_step, run_id, best_val, skipped = 0, None, math.inf, 0
+    if src is not None:
+        start_step, run_id, best_val, skipped = restore(src, state, model, optimizer, scaler, d, tcfg)
+        say(f"resumed from {src} at step {start_step}")
+    else:
+        torch.manual_seed(tcfg.seed + d.rank)  # dropout streams differ per rank
+    T = mcfg.block_size
+    run = Run(d=d, tcfg=tcfg, dtype=dtype, model=model, n_params=n_params, fwd=fwd, optimizer=optimizer,
+              scaler=scaler, train_loader=Loader(data_path, "train", tcfg.batch_size, T, tcfg.seed),
+              val_loader=Loader(data_path, "val", tcfg.batch_size, T, tcfg.seed), plan=plan,
+              flops_per_token=flops_per_token, peak=peak_flops(device, dtype), say=say, out=out, tok=tok,
+              extra={"train": asdict(tcfg), "data": asdict(dcfg) | {"path": str(data_path)}},
+              data_path=data_path, data_id=data_id, manifest=manifest, start_step=start_step, step=start_step,
+              best_val=best_val, skipped=skipped,
+              saved_name=src.name if src is not None and src.parent.resolve() == out.resolve() else None)
+    _announce(run, mcfg, dcfg, init, resumed=src is not None)
+    run.logger = MetricsLogger(out, tcfg.wandb, tcfg.wandb_project, {"model": asdict(mcfg), **run.extra}, run_id,
+                               enabled=d.main, resume_step=start_step if src is not None else None)
+    return run
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _oom_error(run: Run) -> ConfigError:
+    return ConfigError(
+        f"out of memory in the first step with micro-batch {run.tcfg.batch_size} x {run.model.cfg.block_size} "
+        f"tokens (planner estimate {fmt_bytes(run.plan.total_bytes)}): use a smaller --batch-size with a larger "
+        "--grad-accum, --global-batch-tokens N to let the planner choose, or --activation-checkpointing")
+
+
+def _record(run: Run, lr: float, gnorm: float, dt: float) -> dict:
+    """The metrics of the step just done (`run.step`), as logged to metrics.jsonl and shown by the progress bar."""
+    tokens_per_step = run.plan.tokens
+    tok_s = tokens_per_step / dt
+    rec = {"step": run.step, "loss": run.loss, "lr": lr, "grad_norm": gnorm, "tokens_per_s": tok_s,
+           "mfu": mfu(run.flops_per_token, tok_s, run.peak, run.d.world), "skipped": run.skipped,
+           "tokens": run.step * tokens_per_step}
+    rec.update(run.model.moe_stats())
+    return rec
+
+
+def _loop(run: Run, stop: _StopFlag, callbacks: Sequence[Callable[[int, dict], bool | None]]) -> None:
+    """Step until max_steps or a stop (a signal or a callback, on any rank); raise TrainingDiverged after
+    max_bad_steps non-finite steps in a row. Checkpoints on validation improvement and every save_interval."""
+    tcfg, d = run.tcfg, run.d
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)} if main_thread else {}
+    progress = Progress(tcfg.max_steps, run.start_step, tcfg.log_interval, enabled=d.main)
+    streak, dt_avg = 0, None
+    last = time.perf_counter()
+    flag = torch.zeros(1, device=d.device)
+    try:
+        while run.step < tcfg.max_steps:
+            flag.fill_(1.0 if stop.signal is not None else 0.0)
+            if dd.all_reduce(flag, d).item() > 0:
+                break
+            lr = lr_at(run.step, tcfg)
+            try:
+                run.loss, gnorm, bad = run.one_step(lr)
+            except (torch.OutOfMemoryError, RuntimeError) as e:
+                if run.step != run.start_step or not _is_oom(e):
+                    raise
+                raise _oom_error(run) from None
+            run.step += 1
+            step = run.step
+            streak = streak + 1 if bad else 0
+            run.skipped += bad
+            now = time.perf_counter()
+            dt, last = now - last, now
+            if step > run.start_step + 1:  # the first step carries start-up and compilation
+                dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
+            rec = _record(run, lr, gnorm, dt)
+            if step % tcfg.log_interval == 0 or step == tcfg.max_steps or bad:
+                run.logger.log(rec)
+            progress.update(rec, None if dt_avg is None else dt_avg * (tcfg.max_steps - step))
+            if bad:
+                progress.write(f"step {step}: non-finite loss {run.loss} / grad norm {gnorm}: step skipped "
+                               f"({streak} in a row, {run.skipped} in total)")
+                if streak >= tcfg.max_bad_steps:
+                    good = ckpt_io.pointed(run.out)
+                    raise TrainingDiverged(
+                        f"stopped at step {step} after {streak} consecutive non-finite steps; last good checkpoint: "
+                        f"{run.out / good if good else 'none yet'} (resume it with a lower --lr, or check the data)")
+            if step % tcfg.eval_interval == 0 or step == tcfg.max_steps:
+                run.val_loss = run.evaluate()
+                run.logger.log({"step": step, "val_loss": run.val_loss})
+                progress.write(f"step {step}: train loss {run.loss:.4f}, val loss {run.val_loss:.4f}")
+                if run.val_loss < run.best_val:
+                    run.best_val = run.val_loss
+                    run.save(best=True)
+            if step % tcfg.save_interval == 0 and step < tcfg.max_steps and not streak:
+                run.save()  # never during a run of bad steps: the last good checkpoint stays the newest
+            if any([cb(step, rec) for cb in callbacks]):
+                stop.signal = stop.signal or -1
+    except BaseException:
+        run.logger.close()
+        raise
+    finally:
+        progress.close()
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _finish(run: Run, stop: _StopFlag, t0: float) -> dict:
+    """The final checkpoint, the loss plot and the summary (printed, and returned as a dict)."""
+    step, out, say, manifest, val_loss = run.step, run.out, run.say, run.manifest, run.val_loss
+    interrupted = step < run.tcfg.max_steps
+    path = run.save()
+    elapsed = time.perf_counter() - t0
+    run.logger.close()
+    png = plot_losses(run.logger.path, out / "loss.png") if run.d.main else None
+    summary = {"step": step, "train_loss": run.loss, "val_loss": val_loss, "checkpoint": str(path),
+               "unigram_entropy": manifest.get("unigram_entropy"), "seconds": elapsed, "interrupted": interrupted,
+               "signal": stop.signal, "skipped": run.skipped, "plan": run.plan}
+    if interrupted:
+        say(f"interrupted at step {step}: saved {path}; continue with --resume")
+    else:
+        msg = f"done: {step - run.start_step} steps in {fmt_duration(elapsed)}"
+        msg += f", val loss {val_loss:.4f} nats/token" if val_loss is not None else f" (already at step {step})"
+        if manifest.get("unigram_entropy") and val_loss is not None:
+            msg += f" (unigram entropy of the corpus: {manifest['unigram_entropy']:.4f})"
+        say(msg)
+        best = ckpt_io.pointed(out, ckpt_io.BEST)
+        say(f"checkpoint: {path}" + (f"; best (val {run.best_val:.4f}): {out / best}" if best else "")
+            + (f"; loss curve: {png}" if png else ""))
+        say(f"sample with: python sample.py --checkpoint {out}")
+    return summary
+
+
+def train(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str | None = None,
+          explicit: set[str] | frozenset = frozenset(),
+          callbacks: Sequence[Callable[[int, dict], bool | None]] = ()) -> dict:
+    """Train; returns a summary dict. `callbacks(step, record)` run after every step; True stops the run."""
+    check_configs(dcfg, tcfg)
+    run = _setup(mcfg, dcfg, tcfg, resume, explicit)
+    stop = _StopFlag()
+    t0 = time.perf_counter()
+    _loop(run, stop, callbacks)
+    return _finish(run, stop, t0)
