@@ -30,6 +30,7 @@ from kernels.common import (
     DTYPE_NAMES,
     LOG2E,
     AotCase,
+    check_gpu_dtype,
     interpreting,
     key_block_query_range,
     query_tile_key_range,
@@ -41,7 +42,7 @@ from kernels.common import (
 def _fwd_inner(acc, l_i, m_i, q, k_base_ptr, v_base_ptr, stride_ks, stride_vs, pos, lo, hi, S, W,
                qk_scale,
                HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-               CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK: tl.constexpr, DOT_PREC: tl.constexpr):
+               CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK: tl.constexpr):
     # acc (BLOCK_M, BLOCK_D) fp32 unnormalised output; l_i, m_i (BLOCK_M,) running sum and max (base 2)
     # q (BLOCK_M, BLOCK_D) this tile's queries; k_base_ptr/v_base_ptr: this (batch, kv head)'s K/V
     # pos (BLOCK_M,) absolute query positions; [lo, hi) key range to visit, step BLOCK_N
@@ -58,7 +59,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base_ptr, v_base_ptr, stride_ks, stride_vs, p
             kv_ok = cols >= 0  # unmasked blocks lie inside [0, S): only the head-dim padding is masked
         kT = tl.load(k_base_ptr + cols[None, :] * stride_ks + offs_d[:, None],
                      mask=kv_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
-        qk = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
+        qk = tl.dot(q, kT) * qk_scale
         if MASK:
             keep = kv_ok[None, :]
             if CAUSAL:
@@ -74,7 +75,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base_ptr, v_base_ptr, stride_ks, stride_vs, p
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base_ptr + cols[:, None] * stride_vs + offs_d[None, :],
                     mask=kv_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     return acc, l_i, m_i
 
@@ -90,7 +91,7 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
                      seq_bucket,  # unused in the body: autotune key (power-of-two bucket of max(T, S))
                      HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,  # head dim and its power-of-two pad
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # query / key tile sizes
-                     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOT_PREC: tl.constexpr):
+                     CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
     # Causal tiles near the end have the most keys: launch them first so the tail of the grid is short.
     n_m = tl.cdiv(T, BLOCK_M)
     pid_m = n_m - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
@@ -115,11 +116,11 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, pos, lo, a, S, W,
-                               qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, True, DOT_PREC)
+                               qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, True)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, pos, a, z, S, W,
-                               qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, False, DOT_PREC)
+                               qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, False)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, pos, z, hi, S, W,
-                               qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, True, DOT_PREC)
+                               qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, True)
 
     empty = l_i == 0.0  # rows that see no key (T > S with causal, or a window): output 0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -157,7 +158,7 @@ def _attn_bwd_preprocess_kernel(o_ptr, do_ptr, delta_ptr,
 def _bwd_dkdv_inner(dk, dv, k, v, q_base_ptr, do_base_ptr, lse_base_ptr, delta_base_ptr,
                     stride_qt, stride_dot, cols, lo, hi, T, off, W, qk_scale,
                     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK: tl.constexpr, DOT_PREC: tl.constexpr):
+                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK: tl.constexpr):
     # dk, dv (BLOCK_N, BLOCK_D) fp32 accumulators; k, v (BLOCK_N, BLOCK_D) this program's key block
     # *_base_ptr: one query head's Q, dO, lse, delta; cols (BLOCK_N,) key indices
     # [lo, hi) query range, step BLOCK_M; MASK False only for query blocks that fully see the key block
@@ -173,7 +174,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base_ptr, do_base_ptr, lse_base_ptr, delta_b
         qT = tl.load(q_base_ptr + rows[None, :] * stride_qt + offs_d[:, None],
                      mask=r_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_M)
         lse = tl.load(lse_base_ptr + rows, mask=r_ok, other=float("inf"))
-        qkT = tl.dot(k, qT, input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
+        qkT = tl.dot(k, qT) * qk_scale  # (BLOCK_N, BLOCK_M)
         pT = tl.exp2(qkT - lse[None, :])
         if MASK:
             keep = r_ok[None, :]
@@ -185,11 +186,11 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base_ptr, do_base_ptr, lse_base_ptr, delta_b
             pT = tl.where(keep, pT, 0.0)
         do = tl.load(do_base_ptr + rows[:, None] * stride_dot + offs_d[None, :],
                      mask=r_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        dv = tl.dot(pT.to(do.dtype), do, dv)
         delta = tl.load(delta_base_ptr + rows, mask=r_ok, other=0.0)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
+        dpT = tl.dot(v, tl.trans(do))  # (BLOCK_N, BLOCK_M)
         dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PREC)
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk)
     return dk, dv
 
 
@@ -205,7 +206,7 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
                           seq_bucket,  # autotune key only
                           HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOT_PREC: tl.constexpr):
+                          CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bk = tl.program_id(1)
     Hkv = H // G
@@ -235,13 +236,13 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
         delta_base = delta_ptr + bh * T
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                                  cols, lo, a, T, off, W, qk_scale, HEAD_D, BLOCK_D, BLOCK_M,
-                                 CAUSAL, WINDOW, True, DOT_PREC)
+                                 CAUSAL, WINDOW, True)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                                  cols, a, z, T, off, W, qk_scale, HEAD_D, BLOCK_D, BLOCK_M,
-                                 CAUSAL, WINDOW, False, DOT_PREC)
+                                 CAUSAL, WINDOW, False)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                                  cols, z, hi, T, off, W, qk_scale, HEAD_D, BLOCK_D, BLOCK_M,
-                                 CAUSAL, WINDOW, True, DOT_PREC)
+                                 CAUSAL, WINDOW, True)
     out_off = b * stride_dkb + hk * stride_dkh + cols[:, None] * stride_dks + offs_d[None, :]
     tl.store(dk_ptr + out_off, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + out_off, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
@@ -251,7 +252,7 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
 def _bwd_dq_inner(dq, q, do, lse, delta, k_base_ptr, v_base_ptr, stride_ks, stride_vs, pos, lo, hi, S, W,
                   qk_scale,
                   HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK: tl.constexpr, DOT_PREC: tl.constexpr):
+                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK: tl.constexpr):
     # dq (BLOCK_M, BLOCK_D) fp32 accumulator; q, do this tile's rows; lse, delta (BLOCK_M,)
     # [lo, hi) key range, step BLOCK_N; MASK as in the forward
     offs_n = tl.arange(0, BLOCK_N)
@@ -268,7 +269,7 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base_ptr, v_base_ptr, stride_ks, stri
                      mask=kv_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
         vT = tl.load(v_base_ptr + cols[None, :] * stride_vs + offs_d[:, None],
                      mask=kv_ok[None, :] & d_ok[:, None], other=0.0)
-        qk = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
+        qk = tl.dot(q, kT) * qk_scale
         p = tl.exp2(qk - lse[:, None])
         if MASK:
             keep = kv_ok[None, :]
@@ -277,9 +278,9 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base_ptr, v_base_ptr, stride_ks, stri
             if WINDOW:
                 keep = keep & ((pos[:, None] - cols[None, :]) < W)
             p = tl.where(keep, p, 0.0)
-        dp = tl.dot(do, vT, input_precision=DOT_PREC)
+        dp = tl.dot(do, vT)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PREC)
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
     return dq
 
 
@@ -294,7 +295,7 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
                         seq_bucket,  # autotune key only
                         HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOT_PREC: tl.constexpr):
+                        CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
     n_m = tl.cdiv(T, BLOCK_M)
     pid_m = n_m - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -321,11 +322,11 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, pos, lo, a, S, W,
-                       qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, True, DOT_PREC)
+                       qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, True)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, pos, a, z, S, W,
-                       qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, False, DOT_PREC)
+                       qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, False)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, pos, z, hi, S, W,
-                       qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, True, DOT_PREC)
+                       qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, True)
     tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
              (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=mask)
 
@@ -333,6 +334,10 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
 # ----------------------------------------------------------------------------- launchers
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# fp32 runs these kernels only under the interpreter (CPU tests). On a GPU, fp32 tiles spill at every size
+# (FMA dots; 3xTF32 still spilled at head dim 256 and in dK/dV) and FlashAttention itself is fp16/bf16
+# only, so llm.ops sends fp32 CUDA tensors to the reference and the launchers refuse them.
+_GPU_DTYPES = (torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256
 # Interpreter tiles: small, and BLOCK_M != BLOCK_N, so CPU tests on short sequences cross tile edges and
 # reach every masking phase (window-cut, full, causal/end-cut) with tiles misaligned to each other.
@@ -350,7 +355,7 @@ def _tuned(kind: str, block_d: int, major: int, dtype: torch.dtype, smem_limit: 
     kernel = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}[kind]
     elem = torch.empty((), dtype=dtype).element_size()
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-               for m, n, w, s in fitting(kind, block_d, major, dtype == torch.float32, elem, smem_limit)]
+               for m, n, w, s in fitting(kind, block_d, major, elem, smem_limit)]
     # Kernels only write their own outputs, so re-running candidates during tuning is harmless.
     return triton.autotune(configs=configs, key=_TUNE_KEY)(kernel)
 
@@ -379,15 +384,15 @@ def _check(q: Tensor, k: Tensor, v: Tensor, window: int | None) -> None:
         raise ValueError(f"head dim {D} is not supported (1..{_MAX_HEAD_DIM})")
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share one dtype among {_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_gpu_dtype("attention", q, _GPU_DTYPES)
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if window is not None and window < 1:
         raise ValueError(f"window must be >= 1 or None, got {window}")
 
 
-def _consts(D: int, dtype: torch.dtype, causal: bool, window: bool) -> dict:
-    return dict(HEAD_D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=bool(causal), WINDOW=bool(window),
-                DOT_PREC="tf32x3" if dtype == torch.float32 else "tf32")  # see _FP32_NOTE
+def _consts(D: int, causal: bool, window: bool) -> dict:
+    return dict(HEAD_D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=bool(causal), WINDOW=bool(window))
 
 
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
@@ -405,7 +410,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
     args = (q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
             T, S, H, H // Hkv, W, scale * LOG2E, triton.next_power_of_2(max(T, S, 16)))
-    _launch("fwd", _attn_fwd_kernel, grid, args, _consts(q.shape[3], q.dtype, causal, window is not None), q.device)
+    _launch("fwd", _attn_fwd_kernel, grid, args, _consts(q.shape[3], causal, window is not None), q.device)
     return o, lse
 
 
@@ -420,7 +425,7 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: T
     dv = torch.empty_like(dk)
     if dq.numel() == 0 or dk.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    c = _consts(q.shape[3], q.dtype, causal, window is not None)
+    c = _consts(q.shape[3], causal, window is not None)
     W = 0 if window is None else int(window)
     G = H // Hkv
     bucket = triton.next_power_of_2(max(T, S, 16))
@@ -448,16 +453,16 @@ def aot_cases() -> list[AotCase]:
     scalars = {"qk_scale": 0.18, "sm_scale": 0.125}
     kernels = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
     cases = []
-    for dtype in _DTYPES:
+    for dtype in _GPU_DTYPES:
         for D in _AOT_HEAD_DIMS:
-            c = _consts(D, dtype, causal=True, window=True)
+            c = _consts(D, causal=True, window=True)
             label = f"{DTYPE_NAMES[dtype]} D={D}"
             cases.append(AotCase(_attn_bwd_preprocess_kernel, dict(HEAD_D=D, BLOCK_D=c["BLOCK_D"], BLOCK_M=_PRE_M),
                                  4, 3, dtype, label, ptrs=ptrs))
             for kind, kernel in kernels.items():
                 archs: dict[tuple, list[int]] = {}
                 for major in (8, 9):
-                    for shape in tile_shapes(kind, c["BLOCK_D"], major, dtype == torch.float32):
+                    for shape in tile_shapes(kind, c["BLOCK_D"], major):
                         archs.setdefault(shape, []).append(major)
                 for (m, n, w, st), majors in archs.items():
                     cases.append(AotCase(kernel, dict(c, BLOCK_M=m, BLOCK_N=n), w, st, dtype, label, tuple(majors),

@@ -10,7 +10,8 @@ keeps the dK/dV accumulators in a layout that costs more registers than Ampere's
 from __future__ import annotations
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per arch major, kernel, head-dim pad bucket ("64" covers
-# BLOCK_D 16..64), and dtype class ("lp": fp16/bf16 on tensor cores, "fp32": 3xTF32 dots).
+# BLOCK_D 16..64) and dtype class ("lp": fp16/bf16 on tensor cores, the only GPU dtypes; fp32 runs the
+# kernels only under the interpreter, on a GPU llm.ops sends it to the reference).
 Tile = tuple[int, int, int, int]
 _TILES: dict[int, dict[str, dict[str, dict[str, list[Tile]]]]] = {
     9: {
@@ -36,50 +37,34 @@ _TILES: dict[int, dict[str, dict[str, dict[str, list[Tile]]]]] = {
                       "256": [(32, 32, 4, 2)]}},
     },
 }
-# fp32 (3xTF32) tiles: the split operands double the registers of a dot, so only small tiles fit; at head
-# dim 256 (and for dK/dV at 128 on sm_90) no tile is spill-free yet (see benchmarks/NOTES.md).
-_FP32_TILES: dict[int, dict[str, dict[str, list[Tile]]]] = {
-    9: {"fwd": {"64": [(32, 32, 4, 1)], "128": [(16, 32, 4, 1)], "256": [(16, 16, 4, 1)]},
-        "dkdv": {"64": [(16, 32, 4, 1)], "128": [(16, 16, 4, 1)], "256": [(16, 16, 4, 1)]},
-        "dq": {"64": [(32, 32, 4, 1)], "128": [(16, 32, 4, 1)], "256": [(16, 16, 4, 1)]}},
-    8: {"fwd": {"64": [(32, 32, 4, 1)], "128": [(16, 32, 4, 1)], "256": [(16, 16, 4, 1)]},
-        "dkdv": {"64": [(32, 32, 4, 1)], "128": [(16, 16, 4, 1)], "256": [(16, 16, 4, 1)]},
-        "dq": {"64": [(32, 32, 4, 1)], "128": [(16, 32, 4, 1)], "256": [(16, 16, 4, 1)]}},
-}
-
-
 def _bucket(block_d: int) -> str:
     return "64" if block_d <= 64 else ("128" if block_d <= 128 else "256")
 
 
-def tile_shapes(kind: str, block_d: int, major: int, fp32: bool) -> list[Tile]:
-    """Candidates for one kernel ("fwd", "dkdv", "dq"), head-dim pad, arch major and dtype class.
+def tile_shapes(kind: str, block_d: int, major: int) -> list[Tile]:
+    """Candidates for one kernel ("fwd", "dkdv", "dq"), head-dim pad and arch major (fp16/bf16).
 
     Archs other than sm_80 / sm_90 take the table of the nearest checked one (major >= 9: Hopper's);
     the launcher then drops entries whose estimated shared memory exceeds the device's limit.
     """
     arch = 9 if major >= 9 else 8
-    if fp32:
-        return list(_FP32_TILES[arch][kind][_bucket(block_d)])
     return list(_TILES[arch][kind]["lp"][_bucket(block_d)])
 
 
 def smem_estimate(kind: str, tile: Tile, block_d: int, elem: int) -> int:
     """Upper bound of the shared memory (bytes) Triton allocates for a tile: each pipeline stage holds
     the two tiles the inner loop streams (K and V; Q and dO for dK/dV); the backward stages one set
-    more (its streamed tiles also feed a transposed dot), and fp32's 3xTF32 split one more plus an fp32
-    (BLOCK_M, BLOCK_N) layout-conversion tile; the tiles a program keeps for its whole life (Q; Q and dO
+    more (its streamed tiles also feed a transposed dot); the tiles a program keeps for its whole life (Q; Q and dO
     for dQ; K and V for dK/dV) are staged once. Checked against the measured shared memory of every
     compiled configuration by tests/test_aot.py."""
     m, n, _, stages = tile
-    fp32 = elem == 4
     streamed = (m if kind == "dkdv" else n) * block_d * elem * 2
     resident = {"fwd": m * block_d * elem, "dq": 2 * m * block_d * elem, "dkdv": 2 * n * block_d * elem}[kind]
-    return (max(stages, 1) + (kind != "fwd") + fp32) * streamed + resident + fp32 * m * n * 4
+    return (max(stages, 1) + (kind != "fwd")) * streamed + resident
 
 
-def fitting(kind: str, block_d: int, major: int, fp32: bool, elem: int, smem_limit: int) -> list[Tile]:
+def fitting(kind: str, block_d: int, major: int, elem: int, smem_limit: int) -> list[Tile]:
     """tile_shapes pruned to the device's shared memory per block; the smallest entry is always kept."""
-    shapes = tile_shapes(kind, block_d, major, fp32)
+    shapes = tile_shapes(kind, block_d, major)
     fit = [t for t in shapes if smem_estimate(kind, t, block_d, elem) <= smem_limit]
     return fit or [min(shapes, key=lambda t: smem_estimate(kind, t, block_d, elem))]

@@ -83,12 +83,62 @@ def key_block_query_range(n0, off, T, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.cons
     return lo, a, z, hi
 
 
+@triton.jit
+def decode_combine_kernel(o_part_ptr, lse_part_ptr, out_ptr,
+                          Tq, H, n_splits,  # new tokens, query heads, splits per output row
+                          HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
+                          BLOCK_S: tl.constexpr):  # splits handled per step
+    # Split-KV decoding's second pass (kernels/decode.py, kernels/paged_decode.py), one program per
+    # (row, head, token): out = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max) over the normalised
+    # fp32 partials o_part (B, H, Tq, n_splits, HEAD_D) and their base-2 lse_part (-inf: saw no key).
+    row = tl.program_id(0).to(tl.int64)  # index into the partials' (B, H, Tq) rows
+    t = row % Tq
+    h = (row // Tq) % H
+    b = row // (Tq * H)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
+    m_vec = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, n_splits, BLOCK_S):
+        lse = tl.load(lse_part_ptr + row * n_splits + s0 + offs_s, mask=s0 + offs_s < n_splits,
+                      other=float("-inf"))
+        m_vec = tl.maximum(m_vec, lse)
+    m = tl.max(m_vec, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # no split saw a key: all weights 0, output 0
+    acc = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
+    den = tl.zeros([BLOCK_S], dtype=tl.float32)
+    for s0 in range(0, n_splits, BLOCK_S):
+        s_ok = s0 + offs_s < n_splits
+        lse = tl.load(lse_part_ptr + row * n_splits + s0 + offs_s, mask=s_ok, other=float("-inf"))
+        w = tl.exp2(lse - m)
+        o = tl.load(o_part_ptr + (row * n_splits + s0 + offs_s[:, None]) * HEAD_D + offs_d[None, :],
+                    mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += w[:, None] * o
+        den += w
+    total = tl.sum(den, 0)
+    out = tl.sum(acc, 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptr + ((b * Tq + t) * H + h) * HEAD_D + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+COMBINE_BLOCK_S = 32  # splits per combine step; fewer are masked (one compiled combine per head dim)
+
+
 # ----------------------------------------------------------------------------- launcher helpers
 
 
 def interpreting() -> bool:
     """True under TRITON_INTERPRET=1 (kernels run on CPU tensors through the interpreter)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_gpu_dtype(op: str, x: Tensor, gpu_dtypes: tuple[torch.dtype, ...]) -> None:
+    """Refuse a dtype whose kernel is not compiled for GPUs (fp32 attention and decoding: their tiles
+    spill at every size); the interpreter still runs it on CPU. llm.ops sends such tensors to the
+    reference instead."""
+    if x.dtype not in gpu_dtypes and not interpreting():
+        names = ", ".join(DTYPE_NAMES.get(d, str(d)) for d in gpu_dtypes)
+        raise ValueError(f"{op}: the Triton kernel does not run {DTYPE_NAMES.get(x.dtype, x.dtype)} on a GPU "
+                         f"(only {names}); use kernels.reference (llm.ops does so for kernels='auto')")
 
 
 def rows_contiguous(x: Tensor) -> Tensor:
