@@ -35,14 +35,17 @@ def interpreting() -> bool:
 
 def resolve(kernels: str, device: torch.device | str, dtype_ok: bool = True) -> bool:
     """Whether `kernels` runs Triton for tensors on `device`; a clear error if Triton was forced but cannot run.
-    dtype_ok: the kernel runs the tensors' dtype there ("auto" takes the reference otherwise; a forced
-    "triton" reaches the kernel, whose launcher refuses the dtype by name)."""
+    dtype_ok: the op's kernel runs the tensors' dtype on that device; when it does not, "auto" and
+    "triton" both take the reference (fp32 attention has no GPU kernel; "triton" forces Triton for
+    every op that has one for the dtype)."""
     if kernels == "torch":
         return False
     on_cuda = torch.device(device).type == "cuda"
     if kernels == "auto":
         return on_cuda and triton_available() and dtype_ok
     if kernels == "triton":
+        if not dtype_ok:
+            return False
         if not triton_available():
             raise RuntimeError("kernels='triton' but triton is not installed (pip install triton)")
         if not (on_cuda or interpreting()):
@@ -68,7 +71,7 @@ def _kernel_dtype_ok(x: Tensor) -> bool:
 
 
 def _attention_triton(kernels: str, x: Tensor) -> bool:
-    """`resolve` for the attention family: "auto" also needs a dtype the kernels run on x's device."""
+    """`resolve` for the attention family: Triton only for a dtype its kernels run on x's device."""
     return resolve(kernels, x.device, dtype_ok=_kernel_dtype_ok(x))
 
 

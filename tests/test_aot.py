@@ -96,3 +96,28 @@ def test_attention_smem_estimate_bounds_the_compiled_shared_memory():
         tile = (int(c["BLOCK_M"]), int(c["BLOCK_N"]), w, s)
         est = smem_estimate(kinds[r["kernel"]], tile, int(c["BLOCK_D"]), elem)
         assert est >= r["smem"], f"{r['kernel']} {r['label']} {r['config']} {r['arch']}: {est} < {r['smem']}"
+
+
+_KEY_PROBE = """
+from kernels import aot, common, rmsnorm
+JIT = aot._triton_parts()[4]
+case = next(c for c in rmsnorm.aot_cases() if c.kernel is rmsnorm._rms_norm_fwd_kernel)
+before, h = aot.case_key(case, 9), aot.source_hash(case.kernel, JIT)
+assert aot.case_key(case, 9) == before and aot.case_key(case, 8) != before
+common.rne_cast._unsafe_update_src(common.rne_cast.src.replace("0x7FFF", "0x7FFE"))  # a helper it calls
+assert aot.source_hash(case.kernel, JIT) != h and aot.case_key(case, 9) != before
+print("keys ok")
+"""
+
+
+def test_a_changed_kernel_source_changes_its_cache_key():
+    """The committed report is only a cache: a kernel (or a @triton.jit helper it calls) whose source
+    changes gets a new key, so the check recompiles it instead of trusting the old row. Runs without
+    TRITON_INTERPRET (the interpreter replaces @triton.jit functions), like the check itself."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", _KEY_PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    if "kernels.aot:" in proc.stderr and "cannot compile offline" in proc.stderr:
+        pytest.skip(proc.stderr.strip().splitlines()[-1])
+    assert proc.returncode == 0 and "keys ok" in proc.stdout, proc.stderr[-3000:]
