@@ -10,7 +10,9 @@ gate, w3 = up, w2 = down; rotate-half RoPE on both). Greedy decoding, no early s
 same work; `same` says whether the generated ids agree (fp32: they should; bf16 may drift).
 
 Providers: ours (eager on CPU, CUDA graph on CUDA), ours+compile (torch.compile'd decode step;
-its one-off compile time is reported apart), hf (generate(), default dynamic cache, SDPA).
+its one-off compile time is reported apart), hf (generate(), default dynamic cache, SDPA), and the
+weight-only quantized copies int8, int4 (group 64), int8+emb, int4+emb (head and embedding too), run
+like `ours` (llm.quant; on CPU torch's weight-only kernels with bf16 activations, see llm.ops).
 TTFT: call -> every row's first new token (prefill + one sample). tok/s: B * (N - 1) tokens after
 the first, per second of the rest of the call. On CUDA also the fraction of the bandwidth roofline:
 bytes a decode step must read (weights, minus the untouched embedding table, plus the KV cache at
@@ -29,6 +31,7 @@ over plain, acceptance, tokens per target pass, and whether the ids equal plain 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -45,6 +48,11 @@ from llm.generate.sampling import SamplingParams
 from llm.generate.speculative import Speculation, check_tokenizers
 from llm.loading import load_model
 from llm.model import Transformer
+from llm.quant import make_scheme, quantize_model
+
+# Weight-only quantized copies of the model, eager decode: provider -> (mode, group size, head + embedding too).
+QUANT = {"int8": ("int8", None, False), "int4": ("int4", 64, False), "int8+emb": ("int8", None, True),
+         "int4+emb": ("int4", 64, True)}
 
 
 def build(name: str, context: int, device: torch.device, dtype: torch.dtype) -> Transformer:
@@ -127,6 +135,10 @@ def bench_case(model: Transformer, hf, prompt: torch.Tensor, n: int, providers: 
     runs = {"ours": partial(run_ours, model, prompt, n, "graph" if cuda else "eager"),
             "ours+compile": partial(run_ours, model, prompt, n, "compile"),
             "hf": partial(run_hf, hf, prompt, n)}
+    for k, spec in QUANT.items():
+        if k in providers:
+            qm = quantize_model(copy.deepcopy(model), make_scheme(*spec)).to(model.lm_head.weight.dtype)
+            runs[k] = partial(run_ours, qm, prompt, n, "graph" if cuda else "eager")
     runs = {k: v for k, v in runs.items() if k in providers}
     first = {}
     for k, fn in runs.items():  # warm-up; the compile happens here

@@ -231,3 +231,39 @@ def moe_experts_ref(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, top
         ye = (h @ w_down[e].float().t()) * topk_weight[rows, slot].float()[:, None]
         out.index_add_(0, rows, ye)
     return out.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- weight-only quantized matmul
+# int8: q (N, K) int8, w = q * s[n] (symmetric, one scale per output channel).
+# int4: q (N, ceil(K/2)) uint8, two 4-bit codes per byte (even k in the low nibble), codes in [0, 15];
+#       w = (q - 8) * s[n, k // G] + z[n, k // G] (asymmetric: one scale and one offset per group of G
+#       inputs; the last group is shorter when G does not divide K).
+
+
+def int4_unpack_ref(qweight: Tensor, k: int) -> Tensor:
+    """(N, ceil(K/2)) uint8 -> (N, K) int32 codes in [0, 15]; even k sits in the low nibble."""
+    b = qweight.to(torch.int32)
+    return torch.stack([b & 0xF, b >> 4], dim=-1).reshape(qweight.shape[0], -1)[:, :k]
+
+
+def int4_dequant_ref(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int, k: int) -> Tensor:
+    """(N, K) fp32 weights (q - 8) * s + z of a group-wise int4 weight; scales, zeros (N, ceil(K/G))."""
+    q = int4_unpack_ref(qweight, k).float()
+    s = scales.float().repeat_interleave(group_size, dim=1)[:, :k]
+    z = zeros.float().repeat_interleave(group_size, dim=1)[:, :k]
+    return (q - 8.0) * s + z
+
+
+def int8_matmul_ref(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = None) -> Tensor:
+    """y = x @ (q * s[:, None]).T + b. x (..., K) float; qweight (N, K) int8; scales, bias (N,). x's dtype."""
+    w = qweight.float() * scales.float()[:, None]
+    y = x.float() @ w.t()
+    return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
+def int4_matmul_ref(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                    bias: Tensor | None = None) -> Tensor:
+    """y = x @ dequant(q).T + b. x (..., K); qweight (N, ceil(K/2)) uint8; scales, zeros (N, ceil(K/G)). x's dtype."""
+    w = int4_dequant_ref(qweight, scales, zeros, group_size, x.shape[-1])
+    y = x.float() @ w.t()
+    return (y if bias is None else y + bias.float()).to(x.dtype)

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 from llm.config import ModelConfig, model_config_from_dict
 from llm.model import Transformer
+from llm.quant import check_scheme, prepare_quantized
 from llm.runtime import first_line
 from llm.tokenizer import Tokenizer
 
@@ -45,8 +46,9 @@ class CheckpointError(ValueError):
 
 def save(out_dir: str | Path, name: str, model: torch.nn.Module, tokenizer: Tokenizer, extra: dict | None = None,
          optimizer: torch.optim.Optimizer | dict | None = None, trainer_state: dict | None = None,
-         model_state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write checkpoint `out_dir/name` atomically and point `out_dir/latest` at it.
+         model_state: dict[str, torch.Tensor] | None = None, pointer: str | None = LATEST) -> Path:
+    """Write checkpoint `out_dir/name` atomically and point `out_dir/latest` at it (pointer=None: no pointer,
+    for a checkpoint that is its own directory, e.g. a quantized copy).
 
     `optimizer` may be an optimizer or its (full) state dict, and `model_state` a full state
     dict to write instead of `model.state_dict()` (FSDP gathers both from every rank first).
@@ -74,7 +76,8 @@ def save(out_dir: str | Path, name: str, model: torch.nn.Module, tokenizer: Toke
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync(out_dir)
-    set_pointer(out_dir, name, LATEST)
+    if pointer is not None:
+        set_pointer(out_dir, name, pointer)
     return final
 
 
@@ -205,6 +208,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     """(model in eval mode, tokenizer, config dict) from one of our checkpoint dirs or a training out_dir.
 
     `llm.loading.load_model` takes Hugging Face directories too; overrides replace config fields.
+    A quantized checkpoint (config "quantization", llm.quant) loads into quantized modules.
     """
     ckpt = resolve(path)
     cfg = read_config(ckpt)
@@ -213,6 +217,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     tensors, _ = read_tensors(ckpt / MODEL_FILE)
     with torch.device("meta"):
         model = Transformer(mcfg)
+    if cfg.get("quantization") is not None:
+        prepare_quantized(model, check_scheme(cfg["quantization"], str(ckpt / CONFIG_FILE)))
     load_into(model, tensors, ckpt / MODEL_FILE)
     model.init_buffers("cpu")  # off the meta device before moving
     model.to(device=device, dtype=dtype)

@@ -6,7 +6,8 @@ turns a `kernels` setting into a choice:
   "triton" always Triton (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)
   "torch"  always the reference in kernels/reference.py
 Kernel modules are imported lazily, on first use (a plain import inside the Triton branch), so
-importing the model never needs Triton. LayerNorm and GELU (GPT-2 classic only) have no Triton
+importing the model never needs Triton. Weight-only quantized linears have a third route on CPU:
+torch's own weight-only kernels (int8_linear / int4_linear). LayerNorm and GELU (GPT-2 classic only) have no Triton
 kernel: torch's fused ops already run them in one launch.
 """
 
@@ -219,3 +220,69 @@ def moe_experts(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, topk_id
 
         return kernel(x, w_gate, w_up, w_down, topk_idx, topk_weight)
     return ref.moe_experts_ref(x, w_gate, w_up, w_down, topk_idx, topk_weight)
+
+
+# ----------------------------------------------------------------------------- weight-only quantized linears
+
+# torch's CPU weight-only kernels (aten._weight_int8pack_mm, _weight_int4pack_mm_for_cpu) are vectorized
+# for bf16 activations only (measured here, torch 2.13: fp32 activations run 10x slower than fp32 F.linear)
+# and loop over rows: on CPU they serve up to CPU_WOQ_MAX_M rows (decode) with x rounded to bf16 and the
+# bf16 result cast back (W8A16 / W4A16, as the names say); longer inputs (prefill) take the reference,
+# dequantize + one fp32 GEMM, which beats a per-row loop there.
+CPU_WOQ_MAX_M = 8
+
+
+@cache
+def _torch_cpu_op(name: str) -> bool:
+    """Whether the installed torch has the CPU weight-only kernel `torch.ops.aten.<name>`."""
+    return hasattr(torch.ops.aten, name)
+
+
+def _cpu_woq(kernels: str, x: Tensor, op: str) -> bool:
+    rows = x.numel() // max(1, x.shape[-1])
+    return kernels == "auto" and x.device.type == "cpu" and rows <= CPU_WOQ_MAX_M and _torch_cpu_op(op)
+
+
+def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = None,
+                kernels: str = "auto") -> Tensor:
+    """x @ (q * s[:, None]).T + b for an int8 per-channel weight q (N, K): the Triton W8A16 kernel, torch's
+    CPU kernel for a few CPU rows (see CPU_WOQ_MAX_M), else the reference."""
+    if use_triton(kernels, x):
+        from kernels.quant_matmul import int8_matmul as kernel
+
+        return kernel(x, qweight, scales, bias)
+    if _cpu_woq(kernels, x, "_weight_int8pack_mm"):
+        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+        y = torch.ops.aten._weight_int8pack_mm(x2, qweight, scales.to(torch.bfloat16)).float()
+        y = y if bias is None else y + bias.float()
+        return y.to(x.dtype).view(*x.shape[:-1], qweight.shape[0])
+    return ref.int8_matmul_ref(x, qweight, scales, bias)
+
+
+def int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                bias: Tensor | None = None, kernels: str = "auto", cache: dict | None = None) -> Tensor:
+    """x @ dequant(q).T + b for a group-wise int4 weight (kernels/reference.py has the format).
+
+    Triton W4A16 on CUDA; on CPU torch's kernel (aten._weight_int4pack_mm_for_cpu) for a few rows when
+    torch has it and the shape fits it (N % 16 == 0, G divides K), else the reference. torch's kernel
+    wants its own packing: it is built on first use and kept in `cache` (a dict the caller owns, one per
+    weight), keyed by the weight's storage.
+    """
+    if use_triton(kernels, x):
+        from kernels.quant_matmul import int4_matmul as kernel
+
+        return kernel(x, qweight, scales, zeros, group_size, bias)
+    N, K = qweight.shape[0], x.shape[-1]
+    if (cache is not None and N % 16 == 0 and K % group_size == 0
+            and _cpu_woq(kernels, x, "_weight_int4pack_mm_for_cpu")):
+        key = (qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr())
+        if cache.get("key") != key:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(ref.int4_unpack_ref(qweight, K), 1)
+            sz = torch.stack([scales.t(), zeros.t()], dim=-1).to(torch.bfloat16).contiguous()  # (K/G, N, 2)
+            cache.clear()
+            cache.update(key=key, packed=packed, scales_zeros=sz)
+        x2 = x.reshape(-1, K).to(torch.bfloat16).contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, cache["packed"], group_size, cache["scales_zeros"]).float()
+        y = y if bias is None else y + bias.float()
+        return y.to(x.dtype).view(*x.shape[:-1], N)
+    return ref.int4_matmul_ref(x, qweight, scales, zeros, group_size, bias)

@@ -9,6 +9,7 @@ from dataclasses import asdict
 
 from llm.eval.perplexity import EvalError, check_windows, dataset_stream, evaluate
 from llm.loading import load_model
+from llm.quant import GROUP_SIZES, make_scheme
 from llm.runtime import pick_device, pick_dtype
 
 
@@ -32,6 +33,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weights and compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--kernels", default=None, choices=("auto", "triton", "torch"), help="override the op backend")
+    p.add_argument("--quantize", default=None, metavar="{int8,int4}", help="quantize the weights at load")
+    p.add_argument("--group-size", type=int, default=64,
+                   help=f"with --quantize int4: one of {', '.join(map(str, GROUP_SIZES))}")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return p
 
@@ -70,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
         overrides = {"kernels": args.kernels} if args.kernels else {}
-        model, tok, _ = load_model(args.checkpoint, device, dtype, **overrides)
+        scheme = make_scheme(args.quantize, args.group_size) if args.quantize else None
+        model, tok, _ = load_model(args.checkpoint, device, dtype, quantize=scheme, **overrides)
         check_windows(model, args.context, args.stride)
         ids, n_bytes = dataset_stream(args.dataset, tok, args.max_tokens)
         res = evaluate(model, ids, args.context, args.stride, args.batch_size or 1, n_bytes,

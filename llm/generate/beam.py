@@ -45,7 +45,6 @@ def beam_search(model, prompts: list[list[int]], max_new_tokens: int, num_beams:
     t0 = time.perf_counter()
     B, device = len(prompts), model.lm_head.weight.device
     V = min(vocab_limit or model.cfg.padded_vocab_size, model.cfg.padded_vocab_size)
-    eos, longest_stop = set(eos_ids), max((len(s) for s in stop), default=0)
 
     cache = model.new_cache(B, max(map(len, prompts)) + max_new_tokens)
     logits = prefill(model, cache, prompts, prefill_chunk)  # (B, V)
@@ -55,35 +54,7 @@ def beam_search(model, prompts: list[list[int]], max_new_tokens: int, num_beams:
     seen = seen_mask([p for p in prompts for _ in range(K)], V, device) if repetition_penalty != 1.0 else None
     scores = torch.full((B, K), float("-inf"), device=device)
     scores[:, 0] = 0.0  # one live beam at first, so the first step picks K distinct tokens
-    beams: list[list[tuple[list[int], bytes]]] = [[([], b"")] * K for _ in range(B)]
-    hyps: list[list[Hypothesis]] = [[] for _ in range(B)]
-    done = [False] * B
-
-    def add(b: int, h: Hypothesis) -> None:
-        hyps[b].append(h)
-        hyps[b].sort(key=lambda x: -x.score)
-        del hyps[b][K:]
-
-    def extensions(b: int, top_v: list[float], top_i: list[int], n: int) -> list[tuple[int, int, float]]:
-        """Prompt b's candidates in score order: finished ones go to its hypotheses, the first K others
-        (beam k, token t, score) continue."""
-        chosen: list[tuple[int, int, float]] = []
-        for rank, (s, idx) in enumerate(zip(top_v, top_i)):
-            if done[b] or s == float("-inf") or len(chosen) == K:
-                break
-            k, t = divmod(idx, V)
-            seq, data = beams[b][k]
-            if t in eos:
-                if rank < K:
-                    add(b, Hypothesis(seq, s / n ** length_penalty, "eos"))
-                continue
-            tail = data[-longest_stop:] + token_bytes(t) if stop else b""
-            if any(x in tail for x in stop):
-                if rank < K:
-                    add(b, Hypothesis(seq + [t], s / n ** length_penalty, "stop"))
-                continue
-            chosen.append((k, t, s))
-        return chosen
+    book = _Book(B, K, V, set(eos_ids), list(stop), token_bytes, length_penalty)
 
     steps = 0
     for step in range(max_new_tokens):
@@ -91,24 +62,9 @@ def beam_search(model, prompts: list[list[int]], max_new_tokens: int, num_beams:
         lp = penalize(logits[:, :V].float(), seen, repetition_penalty).log_softmax(-1)  # (B*K, V)
         cand = (scores.reshape(-1, 1) + lp).view(B, K * V)
         top_v, top_i = (t.tolist() for t in cand.topk(min(2 * K, K * V), dim=-1))
-        src, toks, new_scores, new_beams = [], [], [], []
-        for b in range(B):
-            chosen = extensions(b, top_v[b], top_i[b], n)
-            if not done[b]:
-                best = max((s for _, _, s in chosen), default=float("-inf"))
-                done[b] = not chosen or (len(hyps[b]) == K and best / n ** length_penalty <= hyps[b][-1].score)
-            row = []
-            for k, t, s in chosen if not done[b] else []:
-                seq, data = beams[b][k]
-                row.append((seq + [t], (data[-longest_stop:] + token_bytes(t)) if stop else b""))
-                src.append(b * K + k), toks.append(t), new_scores.append(s)
-            while len(row) < K:  # dead beams (finished prompt, or fewer than K so far) keep the batch shape
-                row.append(([], b""))
-                src.append(b * K), toks.append(0), new_scores.append(float("-inf"))
-            new_beams.append(row)
-        beams = new_beams
+        src, toks, new_scores = book.step(top_v, top_i, n)
         scores = torch.tensor(new_scores, device=device).view(B, K)
-        if all(done) or step == max_new_tokens - 1:
+        if all(book.done) or step == max_new_tokens - 1:
             break
         src_t, tok_t = torch.tensor(src, device=device), torch.tensor(toks, device=device)
         cache.reorder(src_t)
@@ -118,16 +74,11 @@ def beam_search(model, prompts: list[list[int]], max_new_tokens: int, num_beams:
         logits = logits[:, -1]
         if stats is not None and step == 0:
             stats.ttft = time.perf_counter() - t0
-    final = scores.tolist()
-    for b in range(B):
-        if not done[b]:
-            for k in range(K):
-                if final[b][k] != float("-inf"):
-                    add(b, Hypothesis(beams[b][k][0], final[b][k] / steps ** length_penalty, "length"))
+    book.finish(scores.tolist(), steps)
     if stats is not None:
         stats.record(prompt_tokens=sum(map(len, prompts)), rows=B * K, new_tokens=steps * B * K,
                      total=time.perf_counter() - t0)
-    return [h[:num_return] for h in hyps]
+    return [h[:num_return] for h in book.hyps]
 
 
 def _check(K: int, num_return: int, repetition_penalty: float, stop: Sequence[bytes],
@@ -141,3 +92,75 @@ def _check(K: int, num_return: int, repetition_penalty: float, stop: Sequence[by
         raise SamplingError(f"repetition_penalty must be a finite number > 0 (1 = off), got {repetition_penalty}")
     if stop and token_bytes is None:
         raise SamplingError("stop strings need token_bytes (a tokenizer) to be recognised")
+
+
+class _Book:
+    """The host-side bookkeeping of a beam search: each prompt's live beams (ids, recent bytes for stop
+    strings), its finished hypotheses (the K best, best first) and whether it is done."""
+
+    def __init__(self, B: int, K: int, V: int, eos: set[int], stop: list[bytes],
+                 token_bytes: Callable[[int], bytes] | None, length_penalty: float) -> None:
+        self.K, self.V, self.eos, self.stop, self.token_bytes = K, V, eos, stop, token_bytes
+        self.length_penalty, self.longest_stop = length_penalty, max((len(s) for s in stop), default=0)
+        self.beams: list[list[tuple[list[int], bytes]]] = [[([], b"")] * K for _ in range(B)]
+        self.hyps: list[list[Hypothesis]] = [[] for _ in range(B)]
+        self.done = [False] * B
+
+    def add(self, b: int, h: Hypothesis) -> None:
+        self.hyps[b].append(h)
+        self.hyps[b].sort(key=lambda x: -x.score)
+        del self.hyps[b][self.K:]
+
+    def _tail(self, data: bytes, t: int) -> bytes:
+        return data[-self.longest_stop:] + self.token_bytes(t) if self.stop else b""
+
+    def extensions(self, b: int, top_v: list[float], top_i: list[int], n: int) -> list[tuple[int, int, float]]:
+        """Prompt b's candidates in score order: finished ones go to its hypotheses, the first K others
+        (beam k, token t, score) continue."""
+        chosen: list[tuple[int, int, float]] = []
+        for rank, (s, idx) in enumerate(zip(top_v, top_i)):
+            if self.done[b] or s == float("-inf") or len(chosen) == self.K:
+                break
+            k, t = divmod(idx, self.V)
+            seq = self.beams[b][k][0]
+            if t in self.eos:
+                if rank < self.K:
+                    self.add(b, Hypothesis(seq, s / n ** self.length_penalty, "eos"))
+                continue
+            if any(x in self._tail(self.beams[b][k][1], t) for x in self.stop):
+                if rank < self.K:
+                    self.add(b, Hypothesis(seq + [t], s / n ** self.length_penalty, "stop"))
+                continue
+            chosen.append((k, t, s))
+        return chosen
+
+    def step(self, top_v: list[list[float]], top_i: list[list[int]],
+             n: int) -> tuple[list[int], list[int], list[float]]:
+        """Advance every prompt by one token -> (source row, token, score) per new beam, K per prompt."""
+        K, src, toks, new_scores, new_beams = self.K, [], [], [], []
+        for b in range(len(self.beams)):
+            chosen = self.extensions(b, top_v[b], top_i[b], n)
+            if not self.done[b]:
+                best = max((s for _, _, s in chosen), default=float("-inf"))
+                self.done[b] = not chosen or (len(self.hyps[b]) == K and
+                                              best / n ** self.length_penalty <= self.hyps[b][-1].score)
+            row = []
+            for k, t, s in chosen if not self.done[b] else []:
+                seq, data = self.beams[b][k]
+                row.append((seq + [t], self._tail(data, t)))
+                src.append(b * K + k), toks.append(t), new_scores.append(s)
+            while len(row) < K:  # dead beams (finished prompt, or fewer than K so far) keep the batch shape
+                row.append(([], b""))
+                src.append(b * K), toks.append(0), new_scores.append(float("-inf"))
+            new_beams.append(row)
+        self.beams = new_beams
+        return src, toks, new_scores
+
+    def finish(self, final: list[list[float]], steps: int) -> None:
+        """At the end, the live beams of prompts not done finish as "length"."""
+        for b, done in enumerate(self.done):
+            if not done:
+                for k in range(self.K):
+                    if final[b][k] != float("-inf"):
+                        self.add(b, Hypothesis(self.beams[b][k][0], final[b][k] / steps ** self.length_penalty,
+                                               "length"))

@@ -13,6 +13,7 @@ from llm.generate.sampling import SamplingError, SamplingParams
 from llm.generate.speculative import Speculation, check_tokenizers
 from llm.generate.stats import Stats
 from llm.loading import load_model
+from llm.quant import GROUP_SIZES, make_scheme
 from llm.runtime import pick_device, pick_dtype, set_threads
 
 
@@ -58,6 +59,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weights and compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--kernels", default=None, choices=("auto", "triton", "torch"), help="override the op backend")
+    p.add_argument("--quantize", default=None, metavar="{int8,int4}",
+                   help="quantize the weights at load (weight-only; see python -m llm.quantize)")
+    p.add_argument("--group-size", type=int, default=64,
+                   help=f"with --quantize int4: inputs per scale group, one of {', '.join(map(str, GROUP_SIZES))}")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="print only the generated text (no timing line)")
     return p
@@ -106,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
         overrides = {"kernels": args.kernels} if args.kernels else {}
-        model, tok, _ = load_model(args.checkpoint, device, dtype, **overrides)
+        scheme = make_scheme(args.quantize, args.group_size) if args.quantize else None
+        model, tok, _ = load_model(args.checkpoint, device, dtype, quantize=scheme, **overrides)
         ids = encode_prompts(tok, texts, args.max_new_tokens, model.cfg.block_size, args.truncate_prompt)
         if not args.quiet:
             for t, i in zip(texts, ids):

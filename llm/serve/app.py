@@ -192,13 +192,8 @@ class Choice:
         return {k: v[start:] for k, v in self.lp.items()}
 
 
-def create_app(sched: Scheduler, tok, model_name: str, block_size: int, api_key: str | None = None,
-               drain_timeout: float = 30.0) -> FastAPI:
-    srv = Server(sched, tok, model_name, block_size)
-    app = FastAPI(title="llm serve", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.server = srv
-    if api_key:
-        app.add_middleware(BearerAuth, key=api_key)
+def _error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape: ours (APIError), bad bodies (400, not FastAPI's 422), unknown routes."""
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError) -> JSONResponse:
@@ -217,6 +212,17 @@ def create_app(sched: Scheduler, tok, model_name: str, block_size: int, api_key:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(error_body(str(e.detail), "invalid_request_error", None, None), e.status_code)
+
+
+def create_app(sched: Scheduler, tok, model_name: str, block_size: int, api_key: str | None = None,
+               drain_timeout: float = 30.0) -> FastAPI:
+    srv = Server(sched, tok, model_name, block_size)
+    app = FastAPI(title="llm serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = srv
+    if api_key:
+        app.add_middleware(BearerAuth, key=api_key)
+
+    _error_handlers(app)
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -29,11 +29,12 @@ from llm.config import (
     preset,
 )
 from llm.data.corpus import DataError
+from llm.quant import QuantError
 from llm.tokenizer import TokenizerError
 from llm.train import distributed as dd
 from llm.train.trainer import TrainingDiverged, train
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError, QuantError)
 DEFAULT_PRESET = "tiny"  # the model trained when no --preset is given
 
 

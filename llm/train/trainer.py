@@ -33,6 +33,7 @@ from llm import loading, ops
 from llm.config import ConfigError, DataConfig, ModelConfig, TrainConfig, check_configs, describe_config, to_toml
 from llm.data.shards import Loader, fingerprint, load_manifest, prepare
 from llm.model import Transformer
+from llm.quant import refuse_training
 from llm.runtime import pick_dtype
 from llm.tokenizer import Tokenizer
 from llm.train import distributed as dd
@@ -188,8 +189,9 @@ def _model_and_data(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, d: d
     from --init-from when `init`: (model config, model on d.device, tokenizer, data path, manifest)."""
     init_model = init_tok = None
     if init:
-        init_model, init_tok, _ = loading.load_model(tcfg.init_from, "cpu", torch.float32, kernels=mcfg.kernels,
-                                                     dropout=mcfg.dropout)
+        init_model, init_tok, init_cfg = loading.load_model(tcfg.init_from, "cpu", torch.float32,
+                                                            kernels=mcfg.kernels, dropout=mcfg.dropout)
+        refuse_training(init_cfg, "--init-from")
         mcfg = init_model.cfg
     say(describe_config(mcfg, dcfg, tcfg))
     if d.local_rank == 0:
@@ -251,6 +253,7 @@ def _setup(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str |
     src = state = None
     if resume is not None:
         src = ckpt_io.resolve(resume or out)
+        refuse_training(ckpt_io.read_config(src), "--resume")
         state = ckpt_io.read_trainer_state(src)
     init = bool(tcfg.init_from) and src is None
     mcfg, model, tok, data_path, manifest = _model_and_data(mcfg, dcfg, tcfg, d, say, init)
