@@ -33,7 +33,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-MODULES = ("attention", "decode", "paged_decode", "rmsnorm", "rope", "swiglu", "cross_entropy", "moe")
+MODULES = ("attention", "decode", "paged_decode", "rmsnorm", "rope", "swiglu", "cross_entropy", "moe", "quant_matmul")
 # Usable shared memory per block (bytes) and per SM, by arch major.
 SMEM_LIMIT = {8: 163 * 1024, 9: 227 * 1024}
 SMEM_PER_SM = {8: 164 * 1024, 9: 228 * 1024}

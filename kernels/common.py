@@ -123,6 +123,19 @@ def decode_combine_kernel(o_part_ptr, lse_part_ptr, out_ptr,
 COMBINE_BLOCK_S = 32  # splits per combine step; fewer are masked (one compiled combine per head dim)
 
 
+def decode_tile_rows(block_d: int) -> int:
+    """Most tile rows (query heads x tokens) of a split-KV decode program (kernels/decode.py,
+    kernels/paged_decode.py): 128, and 64 at head dim 256, so the fp32 accumulator (rows, BLOCK_D)
+    plus the resident q tile fit 8 warps' registers (128 rows at D=256 spilled)."""
+    return max(16, min(128, 16384 // block_d))
+
+
+def decode_warps(block_m: int, block_d: int) -> int:
+    """Warps of a split-KV decode program: 4 up to 32 accumulator values per thread, else 8 (ptxas:
+    128 x 64 and wider tiles at 4 warps spilled 4-256 B on sm_80/sm_90)."""
+    return 4 if block_m * block_d <= 4096 else 8
+
+
 # ----------------------------------------------------------------------------- launcher helpers
 
 

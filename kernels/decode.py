@@ -38,6 +38,8 @@ from kernels.common import (
     AotCase,
     check_gpu_dtype,
     decode_combine_kernel,
+    decode_tile_rows,
+    decode_warps,
     interpreting,
     pow2_range,
     rows_contiguous,
@@ -129,7 +131,6 @@ def _decode_fwd_kernel(q_ptr, k_ptr, v_ptr, len_ptr, o_part_ptr, lse_part_ptr,
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _GPU_DTYPES = (torch.float16, torch.bfloat16)  # fp32: interpreter only (see the module docstring)
 _MAX_TQ_BLOCK = 16  # tokens per tile (more tokens run as several token chunks)
-_MAX_ROWS = 128  # heads x tokens per tile, so registers stay bounded for wide MQA groups
 _MIN_SPLIT = 256  # keys per split at least, so each program runs several pipelined K/V steps
 _MAX_SPLITS = 256
 
@@ -217,14 +218,17 @@ def decode_attention_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: T
 def _tiles(Tq: int, G: int, D: int, dtype: torch.dtype, on_gpu: bool) -> tuple[dict, dict]:
     """(constexprs, launch options) of the split kernel for Tq tokens, G heads per group, head dim D."""
     TQ_BLOCK = min(triton.next_power_of_2(Tq), _MAX_TQ_BLOCK)
-    G_BLOCK = min(triton.next_power_of_2(G), max(1, _MAX_ROWS // TQ_BLOCK))
     BLOCK_D = max(16, triton.next_power_of_2(D))
+    # heads x tokens per tile bounded (decode_tile_rows), so registers stay bounded for wide MQA groups
+    G_BLOCK = min(triton.next_power_of_2(G), max(1, decode_tile_rows(BLOCK_D) // TQ_BLOCK))
     elem = torch.empty((), dtype=dtype).element_size()
     # K/V tiles of ~16 KB each: 64 keys at bf16/fp16 head dim 128, fewer for wider rows (fp32, D=256).
     BLOCK_N = max(16, min(64, 16384 // (BLOCK_D * elem))) if on_gpu else 16
     consts = dict(HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, G_BLOCK=G_BLOCK, TQ_BLOCK=TQ_BLOCK,
                   BLOCK_M=max(16, G_BLOCK * TQ_BLOCK))
-    launch = dict(num_warps=4, num_stages=3 if elem < 4 else 2) if on_gpu else {}
+    # Two pipeline stages at head dim 16 (three spilled 8 B on sm_90 with 64-key blocks).
+    launch = dict(num_warps=decode_warps(consts["BLOCK_M"], BLOCK_D),
+                  num_stages=2 if BLOCK_D <= 16 or elem == 4 else 3) if on_gpu else {}
     return consts, launch
 
 
@@ -237,7 +241,7 @@ def aot_cases() -> list[AotCase]:
     for dtype in _GPU_DTYPES:
         for D in (16, 32, 64, 96, 128, 256):
             for Tq in pow2_range(1, _MAX_TQ_BLOCK):
-                for G in pow2_range(1, 2 * _MAX_ROWS):
+                for G in pow2_range(1, 256):
                     consts, launch = _tiles(Tq, G, D, dtype, on_gpu=True)
                     key = (dtype, D, consts["BLOCK_M"], consts["BLOCK_N"])
                     if key in seen:

@@ -33,6 +33,8 @@ from kernels.common import (
     AotCase,
     check_gpu_dtype,
     decode_combine_kernel,
+    decode_tile_rows,
+    decode_warps,
     interpreting,
     rows_contiguous,
 )
@@ -126,26 +128,34 @@ def _paged_decode_fwd_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, o_part_ptr, l
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _GPU_DTYPES = (torch.float16, torch.bfloat16)  # fp32: interpreter only (see the module docstring)
 _MAX_TQ_BLOCK = 16  # tokens per tile (prefill chunks run as several token chunks)
-_MAX_ROWS = 128  # heads x tokens per tile, so registers stay bounded for wide MQA groups
 _MIN_SPLIT = 256  # keys per split at least, so each program runs several pipelined K/V steps
 _MAX_SPLITS = 256
 _NO_WINDOW = 1 << 30
 
 # Every (BLOCK_N, num_warps, num_stages) the launcher can pick on a GPU; the interpreter runs BLOCK_N 16.
-# K/V tiles of ~16 KB: 64 keys at 2-byte dtypes up to head dim 128, 32 for head dim 256.
+# K/V tiles of ~16 KB: 64 keys at 2-byte dtypes up to head dim 128, 32 for head dim 256; warps from the
+# tile (kernels.common.decode_warps, and 8 for 32+ rows at head dim 64+); two stages at head dim 16.
 LAUNCH_CONFIGS: list[dict] = [
     dict(BLOCK_N=64, num_warps=4, num_stages=3),
+    dict(BLOCK_N=64, num_warps=8, num_stages=3),
+    dict(BLOCK_N=64, num_warps=4, num_stages=2),
     dict(BLOCK_N=32, num_warps=4, num_stages=2),
+    dict(BLOCK_N=32, num_warps=8, num_stages=2),
 ]
 _AOT_PAGE = 16  # the server's default block size; PAGE only enters index arithmetic (cols // PAGE)
 
 
-def launch_config(dtype: torch.dtype, block_d: int, on_gpu: bool) -> dict:
-    """The entry of LAUNCH_CONFIGS for this dtype and padded head dim (interpreter: BLOCK_N 16, no warps)."""
+def launch_config(dtype: torch.dtype, block_d: int, block_m: int, on_gpu: bool) -> dict:
+    """The entry of LAUNCH_CONFIGS for this dtype, padded head dim and tile rows (interpreter: BLOCK_N 16)."""
     if not on_gpu:
         return dict(BLOCK_N=16)
     want = max(16, min(64, 16384 // (block_d * torch.finfo(dtype).bits // 8)))
-    return next(c for c in LAUNCH_CONFIGS if c["BLOCK_N"] <= want)
+    # The block-table gather (a block id and 64-bit offsets per key column) costs registers that the
+    # contiguous kernel does not spend: 32-row tiles at head dim 64/128 spilled 8-12 B at 4 warps.
+    warps = 8 if block_m >= 32 and block_d >= 64 else decode_warps(block_m, block_d)
+    stages = 2 if block_d <= 16 else 3
+    return dict(next(c for c in LAUNCH_CONFIGS if c["BLOCK_N"] <= want and c["num_warps"] == warps
+                     and c["num_stages"] <= stages))
 
 
 def kernel_variants(head_dims=(16, 32, 64, 96, 128, 256), gqa=(1, 2, 4, 8, 16, 32, 64, 128, 256),
@@ -158,9 +168,10 @@ def kernel_variants(head_dims=(16, 32, 64, 96, 128, 256), gqa=(1, 2, 4, 8, 16, 3
             for g in gqa:
                 for t in tq:
                     tq_block = min(triton.next_power_of_2(t), _MAX_TQ_BLOCK)
-                    g_block = min(triton.next_power_of_2(g), max(1, _MAX_ROWS // tq_block))
+                    g_block = min(triton.next_power_of_2(g), max(1, decode_tile_rows(block_d) // tq_block))
+                    block_m = max(16, g_block * tq_block)
                     out.append(dict(dtype=dtype, HEAD_D=d, BLOCK_D=block_d, G_BLOCK=g_block, TQ_BLOCK=tq_block,
-                                    BLOCK_M=max(16, g_block * tq_block), **launch_config(dtype, block_d, True)))
+                                    BLOCK_M=block_m, **launch_config(dtype, block_d, block_m, True)))
     return out
 
 
@@ -209,11 +220,12 @@ def paged_decode_attention_fwd(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_
         return out
     G = H // Hkv
     TQ_BLOCK = min(triton.next_power_of_2(Tq), _MAX_TQ_BLOCK)
-    G_BLOCK = min(triton.next_power_of_2(G), max(1, _MAX_ROWS // TQ_BLOCK))
-    n_qc, n_gc = triton.cdiv(Tq, TQ_BLOCK), triton.cdiv(G, G_BLOCK)
     BLOCK_D = max(16, triton.next_power_of_2(D))
+    G_BLOCK = min(triton.next_power_of_2(G), max(1, decode_tile_rows(BLOCK_D) // TQ_BLOCK))
+    n_qc, n_gc = triton.cdiv(Tq, TQ_BLOCK), triton.cdiv(G, G_BLOCK)
+    BLOCK_M = max(16, G_BLOCK * TQ_BLOCK)
     on_gpu = q.is_cuda and not interpreting()
-    cfg = launch_config(q.dtype, BLOCK_D, on_gpu)
+    cfg = launch_config(q.dtype, BLOCK_D, BLOCK_M, on_gpu)
     BLOCK_N = cfg.pop("BLOCK_N")
     if num_splits is not None:
         if num_splits < 1:
@@ -233,7 +245,7 @@ def paged_decode_attention_fwd(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_
         *q.stride()[:3], *k_pool.stride()[:3], *v_pool.stride()[:3], block_table.stride(0),
         Tq, H, G, S_max, n_gc, n_qc, n_splits, min_split, window or _NO_WINDOW, scale * LOG2E,
         PAGE=PAGE, HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, G_BLOCK=G_BLOCK, TQ_BLOCK=TQ_BLOCK,
-        BLOCK_M=max(16, G_BLOCK * TQ_BLOCK), **cfg)
+        BLOCK_M=BLOCK_M, **cfg)
     decode_combine_kernel[(B * H * Tq,)](
         o_part, lse_part, out, Tq, H, n_splits, HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_S=COMBINE_BLOCK_S)
     return out

@@ -83,7 +83,10 @@ def cases(dev: str) -> list[tuple[str, Callable, Callable, Callable, Callable]]:
     def r(*shape, dt, grad=True, scale=1.0):
         return (torch.randn(*shape, device=dev) * scale).to(dt).requires_grad_(grad)
 
-    cos, sin = ref.rope_tables(64, 256, device=dev)
+    # RoPE tables (256 positions, head dim 64) as llm.layers.rope_tables builds them (kernels/ never imports llm/)
+    inv_freq = 10000.0 ** (-torch.arange(0, 64, 2, dtype=torch.float64, device=dev) / 64)
+    ang = torch.outer(torch.arange(256, dtype=torch.float64, device=dev), inv_freq)
+    cos, sin = ang.cos().float(), ang.sin().float()
     pos = torch.arange(200, device=dev)
     lengths = torch.full((2,), 300, device=dev)
     idx = torch.randint(0, 4, (64, 2), device=dev)
