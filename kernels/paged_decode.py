@@ -134,10 +134,11 @@ _NO_WINDOW = 1 << 30
 
 # Every (BLOCK_N, num_warps, num_stages) the launcher can pick on a GPU; the interpreter runs BLOCK_N 16.
 # K/V tiles of ~16 KB: 64 keys at 2-byte dtypes up to head dim 128, 32 for head dim 256; warps from the
-# tile (kernels.common.decode_warps, and 8 for 32+ rows at head dim 64+); two stages at head dim 16.
+# tile (kernels.common.decode_warps, and 8 for 32+ rows at head dim 64+); two stages at head dim 16 and
+# with 8 warps.
 LAUNCH_CONFIGS: list[dict] = [
     dict(BLOCK_N=64, num_warps=4, num_stages=3),
-    dict(BLOCK_N=64, num_warps=8, num_stages=3),
+    dict(BLOCK_N=64, num_warps=8, num_stages=2),
     dict(BLOCK_N=64, num_warps=4, num_stages=2),
     dict(BLOCK_N=32, num_warps=4, num_stages=2),
     dict(BLOCK_N=32, num_warps=8, num_stages=2),
@@ -151,9 +152,10 @@ def launch_config(dtype: torch.dtype, block_d: int, block_m: int, on_gpu: bool) 
         return dict(BLOCK_N=16)
     want = max(16, min(64, 16384 // (block_d * torch.finfo(dtype).bits // 8)))
     # The block-table gather (a block id and 64-bit offsets per key column) costs registers that the
-    # contiguous kernel does not spend: 32-row tiles at head dim 64/128 spilled 8-12 B at 4 warps.
+    # contiguous kernel does not spend: 32-row tiles at head dim 64/128 spilled 8-12 B at 4 warps, and
+    # at 8 warps with 3 stages still 4 B (D=128, sm_90); 8 warps run 2 stages.
     warps = 8 if block_m >= 32 and block_d >= 64 else decode_warps(block_m, block_d)
-    stages = 2 if block_d <= 16 else 3
+    stages = 2 if block_d <= 16 or warps == 8 else 3
     return dict(next(c for c in LAUNCH_CONFIGS if c["BLOCK_N"] <= want and c["num_warps"] == warps
                      and c["num_stages"] <= stages))
 
