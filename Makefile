@@ -7,12 +7,14 @@ STAMP   := $(VENV)/.installed
 TORCH_PIN ?= 2.13.0
 ARGS    ?=
 
-.PHONY: train test lint bench bench-kernels sample clean help
+.PHONY: train test lint bench bench-kernels sample clean help aot check-gpu
 
 help:
 	@echo "make train   - set up .venv, prepare the embedded corpus, pretrain the default (tiny) model"
 	@echo "make test    - set up .venv and run the test suite"
 	@echo "make bench   - run every kernel benchmark (needs CUDA) ; make lint - ruff"
+	@echo "make aot     - compile every kernel configuration for sm_80/sm_90, refresh benchmarks/results/aot/"
+	@echo "make check-gpu - every kernel vs its reference in bf16/fp16 on this GPU, with one timing per op"
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -35,6 +37,13 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all $(ARGS)
+
+# Ahead-of-time compile check (no GPU needed); tests/test_aot.py runs the same check inside `make test`.
+aot: $(STAMP)
+	env -u TRITON_INTERPRET $(BIN)/python -m kernels.aot $(ARGS)
+
+check-gpu: $(STAMP)
+	$(BIN)/python -m kernels.selfcheck
 
 clean:
 	rm -rf $(VENV) out data

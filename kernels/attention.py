@@ -19,21 +19,30 @@ blocks cut by the causal diagonal or the sequence end. Backward recomputes P fro
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-_LOG2E = 1.4426950408889634  # scores are kept in base 2: exp(x) = exp2(x * log2(e))
+from kernels.attention_tiles import fitting, tile_shapes
+from kernels.common import (
+    DTYPE_NAMES,
+    LOG2E,
+    AotCase,
+    check_gpu_dtype,
+    interpreting,
+    key_block_query_range,
+    query_tile_key_range,
+    rows_contiguous,
+)
 
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base_ptr, v_base_ptr, stride_ks, stride_vs, pos, lo, hi, S, W,
                qk_scale,
                HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-               CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK: tl.constexpr, DOT_PREC: tl.constexpr):
+               CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK: tl.constexpr):
     # acc (BLOCK_M, BLOCK_D) fp32 unnormalised output; l_i, m_i (BLOCK_M,) running sum and max (base 2)
     # q (BLOCK_M, BLOCK_D) this tile's queries; k_base_ptr/v_base_ptr: this (batch, kv head)'s K/V
     # pos (BLOCK_M,) absolute query positions; [lo, hi) key range to visit, step BLOCK_N
@@ -50,7 +59,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base_ptr, v_base_ptr, stride_ks, stride_vs, p
             kv_ok = cols >= 0  # unmasked blocks lie inside [0, S): only the head-dim padding is masked
         kT = tl.load(k_base_ptr + cols[None, :] * stride_ks + offs_d[:, None],
                      mask=kv_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
-        qk = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
+        qk = tl.dot(q, kT) * qk_scale
         if MASK:
             keep = kv_ok[None, :]
             if CAUSAL:
@@ -66,7 +75,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base_ptr, v_base_ptr, stride_ks, stride_vs, p
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base_ptr + cols[:, None] * stride_vs + offs_d[None, :],
                     mask=kv_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     return acc, l_i, m_i
 
@@ -82,7 +91,7 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
                      seq_bucket,  # unused in the body: autotune key (power-of-two bucket of max(T, S))
                      HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,  # head dim and its power-of-two pad
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # query / key tile sizes
-                     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOT_PREC: tl.constexpr):
+                     CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
     # Causal tiles near the end have the most keys: launch them first so the tail of the grid is short.
     n_m = tl.cdiv(T, BLOCK_M)
     pid_m = n_m - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
@@ -101,30 +110,17 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
     v_base = v_ptr + b * stride_vb + hk * stride_vh
 
     # Key range any row of the tile sees, and the sub-range every row fully sees (no mask needed).
-    hi = S
-    full_hi = S
-    if CAUSAL:
-        hi = tl.minimum(S, m0 + BLOCK_M + off)
-        full_hi = tl.minimum(S, m0 + off + 1)
-    hi = tl.maximum(hi, 0)
-    full_hi = (tl.maximum(full_hi, 0) // BLOCK_N) * BLOCK_N
-    lo = 0
-    full_lo = 0
-    if WINDOW:
-        lo = (tl.maximum(m0 + off - W + 1, 0) // BLOCK_N) * BLOCK_N
-        full_lo = tl.cdiv(tl.maximum(m0 + BLOCK_M + off - W, 0), BLOCK_N) * BLOCK_N
-    a = tl.minimum(tl.maximum(full_lo, lo), hi)
-    z = tl.maximum(tl.minimum(full_hi, hi), a)
+    lo, a, z, hi = query_tile_key_range(m0, off, S, W, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, pos, lo, a, S, W,
-                               qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, True, DOT_PREC)
+                               qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, True)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, pos, a, z, S, W,
-                               qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, False, DOT_PREC)
+                               qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, False)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, pos, z, hi, S, W,
-                               qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, True, DOT_PREC)
+                               qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, True)
 
     empty = l_i == 0.0  # rows that see no key (T > S with causal, or a window): output 0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -162,7 +158,7 @@ def _attn_bwd_preprocess_kernel(o_ptr, do_ptr, delta_ptr,
 def _bwd_dkdv_inner(dk, dv, k, v, q_base_ptr, do_base_ptr, lse_base_ptr, delta_base_ptr,
                     stride_qt, stride_dot, cols, lo, hi, T, off, W, qk_scale,
                     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK: tl.constexpr, DOT_PREC: tl.constexpr):
+                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK: tl.constexpr):
     # dk, dv (BLOCK_N, BLOCK_D) fp32 accumulators; k, v (BLOCK_N, BLOCK_D) this program's key block
     # *_base_ptr: one query head's Q, dO, lse, delta; cols (BLOCK_N,) key indices
     # [lo, hi) query range, step BLOCK_M; MASK False only for query blocks that fully see the key block
@@ -178,7 +174,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base_ptr, do_base_ptr, lse_base_ptr, delta_b
         qT = tl.load(q_base_ptr + rows[None, :] * stride_qt + offs_d[:, None],
                      mask=r_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_M)
         lse = tl.load(lse_base_ptr + rows, mask=r_ok, other=float("inf"))
-        qkT = tl.dot(k, qT, input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
+        qkT = tl.dot(k, qT) * qk_scale  # (BLOCK_N, BLOCK_M)
         pT = tl.exp2(qkT - lse[None, :])
         if MASK:
             keep = r_ok[None, :]
@@ -190,11 +186,11 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base_ptr, do_base_ptr, lse_base_ptr, delta_b
             pT = tl.where(keep, pT, 0.0)
         do = tl.load(do_base_ptr + rows[:, None] * stride_dot + offs_d[None, :],
                      mask=r_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        dv = tl.dot(pT.to(do.dtype), do, dv)
         delta = tl.load(delta_base_ptr + rows, mask=r_ok, other=0.0)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
+        dpT = tl.dot(v, tl.trans(do))  # (BLOCK_N, BLOCK_M)
         dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PREC)
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk)
     return dk, dv
 
 
@@ -210,7 +206,7 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
                           seq_bucket,  # autotune key only
                           HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOT_PREC: tl.constexpr):
+                          CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bk = tl.program_id(1)
     Hkv = H // G
@@ -227,20 +223,7 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
                 mask=kv_mask, other=0.0)
 
     # Query rows that see any key of this block, and the sub-range whose blocks see all of them.
-    lo = 0
-    full_lo = 0
-    if CAUSAL:
-        lo = (tl.maximum(n0 - off, 0) // BLOCK_M) * BLOCK_M
-        full_lo = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - off, 0), BLOCK_M) * BLOCK_M
-    hi = T
-    full_hi = T
-    if WINDOW:
-        hi = tl.minimum(T, n0 + BLOCK_N - 1 + W - off)
-        full_hi = tl.minimum(T, n0 + W - off)
-    hi = tl.maximum(hi, 0)
-    full_hi = (tl.maximum(full_hi, 0) // BLOCK_M) * BLOCK_M
-    a = tl.minimum(tl.maximum(full_lo, lo), hi)
-    z = tl.maximum(tl.minimum(full_hi, hi), a)
+    lo, a, z, hi = key_block_query_range(n0, off, T, W, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -253,13 +236,13 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
         delta_base = delta_ptr + bh * T
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                                  cols, lo, a, T, off, W, qk_scale, HEAD_D, BLOCK_D, BLOCK_M,
-                                 CAUSAL, WINDOW, True, DOT_PREC)
+                                 CAUSAL, WINDOW, True)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                                  cols, a, z, T, off, W, qk_scale, HEAD_D, BLOCK_D, BLOCK_M,
-                                 CAUSAL, WINDOW, False, DOT_PREC)
+                                 CAUSAL, WINDOW, False)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                                  cols, z, hi, T, off, W, qk_scale, HEAD_D, BLOCK_D, BLOCK_M,
-                                 CAUSAL, WINDOW, True, DOT_PREC)
+                                 CAUSAL, WINDOW, True)
     out_off = b * stride_dkb + hk * stride_dkh + cols[:, None] * stride_dks + offs_d[None, :]
     tl.store(dk_ptr + out_off, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + out_off, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
@@ -269,7 +252,7 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
 def _bwd_dq_inner(dq, q, do, lse, delta, k_base_ptr, v_base_ptr, stride_ks, stride_vs, pos, lo, hi, S, W,
                   qk_scale,
                   HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK: tl.constexpr, DOT_PREC: tl.constexpr):
+                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK: tl.constexpr):
     # dq (BLOCK_M, BLOCK_D) fp32 accumulator; q, do this tile's rows; lse, delta (BLOCK_M,)
     # [lo, hi) key range, step BLOCK_N; MASK as in the forward
     offs_n = tl.arange(0, BLOCK_N)
@@ -286,7 +269,7 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base_ptr, v_base_ptr, stride_ks, stri
                      mask=kv_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
         vT = tl.load(v_base_ptr + cols[None, :] * stride_vs + offs_d[:, None],
                      mask=kv_ok[None, :] & d_ok[:, None], other=0.0)
-        qk = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
+        qk = tl.dot(q, kT) * qk_scale
         p = tl.exp2(qk - lse[:, None])
         if MASK:
             keep = kv_ok[None, :]
@@ -295,9 +278,9 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base_ptr, v_base_ptr, stride_ks, stri
             if WINDOW:
                 keep = keep & ((pos[:, None] - cols[None, :]) < W)
             p = tl.where(keep, p, 0.0)
-        dp = tl.dot(do, vT, input_precision=DOT_PREC)
+        dp = tl.dot(do, vT)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PREC)
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
     return dq
 
 
@@ -312,7 +295,7 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
                         seq_bucket,  # autotune key only
                         HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOT_PREC: tl.constexpr):
+                        CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
     n_m = tl.cdiv(T, BLOCK_M)
     pid_m = n_m - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -335,29 +318,15 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     k_base = k_ptr + b * stride_kb + hk * stride_kh
     v_base = v_ptr + b * stride_vb + hk * stride_vh
 
-    # Same key ranges as the forward.
-    hi = S
-    full_hi = S
-    if CAUSAL:
-        hi = tl.minimum(S, m0 + BLOCK_M + off)
-        full_hi = tl.minimum(S, m0 + off + 1)
-    hi = tl.maximum(hi, 0)
-    full_hi = (tl.maximum(full_hi, 0) // BLOCK_N) * BLOCK_N
-    lo = 0
-    full_lo = 0
-    if WINDOW:
-        lo = (tl.maximum(m0 + off - W + 1, 0) // BLOCK_N) * BLOCK_N
-        full_lo = tl.cdiv(tl.maximum(m0 + BLOCK_M + off - W, 0), BLOCK_N) * BLOCK_N
-    a = tl.minimum(tl.maximum(full_lo, lo), hi)
-    z = tl.maximum(tl.minimum(full_hi, hi), a)
+    lo, a, z, hi = query_tile_key_range(m0, off, S, W, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)  # as the forward
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, pos, lo, a, S, W,
-                       qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, True, DOT_PREC)
+                       qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, True)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, pos, a, z, S, W,
-                       qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, False, DOT_PREC)
+                       qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, False)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, pos, z, hi, S, W,
-                       qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, True, DOT_PREC)
+                       qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, True)
     tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
              (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=mask)
 
@@ -365,78 +334,41 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
 # ----------------------------------------------------------------------------- launchers
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# fp32 runs these kernels only under the interpreter (CPU tests). On a GPU, fp32 tiles spill at every size
+# (FMA dots; 3xTF32 still spilled at head dim 256 and in dK/dV) and FlashAttention itself is fp16/bf16
+# only, so llm.ops sends fp32 CUDA tensors to the reference and the launchers refuse them.
+_GPU_DTYPES = (torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256
 # Interpreter tiles: small, and BLOCK_M != BLOCK_N, so CPU tests on short sequences cross tile edges and
 # reach every masking phase (window-cut, full, causal/end-cut) with tiles misaligned to each other.
 _INTERP_TILES = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
 _TUNE_KEY = ["seq_bucket", "HEAD_D", "CAUSAL", "WINDOW"]
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _tile_shapes(kind: str, block_d: int, major: int) -> list[tuple[int, int, int, int]]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for one kernel, head-dim pad and GPU arch.
-
-    Hopper (sm_90, 228 KB shared memory) affords deeper pipelines and 128-wide key tiles; Ampere
-    (sm_80, 164 KB) one stage less; other parts (~100 KB) small tiles. The last entry fits every dtype
-    (fp32 included) at head dim 256 on all of them, so autotuning always has a config that runs.
-    """
-    d = "64" if block_d <= 64 else ("128" if block_d <= 128 else "256")
-    table = {
-        9: {"fwd": {"64": [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4)],
-                    "128": [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
-                    "256": [(128, 64, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2)]},
-            "dkdv": {"64": [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
-                     "128": [(64, 128, 8, 2), (32, 128, 8, 3), (32, 64, 4, 3)],
-                     "256": [(32, 64, 8, 2), (16, 64, 4, 2)]},
-            "dq": {"64": [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
-                   "128": [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3)],
-                   "256": [(64, 32, 8, 2), (32, 64, 4, 2)]}},
-        8: {"fwd": {"64": [(128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
-                    "128": [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)],
-                    "256": [(64, 64, 8, 1), (64, 32, 4, 2)]},
-            "dkdv": {"64": [(32, 128, 4, 2), (64, 64, 4, 3)],
-                     "128": [(32, 128, 8, 2), (32, 64, 4, 2)],
-                     "256": [(16, 64, 4, 1), (32, 32, 4, 2)]},
-            "dq": {"64": [(128, 32, 4, 2), (64, 64, 4, 3)],
-                   "128": [(128, 32, 8, 2), (64, 64, 4, 2)],
-                   "256": [(64, 32, 8, 1), (32, 32, 4, 2)]}},
-    }
-    if major >= 9:
-        shapes = list(table[9][kind][d])
-    elif major == 8:
-        shapes = list(table[8][kind][d])
-    else:
-        shapes = [(64, 32, 4, 2)] if kind != "dkdv" else [(32, 64, 4, 2)]
-    shapes.append((32, 32, 8 if block_d > 128 else 4, 1))
-    return shapes
+_PRE_M = 64  # rows per program of the backward's delta preprocess
+_AOT_HEAD_DIMS = (16, 32, 64, 96, 128, 256)
 
 
 @functools.cache
-def _tuned(kind: str, block_d: int, major: int):
-    """The autotuned kernel for (kind, head-dim pad, arch); built once, CUDA only."""
+def _tuned(kind: str, block_d: int, major: int, dtype: torch.dtype, smem_limit: int):
+    """The autotuned kernel for (kind, head-dim pad, arch, dtype), its configurations pruned to the
+    device's shared memory; built once, CUDA only. The key buckets the sequence length to a power of
+    two, so a new length re-tunes only when it crosses a bucket."""
     kernel = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}[kind]
+    elem = torch.empty((), dtype=dtype).element_size()
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-               for m, n, w, s in _tile_shapes(kind, block_d, major)]
+               for m, n, w, s in fitting(kind, block_d, major, elem, smem_limit)]
     # Kernels only write their own outputs, so re-running candidates during tuning is harmless.
     return triton.autotune(configs=configs, key=_TUNE_KEY)(kernel)
 
 
 def _launch(kind: str, kernel, grid, args: tuple, consts: dict, device: torch.device) -> None:
     """Run `kernel` with autotuned tiles on CUDA, fixed small tiles under the interpreter."""
-    if device.type == "cuda" and not _interpreting():
-        major = torch.cuda.get_device_capability(device)[0]
-        _tuned(kind, consts["BLOCK_D"], major)[grid](*args, **consts)
+    if device.type == "cuda" and not interpreting():
+        props = torch.cuda.get_device_properties(device)
+        limit = getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
+        _tuned(kind, consts["BLOCK_D"], props.major, args[0].dtype, limit)[grid](*args, **consts)
     else:
         bm, bn = _INTERP_TILES[kind]
         kernel[grid](*args, **consts, BLOCK_M=bm, BLOCK_N=bn)
-
-
-def _rows_contiguous(x: Tensor) -> Tensor:
-    """Kernels take any batch/sequence/head strides but need unit stride along the head dim."""
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, window: int | None) -> None:
@@ -452,24 +384,22 @@ def _check(q: Tensor, k: Tensor, v: Tensor, window: int | None) -> None:
         raise ValueError(f"head dim {D} is not supported (1..{_MAX_HEAD_DIM})")
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share one dtype among {_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_gpu_dtype("attention", q, _GPU_DTYPES)
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if window is not None and window < 1:
         raise ValueError(f"window must be >= 1 or None, got {window}")
 
 
-def _common(q: Tensor, k: Tensor, causal: bool, window: int | None) -> dict:
-    D = q.shape[3]
-    return dict(HEAD_D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=bool(causal),
-                WINDOW=window is not None,
-                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")  # fp32 exact, not tf32
+def _consts(D: int, causal: bool, window: bool) -> dict:
+    return dict(HEAD_D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=bool(causal), WINDOW=bool(window))
 
 
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
                   window: int | None) -> tuple[Tensor, Tensor]:
     """Forward: returns o (B, T, H, D) in q's dtype and lse (B, H, T) fp32, base 2 (+inf: no key seen)."""
     _check(q, k, v, window)
-    q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
+    q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
     B, T, H, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     o = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
@@ -479,15 +409,15 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
     W = 0 if window is None else int(window)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
     args = (q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-            T, S, H, H // Hkv, W, scale * _LOG2E, triton.next_power_of_2(max(T, S, 16)))
-    _launch("fwd", _attn_fwd_kernel, grid, args, _common(q, k, causal, window), q.device)
+            T, S, H, H // Hkv, W, scale * LOG2E, triton.next_power_of_2(max(T, S, 16)))
+    _launch("fwd", _attn_fwd_kernel, grid, args, _consts(q.shape[3], causal, window is not None), q.device)
     return o, lse
 
 
 def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool,
                   scale: float, window: int | None) -> tuple[Tensor, Tensor, Tensor]:
     """Backward from the forward's o and lse: returns dq (like q), dk and dv (like k), input dtypes."""
-    q, k, v, o, do = (_rows_contiguous(x) for x in (q, k, v, o, do))
+    q, k, v, o, do = (rows_contiguous(x) for x in (q, k, v, o, do))
     B, T, H, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     dq = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
@@ -495,25 +425,49 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: T
     dv = torch.empty_like(dk)
     if dq.numel() == 0 or dk.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    c = _common(q, k, causal, window)
+    c = _consts(q.shape[3], causal, window is not None)
     W = 0 if window is None else int(window)
     G = H // Hkv
     bucket = triton.next_power_of_2(max(T, S, 16))
     delta = torch.empty_like(lse)
-    pre_m = 64
-    _attn_bwd_preprocess_kernel[(triton.cdiv(T, pre_m), B * H)](
+    _attn_bwd_preprocess_kernel[(triton.cdiv(T, _PRE_M), B * H)](
         o, do, delta, *o.stride()[:3], *do.stride()[:3], T, H,
-        HEAD_D=D, BLOCK_D=c["BLOCK_D"], BLOCK_M=pre_m)
+        HEAD_D=D, BLOCK_D=c["BLOCK_D"], BLOCK_M=_PRE_M)
     qkv_strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
     grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)
     args = (q, k, v, do, lse, delta, dk, dv, *qkv_strides, *dk.stride()[:3],
-            T, S, H, G, W, scale * _LOG2E, scale, bucket)
+            T, S, H, G, W, scale * LOG2E, scale, bucket)
     _launch("dkdv", _attn_bwd_dkdv_kernel, grid, args, c, q.device)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
     args = (q, k, v, do, lse, delta, dq, *qkv_strides, *dq.stride()[:3],
-            T, S, H, G, W, scale * _LOG2E, scale, bucket)
+            T, S, H, G, W, scale * LOG2E, scale, bucket)
     _launch("dq", _attn_bwd_dq_kernel, grid, args, c, q.device)
     return dq, dk, dv
+
+
+def aot_cases() -> list[AotCase]:
+    """Every compile the launchers and autotuners can pick, for `python -m kernels.aot`: each dtype, one
+    head dim per BLOCK_D pad (plus 96, a padded one), causal with a window (every mask term live)."""
+    f32 = torch.float32
+    ptrs = {"lse_ptr": f32, "delta_ptr": f32}
+    scalars = {"qk_scale": 0.18, "sm_scale": 0.125}
+    kernels = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
+    cases = []
+    for dtype in _GPU_DTYPES:
+        for D in _AOT_HEAD_DIMS:
+            c = _consts(D, causal=True, window=True)
+            label = f"{DTYPE_NAMES[dtype]} D={D}"
+            cases.append(AotCase(_attn_bwd_preprocess_kernel, dict(HEAD_D=D, BLOCK_D=c["BLOCK_D"], BLOCK_M=_PRE_M),
+                                 4, 3, dtype, label, ptrs=ptrs))
+            for kind, kernel in kernels.items():
+                archs: dict[tuple, list[int]] = {}
+                for major in (8, 9):
+                    for shape in tile_shapes(kind, c["BLOCK_D"], major):
+                        archs.setdefault(shape, []).append(major)
+                for (m, n, w, st), majors in archs.items():
+                    cases.append(AotCase(kernel, dict(c, BLOCK_M=m, BLOCK_N=n), w, st, dtype, label, tuple(majors),
+                                         ptrs=ptrs, scalars=scalars))
+    return cases
 
 
 # ----------------------------------------------------------------------------- autograd + public API

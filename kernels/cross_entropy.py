@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.reference import check_labels
+from kernels.common import DTYPE_NAMES, AotCase, pow2_range
 
 # Fewest rows per chunk of the fused op. The chunk's grad_W update (dz_c^T @ x_c) reads and
 # writes the whole (V, d) fp32 accumulator, 8*V*d bytes for 2*V*d*rows FLOPs; below ~1k rows
@@ -132,11 +132,33 @@ def _block_v(V: int) -> tuple[int, int]:
     return block, 8 if block >= 2048 else 4
 
 
-def _check_targets(targets: Tensor, n_rows: int) -> None:
+def aot_cases() -> list[AotCase]:
+    """Every `_block_v` step for any vocabulary, per logits dtype, for `python -m kernels.aot`."""
+    f32, cases = torch.float32, []
+    ptrs = {"targets_ptr": torch.int64, "loss_ptr": f32, "lse_ptr": f32, "scale_ptr": f32}
+    scalars = {"ignore_index": -100, "z_loss": 1e-4}
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for v in pow2_range(16, 4096):
+            block, warps = _block_v(v)
+            for write_grad in (False, True):
+                cases.append(AotCase(_cross_entropy_fwd_kernel, dict(BLOCK_V=block, WRITE_GRAD=write_grad), warps, 3,
+                                     dtype, DTYPE_NAMES[dtype], ptrs=ptrs, scalars=scalars))
+            cases.append(AotCase(_cross_entropy_bwd_kernel, dict(BLOCK_V=block), warps, 3, dtype, DTYPE_NAMES[dtype],
+                                 ptrs=ptrs, scalars=scalars))
+    return cases
+
+
+def _check_targets(targets: Tensor, n_rows: int, vocab: int, ignore_index: int) -> None:
+    """Integer labels, one per row, each in [0, vocab) or ignore_index (the reference's contract; the
+    range check reads the labels on the host once per call, as the reference does)."""
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise ValueError(f"targets must be an integer tensor, got {targets.dtype}")
     if targets.numel() != n_rows:
         raise ValueError(f"targets has {targets.numel()} labels for {n_rows} rows")
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    if bool(bad.any()):
+        v = int(targets[bad][0])
+        raise ValueError(f"label {v} is outside the vocabulary [0, {vocab}) (ignore_index={ignore_index})")
 
 
 def _launch_rows(logits: Tensor, targets: Tensor, loss_rows: Tensor, lse: Tensor, scale: Tensor,
@@ -163,8 +185,7 @@ def cross_entropy_fwd(logits: Tensor, targets: Tensor, ignore_index: int = -100,
         raise ValueError(f"logits must be (N, V), got shape {tuple(logits.shape)}")
     if not logits.dtype.is_floating_point:
         raise ValueError(f"logits must be a float tensor, got {logits.dtype}")
-    _check_targets(targets, logits.shape[0])
-    check_labels(targets, logits.shape[1], ignore_index)
+    _check_targets(targets, logits.shape[0], logits.shape[1], ignore_index)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     targets = targets.reshape(-1).long()
@@ -256,8 +277,7 @@ def linear_cross_entropy_fwd(x: Tensor, weight: Tensor, targets: Tensor, ignore_
                          f"{targets.device}")
     if targets.shape != x.shape[:-1]:
         raise ValueError(f"targets shape {tuple(targets.shape)} does not match x rows {tuple(x.shape[:-1])}")
-    _check_targets(targets, targets.numel())
-    check_labels(targets, V, ignore_index)
+    _check_targets(targets, targets.numel(), V, ignore_index)
     if chunk is not None and chunk < 1:
         raise ValueError(f"chunk must be a positive number of rows, got {chunk}")
 

@@ -10,17 +10,18 @@ on long caches. Instead:
      query heads of one kv group (and a chunk of the Tq tokens) as the rows of one tile, so every K/V
      element is read once per group, and runs an online softmax over one contiguous split of the keys.
      It writes a normalised partial output and its log-sum-exp (base 2; -inf when it saw no key).
-  2. `_decode_combine_kernel`: per (row, head, token), out = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max).
+  2. `kernels.common.decode_combine_kernel` (shared with the paged kernel): per (row, head, token),
+     out = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max).
 The number of splits comes from the SM count (about two waves of programs, capped by the cache capacity
 S_max / 256), and each program sizes its split from its own row's length, so a single sequence with a
 long cache still fills the GPU, ragged rows are balanced, and no host sync reads `lengths` (the decode
 step stays CUDA-graph friendly; a max over lengths on the host would stall every layer of every token).
 
-Any Tq is accepted (the model also calls this for the prompt): for Tq > 16 with all rows at the same
-length the call is routed to `kernels.attention.attention` on the cache sliced to that length (its
-bottom-right causal alignment is exactly this mask, and it parallelises over query blocks); ragged rows
-with Tq > 16 run the decode kernel with the tokens in chunks of 16 (token-chunk grid axis). Only that
-Tq > 16 check reads lengths on the host. No autograd: inputs that require grad are refused.
+Any Tq is accepted: Tq > 16 runs the tokens in chunks of 16 (token-chunk grid axis). Prefill-like calls
+with every row at one length are sent to `attention` by `llm.ops.kv_attention` before they get here (it
+parallelises over query blocks). Only Tq > 16 checks lengths on the host (a prefill call can afford the
+sync). No autograd: inputs that require grad are refused. fp32 runs only under the interpreter (its
+tiles spill on GPUs; `llm.ops` sends fp32 CUDA tensors to the reference).
 """
 
 from __future__ import annotations
@@ -30,7 +31,19 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.attention import _LOG2E, _interpreting, _rows_contiguous, attention
+from kernels.common import (
+    COMBINE_BLOCK_S,
+    DTYPE_NAMES,
+    LOG2E,
+    AotCase,
+    check_gpu_dtype,
+    decode_combine_kernel,
+    decode_tile_rows,
+    decode_warps,
+    interpreting,
+    pow2_range,
+    rows_contiguous,
+)
 
 
 @triton.jit
@@ -48,8 +61,7 @@ def _decode_fwd_kernel(q_ptr, k_ptr, v_ptr, len_ptr, o_part_ptr, lse_part_ptr,
                        HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,  # head dim and its power-of-two pad
                        BLOCK_N: tl.constexpr,  # keys per inner step
                        G_BLOCK: tl.constexpr, TQ_BLOCK: tl.constexpr,  # heads x tokens packed in a tile
-                       BLOCK_M: tl.constexpr,  # tile rows: G_BLOCK * TQ_BLOCK, at least 16 for tl.dot
-                       DOT_PREC: tl.constexpr):
+                       BLOCK_M: tl.constexpr):  # tile rows: G_BLOCK * TQ_BLOCK, at least 16 for tl.dot
     b = tl.program_id(0)
     pid1 = tl.program_id(1)
     s = tl.program_id(2)
@@ -92,7 +104,7 @@ def _decode_fwd_kernel(q_ptr, k_ptr, v_ptr, len_ptr, o_part_ptr, lse_part_ptr,
         kv_ok = cols < end
         kT = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None],
                      mask=kv_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
-        qk = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
+        qk = tl.dot(q, kT) * qk_scale
         qk = tl.where(kv_ok[None, :] & (cols[None, :] <= pos[:, None]), qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: exp2 -> 0, not NaN
@@ -101,7 +113,7 @@ def _decode_fwd_kernel(q_ptr, k_ptr, v_ptr, len_ptr, o_part_ptr, lse_part_ptr,
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :],
                     mask=kv_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
 
     empty = l_i == 0.0  # split beyond this row's length, or fully in its causal future
@@ -114,45 +126,11 @@ def _decode_fwd_kernel(q_ptr, k_ptr, v_ptr, len_ptr, o_part_ptr, lse_part_ptr,
              mask=row_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
-def _decode_combine_kernel(o_part_ptr, lse_part_ptr, out_ptr,
-                           Tq, H, n_splits,  # new tokens, query heads, splits per output row
-                           HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
-                           BLOCK_S: tl.constexpr):  # splits handled per step
-    row = tl.program_id(0).to(tl.int64)  # index into the partials' (B, H, Tq) rows
-    t = row % Tq
-    h = (row // Tq) % H
-    b = row // (Tq * H)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_D
-    m_vec = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
-    for s0 in range(0, n_splits, BLOCK_S):
-        lse = tl.load(lse_part_ptr + row * n_splits + s0 + offs_s, mask=s0 + offs_s < n_splits,
-                      other=float("-inf"))
-        m_vec = tl.maximum(m_vec, lse)
-    m = tl.max(m_vec, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)  # no split saw a key: all weights 0, output 0
-    acc = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
-    den = tl.zeros([BLOCK_S], dtype=tl.float32)
-    for s0 in range(0, n_splits, BLOCK_S):
-        s_ok = s0 + offs_s < n_splits
-        lse = tl.load(lse_part_ptr + row * n_splits + s0 + offs_s, mask=s_ok, other=float("-inf"))
-        w = tl.exp2(lse - m)
-        o = tl.load(o_part_ptr + (row * n_splits + s0 + offs_s[:, None]) * HEAD_D + offs_d[None, :],
-                    mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-        acc += w[:, None] * o
-        den += w
-    total = tl.sum(den, 0)
-    out = tl.sum(acc, 0) / tl.where(total == 0.0, 1.0, total)
-    tl.store(out_ptr + ((b * Tq + t) * H + h) * HEAD_D + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
-
-
 # ----------------------------------------------------------------------------- launchers
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_TQ_BLOCK = 16  # tokens per tile; also the Tq above which equal-length calls go to attention()
-_MAX_ROWS = 128  # heads x tokens per tile, so registers stay bounded for wide MQA groups
+_GPU_DTYPES = (torch.float16, torch.bfloat16)  # fp32: interpreter only (see the module docstring)
+_MAX_TQ_BLOCK = 16  # tokens per tile (more tokens run as several token chunks)
 _MIN_SPLIT = 256  # keys per split at least, so each program runs several pipelined K/V steps
 _MAX_SPLITS = 256
 
@@ -175,6 +153,7 @@ def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor) -> None
     if not (q.device == k_cache.device == v_cache.device):
         raise ValueError(f"q and caches must be on one device, got {q.device}, {k_cache.device}, "
                          f"{v_cache.device}")
+    check_gpu_dtype("decode_attention", q, _GPU_DTYPES)
     if lengths.shape != (B,) or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
         raise ValueError(f"lengths must be an integer tensor of shape ({B},), got {lengths.dtype} "
                          f"{tuple(lengths.shape)}")
@@ -193,7 +172,7 @@ def decode_attention_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: T
     number of keys per split, num_splits a number of splits (tests use both to get several on short caches).
     """
     _check(q, k_cache, v_cache, lengths)
-    q, k_cache, v_cache = (_rows_contiguous(x) for x in (q, k_cache, v_cache))
+    q, k_cache, v_cache = (rows_contiguous(x) for x in (q, k_cache, v_cache))
     B, Tq, H, D = q.shape
     S_max, Hkv = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device)
@@ -204,19 +183,12 @@ def decode_attention_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: T
         lo, hi = (int(x) for x in torch.stack([lengths.min(), lengths.max()]).tolist())  # host sync
         if lo < 0 or hi > S_max:
             raise ValueError(f"lengths must lie in [0, S_max={S_max}], got min {lo}, max {hi}")
-        if lo == hi:
-            # Prefill-like call, every row at the same length: causal attention over the valid prefix.
-            return attention(q, k_cache[:, :hi], v_cache[:, :hi], causal=True, scale=scale)
 
     G = H // Hkv
-    TQ_BLOCK = min(triton.next_power_of_2(Tq), _MAX_TQ_BLOCK)
-    G_BLOCK = min(triton.next_power_of_2(G), max(1, _MAX_ROWS // TQ_BLOCK))
-    n_qc, n_gc = triton.cdiv(Tq, TQ_BLOCK), triton.cdiv(G, G_BLOCK)
-    BLOCK_D = max(16, triton.next_power_of_2(D))
-    on_gpu = q.is_cuda and not _interpreting()
-    # K/V tiles of ~16 KB each: 64 keys at bf16/fp16 head dim 128, fewer for wider rows (fp32, D=256).
-    BLOCK_N = max(16, min(64, 16384 // (BLOCK_D * q.element_size()))) if on_gpu else 16
-    min_split = BLOCK_N
+    on_gpu = q.is_cuda and not interpreting()
+    consts, launch = _tiles(Tq, G, D, q.dtype, on_gpu)
+    n_qc, n_gc = triton.cdiv(Tq, consts["TQ_BLOCK"]), triton.cdiv(G, consts["G_BLOCK"])
+    min_split = consts["BLOCK_N"]
     if split_size is not None:
         if split_size < 1:
             raise ValueError(f"split_size must be >= 1, got {split_size}")
@@ -233,18 +205,56 @@ def decode_attention_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: T
 
     o_part = torch.empty((B, H, Tq, n_splits, D), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((B, H, Tq, n_splits), dtype=torch.float32, device=q.device)
-    launch = dict(num_warps=4, num_stages=3 if q.element_size() < 4 else 2) if on_gpu else {}
     _decode_fwd_kernel[(B, Hkv * n_gc * n_qc, n_splits)](
         q, k_cache, v_cache, lengths, o_part, lse_part,
         *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
-        Tq, H, G, S_max, n_gc, n_qc, n_splits, split_size, min_split, scale * _LOG2E,
-        HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, G_BLOCK=G_BLOCK, TQ_BLOCK=TQ_BLOCK,
-        BLOCK_M=max(16, G_BLOCK * TQ_BLOCK), DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        **launch)
-    _decode_combine_kernel[(B * H * Tq,)](
+        Tq, H, G, S_max, n_gc, n_qc, n_splits, split_size, min_split, scale * LOG2E, **consts, **launch)
+    decode_combine_kernel[(B * H * Tq,)](
         o_part, lse_part, out, Tq, H, n_splits,
-        HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_S=min(32, triton.next_power_of_2(n_splits)))
+        HEAD_D=D, BLOCK_D=consts["BLOCK_D"], BLOCK_S=COMBINE_BLOCK_S)
     return out
+
+
+def _tiles(Tq: int, G: int, D: int, dtype: torch.dtype, on_gpu: bool) -> tuple[dict, dict]:
+    """(constexprs, launch options) of the split kernel for Tq tokens, G heads per group, head dim D."""
+    TQ_BLOCK = min(triton.next_power_of_2(Tq), _MAX_TQ_BLOCK)
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    # heads x tokens per tile bounded (decode_tile_rows), so registers stay bounded for wide MQA groups
+    G_BLOCK = min(triton.next_power_of_2(G), max(1, decode_tile_rows(BLOCK_D) // TQ_BLOCK))
+    elem = torch.empty((), dtype=dtype).element_size()
+    # K/V tiles of ~16 KB each: 64 keys at bf16/fp16 head dim 128, fewer for wider rows (fp32, D=256).
+    BLOCK_N = max(16, min(64, 16384 // (BLOCK_D * elem))) if on_gpu else 16
+    consts = dict(HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, G_BLOCK=G_BLOCK, TQ_BLOCK=TQ_BLOCK,
+                  BLOCK_M=max(16, G_BLOCK * TQ_BLOCK))
+    # Two pipeline stages at head dim 16 (three spilled 8 B on sm_90 with 64-key blocks).
+    launch = dict(num_warps=decode_warps(consts["BLOCK_M"], BLOCK_D),
+                  num_stages=2 if BLOCK_D <= 16 or elem == 4 else 3) if on_gpu else {}
+    return consts, launch
+
+
+def aot_cases() -> list[AotCase]:
+    """GPU compiles for `python -m kernels.aot`: every tile shape `_tiles` gives for Tq <= 16, any group
+    size and each head-dim pad (one (G_BLOCK, TQ_BLOCK) split per distinct BLOCK_M: the packing only
+    changes index arithmetic), per dtype; the combine per head dim."""
+    f32 = torch.float32
+    cases, seen = [], set()
+    for dtype in _GPU_DTYPES:
+        for D in (16, 32, 64, 96, 128, 256):
+            for Tq in pow2_range(1, _MAX_TQ_BLOCK):
+                for G in pow2_range(1, 256):
+                    consts, launch = _tiles(Tq, G, D, dtype, on_gpu=True)
+                    key = (dtype, D, consts["BLOCK_M"], consts["BLOCK_N"])
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    cases.append(AotCase(_decode_fwd_kernel, consts, launch["num_warps"], launch["num_stages"], dtype,
+                                         f"{DTYPE_NAMES[dtype]} D={D} Tq={Tq} G={G}",
+                                         ptrs={"len_ptr": torch.int64, "o_part_ptr": f32, "lse_part_ptr": f32},
+                                         scalars={"qk_scale": 0.18}))
+            cases.append(AotCase(decode_combine_kernel, dict(HEAD_D=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
+                                                             BLOCK_S=COMBINE_BLOCK_S), 4, 3, f32,
+                                 f"{DTYPE_NAMES[dtype]} D={D}", ptrs={"out_ptr": dtype}))
+    return cases
 
 
 # ----------------------------------------------------------------------------- public API

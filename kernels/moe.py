@@ -35,6 +35,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels.common import DTYPE_NAMES, AotCase, rows_contiguous
+
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -312,16 +314,52 @@ def schedule(topk_idx: Tensor, n_experts: int, block_m: int) -> Schedule:
 
 
 def _blocks(rows: int, n_experts: int, x: Tensor) -> _Blocks:
-    """Tile sizes: small row tiles for decode (a handful of rows per expert), large for training."""
-    per_expert = rows / max(1, n_experts)
-    m = 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64 if per_expert <= 128 else 128
+    """Tile sizes for x's dtype and device (see `_gpu_blocks`); few wide tiles under the interpreter."""
     if not x.is_cuda:  # TRITON_INTERPRET=1: each program costs ~10 ms of Python; few, wide tiles
+        m = _gpu_blocks(rows, n_experts, x.dtype).m
         return _Blocks(m=min(m, 32), n_gate_up=128, n=128, k=64, p=128, q=128, r=32, warps=4, stages=1)
-    wide, fp32 = m >= 64, x.dtype == torch.float32
-    # Shared memory per pipeline stage stays under ~64 KB (fp32 halves the reduction chunk), so
-    # three stages fit an A100 (164 KB) as well as an H100 (228 KB).
-    return _Blocks(m=m, n_gate_up=64 if wide else 128, n=128 if wide else 64, k=32 if fp32 else 64, p=64, q=128,
-                   r=32 if fp32 else 64, warps=8 if wide else 4, stages=2 if fp32 else 3)
+    return _gpu_blocks(rows, n_experts, x.dtype)
+
+
+def _gpu_blocks(rows: int, n_experts: int, dtype: torch.dtype) -> _Blocks:
+    """GPU tiles: small row tiles for decode (a handful of rows per expert), large for training.
+
+    Sized by the ahead-of-time compile check (benchmarks/NOTES.md): the earlier 128-column tiles with
+    64-wide reduction chunks spilled registers in most kernels (up to ~9 KB in the gate+up GEMM, whose two
+    accumulators and gathered operand tiles live together), so every GEMM tile is at most 64 x 64 with
+    a 32-wide chunk (128-row tiles still spilled 48-116 B in the gate+up and down-backward GEMMs), and
+    the dW tiles 64 x 64 over 32-row steps. fp32 ("ieee", FMA) dots hold their operands per thread:
+    16-wide chunks, row tiles of at most 32, 8 warps, no pipelining.
+    """
+    per_expert = rows / max(1, n_experts)
+    m = 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64
+    if dtype == torch.float32:
+        m = min(m, 32)
+        return _Blocks(m=m, n_gate_up=64, n=64, k=16, p=32, q=64, r=16, warps=8, stages=1)
+    return _Blocks(m=m, n_gate_up=64, n=64, k=32, p=64, q=64, r=32, warps=8 if m >= 64 else 4, stages=3)
+
+
+def aot_cases() -> list[AotCase]:
+    """Every kernel variant `_gpu_blocks` and the launchers can run (one per row-tile size, per dtype; top-k 2:
+    k only divides indices), for `python -m kernels.aot`."""
+    i32, f32, cases = torch.int32, torch.float32, []
+    sched = {n: i32 for n in ("pair_ptr", "tile_expert_ptr", "tile_row0_ptr", "seg_start_ptr", "seg_end_ptr")}
+    for dtype in _DTYPES:
+        ieee, name = dtype == f32, DTYPE_NAMES[dtype]
+        for per_expert in (1, 17, 100):
+            bl = _gpu_blocks(per_expert, 1, dtype)
+            label = f"{name} BLOCK_M={bl.m}"
+            mk = dict(BLOCK_M=bl.m, BLOCK_K=bl.k, TOPK=2, IEEE=ieee)
+            ptrs, w, st = dict(sched, w_ptr=f32, out_ptr=f32, dw_part_ptr=f32), bl.warps, bl.stages
+            cases += [AotCase(_gate_up_fwd_kernel, dict(mk, BLOCK_N=bl.n_gate_up, SAVE=save), w, st, dtype, label,
+                              ptrs=sched) for save in (False, True)]
+            cases += [AotCase(_scatter_gemm_kernel, dict(mk, BLOCK_N=bl.n, TWO=two, SCALE=not two, ATOMIC=atomic), w,
+                              min(st, 2) if two else st, dtype, label, ptrs=ptrs)
+                      for two in (False, True) for atomic in (True, False)]
+            cases.append(AotCase(_down_bwd_kernel, dict(mk, BLOCK_N=bl.n), w, st, dtype, label, ptrs=ptrs))
+            cases += [AotCase(_dw_kernel, dict(BLOCK_M=bl.r, BLOCK_P=bl.p, BLOCK_Q=bl.q, TOPK=2, DOWN=down, IEEE=ieee),
+                              w, st, dtype, label, ptrs=ptrs) for down in (False, True)]
+    return cases
 
 
 def _check(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, topk_idx: Tensor, topk_weight: Tensor) -> None:
@@ -347,10 +385,6 @@ def _check(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, topk_idx: Te
         raise ValueError("moe_experts: all inputs must be on one device")
 
 
-def _rows(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _scatter(a1: Tensor, b1: Tensor, a2: Tensor | None, b2: Tensor | None, w: Tensor, sch: Schedule, n_experts: int,
              n_tokens: int, out_dim: int, b_strides: tuple[int, int, int], scale: bool, bl: _Blocks) -> Tensor:
     """fp32 (N, out_dim): sum over each token's rows of (w *) a1[row] @ B1[e] (+ a2[row] @ B2[e])."""
@@ -374,7 +408,7 @@ def moe_experts_fwd(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, top
     """(out (N, d) in x's dtype, schedule, g, u): g, u (R, F) pre-activations when `save`, else None."""
     _check(x, w_gate, w_up, w_down, topk_idx, topk_weight)
     (N, d), (E, F, _) = x.shape, w_gate.shape
-    x, w_gate, w_up, w_down = _rows(x), w_gate.contiguous(), w_up.contiguous(), w_down.contiguous()
+    x, w_gate, w_up, w_down = rows_contiguous(x), w_gate.contiguous(), w_up.contiguous(), w_down.contiguous()
     w = topk_weight.reshape(-1).contiguous()
     bl = _blocks(topk_idx.numel(), E, x)
     sch = schedule(topk_idx, E, bl.m)
@@ -398,7 +432,7 @@ def moe_experts_bwd(dy: Tensor, x: Tensor, w_gate: Tensor, w_up: Tensor, w_down:
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
     """(dx, dW_gate, dW_up, dW_down or None, d topk_weight) from the forward's schedule and saved g, u."""
     (N, d), (E, F, _) = x.shape, w_gate.shape
-    dy, x = _rows(dy), _rows(x)
+    dy, x = rows_contiguous(dy), rows_contiguous(x)
     w_gate, w_up, w_down = w_gate.contiguous(), w_up.contiguous(), w_down.contiguous()
     w = topk_weight.reshape(-1).contiguous()
     bl = _blocks(sch.pair.numel(), E, x)._replace(m=sch.block_m)

@@ -8,14 +8,15 @@ tokens; query t of row b sits at p = lengths[b] - Tq + t and sees keys j <= p (a
 The work split is `kernels.decode`'s: a program per (row, kv head, head chunk x token chunk, key split)
 packs the query heads of one kv group as the rows of a tile (each K/V element read once per group),
 runs an online softmax over its split, and writes a normalised partial plus its base-2 log-sum-exp;
-`kernels.decode._decode_combine_kernel` merges the splits. The only difference is the address of a key:
+`kernels.common.decode_combine_kernel` merges the splits. The only difference is the address of a key:
 each key column looks up its block id in the row's block table (one small gather per BLOCK_N keys), so
 blocks may sit anywhere in the pool, in any order, and any PAGE works (no alignment with BLOCK_N needed).
 Splits are sized from each row's own length inside the kernel: no host sync on `lengths`.
 
 Launch configurations: `LAUNCH_CONFIGS` lists every (BLOCK_N, num_warps, num_stages) the launcher can
-pick and `launch_config` is the one function that picks (an ahead-of-time compile check enumerates the
-list with the head dims, dtypes and tile shapes of `kernel_variants`).
+pick and `launch_config` is the one function that picks; `aot_cases()` enumerates them with the head
+dims, dtypes and tile shapes of `kernel_variants` for `python -m kernels.aot`. fp32 runs only under the
+interpreter (fp32 decode tiles spill on GPUs; `llm.ops` sends fp32 CUDA tensors to the reference).
 """
 
 from __future__ import annotations
@@ -25,8 +26,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.attention import _LOG2E, _interpreting, _rows_contiguous
-from kernels.decode import _decode_combine_kernel
+from kernels.common import (
+    COMBINE_BLOCK_S,
+    DTYPE_NAMES,
+    LOG2E,
+    AotCase,
+    check_gpu_dtype,
+    decode_combine_kernel,
+    decode_tile_rows,
+    decode_warps,
+    interpreting,
+    rows_contiguous,
+)
 
 
 @triton.jit
@@ -46,8 +57,7 @@ def _paged_decode_fwd_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, o_part_ptr, l
                              HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,  # head dim and its power-of-two pad
                              BLOCK_N: tl.constexpr,  # keys per inner step
                              G_BLOCK: tl.constexpr, TQ_BLOCK: tl.constexpr,  # heads x tokens packed in a tile
-                             BLOCK_M: tl.constexpr,  # tile rows: G_BLOCK * TQ_BLOCK, at least 16 for tl.dot
-                             DOT_PREC: tl.constexpr):
+                             BLOCK_M: tl.constexpr):  # tile rows: G_BLOCK * TQ_BLOCK, at least 16 for tl.dot
     b = tl.program_id(0)
     pid1 = tl.program_id(1)
     s = tl.program_id(2)
@@ -91,7 +101,7 @@ def _paged_decode_fwd_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, o_part_ptr, l
         v_off = blk * stride_vn + slot * stride_vs + hk * stride_vh
         kT = tl.load(k_ptr + k_off[None, :] + offs_d[:, None],
                      mask=kv_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
-        qk = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
+        qk = tl.dot(q, kT) * qk_scale
         vis = kv_ok[None, :] & (cols[None, :] <= pos[:, None]) & (pos[:, None] - cols[None, :] < window)
         qk = tl.where(vis, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -101,7 +111,7 @@ def _paged_decode_fwd_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, o_part_ptr, l
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :],
                     mask=kv_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
 
     empty = l_i == 0.0  # split beyond this row's length, outside its window, or in its causal future
@@ -116,41 +126,54 @@ def _paged_decode_fwd_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, o_part_ptr, l
 # ----------------------------------------------------------------------------- launchers
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_GPU_DTYPES = (torch.float16, torch.bfloat16)  # fp32: interpreter only (see the module docstring)
 _MAX_TQ_BLOCK = 16  # tokens per tile (prefill chunks run as several token chunks)
-_MAX_ROWS = 128  # heads x tokens per tile, so registers stay bounded for wide MQA groups
 _MIN_SPLIT = 256  # keys per split at least, so each program runs several pipelined K/V steps
 _MAX_SPLITS = 256
 _NO_WINDOW = 1 << 30
 
 # Every (BLOCK_N, num_warps, num_stages) the launcher can pick on a GPU; the interpreter runs BLOCK_N 16.
-# K/V tiles of ~16 KB: 64 keys at 2-byte dtypes up to head dim 128, 32 for fp32 or wider heads, 16 at 256 fp32.
+# K/V tiles of ~16 KB: 64 keys at 2-byte dtypes up to head dim 128, 32 for head dim 256; warps from the
+# tile (kernels.common.decode_warps, and 8 for 32+ rows at head dim 64+); two stages at head dim 16 and
+# with 8 warps.
 LAUNCH_CONFIGS: list[dict] = [
     dict(BLOCK_N=64, num_warps=4, num_stages=3),
+    dict(BLOCK_N=64, num_warps=8, num_stages=2),
+    dict(BLOCK_N=64, num_warps=4, num_stages=2),
     dict(BLOCK_N=32, num_warps=4, num_stages=2),
-    dict(BLOCK_N=16, num_warps=4, num_stages=2),
+    dict(BLOCK_N=32, num_warps=8, num_stages=2),
 ]
+_AOT_PAGE = 16  # the server's default block size; PAGE only enters index arithmetic (cols // PAGE)
 
 
-def launch_config(dtype: torch.dtype, block_d: int, on_gpu: bool) -> dict:
-    """The entry of LAUNCH_CONFIGS for this dtype and padded head dim (interpreter: BLOCK_N 16, no warps)."""
+def launch_config(dtype: torch.dtype, block_d: int, block_m: int, on_gpu: bool) -> dict:
+    """The entry of LAUNCH_CONFIGS for this dtype, padded head dim and tile rows (interpreter: BLOCK_N 16)."""
     if not on_gpu:
         return dict(BLOCK_N=16)
     want = max(16, min(64, 16384 // (block_d * torch.finfo(dtype).bits // 8)))
-    return next(c for c in LAUNCH_CONFIGS if c["BLOCK_N"] <= want)
+    # The block-table gather (a block id and 64-bit offsets per key column) costs registers that the
+    # contiguous kernel does not spend: 32-row tiles at head dim 64/128 spilled 8-12 B at 4 warps, and
+    # at 8 warps with 3 stages still 4 B (D=128, sm_90); 8 warps run 2 stages.
+    warps = 8 if block_m >= 32 and block_d >= 64 else decode_warps(block_m, block_d)
+    stages = 2 if block_d <= 16 or warps == 8 else 3
+    return dict(next(c for c in LAUNCH_CONFIGS if c["BLOCK_N"] <= want and c["num_warps"] == warps
+                     and c["num_stages"] <= stages))
 
 
-def kernel_variants(head_dims=(64, 80, 96, 128, 256), gqa=(1, 2, 4, 8), tq=(1, 16)) -> list[dict]:
-    """Constexpr sets a launch can produce (for ahead-of-time compile checks): tile shapes x LAUNCH_CONFIGS."""
+def kernel_variants(head_dims=(16, 32, 64, 96, 128, 256), gqa=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+                    tq=(1, 2, 4, 8, 16)) -> list[dict]:
+    """Constexpr sets a GPU launch can produce: tile shapes x LAUNCH_CONFIGS, per GPU dtype."""
     out = []
-    for dtype in _DTYPES:
+    for dtype in _GPU_DTYPES:
         for d in head_dims:
             block_d = max(16, triton.next_power_of_2(d))
             for g in gqa:
                 for t in tq:
                     tq_block = min(triton.next_power_of_2(t), _MAX_TQ_BLOCK)
-                    g_block = min(triton.next_power_of_2(g), max(1, _MAX_ROWS // tq_block))
+                    g_block = min(triton.next_power_of_2(g), max(1, decode_tile_rows(block_d) // tq_block))
+                    block_m = max(16, g_block * tq_block)
                     out.append(dict(dtype=dtype, HEAD_D=d, BLOCK_D=block_d, G_BLOCK=g_block, TQ_BLOCK=tq_block,
-                                    BLOCK_M=max(16, g_block * tq_block), **launch_config(dtype, block_d, True)))
+                                    BLOCK_M=block_m, **launch_config(dtype, block_d, block_m, True)))
     return out
 
 
@@ -178,6 +201,7 @@ def _check(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, lengt
                          f"{tuple(lengths.shape)}")
     if torch.is_grad_enabled() and (q.requires_grad or k_pool.requires_grad or v_pool.requires_grad):
         raise ValueError("paged_decode_attention is inference-only: call it under torch.no_grad()")
+    check_gpu_dtype("paged_decode_attention", q, _GPU_DTYPES)
 
 
 def paged_decode_attention_fwd(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, lengths: Tensor,
@@ -188,7 +212,7 @@ def paged_decode_attention_fwd(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_
     cuts its own length into that many pieces inside the kernel. num_splits forces a number (tests).
     """
     _check(q, k_pool, v_pool, block_table, lengths)
-    q, k_pool, v_pool = (_rows_contiguous(x) for x in (q, k_pool, v_pool))
+    q, k_pool, v_pool = (rows_contiguous(x) for x in (q, k_pool, v_pool))
     B, Tq, H, D = q.shape
     PAGE, Hkv = k_pool.shape[1], k_pool.shape[2]
     block_table = block_table.to(device=q.device, dtype=torch.int32).contiguous()
@@ -198,11 +222,12 @@ def paged_decode_attention_fwd(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_
         return out
     G = H // Hkv
     TQ_BLOCK = min(triton.next_power_of_2(Tq), _MAX_TQ_BLOCK)
-    G_BLOCK = min(triton.next_power_of_2(G), max(1, _MAX_ROWS // TQ_BLOCK))
-    n_qc, n_gc = triton.cdiv(Tq, TQ_BLOCK), triton.cdiv(G, G_BLOCK)
     BLOCK_D = max(16, triton.next_power_of_2(D))
-    on_gpu = q.is_cuda and not _interpreting()
-    cfg = launch_config(q.dtype, BLOCK_D, on_gpu)
+    G_BLOCK = min(triton.next_power_of_2(G), max(1, decode_tile_rows(BLOCK_D) // TQ_BLOCK))
+    n_qc, n_gc = triton.cdiv(Tq, TQ_BLOCK), triton.cdiv(G, G_BLOCK)
+    BLOCK_M = max(16, G_BLOCK * TQ_BLOCK)
+    on_gpu = q.is_cuda and not interpreting()
+    cfg = launch_config(q.dtype, BLOCK_D, BLOCK_M, on_gpu)
     BLOCK_N = cfg.pop("BLOCK_N")
     if num_splits is not None:
         if num_splits < 1:
@@ -220,13 +245,40 @@ def paged_decode_attention_fwd(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_
     _paged_decode_fwd_kernel[(B, Hkv * n_gc * n_qc, n_splits)](
         q, k_pool, v_pool, block_table, lengths.to(q.device), o_part, lse_part,
         *q.stride()[:3], *k_pool.stride()[:3], *v_pool.stride()[:3], block_table.stride(0),
-        Tq, H, G, S_max, n_gc, n_qc, n_splits, min_split, window or _NO_WINDOW, scale * _LOG2E,
+        Tq, H, G, S_max, n_gc, n_qc, n_splits, min_split, window or _NO_WINDOW, scale * LOG2E,
         PAGE=PAGE, HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, G_BLOCK=G_BLOCK, TQ_BLOCK=TQ_BLOCK,
-        BLOCK_M=max(16, G_BLOCK * TQ_BLOCK), DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", **cfg)
-    _decode_combine_kernel[(B * H * Tq,)](
-        o_part, lse_part, out, Tq, H, n_splits,
-        HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_S=min(32, triton.next_power_of_2(n_splits)))
+        BLOCK_M=BLOCK_M, **cfg)
+    decode_combine_kernel[(B * H * Tq,)](
+        o_part, lse_part, out, Tq, H, n_splits, HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_S=COMBINE_BLOCK_S)
     return out
+
+
+def aot_cases() -> list[AotCase]:
+    """GPU compiles for `python -m kernels.aot`: every variant of `kernel_variants` (one (G_BLOCK, TQ_BLOCK)
+    packing per distinct BLOCK_M: the packing only changes index arithmetic; PAGE = 16 stands for every
+    block size, another only changes `// PAGE`), and the combine per head dim (shared with kernels.decode)."""
+    f32 = torch.float32
+    cases, seen = [], set()
+    for v in kernel_variants():
+        v = dict(v)
+        dtype = v.pop("dtype")
+        launch = {k: v.pop(k) for k in ("num_warps", "num_stages")}
+        key = (dtype, v["HEAD_D"], v["BLOCK_M"], v["BLOCK_N"])
+        if key in seen:
+            continue
+        seen.add(key)
+        cases.append(AotCase(_paged_decode_fwd_kernel, dict(PAGE=_AOT_PAGE, **v), launch["num_warps"],
+                             launch["num_stages"], dtype,
+                             f"{DTYPE_NAMES[dtype]} D={v['HEAD_D']} M={v['BLOCK_M']}",
+                             ptrs={"bt_ptr": torch.int32, "len_ptr": torch.int64, "o_part_ptr": f32,
+                                   "lse_part_ptr": f32},
+                             scalars={"qk_scale": 0.18}))
+        if ("combine", dtype, v["HEAD_D"]) not in seen:
+            seen.add(("combine", dtype, v["HEAD_D"]))
+            cases.append(AotCase(decode_combine_kernel, dict(HEAD_D=v["HEAD_D"], BLOCK_D=v["BLOCK_D"],
+                                                             BLOCK_S=COMBINE_BLOCK_S), 4, 3, f32,
+                                 f"{DTYPE_NAMES[dtype]} D={v['HEAD_D']}", ptrs={"out_ptr": dtype}))
+    return cases
 
 
 # ----------------------------------------------------------------------------- public API

@@ -27,6 +27,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels.common import DTYPE_NAMES, AotCase
+
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GEMV_MAX_M = 16  # rows served by the decode path (one tl.dot tile; tl.dot needs M >= 16)
 GROUP_SIZES = (32, 64, 128)
@@ -170,6 +172,27 @@ def pick_config(M: int, N: int, bits: int, group_size: int, dtype: torch.dtype) 
         big = M >= 256 and N >= 2048
         ok = sorted(ok, key=lambda c: c.block_m * c.block_n, reverse=big)
     return path, ok[0]
+
+
+def aot_cases() -> list[AotCase]:
+    """Every kernel `pick_config` can launch, for `python -m kernels.aot`: each entry of `configs(path,
+    dtype)` with int8 and with int4 at every group size its BLOCK_K divides (the launcher's rule), the GEMM
+    with and without bias. Scales and offsets are fp16 (llm.quant's SCALE_DTYPE)."""
+    f32, f16, cases = torch.float32, torch.float16, []
+    for dtype in _DTYPES:
+        prec = "ieee" if dtype == f32 else "tf32"
+        for path, kernel in (("gemv", _qmm_gemv_kernel), ("gemm", _qmm_gemm_kernel)):
+            for c in configs(path, dtype):
+                tiles = dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, DOT_PRECISION=prec)
+                for bits, group in [(8, 1)] + [(4, g) for g in GROUP_SIZES if g % c.block_k == 0]:
+                    ptrs = dict(w_ptr=torch.int8 if bits == 8 else torch.uint8, s_ptr=f16, z_ptr=f16, part_ptr=f32)
+                    label = f"{DTYPE_NAMES[dtype]} int{bits}" + (f" G={group}" if bits == 4 else "")
+                    for bias in ((False, True) if path == "gemm" else (None,)):
+                        consts = dict(BITS=bits, GROUP=group, **tiles)
+                        if bias is not None:
+                            consts["HAS_BIAS"] = bias
+                        cases.append(AotCase(kernel, consts, c.num_warps, c.num_stages, dtype, label, ptrs=ptrs))
+    return cases
 
 
 def _num_sms(device: torch.device) -> int:

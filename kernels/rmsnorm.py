@@ -13,7 +13,8 @@ fp32 weight with bf16 activations is the usual mixed-precision case). The forwar
 fp32 per row) so the backward needs no reduction over x^2. The backward runs one program per
 contiguous block of rows: each keeps its share of dw in registers and writes one fp32 partial row,
 and the (programs, C) partials are summed afterwards, so x is read once and dw needs no atomics.
-Rows wider than MAX_BLOCK_C are streamed in column chunks (two passes over the row).
+Rows wider than MAX_BLOCK_C (forward) / BWD_MAX_BLOCK_C (backward) are streamed in column chunks
+(two passes over the row).
 """
 
 from __future__ import annotations
@@ -25,30 +26,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels.common import DTYPE_NAMES, AotCase, pow2_range, rne_cast
+
 # Widest row kept whole in registers (one read of every input). 16k fp32 values over 16 warps is
 # 32 per thread per tensor; wider rows spill, so they are streamed in chunks of this many columns.
 MAX_BLOCK_C = 16384
+# The backward holds about twice the forward's live tiles (x, dy, w, xhat, dw): at 16k columns it spills
+# (ptxas, sm_80/sm_90, 16 warps: 44-284 B), at 8k it fits, so wider rows stream in the backward.
+BWD_MAX_BLOCK_C = 8192
 # Elements per program tile: narrow rows are packed BLOCK_R to a tile so a program moves enough
 # bytes to hide latency (a 128-wide qk-norm row alone would leave most lanes idle).
 TILE = 4096
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-@triton.jit
-def rne_cast(x, ptr):
-    # x (fp32 tile) cast to ptr's element type, rounding to nearest even. A plain .to() does
-    # exactly that on a GPU, but the interpreter truncates fp32 -> bf16 (up to one bf16 ulp off,
-    # failing the FlashAttention rule on CPU), so bf16 rounds in integer arithmetic: add half an
-    # ulp (plus the tie-to-even bit) to the fp32 bits and keep the top 16. NaNs are passed through.
-    # Costs a few integer ops per element, nothing next to the memory traffic. Shared by the
-    # rope and swiglu kernels.
-    if ptr.dtype.element_ty == tl.bfloat16:
-        u = x.to(tl.uint32, bitcast=True)
-        r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        y = tl.where(x != x, x.to(tl.bfloat16), r)
-    else:
-        y = x.to(ptr.dtype.element_ty)
-    return y
 
 
 @triton.jit
@@ -218,16 +207,44 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _config(n_rows: int, n_cols: int, max_block_c: int) -> tuple[int, int, bool, int]:
-    """(BLOCK_R, BLOCK_C, ONE_PASS, num_warps) for an (N, C) problem."""
+def _config(n_cols: int, max_block_c: int, bwd: bool = False) -> tuple[int, int, bool, int]:
+    """(BLOCK_R, BLOCK_C, ONE_PASS, num_warps) for rows of C columns. BLOCK_R does not depend on the
+    row count (a short batch masks the rows it lacks), so the set of configurations stays small."""
+    if not 16 <= max_block_c <= MAX_BLOCK_C:
+        raise ValueError(f"max_block_c must lie in [16, {MAX_BLOCK_C}], got {max_block_c}")
     max_block_c = triton.next_power_of_2(max_block_c)
-    block_c = min(triton.next_power_of_2(n_cols), max_block_c)
+    block_c = min(max(16, triton.next_power_of_2(n_cols)), max_block_c)  # narrower rows mask the rest
     one_pass = block_c >= n_cols
-    block_r = 1
-    if one_pass:
-        block_r = max(1, min(TILE // block_c, triton.next_power_of_2(n_rows)))
-    num_warps = min(16, max(4, block_r * block_c // 512))
+    block_r = max(1, TILE // block_c) if one_pass else 1
+    # ~8 elements per thread per tile: 16 per thread spilled in the streamed fused forward and in the
+    # packed (2 x 2048) and streamed 4096-wide backward on sm_90 (ptxas settles at 64 / 128 registers).
+    # The backward of one whole row keeps 16 per thread: at 16 warps (128 registers each at most) the
+    # fused 4096-wide row spilled 4 B on sm_90, at 8 warps it fits (measured, benchmarks/NOTES.md).
+    per_warp = 512 if bwd and one_pass and block_r == 1 else 256
+    num_warps = min(16, max(4, block_r * block_c // per_warp))
     return block_r, block_c, one_pass, num_warps
+
+
+def aot_cases() -> list[AotCase]:
+    """Every (BLOCK_C, ONE_PASS) `_config` can give, fused or not, per activation dtype (weight fp32),
+    for `python -m kernels.aot`."""
+    def configs(limit: int, bwd: bool) -> set:
+        out = {_config(c, limit, bwd) for c in pow2_range(16, MAX_BLOCK_C)}
+        return out | {_config(2 * MAX_BLOCK_C, m, bwd) for m in pow2_range(16, limit)}  # streamed rows
+
+    f32, cases = torch.float32, []
+    for dtype in _DTYPES:
+        for fused in (False, True):
+            label = f"{DTYPE_NAMES[dtype]} w fp32" + (" fused" if fused else "")
+            for block_r, block_c, one_pass, warps in sorted(configs(MAX_BLOCK_C, False)):
+                consts = dict(ONE_PASS=one_pass, BLOCK_R=block_r, BLOCK_C=block_c)
+                cases.append(AotCase(_rms_norm_fwd_kernel, dict(HAS_RES=fused, **consts), warps, 3, dtype, label,
+                                     ptrs={"w_ptr": f32, "rstd_ptr": f32}, scalars={"eps": 1e-6}))
+            for block_r, block_c, one_pass, warps in sorted(configs(BWD_MAX_BLOCK_C, True)):
+                consts = dict(ONE_PASS=one_pass, BLOCK_R=block_r, BLOCK_C=block_c)
+                cases.append(AotCase(_rms_norm_bwd_kernel, dict(HAS_DH=fused, **consts), warps, 3, dtype, label,
+                                     ptrs={"w_ptr": f32, "rstd_ptr": f32, "dw_part_ptr": f32}))
+    return cases
 
 
 def _check(x: Tensor, weight: Tensor, residual: Tensor | None = None) -> None:
@@ -262,7 +279,7 @@ def rms_norm_fwd(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Tensor 
     r2 = _rows(residual, n_cols) if residual is not None else x2
     h = torch.empty_like(y) if residual is not None else y
     if n_rows > 0 and n_cols > 0:
-        block_r, block_c, one_pass, num_warps = _config(n_rows, n_cols, max_block_c)
+        block_r, block_c, one_pass, num_warps = _config(n_cols, max_block_c)
         _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
             x2, r2, weight, y, h, rstd, n_rows, n_cols,
             x2.stride(0), r2.stride(0), y.stride(0), h.stride(0), eps,
@@ -286,7 +303,7 @@ def rms_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, dh: Tensor
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     if n_rows == 0 or n_cols == 0:
         return dx.view(x.shape), torch.zeros_like(weight)
-    block_r, block_c, one_pass, num_warps = _config(n_rows, n_cols, max_block_c)
+    block_r, block_c, one_pass, num_warps = _config(n_cols, min(max_block_c, BWD_MAX_BLOCK_C), bwd=True)
     n_tiles = triton.cdiv(n_rows, block_r)
     # Enough programs to fill the GPU twice over; fewer means fewer partial dw rows to sum.
     max_progs = 2 * _sm_count(x.device.index or 0) if x.is_cuda else 4

@@ -17,11 +17,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.rmsnorm import rne_cast
+from kernels.common import DTYPE_NAMES, AotCase, pow2_range, rne_cast
 
 # Elements per half-tile: BLOCK_H heads x BLOCK_HALF columns. 4k fp32 per half keeps a program's
 # working set in registers while moving enough bytes (32 heads x 64 for Llama's q) per program.
 TILE = 4096
+MAX_BLOCK_H = 64  # heads per program at most: more heads take more programs (grid axis 1)
+MAX_HEAD_DIM = 512  # widest head rotated (tiles are compiled ahead of time up to this width)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -39,7 +41,8 @@ def _rope_fwd_kernel(
     stride_xb, stride_xt, stride_xh,  # x strides in elements
     stride_pb, stride_pt,  # positions strides (stride_pb = 0 for one (T,) vector shared by the batch)
     stride_ob, stride_ot, stride_oh,  # out strides in elements
-    BACKWARD: tl.constexpr,  # rotate by -angle (transpose of the rotation = its gradient)
+    sin_sign,  # 1.0, or -1.0 to rotate by -angle (the transpose of the rotation = its gradient); a runtime
+    # value rather than a constexpr, so both directions share one compiled kernel
     BLOCK_H: tl.constexpr,  # heads per program
     BLOCK_HALF: tl.constexpr,  # power of two >= D / 2
 ):
@@ -55,8 +58,7 @@ def _rope_fwd_kernel(
     tab_mask = col_mask & (pos_v >= 0) & (pos_v < n_pos)
     c = tl.load(cos_ptr + pos * half + cols, mask=tab_mask, other=1.0).to(tl.float32)
     s = tl.load(sin_ptr + pos * half + cols, mask=tab_mask, other=0.0).to(tl.float32)
-    if BACKWARD:
-        s = -s
+    s = s * sin_sign
     heads = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
     mask = (heads < H)[:, None] & col_mask[None, :]
     x_row = x_ptr + b * stride_xb + t * stride_xt + heads[:, None] * stride_xh + cols[None, :]
@@ -76,8 +78,8 @@ def _check(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor) -> None:
     if x.dim() != 4:
         raise ValueError(f"rope: x must be (B, T, H, D), got shape {tuple(x.shape)}")
     B, T, H, D = x.shape
-    if D % 2 or D == 0:
-        raise ValueError(f"rope: head dim must be even and > 0, got {D}")
+    if D % 2 or not 0 < D <= MAX_HEAD_DIM:
+        raise ValueError(f"rope: head dim must be even and in (0, {MAX_HEAD_DIM}], got {D}")
     if x.dtype not in _DTYPES:
         raise ValueError(f"rope: x must be fp32/fp16/bf16, got {x.dtype}")
     if cos.dim() != 2 or cos.shape != sin.shape or cos.shape[1] != D // 2:
@@ -110,17 +112,36 @@ def rope_fwd(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, backward: b
         return out
     half = D // 2
     pos_b = positions.stride(0) if positions.dim() == 2 else 0
-    block_half = triton.next_power_of_2(half)
-    block_h = max(1, min(triton.next_power_of_2(H), TILE // block_half))
-    num_warps = min(8, max(1, block_h * block_half // 256))
+    block_h, block_half, num_warps = _config(H, half)
     grid = (B * T, triton.cdiv(H, block_h))
     _rope_fwd_kernel[grid](
         x, cos, sin, positions, out, T, H, half, cos.shape[0],
         x.stride(0), x.stride(1), x.stride(2), pos_b, positions.stride(-1),
-        out.stride(0), out.stride(1), out.stride(2),
-        BACKWARD=backward, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=num_warps,
+        out.stride(0), out.stride(1), out.stride(2), -1.0 if backward else 1.0,
+        BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=num_warps,
     )
     return out
+
+
+def _config(H: int, half: int) -> tuple[int, int, int]:
+    """(BLOCK_H, BLOCK_HALF, num_warps): up to MAX_BLOCK_H heads of one token per program, half-rows
+    padded to at least 16 columns (narrower heads mask the rest)."""
+    block_half = max(16, triton.next_power_of_2(half))
+    block_h = max(1, min(triton.next_power_of_2(H), TILE // block_half, MAX_BLOCK_H))
+    return block_h, block_half, min(8, max(1, block_h * block_half // 256))
+
+
+def aot_cases() -> list[AotCase]:
+    """Every `_config` tile for head dims up to MAX_HEAD_DIM, any head count, per dtype (fp32 tables,
+    int64 positions), for `python -m kernels.aot`."""
+    cases = []
+    configs = {_config(h, half) for h in pow2_range(1, MAX_BLOCK_H) for half in pow2_range(1, MAX_HEAD_DIM // 2)}
+    for dtype in _DTYPES:
+        for block_h, block_half, warps in sorted(configs):
+            cases.append(AotCase(_rope_fwd_kernel, dict(BLOCK_H=block_h, BLOCK_HALF=block_half), warps, 3, dtype,
+                                 DTYPE_NAMES[dtype], ptrs={"cos_ptr": torch.float32, "sin_ptr": torch.float32,
+                                                           "pos_ptr": torch.int64}, scalars={"sin_sign": -1.0}))
+    return cases
 
 
 def rope_bwd(dy: Tensor, cos: Tensor, sin: Tensor, positions: Tensor) -> Tensor:

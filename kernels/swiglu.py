@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.rmsnorm import rne_cast
+from kernels.common import DTYPE_NAMES, AotCase, pow2_range, rne_cast
 
 # Elements per program tile ([BLOCK_R, BLOCK_F]); narrow rows are packed several to a tile.
 TILE = 4096
@@ -85,11 +85,25 @@ def _rows(t: Tensor, n_cols: int) -> Tensor:
 
 
 def _config(n_rows: int, n_cols: int) -> tuple[tuple[int, int], int, int, int]:
-    """(grid, BLOCK_R, BLOCK_F, num_warps) for an (N, F) elementwise problem."""
-    block_f = min(triton.next_power_of_2(n_cols), TILE)
-    block_r = max(1, min(TILE // block_f, triton.next_power_of_2(n_rows)))
-    num_warps = min(8, max(1, block_r * block_f // 512))
+    """(grid, BLOCK_R, BLOCK_F, num_warps) for an (N, F) elementwise problem. The tile is always TILE
+    elements (rows beyond N are masked), so the configurations are one per BLOCK_F."""
+    block_f = min(max(16, triton.next_power_of_2(n_cols)), TILE)
+    block_r = TILE // block_f
+    # 8 elements per thread: at 16 (8 warps) the bf16 backward of a 4096-wide row spilled 8 B on sm_80.
+    num_warps = min(16, max(1, block_r * block_f // 256))
     return (triton.cdiv(n_rows, block_r), triton.cdiv(n_cols, block_f)), block_r, block_f, num_warps
+
+
+def aot_cases() -> list[AotCase]:
+    """Every `_config` tile, per dtype, forward and backward, for `python -m kernels.aot`."""
+    cases = []
+    for dtype in _DTYPES:
+        for cols in pow2_range(16, TILE):
+            _, block_r, block_f, warps = _config(1, cols)
+            for kernel in (_swiglu_fwd_kernel, _swiglu_bwd_kernel):
+                cases.append(AotCase(kernel, dict(BLOCK_R=block_r, BLOCK_F=block_f), warps, 3, dtype,
+                                     DTYPE_NAMES[dtype]))
+    return cases
 
 
 def _check(gate: Tensor, up: Tensor) -> None:

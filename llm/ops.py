@@ -34,14 +34,19 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def resolve(kernels: str, device: torch.device | str) -> bool:
-    """Whether `kernels` runs Triton for tensors on `device`; a clear error if Triton was forced but cannot run."""
+def resolve(kernels: str, device: torch.device | str, dtype_ok: bool = True) -> bool:
+    """Whether `kernels` runs Triton for tensors on `device`; a clear error if Triton was forced but cannot run.
+    dtype_ok: the op's kernel runs the tensors' dtype on that device; when it does not, "auto" and
+    "triton" both take the reference (fp32 attention has no GPU kernel; "triton" forces Triton for
+    every op that has one for the dtype)."""
     if kernels == "torch":
         return False
     on_cuda = torch.device(device).type == "cuda"
     if kernels == "auto":
-        return on_cuda and triton_available()
+        return on_cuda and triton_available() and dtype_ok
     if kernels == "triton":
+        if not dtype_ok:
+            return False
         if not triton_available():
             raise RuntimeError("kernels='triton' but triton is not installed (pip install triton)")
         if not (on_cuda or interpreting()):
@@ -53,6 +58,22 @@ def resolve(kernels: str, device: torch.device | str) -> bool:
 def use_triton(kernels: str, x: Tensor) -> bool:
     """`resolve` for the device of tensor x."""
     return resolve(kernels, x.device)
+
+
+# Dtypes the attention and decode kernels run on a GPU: their fp32 tiles spill registers at every size
+# (and FlashAttention itself is fp16/bf16 only), so fp32 CUDA tensors take the reference (the kernels
+# still run fp32 under TRITON_INTERPRET=1 on CPU, which is how the tests check them).
+_ATTENTION_GPU_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _kernel_dtype_ok(x: Tensor) -> bool:
+    """Whether the attention/decode kernels take x's dtype where x lives (any dtype in the interpreter)."""
+    return x.dtype in _ATTENTION_GPU_DTYPES or not x.is_cuda or interpreting()
+
+
+def _attention_triton(kernels: str, x: Tensor) -> bool:
+    """`resolve` for the attention family: Triton only for a dtype its kernels run on x's device."""
+    return resolve(kernels, x.device, dtype_ok=_kernel_dtype_ok(x))
 
 
 # ----------------------------------------------------------------------------- norms and activations
@@ -127,7 +148,7 @@ def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100, z_l
 
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None,
               window: int | None = None, kernels: str = "auto") -> Tensor:
-    if use_triton(kernels, q):
+    if _attention_triton(kernels, q):
         from kernels.attention import attention as kernel
 
         return kernel(q, k, v, causal, scale, window)
@@ -136,7 +157,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor,
                      scale: float | None = None, kernels: str = "auto") -> Tensor:
-    if use_triton(kernels, q):
+    if _attention_triton(kernels, q):
         from kernels.decode import decode_attention as kernel
 
         return kernel(q, k_cache, v_cache, lengths, scale)
@@ -145,7 +166,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tenso
 
 def paged_decode_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, lengths: Tensor,
                            scale: float | None = None, window: int | None = None, kernels: str = "auto") -> Tensor:
-    if use_triton(kernels, q):
+    if _attention_triton(kernels, q):
         from kernels.paged_decode import paged_decode_attention as kernel
 
         return kernel(q, k_pool, v_pool, block_table, lengths, scale, window)
@@ -169,13 +190,14 @@ def kv_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, h
       ragged and windowed    the reference over the first max(lengths) slots
     With a block_table (B, max_blocks) the caches are a paged pool (n_blocks, block_size, Hkv, D)
     (`llm.paged_cache`): every call goes to `paged_decode_attention` (the Triton paged kernel, any T,
-    windows included, or its reference, which gathers each row's blocks).
+    windows included, or its reference, which gathers each row's blocks). With kernels="auto", fp32
+    CUDA tensors take the reference on every route (`_kernel_dtype_ok`).
     """
     if block_table is not None:
         return paged_decode_attention(q, k_cache, v_cache, block_table, lengths, window=window, kernels=kernels)
     T = q.shape[1]
     if host_lengths is None:
-        if window is None and T == 1 and use_triton(kernels, q) and not torch.compiler.is_compiling():
+        if window is None and T == 1 and _attention_triton(kernels, q) and not torch.compiler.is_compiling():
             return decode_attention(q, k_cache, v_cache, lengths, kernels=kernels)
         return ref.kv_attention_ref(q, k_cache, v_cache, lengths, window)
     lo, hi = min(host_lengths), max(host_lengths)

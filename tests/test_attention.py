@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, assert_close, assert_fa_rule, requires_cuda
+from conftest import DEVICE, assert_close, assert_fa_rule, requires_cuda, skip_fp32_kernel_on_cuda
 
 from kernels.attention import attention
 from kernels.reference import attention_ref
@@ -67,6 +67,7 @@ def _attention_lowp(q, k, v, causal: bool = True, scale: float | None = None, wi
 
 
 def _inputs(B: int, T: int, S: int, H: int, Hkv: int, D: int, dtype: torch.dtype, seed: int):
+    skip_fp32_kernel_on_cuda(dtype)
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(B, T, H, D, generator=gen)
     k = torch.randn(B, S, Hkv, D, generator=gen)

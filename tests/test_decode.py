@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, assert_close, assert_fa_rule, requires_cuda
+from conftest import DEVICE, assert_close, assert_fa_rule, requires_cuda, skip_fp32_kernel_on_cuda
 
 from kernels.attention import attention
 from kernels.decode import decode_attention
@@ -34,6 +34,7 @@ CASES = [
 
 
 def _inputs(lengths: list[int], Tq: int, H: int, Hkv: int, D: int, S_max: int, dtype: torch.dtype, seed: int):
+    skip_fp32_kernel_on_cuda(dtype)
     gen = torch.Generator().manual_seed(seed)
     B = len(lengths)
     q = torch.randn(B, Tq, H, D, generator=gen)

@@ -54,3 +54,40 @@ def test_triton_model_bf16_within_fa_rule():
     assert_fa_rule(l_tr.float()[None], l_lp.float()[None], l_hp[None], "loss")
     for name in g_hp:
         assert_fa_rule(g_tr[name], g_lp[name], g_hp[name], name)
+
+
+def test_fp32_attention_and_decode_take_the_reference_on_gpus(monkeypatch):
+    """fp32 attention/decode tiles spill registers on GPUs, so llm.ops picks the reference for fp32 CUDA
+    tensors with kernels='auto' and the launchers refuse fp32 outside the interpreter, naming the dtype."""
+    from kernels.common import check_gpu_dtype
+    from llm import ops
+
+    assert ops.resolve("auto", "cuda", dtype_ok=False) is False
+    assert ops.resolve("auto", "cuda") is ops.triton_available()
+    assert ops.resolve("torch", "cuda") is False
+    assert ops.resolve("triton", "cuda", dtype_ok=False) is False
+    x = torch.randn(2)
+    assert ops._kernel_dtype_ok(x) and ops._kernel_dtype_ok(x.half())  # CPU: the interpreter or the reference
+    gpu = (torch.float16, torch.bfloat16)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="fp32 on a GPU"):
+        check_gpu_dtype("attention", x, gpu)
+    check_gpu_dtype("attention", x.bfloat16(), gpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    check_gpu_dtype("attention", x, gpu)  # the interpreter runs fp32 through the kernels (CPU tests)
+
+
+@requires_cuda
+def test_fp32_cuda_attention_and_decode_equal_the_reference():
+    from kernels.attention import attention as attention_kernel
+    from kernels.reference import attention_ref, decode_attention_ref
+    from llm import ops
+
+    q, k, v = (torch.randn(2, 5, 4, 32, device="cuda") for _ in range(3))
+    assert not ops._kernel_dtype_ok(q)
+    torch.testing.assert_close(ops.attention(q, k, v), attention_ref(q, k, v), rtol=0, atol=0)
+    lengths = torch.tensor([5, 3], device="cuda")
+    torch.testing.assert_close(ops.decode_attention(q[:, :1], k, v, lengths),
+                               decode_attention_ref(q[:, :1], k, v, lengths), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="fp32 on a GPU"):
+        attention_kernel(q, k, v)

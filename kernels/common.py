@@ -1,0 +1,202 @@
+"""Helpers shared by the kernel files: @triton.jit building blocks, launcher utilities, and the
+description of a compile configuration (`AotCase`) that each kernel file enumerates for the
+ahead-of-time check (`python -m kernels.aot`).
+
+Kernel files import shared code from here only, never from each other.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+LOG2E = 1.4426950408889634  # scores are kept in base 2: exp(x) = exp2(x * log2(e))
+
+
+# ----------------------------------------------------------------------------- jit helpers
+
+
+@triton.jit
+def rne_cast(x, ptr):
+    # x (fp32 tile) cast to ptr's element type, rounding to nearest even. A plain .to() does
+    # exactly that on a GPU, but the interpreter truncates fp32 -> bf16 (up to one bf16 ulp off,
+    # failing the FlashAttention rule on CPU), so bf16 rounds in integer arithmetic: add half an
+    # ulp (plus the tie-to-even bit) to the fp32 bits and keep the top 16. NaNs are passed through.
+    # Costs a few integer ops per element, nothing next to the memory traffic.
+    if ptr.dtype.element_ty == tl.bfloat16:
+        u = x.to(tl.uint32, bitcast=True)
+        r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        y = tl.where(x != x, x.to(tl.bfloat16), r)
+    else:
+        y = x.to(ptr.dtype.element_ty)
+    return y
+
+
+@triton.jit
+def query_tile_key_range(m0, off, S, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    # Key blocks a tile of queries [m0, m0 + BLOCK_M) at positions m0 + off ... visits, as block-aligned
+    # bounds lo <= a <= z <= hi: [lo, a) is cut by the window, [a, z) is fully seen by every query of the
+    # tile (no mask arithmetic), [z, hi) is cut by the causal diagonal or the end of the keys.
+    # off = S - T (bottom-right causal alignment); W: window length (read only when WINDOW).
+    hi = S
+    full_hi = S
+    if CAUSAL:
+        hi = tl.minimum(S, m0 + BLOCK_M + off)
+        full_hi = tl.minimum(S, m0 + off + 1)
+    hi = tl.maximum(hi, 0)
+    full_hi = (tl.maximum(full_hi, 0) // BLOCK_N) * BLOCK_N
+    lo = 0
+    full_lo = 0
+    if WINDOW:
+        lo = (tl.maximum(m0 + off - W + 1, 0) // BLOCK_N) * BLOCK_N
+        full_lo = tl.cdiv(tl.maximum(m0 + BLOCK_M + off - W, 0), BLOCK_N) * BLOCK_N
+    a = tl.minimum(tl.maximum(full_lo, lo), hi)
+    z = tl.maximum(tl.minimum(full_hi, hi), a)
+    return lo, a, z, hi
+
+
+@triton.jit
+def key_block_query_range(n0, off, T, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    # The transpose of query_tile_key_range: query blocks (step BLOCK_M) that see any key of the block
+    # [n0, n0 + BLOCK_N), as lo <= a <= z <= hi with [a, z) the blocks that see all of its keys.
+    lo = 0
+    full_lo = 0
+    if CAUSAL:
+        lo = (tl.maximum(n0 - off, 0) // BLOCK_M) * BLOCK_M
+        full_lo = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - off, 0), BLOCK_M) * BLOCK_M
+    hi = T
+    full_hi = T
+    if WINDOW:
+        hi = tl.minimum(T, n0 + BLOCK_N - 1 + W - off)
+        full_hi = tl.minimum(T, n0 + W - off)
+    hi = tl.maximum(hi, 0)
+    full_hi = (tl.maximum(full_hi, 0) // BLOCK_M) * BLOCK_M
+    a = tl.minimum(tl.maximum(full_lo, lo), hi)
+    z = tl.maximum(tl.minimum(full_hi, hi), a)
+    return lo, a, z, hi
+
+
+@triton.jit
+def decode_combine_kernel(o_part_ptr, lse_part_ptr, out_ptr,
+                          Tq, H, n_splits,  # new tokens, query heads, splits per output row
+                          HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
+                          BLOCK_S: tl.constexpr):  # splits handled per step
+    # Split-KV decoding's second pass (kernels/decode.py, kernels/paged_decode.py), one program per
+    # (row, head, token): out = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max) over the normalised
+    # fp32 partials o_part (B, H, Tq, n_splits, HEAD_D) and their base-2 lse_part (-inf: saw no key).
+    row = tl.program_id(0).to(tl.int64)  # index into the partials' (B, H, Tq) rows
+    t = row % Tq
+    h = (row // Tq) % H
+    b = row // (Tq * H)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
+    m_vec = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, n_splits, BLOCK_S):
+        lse = tl.load(lse_part_ptr + row * n_splits + s0 + offs_s, mask=s0 + offs_s < n_splits,
+                      other=float("-inf"))
+        m_vec = tl.maximum(m_vec, lse)
+    m = tl.max(m_vec, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # no split saw a key: all weights 0, output 0
+    acc = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
+    den = tl.zeros([BLOCK_S], dtype=tl.float32)
+    for s0 in range(0, n_splits, BLOCK_S):
+        s_ok = s0 + offs_s < n_splits
+        lse = tl.load(lse_part_ptr + row * n_splits + s0 + offs_s, mask=s_ok, other=float("-inf"))
+        w = tl.exp2(lse - m)
+        o = tl.load(o_part_ptr + (row * n_splits + s0 + offs_s[:, None]) * HEAD_D + offs_d[None, :],
+                    mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += w[:, None] * o
+        den += w
+    total = tl.sum(den, 0)
+    out = tl.sum(acc, 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptr + ((b * Tq + t) * H + h) * HEAD_D + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+COMBINE_BLOCK_S = 32  # splits per combine step; fewer are masked (one compiled combine per head dim)
+
+
+def decode_tile_rows(block_d: int) -> int:
+    """Most tile rows (query heads x tokens) of a split-KV decode program (kernels/decode.py,
+    kernels/paged_decode.py): 128, and 64 at head dim 256, so the fp32 accumulator (rows, BLOCK_D)
+    plus the resident q tile fit 8 warps' registers (128 rows at D=256 spilled)."""
+    return max(16, min(128, 16384 // block_d))
+
+
+def decode_warps(block_m: int, block_d: int) -> int:
+    """Warps of a split-KV decode program: 4 up to 32 accumulator values per thread, else 8 (ptxas:
+    128 x 64 and wider tiles at 4 warps spilled 4-256 B on sm_80/sm_90)."""
+    return 4 if block_m * block_d <= 4096 else 8
+
+
+# ----------------------------------------------------------------------------- launcher helpers
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1 (kernels run on CPU tensors through the interpreter)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_gpu_dtype(op: str, x: Tensor, gpu_dtypes: tuple[torch.dtype, ...]) -> None:
+    """Refuse a dtype whose kernel is not compiled for GPUs (fp32 attention and decoding: their tiles
+    spill at every size); the interpreter still runs it on CPU. llm.ops sends such tensors to the
+    reference instead."""
+    if x.dtype not in gpu_dtypes and not interpreting():
+        names = ", ".join(DTYPE_NAMES.get(d, str(d)) for d in gpu_dtypes)
+        raise ValueError(f"{op}: the Triton kernel does not run {DTYPE_NAMES.get(x.dtype, x.dtype)} on a GPU "
+                         f"(only {names}); use kernels.reference (llm.ops does so for kernels='auto')")
+
+
+def rows_contiguous(x: Tensor) -> Tensor:
+    """Kernels take any leading strides but need unit stride along the last dim."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def pow2_range(lo: int, hi: int) -> list[int]:
+    """Powers of two lo, 2 lo, ..., hi (both powers of two)."""
+    out, v = [], lo
+    while v <= hi:
+        out.append(v)
+        v *= 2
+    return out
+
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+# ----------------------------------------------------------------------------- ahead-of-time cases
+
+
+@dataclass(frozen=True)
+class AotCase:
+    """One compile of one kernel: what a launcher or autotuner can run on a GPU.
+
+    kernel: the @triton.jit function; consts: its constexpr arguments; num_warps / num_stages as
+    launched; ptrs: dtype of every pointer argument (names end in `_ptr`) not given `dtype`;
+    dtype: default pointer dtype; scalars: example values of non-pointer arguments where the
+    default stand-in (4096 for strides, 1000 otherwise: no divisibility-by-16 specialisation of
+    sizes, as on a generic call) is not right (floats must be given as floats); archs: the GPU
+    majors (8 = sm_80, 9 = sm_90) this configuration can be picked on; label: what the kernel
+    computes with it (dtype, head dim, ...), for the report.
+    """
+
+    kernel: object
+    consts: dict
+    num_warps: int
+    num_stages: int
+    dtype: torch.dtype
+    label: str
+    archs: tuple[int, ...] = (8, 9)
+    ptrs: dict = field(default_factory=dict)
+    scalars: dict = field(default_factory=dict)
+
+    def config_str(self) -> str:
+        c = " ".join(f"{k}={v}" for k, v in self.consts.items())
+        return f"{c} w{self.num_warps} s{self.num_stages}"
