@@ -180,6 +180,12 @@ class TrainConfig:
     deterministic: bool = _f(False, "deterministic algorithms only (bit-exact resume on GPU; slower)")
     init_from: str | None = _f(None, "initialise the weights from this checkpoint or Hugging Face model dir "
                                      "(its architecture and tokenizer are used)")
+    optimizer: str = _f("adamw", "adamw for every weight, or muon: Newton-Schulz-orthogonalised momentum for the "
+                                 "hidden matrices, AdamW (at --lr) for embeddings, head, norms, biases",
+                        choices=("adamw", "muon"))
+    muon_lr: float = _f(0.02, "peak learning rate of the Muon matrices (same warmup and cosine shape as --lr)")
+    muon_momentum: float = _f(0.95, "Muon momentum (Nesterov)")
+    muon_ns_steps: int = _f(5, "Newton-Schulz iterations per Muon update")
 
 
 PRESETS: dict[str, dict] = {
@@ -330,7 +336,9 @@ def check_configs(d: DataConfig, t: TrainConfig) -> None:
              (0 <= t.min_lr <= t.lr, "min_lr must be in [0, lr]"), (t.warmup_steps >= 0, "warmup_steps must be >= 0"),
              (t.grad_clip >= 0, "grad_clip must be >= 0"), (t.eval_iters >= 1, "eval_iters must be >= 1"),
              (min(t.eval_interval, t.save_interval, t.log_interval) >= 1, "eval/save/log intervals must be >= 1"),
-             (t.keep_last >= 0, "keep_last must be >= 0"), (t.max_bad_steps >= 1, "max_bad_steps must be >= 1"),
+             (t.keep_last >= 0, "keep_last must be >= 0"), (t.muon_lr > 0, "muon_lr must be > 0"),
+             (0 <= t.muon_momentum < 1, "muon_momentum must be in [0, 1)"),
+             (t.muon_ns_steps >= 1, "muon_ns_steps must be >= 1"), (t.max_bad_steps >= 1, "max_bad_steps must be >= 1"),
              (t.global_batch_tokens is None or t.global_batch_tokens >= 1, "global_batch_tokens must be >= 1"),
              (0 <= d.val_fraction < 1, "val_fraction must be in [0, 1)"), (d.prep_workers >= 1, "prep_workers >= 1"),
              (d.max_tokens is None or d.max_tokens >= 1, "max_tokens must be >= 1")]

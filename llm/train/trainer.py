@@ -114,7 +114,7 @@ class Run:
         all-reduce the loss, clip, and step unless non-finite. Returns (mean loss, pre-clip grad norm, bad)."""
         A, W, d, device = self.tcfg.grad_accum, self.d.world, self.d, self.d.device
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_mult", 1.0)  # Muon's matrices (and µP's groups) scale the one schedule
         loss_sum = torch.zeros((), device=device)
         for m in range(A):
             x, y = self.train_loader.batch((self.step * A + m) * W + d.rank, device)  # global micro-batch index
