@@ -186,6 +186,13 @@ class TrainConfig:
     muon_lr: float = _f(0.02, "peak learning rate of the Muon matrices (same warmup and cosine shape as --lr)")
     muon_momentum: float = _f(0.95, "Muon momentum (Nesterov)")
     muon_ns_steps: int = _f(5, "Newton-Schulz iterations per Muon update")
+    health_interval: int = _f(50, "steps between training-health records (per-layer grad RMS, update/weight ratio, "
+                                  "activation RMS, attention max logit and entropy, output logit max; 0 = off)")
+    spike_zscore: float = _f(6.0, "skip a step whose loss z-score over the last --spike-window losses exceeds this "
+                                  "(0 = off; non-finite losses are always skipped)")
+    spike_window: int = _f(50, "good losses the spike z-score is taken over")
+    spike_rollback: int = _f(3, "after this many skipped steps in a row, roll back to the last checkpoint and move "
+                                "the data past the bad batches (0 = never)")
 
 
 PRESETS: dict[str, dict] = {
@@ -338,7 +345,11 @@ def check_configs(d: DataConfig, t: TrainConfig) -> None:
              (min(t.eval_interval, t.save_interval, t.log_interval) >= 1, "eval/save/log intervals must be >= 1"),
              (t.keep_last >= 0, "keep_last must be >= 0"), (t.muon_lr > 0, "muon_lr must be > 0"),
              (0 <= t.muon_momentum < 1, "muon_momentum must be in [0, 1)"),
-             (t.muon_ns_steps >= 1, "muon_ns_steps must be >= 1"), (t.max_bad_steps >= 1, "max_bad_steps must be >= 1"),
+             (t.muon_ns_steps >= 1, "muon_ns_steps must be >= 1"),
+             (t.health_interval >= 0, "health_interval must be >= 0"),
+             (t.spike_zscore >= 0, "spike_zscore must be >= 0"), (t.spike_window >= 2, "spike_window must be >= 2"),
+             (t.spike_rollback >= 0, "spike_rollback must be >= 0"),
+             (t.max_bad_steps >= 1, "max_bad_steps must be >= 1"),
              (t.global_batch_tokens is None or t.global_batch_tokens >= 1, "global_batch_tokens must be >= 1"),
              (0 <= d.val_fraction < 1, "val_fraction must be in [0, 1)"), (d.prep_workers >= 1, "prep_workers >= 1"),
              (d.max_tokens is None or d.max_tokens >= 1, "max_tokens must be >= 1")]

@@ -120,7 +120,8 @@ def test_muon_two_processes_equal_one_process_ddp_and_fsdp(tmp):
     """2 ranks (gloo) x 1 micro-batch == 1 rank x 2 micro-batches: DDP bitwise; FSDP2 (gathered momentum,
     sharded update) within float rounding, through a stop at step 3 and a resume."""
     def args(out, *extra):
-        return [str(a) for a in train_argv(tmp, out, n_layer=2, global_batch_tokens=256, optimizer="muon")] + list(extra)
+        argv = train_argv(tmp, out, n_layer=2, global_batch_tokens=256, optimizer="muon")
+        return [str(a) for a in argv] + list(extra)
 
     assert main(args("one")) == 0
     script = tmp / "job.py"

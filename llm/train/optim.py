@@ -1,7 +1,8 @@
 """The optimizer and its learning-rate schedule.
 
 --optimizer muon: Muon for the hidden matrices and AdamW for the rest, in one optimizer (llm/train/muon.py).
---optimizer adamw (the default): AdamW (fused on CUDA) with decoupled weight decay on matrices only (embeddings and linear weights; norms
+--optimizer adamw (the default):
+AdamW (fused on CUDA) with decoupled weight decay on matrices only (embeddings and linear weights; norms
 and biases are not decayed), and a linear warmup then cosine decay of the learning rate to min_lr.
 """
 
