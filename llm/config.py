@@ -51,6 +51,10 @@ class ModelConfig:
     qkv_bias: bool = _f(False, "biases on the q/k/v projections only (Qwen2)")
     qk_norm: bool = _f(False, "RMSNorm on each query/key head before RoPE (Qwen3)")
     tie_embeddings: bool = _f(False, "share the token embedding and LM-head weights")
+    attn_mult: float = _f(1.0, "multiplier on the attention scores q.k / sqrt(head_dim) (µP: sqrt(base head_dim / "
+                               "head_dim), i.e. 1/d attention; set by --mup)")
+    output_mult: float = _f(1.0, "multiplier on the final hidden state before the LM head, i.e. on the logits "
+                                 "(µP: base width / width; set by --mup)")
     rope_theta: float = _f(10000.0, "RoPE base theta")
     rope_scaling: dict | None = _f(None, "RoPE frequency scaling (llama3 style dict); from HF configs")
     norm_eps: float = _f(1e-5, "epsilon of the norms")
@@ -180,6 +184,10 @@ class TrainConfig:
     deterministic: bool = _f(False, "deterministic algorithms only (bit-exact resume on GPU; slower)")
     init_from: str | None = _f(None, "initialise the weights from this checkpoint or Hugging Face model dir "
                                      "(its architecture and tokenizer are used)")
+    mup: bool = _f(False, "µP (Tensor Programs V): hidden-matrix init std and AdamW lr scaled by base/width, 1/d "
+                          "attention and a base/width output multiplier, so learning rates tuned at --mup-base-width "
+                          "transfer to wider models")
+    mup_base_width: int = _f(256, "µP: the width (n_embd) at which µP equals the standard parametrisation")
     optimizer: str = _f("adamw", "adamw for every weight, or muon: Newton-Schulz-orthogonalised momentum for the "
                                  "hidden matrices, AdamW (at --lr) for embeddings, head, norms, biases",
                         choices=("adamw", "muon"))
@@ -346,6 +354,7 @@ def check_configs(d: DataConfig, t: TrainConfig) -> None:
              (t.keep_last >= 0, "keep_last must be >= 0"), (t.muon_lr > 0, "muon_lr must be > 0"),
              (0 <= t.muon_momentum < 1, "muon_momentum must be in [0, 1)"),
              (t.muon_ns_steps >= 1, "muon_ns_steps must be >= 1"),
+             (t.mup_base_width >= 1, "mup_base_width must be >= 1"),
              (t.health_interval >= 0, "health_interval must be >= 0"),
              (t.spike_zscore >= 0, "spike_zscore must be >= 0"), (t.spike_window >= 2, "spike_window must be >= 2"),
              (t.spike_rollback >= 0, "spike_rollback must be >= 0"),

@@ -5,7 +5,8 @@ the final norm + LM head):
   health/grad_rms/<layer>       sqrt(mean g^2) over the layer's parameters, after unscaling, before clipping
   health/update_ratio/<layer>   ||W_after - W_before||_F / ||W_before||_F over its matrices (0 on a skipped step)
   health/act_rms/<layer>        RMS of block <layer>'s output (the residual stream)
-  health/attn_max_logit/<layer> max pre-softmax score q.k / sqrt(D) of query head 0, last <= 16 query rows, row 0
+  health/attn_max_logit/<layer> max pre-softmax score (q.k / sqrt(D) x attn_mult) of query head 0, last <= 16
+                                query rows of row 0
   health/attn_entropy/<layer>   mean softmax entropy (nats) of those rows
   health/logit_max              max output logit
 The activation and attention entries come from a probe: one extra no-grad, eval-mode forward of the bare model
@@ -114,7 +115,7 @@ def _local(t: Tensor) -> Tensor:
 
 def _attention_stats(model: nn.Module, attn: nn.Module, x: Tensor, positions: Tensor, i: int) -> dict[str, float]:
     """Recompute query head 0 / kv head 0 of `attn` on row 0 of its input x (B, T, C): scores of the last
-    PROBE_ROWS queries against their causal keys -> max logit and mean entropy."""
+    PROBE_ROWS queries against their causal keys (scaled as the model scales them) -> max logit and mean entropy."""
     D, H = attn.head_dim, attn.n_head
     qkv = attn.wqkv(x[:1])  # (1, T, (H + 2 Hkv) D)
     T = qkv.shape[1]
@@ -125,7 +126,7 @@ def _attention_stats(model: nn.Module, attn: nn.Module, x: Tensor, positions: Te
         q = ops.rope(q, model.rope_cos, model.rope_sin, positions, kernels="torch")
         k = ops.rope(k, model.rope_cos, model.rope_sin, positions, kernels="torch")
     rows = torch.arange(max(0, T - PROBE_ROWS), T, device=x.device)
-    s = (q[0, rows, 0].float() @ k[0, :, 0].float().T) * getattr(attn, "score_scale", D ** -0.5)  # (R, T)
+    s = (q[0, rows, 0].float() @ k[0, :, 0].float().T) * attn.score_scale  # (R, T)
     s = s.masked_fill(torch.arange(T, device=x.device)[None] > rows[:, None], float("-inf"))
     p = s.softmax(-1)
     ent = -(p * p.clamp_min(1e-30).log()).sum(-1)

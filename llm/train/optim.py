@@ -13,6 +13,7 @@ import math
 import torch
 
 from llm.config import TrainConfig
+from llm.train import mup
 from llm.train.muon import Muon, muon_groups
 
 
@@ -37,6 +38,9 @@ def make_optimizer(model: torch.nn.Module, t: TrainConfig, device: torch.device)
     if t.optimizer == "muon":
         groups = muon_groups(model, t.weight_decay, t.muon_lr / t.lr)
         return Muon(groups, lr=t.lr, momentum=t.muon_momentum, ns_steps=t.muon_ns_steps, betas=(t.beta1, t.beta2))
+    if t.mup:  # µP: the hidden matrices at lr / width multiplier
+        return torch.optim.AdamW(mup.lr_groups(model, model.cfg, t), lr=t.lr, betas=(t.beta1, t.beta2),
+                                 fused=device.type == "cuda")
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

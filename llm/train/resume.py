@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -26,7 +27,8 @@ def check_resume(src: Path, state: dict, mcfg: ModelConfig, tcfg: TrainConfig, w
                  say: Callable[[str], None]) -> None:
     """Raise ConfigError unless the run configured now continues checkpoint `src` (its trainer `state`) exactly."""
     was_model = ckpt_io.read_config(src)["model"]
-    diff = sorted(k for k, v in mcfg.architecture().items() if was_model.get(k) != v)
+    default = {f.name: f.default for f in fields(ModelConfig)}  # fields added since the checkpoint was written
+    diff = sorted(k for k, v in mcfg.architecture().items() if was_model.get(k, default[k]) != v)
     if diff:
         raise ConfigError(f"--resume: the model config differs from the checkpoint's ({src}): {', '.join(diff)}")
     was, was_world = state["train"], state.get("world", 1)

@@ -36,6 +36,7 @@ from llm.model import Transformer
 from llm.runtime import pick_dtype
 from llm.tokenizer import Tokenizer
 from llm.train import distributed as dd
+from llm.train import mup
 from llm.train.distributed import fmt_bytes
 from llm.train.health import Health, SpikeDetector, plot_health
 from llm.train.metrics import MetricsLogger, Progress, device_name, fmt_duration, mfu, peak_flops, plot_losses
@@ -266,7 +267,9 @@ def _setup(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str |
         src = ckpt_io.resolve(resume or out)
         state = ckpt_io.read_trainer_state(src)
     init = bool(tcfg.init_from) and src is None
-    mcfg, model, tok, data_path, manifest = _model_and_data(mcfg, dcfg, tcfg, d, say, init)
+    mcfg, model, tok, data_path, manifest = _model_and_data(mup.configure(mcfg, tcfg), dcfg, tcfg, d, say, init)
+    if src is None and not init:
+        mup.scale_init(model, mcfg, tcfg)  # µP's init (nothing without --mup)
     n_params = model.num_params()
     plan = _plan(mcfg, n_params, tcfg, d, dtype, explicit)
     tcfg = replace(tcfg, batch_size=plan.batch_size, grad_accum=plan.grad_accum)
