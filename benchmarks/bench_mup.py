@@ -58,8 +58,8 @@ def main() -> None:
             for width in args.widths:
                 for lr in args.lrs:
                     val = one_run(width, lr, param, args, Path(tmp))
-                    rows.append({"parametrisation": param, "width": width, "lr": lr, "log2_lr": math.log2(lr), "val_loss": val,
-                                 "run": f"{param} width {width}"})
+                    rows.append({"parametrisation": param, "width": width, "lr": lr, "log2_lr": math.log2(lr),
+                                 "val_loss": val, "run": f"{param} width {width}"})
                     print(f"RESULT {param} width={width} lr={lr:g}: val {val:.4f}", flush=True)
     write_results("mup", rows, x="log2_lr", y="val_loss", series="run",
                   title=f"final val loss after {args.steps} steps vs LR")
