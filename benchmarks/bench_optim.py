@@ -82,8 +82,8 @@ def main() -> None:
     p.add_argument("--eval-interval", type=int, default=25)
     p.add_argument("--eval-iters", type=int, default=8)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--adamw-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
-    p.add_argument("--muon-lrs", type=float, nargs="+", default=[0.01, 0.02, 0.04])
+    p.add_argument("--adamw-lrs", type=float, nargs="*", default=[1e-3, 3e-3, 1e-2])
+    p.add_argument("--muon-lrs", type=float, nargs="*", default=[0.01, 0.02, 0.04])
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -96,6 +96,8 @@ def main() -> None:
                     r = runs[-1]
                     print(f"RESULT {opt} lr={lr:g} seed={seed}: final val {r['final_val']:.4f}, "
                           f"{r['step_ms']:.0f} ms/step, curve {json.dumps(r['val'])}", flush=True)
+    if not (args.adamw_lrs and args.muon_lrs):
+        return  # a partial sweep: the RESULT lines are the output
     rows, lines = summarise(runs, args.seeds, args.steps)
     write_results("optim", rows, x="step", y="val_loss", series="run",
                   title=f"{args.preset}: validation loss, each optimizer at its best LR")
