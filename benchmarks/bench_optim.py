@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import tempfile
 from pathlib import Path
@@ -72,6 +73,18 @@ def summarise(runs: list[dict], seeds: list[int], steps: int) -> tuple[list[dict
     return rows, lines
 
 
+def from_logs(paths: list[str]) -> list[dict]:
+    """The runs printed as RESULT lines by earlier (possibly interrupted or partial) invocations."""
+    pat = re.compile(r"^RESULT (\w+) lr=([\d.e+-]+) seed=(\d+): final val ([\d.]+), (\d+) ms/step, curve (.*)$")
+    runs = []
+    for path in paths:
+        for m in filter(None, map(pat.match, Path(path).read_text().splitlines())):
+            val = {int(k): v for k, v in json.loads(m[6]).items()}
+            runs.append({"optimizer": m[1], "lr": float(m[2]), "seed": int(m[3]), "final_val": float(m[4]),
+                         "step_ms": float(m[5]), "val": val})
+    return runs
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny")
@@ -85,8 +98,16 @@ def main() -> None:
     p.add_argument("--adamw-lrs", type=float, nargs="*", default=[1e-3, 3e-3, 1e-2])
     p.add_argument("--muon-lrs", type=float, nargs="*", default=[0.01, 0.02, 0.04])
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--from-logs", nargs="+", help="summarise the RESULT lines of earlier runs' output instead")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.from_logs:
+        runs = from_logs(args.from_logs)
+        seeds = sorted({r["seed"] for r in runs if r["optimizer"] == "muon"})
+        rows, lines = summarise(runs, seeds, max(max(r["val"]) for r in runs))
+        write_results("optim", rows, x="step", y="val_loss", series="run", title="validation loss, best LR each")
+        print("\n".join(lines))
+        return
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
