@@ -69,7 +69,8 @@ def summarise(runs: list[dict], seeds: list[int], steps: int) -> tuple[list[dict
         for o, r in best.items():
             rows += [{"run": f"{o} lr={r['lr']:g} seed={seed}", "step": s, "val_loss": v} for s, v in r["val"].items()]
     lines.append(f"median over {len(seeds)} seed(s): Muon needs {statistics.median(ratios):.2f}x AdamW's steps, "
-                 f"at {statistics.median(times):.2f}x its time per step")
+                 f"at {statistics.median(times):.2f}x its time per step (runs one after another: on a shared "
+                 "machine prefer bench_step_overhead's interleaved timing)")
     return rows, lines
 
 
