@@ -81,7 +81,8 @@ class MetricsLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k not in ("step", "time") and v is not None},
+            self.wandb.log({k: v for k, v in record.items()  # numbers only: event lines carry names too
+                            if k not in ("step", "time") and v is not None and not isinstance(v, str)},
                            step=record.get("step"))
 
     def rewind(self, step: int, keep_events: bool = True) -> None:
