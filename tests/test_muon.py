@@ -118,9 +118,9 @@ dd.cleanup()
 @pytest.mark.slow
 def test_muon_two_processes_equal_one_process_ddp_and_fsdp(tmp):
     """2 ranks (gloo) x 1 micro-batch == 1 rank x 2 micro-batches: DDP bitwise; FSDP2 (gathered momentum,
-    sharded update) within float rounding, through a stop at step 3 and a resume."""
+    sharded update) within float rounding, through a stop at step 3 and a resume; the health telemetry agrees."""
     def args(out, *extra):
-        argv = train_argv(tmp, out, n_layer=2, global_batch_tokens=256, optimizer="muon")
+        argv = train_argv(tmp, out, n_layer=2, global_batch_tokens=256, optimizer="muon", health_interval=2)
         return [str(a) for a in argv] + list(extra)
 
     assert main(args("one")) == 0
@@ -134,3 +134,11 @@ def test_muon_two_processes_equal_one_process_ddp_and_fsdp(tmp):
     assert sorted(ddp) == list(range(1, 7)) and all(ddp[s] == ref[s] for s in ref), (ddp, ref)
     assert sorted(fsdp) == list(range(1, 7)) and "resumed from" in r.stdout
     assert all(abs(fsdp[s] - ref[s]) <= 1e-5 * abs(ref[s]) for s in ref), (fsdp, ref)
+    # the health telemetry (every 2 steps) runs under both wrappers and agrees with one process
+    health = [{k: v for k, v in json.loads(line).items() if k.startswith("health/")}
+              for name in ("one", "ddp", "fsdp") for line in (tmp / name / "metrics.jsonl").read_text().splitlines()
+              if '"step": 4,' in line and "health/" in line]
+    assert len(health) == 3 and len(health[0]) == 2 * 4 + 3 * 2 + 1  # (grad, update) x 4 layers, 3 x 2 blocks, logits
+    for got in health[1:]:
+        assert got.keys() == health[0].keys()
+        assert all(abs(got[k] - health[0][k]) <= 1e-4 * abs(health[0][k]) + 1e-7 for k in got), (got, health[0])
