@@ -51,6 +51,10 @@ class ModelConfig:
     qkv_bias: bool = _f(False, "biases on the q/k/v projections only (Qwen2)")
     qk_norm: bool = _f(False, "RMSNorm on each query/key head before RoPE (Qwen3)")
     tie_embeddings: bool = _f(False, "share the token embedding and LM-head weights")
+    attn_mult: float = _f(1.0, "multiplier on the attention scores q.k / sqrt(head_dim) (µP: sqrt(base head_dim / "
+                               "head_dim), i.e. 1/d attention; set by --mup)")
+    output_mult: float = _f(1.0, "multiplier on the final hidden state before the LM head, i.e. on the logits "
+                                 "(µP: base width / width; set by --mup)")
     rope_theta: float = _f(10000.0, "RoPE base theta")
     rope_scaling: dict | None = _f(None, "RoPE frequency scaling (llama3 style dict); from HF configs")
     norm_eps: float = _f(1e-5, "epsilon of the norms")
@@ -188,6 +192,23 @@ class TrainConfig:
     lora_alpha: float = _f(16.0, "LoRA alpha: the update is scaled by alpha / rank")
     lora_dropout: float = _f(0.05, "dropout on the LoRA input")
     lora_targets: str = _f("q,v", "projections that get adapters, comma-separated from q,k,v,o,gate,up,down")
+    mup: bool = _f(False, "µP (Tensor Programs V): hidden-matrix init std and AdamW lr scaled by base/width, 1/d "
+                          "attention and a base/width output multiplier, so learning rates tuned at --mup-base-width "
+                          "transfer to wider models")
+    mup_base_width: int = _f(256, "µP: the width (n_embd) at which µP equals the standard parametrisation")
+    optimizer: str = _f("adamw", "adamw for every weight, or muon: Newton-Schulz-orthogonalised momentum for the "
+                                 "hidden matrices, AdamW (at --lr) for embeddings, head, norms, biases",
+                        choices=("adamw", "muon"))
+    muon_lr: float = _f(0.02, "peak learning rate of the Muon matrices (same warmup and cosine shape as --lr)")
+    muon_momentum: float = _f(0.95, "Muon momentum (Nesterov)")
+    muon_ns_steps: int = _f(5, "Newton-Schulz iterations per Muon update")
+    health_interval: int = _f(50, "steps between training-health records (per-layer grad RMS, update/weight ratio, "
+                                  "activation RMS, attention max logit and entropy, output logit max; 0 = off)")
+    spike_zscore: float = _f(6.0, "skip a step whose loss z-score over the last --spike-window losses exceeds this "
+                                  "(0 = off; non-finite losses are always skipped)")
+    spike_window: int = _f(50, "good losses the spike z-score is taken over")
+    spike_rollback: int = _f(3, "after this many skipped steps in a row, roll back to the last checkpoint and move "
+                                "the data past the bad batches (0 = never)")
 
 
 PRESETS: dict[str, dict] = {
@@ -338,12 +359,21 @@ def check_configs(d: DataConfig, t: TrainConfig) -> None:
              (0 <= t.min_lr <= t.lr, "min_lr must be in [0, lr]"), (t.warmup_steps >= 0, "warmup_steps must be >= 0"),
              (t.grad_clip >= 0, "grad_clip must be >= 0"), (t.eval_iters >= 1, "eval_iters must be >= 1"),
              (min(t.eval_interval, t.save_interval, t.log_interval) >= 1, "eval/save/log intervals must be >= 1"),
-             (t.keep_last >= 0, "keep_last must be >= 0"), (t.max_bad_steps >= 1, "max_bad_steps must be >= 1"),
+             (t.keep_last >= 0, "keep_last must be >= 0"), (t.muon_lr > 0, "muon_lr must be > 0"),
+             (0 <= t.muon_momentum < 1, "muon_momentum must be in [0, 1)"),
+             (t.muon_ns_steps >= 1, "muon_ns_steps must be >= 1"),
+             (t.mup_base_width >= 1, "mup_base_width must be >= 1"),
+             (t.health_interval >= 0, "health_interval must be >= 0"),
+             (t.spike_zscore >= 0, "spike_zscore must be >= 0"), (t.spike_window >= 2, "spike_window must be >= 2"),
+             (t.spike_rollback >= 0, "spike_rollback must be >= 0"),
+             (t.max_bad_steps >= 1, "max_bad_steps must be >= 1"),
              (t.global_batch_tokens is None or t.global_batch_tokens >= 1, "global_batch_tokens must be >= 1"),
              (0 <= d.val_fraction < 1, "val_fraction must be in [0, 1)"), (d.prep_workers >= 1, "prep_workers >= 1"),
              (d.max_tokens is None or d.max_tokens >= 1, "max_tokens must be >= 1"),
              (t.lora_rank is None or t.lora_rank >= 1, f"--lora-rank must be >= 1, got {t.lora_rank}"),
              (0 <= t.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
+             (t.lora_rank is None or t.optimizer == "adamw", "LoRA adapters train with AdamW: drop --optimizer muon"),
+             (t.lora_rank is None or not t.mup, "--mup applies to pretraining from scratch, not to LoRA"),
              (d.sft_overlong in ("drop", "truncate"), "sft_overlong must be drop or truncate")]
     for ok, msg in rules:
         if not ok:

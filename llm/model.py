@@ -39,6 +39,7 @@ class Attention(nn.Module):
             self.q_norm = Norm(cfg.head_dim, cfg)
             self.k_norm = Norm(cfg.head_dim, cfg)
         self.drop = nn.Dropout(cfg.dropout)
+        self.score_scale = cfg.attn_mult / math.sqrt(cfg.head_dim)  # what q.k is multiplied by before the softmax
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, positions: Tensor,
                 cache: KVCache | PagedKVCache | None = None) -> Tensor:
@@ -52,6 +53,8 @@ class Attention(nn.Module):
             cos, sin = rope
             q = ops.rope(q, cos, sin, positions, kernels=self.cfg.kernels)
             k = ops.rope(k, cos, sin, positions, kernels=self.cfg.kernels)
+        if self.cfg.attn_mult != 1.0:  # µP's 1/d attention, on q so every attention path (cache, paged) has it
+            q = q * self.cfg.attn_mult
         if cache is None:
             o = ops.attention(q, k, v, causal=True, window=self.cfg.window, kernels=self.cfg.kernels)
         else:  # store the new k, v, then attend over each row's cache
@@ -153,6 +156,8 @@ class Transformer(nn.Module):
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at][:, None]  # (B, 1, C)
         x = self.norm_f(x)
+        if self.cfg.output_mult != 1.0:  # µP's output multiplier: logits = output_mult * lm_head(x)
+            x = x * self.cfg.output_mult
         if targets is None:
             return self.lm_head(x).float(), None
         loss = ops.linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),

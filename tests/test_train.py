@@ -276,3 +276,13 @@ def test_wandb_offline_run_produces_its_files_and_resume_keeps_the_run_id(tmp):
     assert main(train_argv(tmp, "wb", max_steps=3) + ["--wandb", "offline", "--resume"]) == 0
     assert ck.read_trainer_state(ck.resolve(tmp / "wb"))["wandb_run_id"] == run_id
     assert len(list((tmp / "wb" / "wandb").glob(f"offline-run-*-{run_id}"))) >= 1
+
+
+def test_qk_norm_flag_trains_and_its_gains_learn(tmp):
+    """--qk-norm (RMSNorm on each query/key head): exposed as a flag, trains, and the per-head gains are updated."""
+    assert main(train_argv(tmp, "qknorm", max_steps=4) + ["--qk-norm"]) == 0
+    losses = train_losses(tmp / "qknorm")
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    tensors, _ = ck.read_tensors(ck.resolve(tmp / "qknorm") / ck.MODEL_FILE)
+    assert {"blocks.0.attn.q_norm.weight", "blocks.0.attn.k_norm.weight"} <= set(tensors)
+    assert not torch.equal(tensors["blocks.0.attn.q_norm.weight"], torch.ones(16))

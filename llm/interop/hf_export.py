@@ -52,6 +52,9 @@ def export(ckpt: str | Path, out_dir: str | Path) -> Path:
     if any(k.endswith("expert_bias") and bool(v.any()) for k, v in sd.items()):
         raise ConfigError("the model routes with a trained aux-loss-free expert bias (balance='bias'), "
                           "which transformers' Mixtral has no place for")
+    if cfg.attn_mult != 1.0 or cfg.output_mult != 1.0:
+        raise ConfigError(f"the model was trained with µP multipliers (attn_mult {cfg.attn_mult:g}, output_mult "
+                          f"{cfg.output_mult:g}), which transformers' configs have no place for")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}

@@ -66,10 +66,7 @@ class MetricsLogger:
         if resume_step is None:
             self.path.unlink(missing_ok=True)
         elif self.path.is_file():
-            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and _step(ln) <= resume_step]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in keep))
-            tmp.replace(self.path)
+            self.rewind(resume_step, keep_events=False)
         if wandb_mode != "off":
             import wandb
 
@@ -84,8 +81,20 @@ class MetricsLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k not in ("step", "time") and v is not None},
+            self.wandb.log({k: v for k, v in record.items()  # numbers only: event lines carry names too
+                            if k not in ("step", "time") and v is not None and not isinstance(v, str)},
                            step=record.get("step"))
+
+    def rewind(self, step: int, keep_events: bool = True) -> None:
+        """Drop the records past `step` (a resume or a rollback trains those steps again); `keep_events` keeps the
+        {"event": ...} lines, the log of what the trainer did."""
+        if not self.enabled or not self.path.is_file():
+            return
+        keep = [ln for ln in self.path.read_text().splitlines()
+                if ln.strip() and (_step(ln) <= step or (keep_events and '"event"' in ln))]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        tmp.replace(self.path)
 
     def close(self) -> None:
         if self.wandb is not None:

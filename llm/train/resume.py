@@ -4,16 +4,19 @@ A resumed run must continue the saved one exactly: the same architecture (run-ti
 kernels and dropout may change), the same global batch and data order (the micro-batch is kept; grad_accum
 x world size may be remapped across a different number of ranks), and the same dataset (by fingerprint).
 What is restored here comes from trainer.json (written by `trainer.Run.save`) and optimizer.safetensors;
-the weights are loaded by the trainer before the model is wrapped.
+the weights are loaded by the trainer before the model is wrapped. `rollback` is the same restore in the middle
+of a run (the loss-spike rollback of llm/train/health.py's detector), into the live, wrapped model.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import distribute_tensor
 
 from llm import checkpoint as ckpt_io
 from llm.config import ConfigError, ModelConfig, TrainConfig
@@ -24,7 +27,8 @@ def check_resume(src: Path, state: dict, mcfg: ModelConfig, tcfg: TrainConfig, w
                  say: Callable[[str], None]) -> None:
     """Raise ConfigError unless the run configured now continues checkpoint `src` (its trainer `state`) exactly."""
     was_model = ckpt_io.read_config(src)["model"]
-    diff = sorted(k for k, v in mcfg.architecture().items() if was_model.get(k) != v)
+    default = {f.name: f.default for f in fields(ModelConfig)}  # fields added since the checkpoint was written
+    diff = sorted(k for k, v in mcfg.architecture().items() if was_model.get(k, default[k]) != v)
     if diff:
         raise ConfigError(f"--resume: the model config differs from the checkpoint's ({src}): {', '.join(diff)}")
     was, was_world = state["train"], state.get("world", 1)
@@ -58,3 +62,20 @@ def restore(src: Path, state: dict, model: torch.nn.Module, optimizer: torch.opt
     else:
         torch.manual_seed(tcfg.seed + d.rank)
     return state["step"], state.get("wandb_run_id"), state.get("best_val") or math.inf, state.get("skipped", 0)
+
+
+def rollback(src: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+             d: dd.Dist, tcfg: TrainConfig) -> int:
+    """Put the live model, optimizer, scaler and RNG back to checkpoint `src` in place (the wrapped model and the
+    optimizer keep their parameter objects); returns its step. Every rank reads the full tensors; FSDP2 shards keep
+    their own rows."""
+    tensors, _ = ckpt_io.read_tensors(src / ckpt_io.MODEL_FILE, device=str(d.device))
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if k in tensors:
+                t = tensors[k].to(v.dtype)
+                v.copy_(distribute_tensor(t, v.device_mesh, v.placements, src_data_rank=None)
+                        if hasattr(v, "device_mesh") else t)
+    state = ckpt_io.read_trainer_state(src)
+    step, _, _, _ = restore(src, state, model, optimizer, scaler, d, tcfg)
+    return step

@@ -38,11 +38,12 @@ from llm.quant import refuse_training
 from llm.runtime import pick_dtype
 from llm.tokenizer import Tokenizer
 from llm.train import distributed as dd
-from llm.train import finetune
+from llm.train import finetune, mup
 from llm.train.distributed import fmt_bytes
+from llm.train.health import Health, SpikeDetector, plot_health
 from llm.train.metrics import MetricsLogger, Progress, device_name, fmt_duration, mfu, peak_flops, plot_losses
 from llm.train.optim import lr_at, make_optimizer
-from llm.train.resume import check_resume, restore
+from llm.train.resume import check_resume, restore, rollback
 
 Say = Callable[..., None]
 
@@ -107,6 +108,12 @@ class Run:
     saved_name: str | None = None    # the checkpoint last written to (or resumed from) out
     adapter: dict | None = None      # LoRA: the adapter config; checkpoints then hold the adapter, not the model
     logger: MetricsLogger = field(init=False)  # opened by _setup after the run is announced (wandb prints)
+    health: Health = field(init=False)         # telemetry every health_interval steps (llm/train/health.py)
+    spikes: SpikeDetector = field(init=False)  # loss-spike detector (its window is checkpointed)
+    data_skip: int = 0               # optimizer steps of data skipped by rollbacks: step s reads step s + data_skip's
+    rollbacks: int = 0
+    spike_z: float | None = None     # the last step's loss z-score (None: not measured or non-finite)
+    health_rec: dict = field(default_factory=dict)  # the gradient / update statistics of the last health step
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype == torch.float32:
@@ -118,26 +125,31 @@ class Run:
         all-reduce the loss, clip, and step unless non-finite. Returns (mean loss, pre-clip grad norm, bad)."""
         A, W, d, device = self.tcfg.grad_accum, self.d.world, self.d, self.d.device
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_mult", 1.0)  # Muon's matrices (and µP's groups) scale the one schedule
         loss_sum = torch.zeros((), device=device)
         for m in range(A):
-            x, y = self.train_loader.batch((self.step * A + m) * W + d.rank, device)  # global micro-batch index
+            x, y = self.train_loader.batch(((self.step + self.data_skip) * A + m) * W + d.rank, device)  # global index
             with dd.grad_sync(self.fwd, self.model, m == A - 1, d, self.tcfg.fsdp):
                 with self.autocast():
                     _, loss = self.fwd(x, y)
                 self.scaler.scale(loss / A).backward()
             loss_sum += loss.detach().float()
         self.scaler.unscale_(self.optimizer)
+        snap = self.health.before_update() if self.health.due(self.step + 1) else None
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.grad_clip or math.inf)  # pre-clip
         loss_val = dd.all_reduce(loss_sum, d).item() / (A * W)
         gnorm_val = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
         bad = not math.isfinite(loss_val) or (not math.isfinite(gnorm_val) and not self.scaler.is_enabled())
+        spike, self.spike_z = self.spikes.check(loss_val) if not bad else (False, None)
+        bad = bad or spike
         if not bad:
             self.scaler.step(self.optimizer)  # an fp16 overflow (inf grads, finite loss) is skipped by the scaler
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if not bad and math.isfinite(gnorm_val):
             self.model.after_step()
+        if snap is not None:
+            self.health_rec = self.health.after_update(snap)
         return loss_val, gnorm_val, bad
 
     @torch.no_grad()
@@ -171,8 +183,9 @@ class Run:
             st = {"step": self.step, "world": d.world, "train": asdict(self.tcfg), "rng": rngs,
                   "scaler": self.scaler.state_dict(), "wandb_run_id": self.logger.run_id,
                   "best_val": None if math.isinf(self.best_val) else self.best_val, "skipped": self.skipped,
+                  "spikes": self.spikes.state_dict(), "rollbacks": self.rollbacks,
                   "data": {"path": str(self.data_path), "fingerprint": self.data_id,
-                           "micro_batches": self.step * A * d.world}}
+                           "micro_batches": (self.step + self.data_skip) * A * d.world, "skip_steps": self.data_skip}}
             if name != self.saved_name and self.adapter is not None:
                 ckpt_io.save(self.out, name, self.model, self.tok, self.extra, osd, st,
                              lora.adapter_tensors(self.model), weights_file=lora.ADAPTER_FILE,
@@ -270,7 +283,10 @@ def _setup(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str |
         state = ckpt_io.read_trainer_state(src)
     finetune.check(dcfg, tcfg)
     init = bool(tcfg.init_from) and (src is None or finetune.is_finetune(dcfg, tcfg))  # a fine-tune reloads its base
-    mcfg, model, tok, data_path, manifest, adapter = _model_and_data(mcfg, dcfg, tcfg, d, say, init)
+    mcfg, model, tok, data_path, manifest, adapter = _model_and_data(mup.configure(mcfg, tcfg), dcfg, tcfg, d, say,
+                                                                     init)
+    if src is None and not init:
+        mup.scale_init(model, mcfg, tcfg)  # µP's init (nothing without --mup)
     n_params = model.num_params()
     plan = _plan(mcfg, n_params, tcfg, d, dtype, explicit)
     tcfg = replace(tcfg, batch_size=plan.batch_size, grad_accum=plan.grad_accum)
@@ -298,6 +314,11 @@ def _setup(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str |
               data_path=data_path, data_id=data_id, manifest=manifest, start_step=start_step, step=start_step,
               best_val=best_val, skipped=skipped,
               saved_name=src.name if src is not None and src.parent.resolve() == out.resolve() else None)
+    run.health = Health(model, tcfg.health_interval, d, sharded=tcfg.fsdp and d.enabled)
+    run.spikes = SpikeDetector(tcfg.spike_window, tcfg.spike_zscore)
+    if state is not None:
+        run.spikes.load_state_dict(state.get("spikes", []))
+        run.data_skip, run.rollbacks = state.get("data", {}).get("skip_steps", 0), state.get("rollbacks", 0)
     _announce(run, mcfg, dcfg, init, resumed=src is not None)
     run.logger = MetricsLogger(out, tcfg.wandb, tcfg.wandb_project, {"model": asdict(mcfg), **run.extra}, run_id,
                                enabled=d.main, resume_step=start_step if src is not None else None)
@@ -356,17 +377,14 @@ def _loop(run: Run, stop: _StopFlag, callbacks: Sequence[Callable[[int, dict], b
             if step > run.start_step + 1:  # the first step carries start-up and compilation
                 dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
             rec = _record(run, lr, gnorm, dt)
-            if step % tcfg.log_interval == 0 or step == tcfg.max_steps or bad:
+            health = run.health.due(step)
+            if health:  # the update statistics from one_step, then the probe forward (activations, attention)
+                rec.update(run.health_rec, **run.health.probe(run.model, run.val_loader.batch(0, d.device)[0][:2]))
+            if step % tcfg.log_interval == 0 or step == tcfg.max_steps or bad or health:
                 run.logger.log(rec)
             progress.update(rec, None if dt_avg is None else dt_avg * (tcfg.max_steps - step))
-            if bad:
-                progress.write(f"step {step}: non-finite loss {run.loss} / grad norm {gnorm}: step skipped "
-                               f"({streak} in a row, {run.skipped} in total)")
-                if streak >= tcfg.max_bad_steps:
-                    good = ckpt_io.pointed(run.out)
-                    raise TrainingDiverged(
-                        f"stopped at step {step} after {streak} consecutive non-finite steps; last good checkpoint: "
-                        f"{run.out / good if good else 'none yet'} (resume it with a lower --lr, or check the data)")
+            if bad and _on_bad_step(run, progress, streak, gnorm):
+                continue  # rolled back: run.step is the checkpoint's
             if step % tcfg.eval_interval == 0 or step == tcfg.max_steps:
                 run.val_loss = run.evaluate()
                 run.logger.log({"step": step, "val_loss": run.val_loss})
@@ -387,6 +405,36 @@ def _loop(run: Run, stop: _StopFlag, callbacks: Sequence[Callable[[int, dict], b
             signal.signal(s, h)
 
 
+def _on_bad_step(run: Run, progress: Progress, streak: int, gnorm: float) -> bool:
+    """Log a skipped step; raise TrainingDiverged after max_bad_steps in a row; at spike_rollback in a row, roll
+    back to the last checkpoint with the data moved past the bad batches (True when it did)."""
+    tcfg, step = run.tcfg, run.step
+    spike = math.isfinite(run.loss) and run.spike_z is not None
+    why = (f"loss spike {run.loss:.4f} (z-score {run.spike_z:.1f} over the last {tcfg.spike_window} losses)" if spike
+           else f"non-finite loss {run.loss} / grad norm {gnorm}")
+    progress.write(f"step {step}: {why}: step skipped ({streak} in a row, {run.skipped} in total)")
+    run.logger.log({"step": step, "event": "skip", "reason": "spike" if spike else "non-finite", "z": run.spike_z})
+    good = ckpt_io.pointed(run.out)
+    if streak >= tcfg.max_bad_steps:
+        raise TrainingDiverged(
+            f"stopped at step {step} after {streak} consecutive {'bad' if spike else 'non-finite'} steps; last good "
+            f"checkpoint: {run.out / good if good else 'none yet'} (resume it with a lower --lr, or check the data)")
+    if not tcfg.spike_rollback or streak != tcfg.spike_rollback:
+        return False
+    if good is None:
+        progress.write(f"step {step}: {streak} bad steps in a row but no checkpoint yet to roll back to")
+        return False
+    to = rollback(run.out / good, run.model, run.optimizer, run.scaler, run.d, tcfg)
+    run.data_skip += step - to  # the next step reads the data after the bad batches
+    run.step, run.saved_name, run.rollbacks = to, good, run.rollbacks + 1
+    run.logger.rewind(to)
+    run.logger.log({"step": to, "event": "rollback", "from_step": step, "checkpoint": good,
+                    "data_skip_steps": run.data_skip})
+    progress.write(f"step {step}: {streak} bad steps in a row: rolled back to {run.out / good} (step {to}); the data "
+                   f"moves on {run.data_skip} step(s) past the checkpoint's position")
+    return True
+
+
 def _finish(run: Run, stop: _StopFlag, t0: float) -> dict:
     """The final checkpoint, the loss plot and the summary (printed, and returned as a dict)."""
     step, out, say, manifest, val_loss = run.step, run.out, run.say, run.manifest, run.val_loss
@@ -395,6 +443,8 @@ def _finish(run: Run, stop: _StopFlag, t0: float) -> dict:
     elapsed = time.perf_counter() - t0
     run.logger.close()
     png = plot_losses(run.logger.path, out / "loss.png") if run.d.main else None
+    if run.d.main:
+        plot_health(run.logger.path, out / "health.png")
     summary = {"step": step, "train_loss": run.loss, "val_loss": val_loss, "checkpoint": str(path),
                "unigram_entropy": manifest.get("unigram_entropy"), "seconds": elapsed, "interrupted": interrupted,
                "signal": stop.signal, "skipped": run.skipped, "plan": run.plan}
