@@ -349,9 +349,8 @@ _AOT_HEAD_DIMS = (16, 32, 64, 96, 128, 256)
 
 @functools.cache
 def _tuned(kind: str, block_d: int, major: int, dtype: torch.dtype, smem_limit: int):
-    """The autotuned kernel for (kind, head-dim pad, arch, dtype), its configurations pruned to the
-    device's shared memory; built once, CUDA only. The key buckets the sequence length to a power of
-    two, so a new length re-tunes only when it crosses a bucket."""
+    """The autotuned kernel for (kind, head-dim pad, arch, dtype), its configurations pruned to the device's shared
+    memory; built once, CUDA only. Keys bucket the length to a power of two: a new length re-tunes only per bucket."""
     kernel = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}[kind]
     elem = torch.empty((), dtype=dtype).element_size()
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)

@@ -3,26 +3,24 @@
 x (N, d); w_gate, w_up (E, F, d); w_down (E, d, F); topk_idx (N, k); topk_weight (N, k):
   out_n = sum_j w_nj * E_{e_nj}(x_n),   E_e(x) = W_down[e] (silu(W_gate[e] x) * (W_up[e] x)).
 
-The N*k (token, slot) pairs are sorted by expert (stable, so the order is deterministic) into R = N*k
-"rows"; expert e owns the contiguous segment [seg_start[e], seg_end[e]) of rows. Row tiles of
-BLOCK_M rows never straddle two experts, and the tile list is built on the device with an upper
-bound on its length (R // BLOCK_M + min(E, R)), so nothing waits for the host: unused tiles exit at
-once. That is also the decode path: with a handful of tokens each active expert gets one 16-row
-tile, every active expert's weights are read once, and the launch is CUDA-graph friendly.
+The N*k (token, slot) pairs are sorted by expert (stable, so the order is deterministic) into R = N*k "rows"; expert e
+owns the contiguous segment [seg_start[e], seg_end[e]) of rows. Row tiles of BLOCK_M rows never straddle two experts,
+and the tile list is built on the device with an upper bound on its length (R // BLOCK_M + min(E, R)), so nothing
+waits for the host: unused tiles exit at once. That is also the decode path: with a handful of tokens each active
+expert gets one 16-row tile, every active expert's weights are read once, and the launch is CUDA-graph friendly.
 
 Forward, two grouped GEMMs:
-  1. gate+up: per tile, g = x[tok] W_gate[e]^T, u = x[tok] W_up[e]^T share the loads of x; the
-     epilogue writes h = silu(g) * u (and g, u for the backward).
-  2. down: y = h W_down[e]^T; the epilogue multiplies by the routing weight and scatter-adds into
-     the fp32 output row of the token (atomics; with k <= 2 the sum 0 + a + b is the same in either
-     order, so it is deterministic; with k > 2 under torch's deterministic mode the rows are stored
-     and summed in a fixed order instead).
+  1. gate+up: per tile, g = x[tok] W_gate[e]^T, u = x[tok] W_up[e]^T share the loads of x; the epilogue writes
+     h = silu(g) * u (and g, u for the backward).
+  2. down: y = h W_down[e]^T; the epilogue multiplies by the routing weight and scatter-adds into the fp32 output
+     row of the token (atomics; with k <= 2 the sum 0 + a + b is the same in either order, so it is deterministic;
+     with k > 2 under torch's deterministic mode the rows are stored and summed in a fixed order instead).
 Backward (a = dy[tok] W_down[e], s = sigmoid(g)):
   3. dh: a per tile; epilogue: dw_nj = <a, h> (per F-block partial sums), dh = w * a,
      dg = dh * u * s * (1 + g (1 - s)), du = dh * g * s.
   4. dx: dg W_gate[e] + du W_up[e], scatter-added into the token rows like 2.
-  5. dW_gate[e] = dg_e^T x_e, dW_up[e] = du_e^T x_e, dW_down[e] = (w dy)_e^T h_e: one program per
-     (expert, output tile) looping over the expert's rows; an expert with no rows gets exact zeros.
+  5. dW_gate[e] = dg_e^T x_e, dW_up[e] = du_e^T x_e, dW_down[e] = (w dy)_e^T h_e: one program per (expert, output
+     tile) looping over the expert's rows; an expert with no rows gets exact zeros.
 Accumulation is fp32 (fp32 inputs use IEEE dots, not TF32); stored tensors take x's dtype.
 """
 
@@ -292,9 +290,9 @@ class _Blocks(NamedTuple):
 def schedule(topk_idx: Tensor, n_experts: int, block_m: int) -> Schedule:
     """Sort the N*k (token, slot) pairs by expert (stable) and tile each expert's rows.
 
-    No host synchronization: segment bounds come from searchsorted over the sorted expert ids
-    (ids outside [0, E) fall outside every segment and are skipped, as in the reference), and the
-    tile list has the static length R // block_m + min(E, R) >= sum_e ceil(count_e / block_m).
+    No host synchronization: segment bounds come from searchsorted over the sorted expert ids (ids outside [0, E) fall
+    outside every segment and are skipped, as in the reference), and the tile list has the static length R // block_m +
+    min(E, R) >= sum_e ceil(count_e / block_m).
     """
     R, k = topk_idx.numel(), topk_idx.shape[1]
     dev = topk_idx.device
@@ -324,12 +322,11 @@ def _blocks(rows: int, n_experts: int, x: Tensor) -> _Blocks:
 def _gpu_blocks(rows: int, n_experts: int, dtype: torch.dtype) -> _Blocks:
     """GPU tiles: small row tiles for decode (a handful of rows per expert), large for training.
 
-    Sized by the ahead-of-time compile check (benchmarks/NOTES.md): the earlier 128-column tiles with
-    64-wide reduction chunks spilled registers in most kernels (up to ~9 KB in the gate+up GEMM, whose two
-    accumulators and gathered operand tiles live together), so every GEMM tile is at most 64 x 64 with
-    a 32-wide chunk (128-row tiles still spilled 48-116 B in the gate+up and down-backward GEMMs), and
-    the dW tiles 64 x 64 over 32-row steps. fp32 ("ieee", FMA) dots hold their operands per thread:
-    16-wide chunks, row tiles of at most 32, 8 warps, no pipelining.
+    Sized by the ahead-of-time compile check (benchmarks/NOTES.md): the earlier 128-column tiles with 64-wide reduction
+    chunks spilled registers in most kernels (up to ~9 KB in the gate+up GEMM, whose two accumulators and gathered
+    operand tiles live together), so every GEMM tile is at most 64 x 64 with a 32-wide chunk (128-row tiles still
+    spilled 48-116 B in the gate+up and down-backward GEMMs), and the dW tiles 64 x 64 over 32-row steps. fp32 ("ieee",
+    FMA) dots hold their operands per thread: 16-wide chunks, row tiles of at most 32, 8 warps, no pipelining.
     """
     per_expert = rows / max(1, n_experts)
     m = 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64
@@ -340,8 +337,7 @@ def _gpu_blocks(rows: int, n_experts: int, dtype: torch.dtype) -> _Blocks:
 
 
 def aot_cases() -> list[AotCase]:
-    """Every kernel variant `_gpu_blocks` and the launchers can run (one per row-tile size, per dtype; top-k 2:
-    k only divides indices), for `python -m kernels.aot`."""
+    """Every variant `_gpu_blocks` and the launchers can run (per row-tile size and dtype; top-k 2), for kernels.aot."""
     i32, f32, cases = torch.int32, torch.float32, []
     sched = {n: i32 for n in ("pair_ptr", "tile_expert_ptr", "tile_row0_ptr", "seg_start_ptr", "seg_end_ptr")}
     for dtype in _DTYPES:
@@ -470,11 +466,9 @@ def moe_experts_bwd(dy: Tensor, x: Tensor, w_gate: Tensor, w_up: Tensor, w_down:
 
 class MoEExpertsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, topk_idx: Tensor,
-                topk_weight: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, topk_idx: Tensor, topk_weight: Tensor):
         out, sch, g, u = moe_experts_fwd(x, w_gate, w_up, w_down, topk_idx, topk_weight, save=True)
-        ctx.save_for_backward(x, w_gate, w_up, w_down, topk_weight, g, u, sch.pair, sch.seg_start, sch.seg_end,
-                              sch.tile_expert, sch.tile_row0)
+        ctx.save_for_backward(x, w_gate, w_up, w_down, topk_weight, g, u, *sch[:5])
         ctx.block_m, ctx.top_k = sch.block_m, sch.top_k
         return out
 
@@ -484,9 +478,8 @@ class MoEExpertsFunction(torch.autograd.Function):
         sch = Schedule(*s, ctx.block_m, ctx.top_k)
         dx, dwg, dwu, dwd, dtw = moe_experts_bwd(dy, x, w_gate, w_up, w_down, topk_weight, sch, g, u,
                                                  need_dw_down=ctx.needs_input_grad[3])
-        need = ctx.needs_input_grad
-        return (dx if need[0] else None, dwg if need[1] else None, dwu if need[2] else None, dwd, None,
-                dtw if need[5] else None)
+        n = ctx.needs_input_grad
+        return dx if n[0] else None, dwg if n[1] else None, dwu if n[2] else None, dwd, None, dtw if n[5] else None
 
 
 def moe_experts(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, topk_idx: Tensor,
@@ -494,8 +487,8 @@ def moe_experts(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, topk_id
     """Routed SwiGLU experts (dropless) as grouped GEMMs; same contract as kernels.reference.moe_experts_ref.
 
     x (N, d); w_gate, w_up (E, F, d); w_down (E, d, F); topk_idx (N, k) int; topk_weight (N, k).
-    Returns (N, d) in x's dtype. Under autocast x and the weights are cast to the autocast dtype
-    (as the reference's matmuls would be); the routing weights keep their dtype.
+    Returns (N, d) in x's dtype. Under autocast x and the weights are cast to the autocast dtype (as the reference's
+    matmuls would be); the routing weights keep their dtype.
     """
     dev = x.device.type
     if torch.is_autocast_enabled(dev):

@@ -20,13 +20,7 @@ from llm.quantize.__main__ import main as quantize_main
 from llm.tokenizer import Tokenizer
 from llm.train.cli import main as train_main
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,7 @@ TEXT = ("def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\
 GREEDY = SamplingParams(0.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ import torch
 from llm.chat import ROLES, ChatError, encode_chat
 from llm.config import DataConfig
 from llm.data.corpus import DataError, _in_val, pystdlib_files
-from llm.data.shards import MANIFEST, Loader, load_manifest, tokenizer_slug
+from llm.data.shards import MANIFEST, Loader, Split, load_manifest, tokenizer_slug
 from llm.tokenizer import Tokenizer
 
 EMBEDDED = "stdlib-qa"
@@ -233,16 +233,9 @@ def _write_split(work: Path, split: str, rows: list, dtype: np.dtype) -> list[di
 
 
 @dataclass
-class SFTLoader:
+class SFTLoader(Split):
     """Batches of whole examples from one split: x (B, L) ids, y (B, L) next ids or -100 where not scored, L =
     the longest example in the batch minus one. batch(i) depends only on (seed, rank, i, split)."""
-
-    path: Path
-    split: str
-    batch_size: int
-    block_size: int
-    seed: int = 0
-    rank: int = 0
 
     def __post_init__(self) -> None:
         m = load_manifest(self.path)

@@ -251,12 +251,9 @@ def verify(path: Path) -> None:
 
 
 @dataclass
-class Loader:
-    """Random (x, y) windows of `block_size` tokens from one split, deterministic per step.
-
-    Window starts are drawn uniformly over every position of every shard that leaves
-    block_size + 1 tokens; batch(i) depends only on (seed, rank, i, split).
-    """
+class Split:
+    """What a batch loader reads: one split of a prepared dataset, for one rank, in batches of
+    batch_size x block_size; shared by pretraining's Loader and fine-tuning's SFTLoader."""
 
     path: Path
     split: str
@@ -264,6 +261,15 @@ class Loader:
     block_size: int
     seed: int = 0
     rank: int = 0
+
+
+@dataclass
+class Loader(Split):
+    """Random (x, y) windows of `block_size` tokens from one split, deterministic per step.
+
+    Window starts are drawn uniformly over every position of every shard that leaves
+    block_size + 1 tokens; batch(i) depends only on (seed, rank, i, split).
+    """
 
     def __post_init__(self) -> None:
         manifest = load_manifest(self.path)
