@@ -8,6 +8,7 @@ here, before tests import kernel modules.
 
 from __future__ import annotations
 
+import json
 import os
 import zlib
 from pathlib import Path
@@ -132,6 +133,24 @@ def write_code_corpus(folder: Path) -> Path:
     path = folder / "corpus.txt"
     path.write_text("".join(f"def f{i}(x):\n    return x * {i} + 1\n\n" for i in range(400)))
     return path
+
+
+@pytest.fixture(scope="module")
+def corpus_tmp(tmp_path_factory, request) -> Path:
+    """A module's work folder holding the code corpus (write_code_corpus): what train_argv runs on."""
+    tmp = tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2].removeprefix("test_"))
+    write_code_corpus(tmp)
+    return tmp
+
+
+def metrics_records(out: Path) -> list[dict]:
+    """Every record of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_losses(out: Path) -> dict[int, float]:
+    """{step: train loss} of a run's metrics.jsonl."""
+    return {r["step"]: r["loss"] for r in metrics_records(out) if "loss" in r}
 
 
 def train_argv(tmp: Path, out: str, **kw) -> list[str]:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import train_argv, write_code_corpus
+from conftest import step_losses, train_argv, write_code_corpus
 
 from llm import checkpoint as ck
 from llm.train.cli import main
@@ -41,9 +41,7 @@ def tiny_args(tmp: Path, out: str, **kw) -> list[str]:
     return train_argv(tmp, out, **(dict(n_layer=2, global_batch_tokens=256, eval_interval=3, eval_iters=3) | kw))
 
 
-def losses(out: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+losses = step_losses
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,10 @@
 """Training-health telemetry and the loss-spike detector (llm/train/health.py; RELIABILITY.md promise 8)."""
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config, train_argv, write_code_corpus
+from conftest import metrics_records, tiny_config, train_argv
 
 from llm import checkpoint as ck
 from llm import ops
@@ -20,14 +18,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tmp(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("health")
-    write_code_corpus(tmp)
-    return tmp
+def tmp(corpus_tmp):
+    return corpus_tmp
 
 
-def records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+records = metrics_records
 
 
 def _plant(monkeypatch, bad: dict[int, float], batches: list | None = None) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model, train_argv, write_code_corpus
+from conftest import step_losses, tiny_model, train_argv
 
 from llm import checkpoint as ck
 from llm.config import TrainConfig
@@ -74,16 +74,12 @@ def test_make_optimizer_scales_the_muon_group_learning_rate():
     assert isinstance(opt, Muon) and opt.param_groups[0]["lr_mult"] == pytest.approx(20.0)
 
 
-def losses(out: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+losses = step_losses
 
 
 @pytest.fixture(scope="module")
-def tmp(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("muon")
-    write_code_corpus(tmp)
-    return tmp
+def tmp(corpus_tmp):
+    return corpus_tmp
 
 
 def test_muon_resume_is_bit_exact(tmp):

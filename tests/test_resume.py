@@ -5,7 +5,6 @@ with SIGKILL in the middle of writing its step-6 checkpoint; resuming it must re
 reference bit for bit (fp32, CPU).
 """
 
-import json
 import os
 import signal
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import train_argv, write_code_corpus
+from conftest import metrics_records, train_argv
 
 from llm import checkpoint as ck
 from llm.train.cli import main
@@ -32,17 +31,15 @@ def tiny_args(tmp: Path, out: str, **kw) -> list[str]:
 
 
 def losses(out: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_records(out)
     steps = [r["step"] for r in rows if "loss" in r]
     assert len(steps) == len(set(steps)), f"a step is logged twice: {steps}"
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 @pytest.fixture(scope="module")
-def tmp(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("resume")
-    write_code_corpus(tmp)
-    return tmp
+def tmp(corpus_tmp):
+    return corpus_tmp
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import train_argv, write_code_corpus
+from conftest import metrics_records, train_argv
 
 from llm import checkpoint as ck
 from llm.config import ModelConfig, preset
@@ -21,14 +21,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tmp(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("train")
-    write_code_corpus(tmp)
-    return tmp
+def tmp(corpus_tmp):
+    return corpus_tmp
 
 
-def records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+records = metrics_records
 
 
 def train_losses(out: Path) -> list[float]:
