@@ -168,6 +168,9 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)")
     eval_interval: int = _f(100, "steps between validation-loss evaluations")
     eval_iters: int = _f(20, "batches per validation-loss estimate")
+    eval_tasks: str | None = _f(None, "comma-separated lm-eval tasks (names or task YAML paths) scored on rank 0 at "
+                                      "every --eval-interval, logged as eval/<task>/<metric> (needs the eval extra)")
+    eval_limit: float | None = _f(None, "documents per --eval-tasks task (a fraction of the task if < 1)")
     save_interval: int = _f(200, "steps between checkpoints (a final one is always written)")
     log_interval: int = _f(10, "steps between metric lines in metrics.jsonl")
     seed: int = _f(1337, "random seed (model init and data order)")

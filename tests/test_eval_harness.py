@@ -140,3 +140,26 @@ def test_cli_prints_the_task_table(ckpt, capsys):
     assert eval_main(["--checkpoint", str(ckpt), "--tasks", MC, "--limit", "4"]) == 0
     out = capsys.readouterr().out
     assert "pystdlib_mc" in out and "acc" in out
+
+
+def test_eval_tasks_during_training_are_logged_and_leave_the_run_unchanged(corpus_tmp):
+    from conftest import metrics_records, step_losses, train_argv
+
+    from llm.train.cli import main as train_main
+
+    kw = dict(max_steps=4, eval_interval=2, dropout=0.1)  # dropout: the RNG streams matter
+    assert train_main(train_argv(corpus_tmp, "plain", **kw)) == 0
+    assert train_main(train_argv(corpus_tmp, "tasks", eval_tasks=MC, eval_limit=4, **kw)) == 0
+    scored = [r for r in metrics_records(corpus_tmp / "tasks") if "eval/pystdlib_mc/acc" in r]
+    assert [r["step"] for r in scored] == [2, 4] and all(0 <= r["eval/pystdlib_mc/acc"] <= 1 for r in scored)
+    assert step_losses(corpus_tmp / "tasks") == step_losses(corpus_tmp / "plain")
+
+
+def test_eval_tasks_are_checked_before_training(corpus_tmp, capsys):
+    from conftest import train_argv
+
+    from llm.train.cli import main as train_main
+
+    assert train_main(train_argv(corpus_tmp, "bad", eval_tasks="no_such_task_xyz,"+MC)) == 2
+    err = capsys.readouterr().err
+    assert "--eval-tasks: unknown lm-eval task(s): no_such_task_xyz" in err and "step" not in err

@@ -247,14 +247,17 @@ def resolve_tasks(tasks: list[str], include_path: str | None = None) -> tuple[li
 
 
 def run_tasks(lm: LLMEvalLM, tasks: list[str], limit: int | float | None = None, num_fewshot: int | None = None,
-              include_path: str | None = None) -> dict:
-    """lm-eval's simple_evaluate of `tasks` with our backend -> its results dict ("results", "samples", ...)."""
+              include_path: str | None = None, seed_rngs: bool = True) -> dict:
+    """lm-eval's simple_evaluate of `tasks` with our backend -> its results dict ("results", "samples", ...).
+
+    seed_rngs=False leaves Python's, numpy's and torch's global RNGs unseeded (a training run's streams)."""
     names, manager, cwd = resolve_tasks(tasks, include_path)
+    seeds = {} if seed_rngs else dict(random_seed=None, numpy_random_seed=None, torch_random_seed=None)
     here = Path.cwd()
     os.chdir(cwd or here)
     try:
         return simple_evaluate(model=lm, tasks=names, limit=limit, num_fewshot=num_fewshot, log_samples=True,
-                               task_manager=manager)
+                               task_manager=manager, **seeds)
     finally:
         os.chdir(here)
 

@@ -38,7 +38,7 @@ from llm.quant import refuse_training
 from llm.runtime import pick_dtype
 from llm.tokenizer import Tokenizer
 from llm.train import distributed as dd
-from llm.train import finetune, mup
+from llm.train import finetune, mup, tasks
 from llm.train.distributed import fmt_bytes
 from llm.train.health import Health, SpikeDetector, plot_health
 from llm.train.metrics import MetricsLogger, Progress, device_name, fmt_duration, mfu, peak_flops, plot_losses
@@ -282,6 +282,7 @@ def _setup(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str |
         refuse_training(ckpt_io.read_config(src), "--resume")
         state = ckpt_io.read_trainer_state(src)
     finetune.check(dcfg, tcfg)
+    tasks.check_tasks(tcfg)
     init = bool(tcfg.init_from) and (src is None or finetune.is_finetune(dcfg, tcfg))  # a fine-tune reloads its base
     mcfg, model, tok, data_path, manifest, adapter = _model_and_data(mup.configure(mcfg, tcfg), dcfg, tcfg, d, say,
                                                                      init)
@@ -389,6 +390,10 @@ def _loop(run: Run, stop: _StopFlag, callbacks: Sequence[Callable[[int, dict], b
                 run.val_loss = run.evaluate()
                 run.logger.log({"step": step, "val_loss": run.val_loss})
                 progress.write(f"step {step}: train loss {run.loss:.4f}, val loss {run.val_loss:.4f}")
+                if tcfg.eval_tasks and d.main:
+                    scores = tasks.task_scores(run.model, run.tok, tcfg)
+                    run.logger.log({"step": step, **scores})
+                    progress.write(f"step {step}: " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in scores.items()))
                 if run.val_loss < run.best_val:
                     run.best_val = run.val_loss
                     run.save(best=True)
