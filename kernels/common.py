@@ -84,6 +84,61 @@ def key_block_query_range(n0, off, T, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.cons
 
 
 @triton.jit
+def decode_query_tile(q_ptr, len_ptr, stride_qb, stride_qt, stride_qh, Tq, G, S_max, n_gc, n_qc,
+                      HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, G_BLOCK: tl.constexpr, TQ_BLOCK: tl.constexpr,
+                      BLOCK_M: tl.constexpr):
+    # The query tile of a split-KV decode program (decode and paged decode): grid (B, Hkv * n_gc * n_qc,
+    # n_splits). Row r of the tile is query head hk*G + gc*G_BLOCK + r // TQ_BLOCK of token
+    # qc*TQ_BLOCK + r % TQ_BLOCK, so the heads of one kv group share every K/V load.
+    # Returns (b64, hk, qc, L, h, t, row_ok, pos, offs_d, d_ok, q): L the row's length clamped to [0, S_max]
+    # (never read outside the cache), pos each row's absolute position, q (BLOCK_M, BLOCK_D).
+    b = tl.program_id(0)
+    pid1 = tl.program_id(1)
+    qc = pid1 % n_qc
+    gc = (pid1 // n_qc) % n_gc
+    hk = pid1 // (n_qc * n_gc)
+    L = tl.minimum(tl.maximum(tl.load(len_ptr + b).to(tl.int32), 0), S_max)
+    b64 = b.to(tl.int64)
+    r = tl.arange(0, BLOCK_M)
+    gl = r // TQ_BLOCK
+    g = gc * G_BLOCK + gl
+    t = qc * TQ_BLOCK + r % TQ_BLOCK
+    row_ok = (gl < G_BLOCK) & (g < G) & (t < Tq)
+    h = hk * G + g
+    pos = L - Tq + t
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
+    q = tl.load(q_ptr + b64 * stride_qb + t[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    return b64, hk, qc, L, h, t, row_ok, pos, offs_d, d_ok, q
+
+
+@triton.jit
+def online_softmax_step(qk, m_i, l_i):
+    # One key step of the online softmax (base 2), qk (BLOCK_M, BLOCK_N) masked with -inf:
+    # returns (p, alpha, new running max, new running sum); the caller rescales acc by alpha and adds p @ v.
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: exp2 -> 0, not NaN
+    alpha = tl.exp2(m_i - m_shift)
+    p = tl.exp2(qk - m_shift[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def store_decode_partial(o_part_ptr, lse_part_ptr, acc, m_i, l_i, b64, h, t, row_ok, offs_d, d_ok, H, Tq,
+                         n_splits, HEAD_D: tl.constexpr):
+    # A split's normalised partial output and its log-sum-exp (-inf when it saw no key: weight 0 in the
+    # combine), laid out (B, H, Tq, n_splits, D) so the combine reads one contiguous slab per output.
+    empty = l_i == 0.0  # split beyond this row's length, outside its window, or in its causal future
+    l_safe = tl.where(empty, 1.0, l_i)
+    lse = tl.where(empty, float("-inf"), m_i + tl.log2(l_safe))
+    part = ((b64 * H + h) * Tq + t) * n_splits + tl.program_id(2)
+    tl.store(lse_part_ptr + part, lse, mask=row_ok)
+    tl.store(o_part_ptr + part[:, None] * HEAD_D + offs_d[None, :], acc / l_safe[:, None],
+             mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
 def decode_combine_kernel(o_part_ptr, lse_part_ptr, out_ptr,
                           Tq, H, n_splits,  # new tokens, query heads, splits per output row
                           HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -128,6 +183,30 @@ def decode_tile_rows(block_d: int) -> int:
     kernels/paged_decode.py): 128, and 64 at head dim 256, so the fp32 accumulator (rows, BLOCK_D)
     plus the resident q tile fit 8 warps' registers (128 rows at D=256 spilled)."""
     return max(16, min(128, 16384 // block_d))
+
+
+DECODE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DECODE_GPU_DTYPES = (torch.float16, torch.bfloat16)  # fp32 decode kernels: interpreter only (their GPU tiles spill)
+DECODE_MAX_TQ_BLOCK = 16  # tokens per tile (more tokens run as several token chunks)
+DECODE_MIN_SPLIT = 256  # keys per split at least, so each program runs several pipelined K/V steps
+DECODE_MAX_SPLITS = 256
+
+
+def decode_tile(Tq: int, G: int, D: int) -> dict:
+    """The split-KV decode tile (decode and paged decode): TQ_BLOCK tokens x G_BLOCK heads of one kv group,
+    BLOCK_M = their product (at least 16 for tl.dot), bounded by decode_tile_rows so registers stay bounded
+    for wide MQA groups; BLOCK_D the head dim's power-of-two pad."""
+    tq_block = min(triton.next_power_of_2(Tq), DECODE_MAX_TQ_BLOCK)
+    block_d = max(16, triton.next_power_of_2(D))
+    g_block = min(triton.next_power_of_2(G), max(1, decode_tile_rows(block_d) // tq_block))
+    return dict(HEAD_D=D, BLOCK_D=block_d, G_BLOCK=g_block, TQ_BLOCK=tq_block, BLOCK_M=max(16, g_block * tq_block))
+
+
+def decode_splits(x: Tensor, programs: int, S_max: int) -> int:
+    """Key splits per row by default: about two waves of programs on the device's SMs, at most S_max /
+    DECODE_MIN_SPLIT and DECODE_MAX_SPLITS (each row cuts its own length that many ways in the kernel)."""
+    n_sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+    return max(1, min(triton.cdiv(2 * n_sm, programs), triton.cdiv(S_max, DECODE_MIN_SPLIT), DECODE_MAX_SPLITS))
 
 
 def decode_warps(block_m: int, block_d: int) -> int:

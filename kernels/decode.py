@@ -33,16 +33,24 @@ from torch import Tensor
 
 from kernels.common import (
     COMBINE_BLOCK_S,
+    DECODE_DTYPES,
+    DECODE_GPU_DTYPES,
+    DECODE_MAX_TQ_BLOCK,
+    DECODE_MIN_SPLIT,
     DTYPE_NAMES,
     LOG2E,
     AotCase,
     check_gpu_dtype,
     decode_combine_kernel,
-    decode_tile_rows,
+    decode_query_tile,
+    decode_splits,
+    decode_tile,
     decode_warps,
     interpreting,
+    online_softmax_step,
     pow2_range,
     rows_contiguous,
+    store_decode_partial,
 )
 
 
@@ -62,26 +70,10 @@ def _decode_fwd_kernel(q_ptr, k_ptr, v_ptr, len_ptr, o_part_ptr, lse_part_ptr,
                        BLOCK_N: tl.constexpr,  # keys per inner step
                        G_BLOCK: tl.constexpr, TQ_BLOCK: tl.constexpr,  # heads x tokens packed in a tile
                        BLOCK_M: tl.constexpr):  # tile rows: G_BLOCK * TQ_BLOCK, at least 16 for tl.dot
-    b = tl.program_id(0)
-    pid1 = tl.program_id(1)
+    b64, hk, qc, L, h, t, row_ok, pos, offs_d, d_ok, q = decode_query_tile(
+        q_ptr, len_ptr, stride_qb, stride_qt, stride_qh, Tq, G, S_max, n_gc, n_qc,
+        HEAD_D, BLOCK_D, G_BLOCK, TQ_BLOCK, BLOCK_M)
     s = tl.program_id(2)
-    qc = pid1 % n_qc
-    gc = (pid1 // n_qc) % n_gc
-    hk = pid1 // (n_qc * n_gc)
-    L = tl.minimum(tl.maximum(tl.load(len_ptr + b).to(tl.int32), 0), S_max)
-    b64 = b.to(tl.int64)
-
-    r = tl.arange(0, BLOCK_M)
-    gl = r // TQ_BLOCK  # row r of the tile is (head gc*G_BLOCK + gl, token qc*TQ_BLOCK + r % TQ_BLOCK)
-    g = gc * G_BLOCK + gl
-    t = qc * TQ_BLOCK + r % TQ_BLOCK
-    row_ok = (gl < G_BLOCK) & (g < G) & (t < Tq)
-    h = hk * G + g
-    pos = L - Tq + t  # absolute position of each row's token
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_D
-    q = tl.load(q_ptr + b64 * stride_qb + t[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
     # Splits are sized per row from its own length (no host-side max): short rows leave late splits empty.
     if split_size > 0:
@@ -106,33 +98,18 @@ def _decode_fwd_kernel(q_ptr, k_ptr, v_ptr, len_ptr, o_part_ptr, lse_part_ptr,
                      mask=kv_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
         qk = tl.dot(q, kT) * qk_scale
         qk = tl.where(kv_ok[None, :] & (cols[None, :] <= pos[:, None]), qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: exp2 -> 0, not NaN
-        alpha = tl.exp2(m_i - m_shift)
-        p = tl.exp2(qk - m_shift[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = online_softmax_step(qk, m_i, l_i)
         v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :],
                     mask=kv_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
 
-    empty = l_i == 0.0  # split beyond this row's length, or fully in its causal future
-    l_safe = tl.where(empty, 1.0, l_i)
-    lse = tl.where(empty, float("-inf"), m_i + tl.log2(l_safe))  # -inf: weight 0 in the combine
-    # Partials are laid out (B, H, Tq, n_splits, D) so the combine reads one contiguous slab per output.
-    part = ((b64 * H + h) * Tq + t) * n_splits + s
-    tl.store(lse_part_ptr + part, lse, mask=row_ok)
-    tl.store(o_part_ptr + part[:, None] * HEAD_D + offs_d[None, :], acc / l_safe[:, None],
-             mask=row_ok[:, None] & d_ok[None, :])
+    store_decode_partial(o_part_ptr, lse_part_ptr, acc, m_i, l_i, b64, h, t, row_ok, offs_d, d_ok, H, Tq, n_splits,
+                         HEAD_D)
 
 
 # ----------------------------------------------------------------------------- launchers
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_GPU_DTYPES = (torch.float16, torch.bfloat16)  # fp32: interpreter only (see the module docstring)
-_MAX_TQ_BLOCK = 16  # tokens per tile (more tokens run as several token chunks)
-_MIN_SPLIT = 256  # keys per split at least, so each program runs several pipelined K/V steps
-_MAX_SPLITS = 256
 
 
 def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor) -> None:
@@ -147,13 +124,13 @@ def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor) -> None
         raise ValueError(f"n_head {H} is not a multiple of n_kv_head {k_cache.shape[2]}")
     if not 1 <= D <= 256:
         raise ValueError(f"head dim {D} is not supported (1..256)")
-    if q.dtype not in _DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError(f"q and caches must share one dtype among {_DTYPES}, got {q.dtype}, "
+    if q.dtype not in DECODE_DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"q and caches must share one dtype among {DECODE_DTYPES}, got {q.dtype}, "
                          f"{k_cache.dtype}, {v_cache.dtype}")
     if not (q.device == k_cache.device == v_cache.device):
         raise ValueError(f"q and caches must be on one device, got {q.device}, {k_cache.device}, "
                          f"{v_cache.device}")
-    check_gpu_dtype("decode_attention", q, _GPU_DTYPES)
+    check_gpu_dtype("decode_attention", q, DECODE_GPU_DTYPES)
     if lengths.shape != (B,) or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
         raise ValueError(f"lengths must be an integer tensor of shape ({B},), got {lengths.dtype} "
                          f"{tuple(lengths.shape)}")
@@ -179,7 +156,7 @@ def decode_attention_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: T
     if out.numel() == 0:
         return out
     lengths = lengths.to(q.device)
-    if Tq > _MAX_TQ_BLOCK:
+    if Tq > DECODE_MAX_TQ_BLOCK:
         lo, hi = (int(x) for x in torch.stack([lengths.min(), lengths.max()]).tolist())  # host sync
         if lo < 0 or hi > S_max:
             raise ValueError(f"lengths must lie in [0, S_max={S_max}], got min {lo}, max {hi}")
@@ -198,10 +175,8 @@ def decode_attention_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: T
             raise ValueError(f"num_splits must be >= 1, got {num_splits}")
         n_splits, split_size = num_splits, 0
     else:
-        n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
-        programs = B * Hkv * n_gc * n_qc
-        n_splits = max(1, min(triton.cdiv(2 * n_sm, programs), triton.cdiv(S_max, _MIN_SPLIT), _MAX_SPLITS))
-        split_size, min_split = 0, _MIN_SPLIT
+        n_splits = decode_splits(q, B * Hkv * n_gc * n_qc, S_max)
+        split_size, min_split = 0, DECODE_MIN_SPLIT
 
     o_part = torch.empty((B, H, Tq, n_splits, D), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((B, H, Tq, n_splits), dtype=torch.float32, device=q.device)
@@ -217,15 +192,11 @@ def decode_attention_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: T
 
 def _tiles(Tq: int, G: int, D: int, dtype: torch.dtype, on_gpu: bool) -> tuple[dict, dict]:
     """(constexprs, launch options) of the split kernel for Tq tokens, G heads per group, head dim D."""
-    TQ_BLOCK = min(triton.next_power_of_2(Tq), _MAX_TQ_BLOCK)
-    BLOCK_D = max(16, triton.next_power_of_2(D))
-    # heads x tokens per tile bounded (decode_tile_rows), so registers stay bounded for wide MQA groups
-    G_BLOCK = min(triton.next_power_of_2(G), max(1, decode_tile_rows(BLOCK_D) // TQ_BLOCK))
+    consts = decode_tile(Tq, G, D)
+    BLOCK_D = consts["BLOCK_D"]
     elem = torch.empty((), dtype=dtype).element_size()
     # K/V tiles of ~16 KB each: 64 keys at bf16/fp16 head dim 128, fewer for wider rows (fp32, D=256).
-    BLOCK_N = max(16, min(64, 16384 // (BLOCK_D * elem))) if on_gpu else 16
-    consts = dict(HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, G_BLOCK=G_BLOCK, TQ_BLOCK=TQ_BLOCK,
-                  BLOCK_M=max(16, G_BLOCK * TQ_BLOCK))
+    consts["BLOCK_N"] = max(16, min(64, 16384 // (BLOCK_D * elem))) if on_gpu else 16
     # Two pipeline stages at head dim 16 (three spilled 8 B on sm_90 with 64-key blocks).
     launch = dict(num_warps=decode_warps(consts["BLOCK_M"], BLOCK_D),
                   num_stages=2 if BLOCK_D <= 16 or elem == 4 else 3) if on_gpu else {}
@@ -238,9 +209,9 @@ def aot_cases() -> list[AotCase]:
     changes index arithmetic), per dtype; the combine per head dim."""
     f32 = torch.float32
     cases, seen = [], set()
-    for dtype in _GPU_DTYPES:
+    for dtype in DECODE_GPU_DTYPES:
         for D in (16, 32, 64, 96, 128, 256):
-            for Tq in pow2_range(1, _MAX_TQ_BLOCK):
+            for Tq in pow2_range(1, DECODE_MAX_TQ_BLOCK):
                 for G in pow2_range(1, 256):
                     consts, launch = _tiles(Tq, G, D, dtype, on_gpu=True)
                     key = (dtype, D, consts["BLOCK_M"], consts["BLOCK_N"])

@@ -28,15 +28,22 @@ from torch import Tensor
 
 from kernels.common import (
     COMBINE_BLOCK_S,
+    DECODE_DTYPES,
+    DECODE_GPU_DTYPES,
+    DECODE_MIN_SPLIT,
     DTYPE_NAMES,
     LOG2E,
     AotCase,
     check_gpu_dtype,
     decode_combine_kernel,
-    decode_tile_rows,
+    decode_query_tile,
+    decode_splits,
+    decode_tile,
     decode_warps,
     interpreting,
+    online_softmax_step,
     rows_contiguous,
+    store_decode_partial,
 )
 
 
@@ -58,26 +65,10 @@ def _paged_decode_fwd_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, o_part_ptr, l
                              BLOCK_N: tl.constexpr,  # keys per inner step
                              G_BLOCK: tl.constexpr, TQ_BLOCK: tl.constexpr,  # heads x tokens packed in a tile
                              BLOCK_M: tl.constexpr):  # tile rows: G_BLOCK * TQ_BLOCK, at least 16 for tl.dot
-    b = tl.program_id(0)
-    pid1 = tl.program_id(1)
+    b64, hk, qc, L, h, t, row_ok, pos, offs_d, d_ok, q = decode_query_tile(
+        q_ptr, len_ptr, stride_qb, stride_qt, stride_qh, Tq, G, S_max, n_gc, n_qc,
+        HEAD_D, BLOCK_D, G_BLOCK, TQ_BLOCK, BLOCK_M)
     s = tl.program_id(2)
-    qc = pid1 % n_qc
-    gc = (pid1 // n_qc) % n_gc
-    hk = pid1 // (n_qc * n_gc)
-    L = tl.minimum(tl.maximum(tl.load(len_ptr + b).to(tl.int32), 0), S_max)
-    b64 = b.to(tl.int64)
-
-    r = tl.arange(0, BLOCK_M)
-    gl = r // TQ_BLOCK  # row r of the tile is (head gc*G_BLOCK + gl, token qc*TQ_BLOCK + r % TQ_BLOCK)
-    g = gc * G_BLOCK + gl
-    t = qc * TQ_BLOCK + r % TQ_BLOCK
-    row_ok = (gl < G_BLOCK) & (g < G) & (t < Tq)
-    h = hk * G + g
-    pos = L - Tq + t  # absolute position of each row's token
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_D
-    q = tl.load(q_ptr + b64 * stride_qb + t[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
     keys = tl.maximum(min_split, tl.cdiv(tl.cdiv(L, n_splits), BLOCK_N) * BLOCK_N)
     start = s * keys
@@ -104,32 +95,18 @@ def _paged_decode_fwd_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, o_part_ptr, l
         qk = tl.dot(q, kT) * qk_scale
         vis = kv_ok[None, :] & (cols[None, :] <= pos[:, None]) & (pos[:, None] - cols[None, :] < window)
         qk = tl.where(vis, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: exp2 -> 0, not NaN
-        alpha = tl.exp2(m_i - m_shift)
-        p = tl.exp2(qk - m_shift[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = online_softmax_step(qk, m_i, l_i)
         v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :],
                     mask=kv_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
 
-    empty = l_i == 0.0  # split beyond this row's length, outside its window, or in its causal future
-    l_safe = tl.where(empty, 1.0, l_i)
-    lse = tl.where(empty, float("-inf"), m_i + tl.log2(l_safe))  # -inf: weight 0 in the combine
-    part = ((b64 * H + h) * Tq + t) * n_splits + s  # partials (B, H, Tq, n_splits, D), as the combine reads
-    tl.store(lse_part_ptr + part, lse, mask=row_ok)
-    tl.store(o_part_ptr + part[:, None] * HEAD_D + offs_d[None, :], acc / l_safe[:, None],
-             mask=row_ok[:, None] & d_ok[None, :])
+    store_decode_partial(o_part_ptr, lse_part_ptr, acc, m_i, l_i, b64, h, t, row_ok, offs_d, d_ok, H, Tq, n_splits,
+                         HEAD_D)
 
 
 # ----------------------------------------------------------------------------- launchers
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_GPU_DTYPES = (torch.float16, torch.bfloat16)  # fp32: interpreter only (see the module docstring)
-_MAX_TQ_BLOCK = 16  # tokens per tile (prefill chunks run as several token chunks)
-_MIN_SPLIT = 256  # keys per split at least, so each program runs several pipelined K/V steps
-_MAX_SPLITS = 256
 _NO_WINDOW = 1 << 30
 
 # Every (BLOCK_N, num_warps, num_stages) the launcher can pick on a GPU; the interpreter runs BLOCK_N 16.
@@ -164,16 +141,13 @@ def kernel_variants(head_dims=(16, 32, 64, 96, 128, 256), gqa=(1, 2, 4, 8, 16, 3
                     tq=(1, 2, 4, 8, 16)) -> list[dict]:
     """Constexpr sets a GPU launch can produce: tile shapes x LAUNCH_CONFIGS, per GPU dtype."""
     out = []
-    for dtype in _GPU_DTYPES:
+    for dtype in DECODE_GPU_DTYPES:
         for d in head_dims:
-            block_d = max(16, triton.next_power_of_2(d))
             for g in gqa:
                 for t in tq:
-                    tq_block = min(triton.next_power_of_2(t), _MAX_TQ_BLOCK)
-                    g_block = min(triton.next_power_of_2(g), max(1, decode_tile_rows(block_d) // tq_block))
-                    block_m = max(16, g_block * tq_block)
-                    out.append(dict(dtype=dtype, HEAD_D=d, BLOCK_D=block_d, G_BLOCK=g_block, TQ_BLOCK=tq_block,
-                                    BLOCK_M=block_m, **launch_config(dtype, block_d, block_m, True)))
+                    tile = decode_tile(t, g, d)
+                    out.append(dict(dtype=dtype, **tile,
+                                    **launch_config(dtype, tile["BLOCK_D"], tile["BLOCK_M"], True)))
     return out
 
 
@@ -190,8 +164,8 @@ def _check(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, lengt
         raise ValueError(f"n_head {H} is not a multiple of n_kv_head {k_pool.shape[2]}")
     if not 1 <= D <= 256:
         raise ValueError(f"head dim {D} is not supported (1..256)")
-    if q.dtype not in _DTYPES or k_pool.dtype != q.dtype or v_pool.dtype != q.dtype:
-        raise ValueError(f"q and pools must share one dtype among {_DTYPES}, got {q.dtype}, {k_pool.dtype}, "
+    if q.dtype not in DECODE_DTYPES or k_pool.dtype != q.dtype or v_pool.dtype != q.dtype:
+        raise ValueError(f"q and pools must share one dtype among {DECODE_DTYPES}, got {q.dtype}, {k_pool.dtype}, "
                          f"{v_pool.dtype}")
     if block_table.shape[0] != B or block_table.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"block_table must be int32/int64 of shape ({B}, max_blocks), got {block_table.dtype} "
@@ -201,7 +175,7 @@ def _check(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, lengt
                          f"{tuple(lengths.shape)}")
     if torch.is_grad_enabled() and (q.requires_grad or k_pool.requires_grad or v_pool.requires_grad):
         raise ValueError("paged_decode_attention is inference-only: call it under torch.no_grad()")
-    check_gpu_dtype("paged_decode_attention", q, _GPU_DTYPES)
+    check_gpu_dtype("paged_decode_attention", q, DECODE_GPU_DTYPES)
 
 
 def paged_decode_attention_fwd(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, lengths: Tensor,
@@ -221,11 +195,9 @@ def paged_decode_attention_fwd(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_
     if out.numel() == 0:
         return out
     G = H // Hkv
-    TQ_BLOCK = min(triton.next_power_of_2(Tq), _MAX_TQ_BLOCK)
-    BLOCK_D = max(16, triton.next_power_of_2(D))
-    G_BLOCK = min(triton.next_power_of_2(G), max(1, decode_tile_rows(BLOCK_D) // TQ_BLOCK))
-    n_qc, n_gc = triton.cdiv(Tq, TQ_BLOCK), triton.cdiv(G, G_BLOCK)
-    BLOCK_M = max(16, G_BLOCK * TQ_BLOCK)
+    tile = decode_tile(Tq, G, D)
+    BLOCK_D, BLOCK_M = tile["BLOCK_D"], tile["BLOCK_M"]
+    n_qc, n_gc = triton.cdiv(Tq, tile["TQ_BLOCK"]), triton.cdiv(G, tile["G_BLOCK"])
     on_gpu = q.is_cuda and not interpreting()
     cfg = launch_config(q.dtype, BLOCK_D, BLOCK_M, on_gpu)
     BLOCK_N = cfg.pop("BLOCK_N")
@@ -234,10 +206,7 @@ def paged_decode_attention_fwd(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_
             raise ValueError(f"num_splits must be >= 1, got {num_splits}")
         n_splits, min_split = num_splits, BLOCK_N
     else:
-        n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
-        programs = B * Hkv * n_gc * n_qc
-        n_splits = max(1, min(triton.cdiv(2 * n_sm, programs), triton.cdiv(S_max, _MIN_SPLIT), _MAX_SPLITS))
-        min_split = _MIN_SPLIT
+        n_splits, min_split = decode_splits(q, B * Hkv * n_gc * n_qc, S_max), DECODE_MIN_SPLIT
     if window is not None and window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     o_part = torch.empty((B, H, Tq, n_splits, D), dtype=torch.float32, device=q.device)
@@ -246,8 +215,7 @@ def paged_decode_attention_fwd(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_
         q, k_pool, v_pool, block_table, lengths.to(q.device), o_part, lse_part,
         *q.stride()[:3], *k_pool.stride()[:3], *v_pool.stride()[:3], block_table.stride(0),
         Tq, H, G, S_max, n_gc, n_qc, n_splits, min_split, window or _NO_WINDOW, scale * LOG2E,
-        PAGE=PAGE, HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, G_BLOCK=G_BLOCK, TQ_BLOCK=TQ_BLOCK,
-        BLOCK_M=BLOCK_M, **cfg)
+        PAGE=PAGE, BLOCK_N=BLOCK_N, **tile, **cfg)
     decode_combine_kernel[(B * H * Tq,)](
         o_part, lse_part, out, Tq, H, n_splits, HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_S=COMBINE_BLOCK_S)
     return out
