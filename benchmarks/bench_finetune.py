@@ -1,7 +1,7 @@
 """Fine-tuning benchmarks (CPU or CUDA).
 
-  memory   LoRA vs full fine-tuning on a preset (default `small`): parameter, gradient and AdamW-state bytes,
-           measured on the tensors after one optimizer step
+  memory   LoRA (on an fp32 and an int8 base) vs full fine-tuning on a preset (default `small`): frozen base,
+           parameter, gradient and AdamW-state bytes, measured on the tensors after one optimizer step
   speed    a LoRA step and a full fine-tuning step at the same batch, side by side (median of --steps)
   quality  base vs fine-tuned on the held-out split of fine-tuning data: answer loss (the masked loss), and the
            share of greedy answers that end with the end-of-turn token
@@ -28,12 +28,15 @@ from llm.generate.api import complete
 from llm.generate.sampling import SamplingParams
 from llm.loading import load_model
 from llm.model import Transformer
+from llm.quant import dense_numel, make_scheme, quantize_model
 from llm.train.distributed import fmt_bytes
 
 
-def _model(args, use_lora: bool) -> Transformer:
+def _model(args, use_lora: bool, int8: bool = False) -> Transformer:
     torch.manual_seed(0)
     m = Transformer(ModelConfig(**(preset(args.preset) | {"block_size": args.block_size, "kernels": "torch"})))
+    if int8:  # QLoRA-style: the block weights as int8 codes, frozen
+        quantize_model(m, make_scheme("int8"))
     if use_lora:
         lora.apply_lora(m, lora.LoRAConfig(args.lora_rank, 2.0 * args.lora_rank, 0.0, lora.parse_targets(
             args.lora_targets)))
@@ -54,11 +57,12 @@ def _opt(model: Transformer) -> torch.optim.AdamW:
 
 def memory(args) -> None:
     rows = {}
-    for name, use in (("full", False), ("lora", True)):
-        m = _model(args, use)
+    for name, use, int8 in (("full", False, False), ("lora", True, False), ("qlora int8", True, True)):
+        m = _model(args, use, int8)
         opt = _opt(m)
         _step(m, opt, torch.randint(0, 1000, (1, 8)))
-        rows[name] = dict(params=sum(p.numel() for p in m.parameters()),
+        rows[name] = dict(params=dense_numel(m), base_bytes=sum(t.numel() * t.element_size() for k, t in
+                                                                m.state_dict().items() if lora.adapter_name(k) is None),
                           trainable=sum(p.numel() for p in m.parameters() if p.requires_grad),
                           param_bytes=sum(p.numel() * p.element_size() for p in m.parameters()),
                           grad_bytes=sum(p.grad.numel() * p.grad.element_size() for p in m.parameters()
@@ -67,14 +71,18 @@ def memory(args) -> None:
                                           for v in s.values() if torch.is_tensor(v) and v.dim() > 0))
         del m, opt
     print(f"preset {args.preset}, LoRA r={args.lora_rank} on {args.lora_targets}")
-    print("| run | parameters | trainable | parameter bytes | gradient bytes | AdamW bytes |")
-    print("|---|---|---|---|---|---|")
+    print("| run | parameters | trainable | frozen base bytes | parameter bytes | gradient bytes | AdamW bytes |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in rows.items():
-        print(f"| {name} | {r['params']:,} | {r['trainable']:,} | {fmt_bytes(r['param_bytes'])} | "
+        base = r["base_bytes"] if name != "full" else 0
+        print(f"| {name} | {r['params']:,} | {r['trainable']:,} | {fmt_bytes(base)} | {fmt_bytes(r['param_bytes'])} | "
               f"{fmt_bytes(r['grad_bytes'])} | {fmt_bytes(r['optim_bytes'])} |")
     f, lo = rows["full"], rows["lora"]
     print(f"LoRA trainable share {100 * lo['trainable'] / lo['params']:.2f}%; gradient + optimizer bytes "
           f"{100 * (lo['grad_bytes'] + lo['optim_bytes']) / (f['grad_bytes'] + f['optim_bytes']):.2f}% of full")
+    q = rows["qlora int8"]
+    print(f"frozen base: int8 {fmt_bytes(q['base_bytes'])} vs fp32 {fmt_bytes(lo['base_bytes'])} "
+          f"({100 * q['base_bytes'] / lo['base_bytes']:.1f}%)")
 
 
 def speed(args) -> None:

@@ -11,7 +11,7 @@ from llm import lora as lora_io
 from llm.checkpoint import MODEL_FILE, load_checkpoint, read_config, resolve
 from llm.interop.hf import is_hf_dir, load_hf
 from llm.model import Transformer
-from llm.quant import QuantError, quantize_loaded
+from llm.quant import quantize_loaded
 from llm.tokenizer import Tokenizer
 
 
@@ -32,23 +32,18 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         if (ckpt / lora_io.ADAPTER_CONFIG).is_file() and not (ckpt / MODEL_FILE).is_file():
             path, lora = lora_io.read_adapter_config(ckpt)["base"], ckpt
     load = load_hf if is_hf_dir(path) else load_checkpoint
-    if lora is not None and quantize is not None:
-        raise QuantError("a LoRA adapter on a quantized base is not supported: merge it first "
-                         "(python -m llm.interop.adapters merge) and quantize the merged checkpoint")
     if quantize is not None:
         model, tok, cfg = load(path, "cpu", None, **overrides)
         if not cfg.get("quantization"):
             model = model.float()
         model = quantize_loaded(model, cfg, quantize).to(device=device, dtype=dtype)
         model.init_buffers(device)  # RoPE tables stay fp32 whatever the weights' dtype
-        return model.eval(), tok, {**cfg, "model": dict(model.cfg.__dict__), "quantization": quantize}
-    model, tok, cfg = load(path, device, dtype, **overrides)
+        cfg = {**cfg, "model": dict(model.cfg.__dict__), "quantization": quantize}
+    else:
+        model, tok, cfg = load(path, device, dtype, **overrides)
     if lora is None:
         return model, tok, cfg
-    if cfg.get("quantization"):
-        raise QuantError(f"{path} is quantized: a LoRA adapter needs a plain base (merge the adapter into the "
-                         "unquantized base with python -m llm.interop.adapters merge, then quantize)")
-    adir = resolve(lora)
+    adir = resolve(lora)  # on a quantized base: the adapters wrap its QuantLinears (QLoRA-style, unmerged)
     lora_io.load_adapter(model, adir)
     acfg = read_config(adir)
     return model.eval(), Tokenizer.load(adir, acfg["tokenizer"]), cfg | {"lora": str(adir)}

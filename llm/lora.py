@@ -29,6 +29,7 @@ from llm.checkpoint import CheckpointError, read_tensors
 from llm.config import ConfigError
 from llm.layers import MLP
 from llm.model import Transformer
+from llm.quant import QuantLinear
 
 ADAPTER_FILE, ADAPTER_CONFIG, FORMAT = "adapter.safetensors", "adapter_config.json", "llm-lora"
 TARGETS = {"q": "attn.wqkv", "k": "attn.wqkv", "v": "attn.wqkv", "o": "attn.wo", "gate": "mlp.w1", "up": "mlp.w3",
@@ -65,27 +66,22 @@ def parse_targets(targets: str | tuple[str, ...] | list[str]) -> tuple[str, ...]
     return tuple(t for t in TARGETS if t in names)  # canonical order
 
 
-class LoRALinear(nn.Linear):
-    """The wrapped nn.Linear (its own weight and bias) plus a low-rank update per target row slice."""
+class LoRAMixin:
+    """The adapters of one projection: `lora_A.<t>` (r, in), `lora_B.<t>` (rows of t, r) per target row slice t."""
 
-    def __init__(self, base: nn.Linear, parts: dict[str, tuple[int, int]], cfg: LoRAConfig) -> None:
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.register_parameter("bias", base.bias)
+    def init_adapters(self, parts: dict[str, tuple[int, int]], cfg: LoRAConfig, device, dtype) -> None:
         self.parts, self.scale = dict(sorted(parts.items(), key=lambda kv: kv[1])), cfg.scale
-        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_A = nn.ParameterDict({n: nn.Parameter(torch.empty(cfg.rank, self.in_features, **kw))
-                                        for n in self.parts})
-        self.lora_B = nn.ParameterDict({n: nn.Parameter(torch.zeros(b - a, cfg.rank, **kw))
+        self.lora_A = nn.ParameterDict({n: nn.Parameter(torch.empty(cfg.rank, self.in_features, device=device,
+                                                                    dtype=dtype)) for n in self.parts})
+        self.lora_B = nn.ParameterDict({n: nn.Parameter(torch.zeros(b - a, cfg.rank, device=device, dtype=dtype))
                                         for n, (a, b) in self.parts.items()})
         for A in self.lora_A.values():
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # PEFT's and the paper's init; B = 0 keeps step 0 exact
         self.lora_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x (..., in) -> (..., out): W x + b, plus scale * B_t A_t dropout(x) on each target's rows."""
-        y = F.linear(x, self.weight, self.bias)
+    def add_lora(self, x: Tensor, y: Tensor) -> Tensor:
+        """y (..., out) = the frozen projection of x (..., in), plus scale * B_t A_t dropout(x) on each target's
+        rows."""
         xd = self.lora_dropout(x)
         out, at = [], 0
         for n, (a, b) in self.parts.items():
@@ -99,10 +95,45 @@ class LoRALinear(nn.Linear):
 
     def delta(self) -> Tensor:
         """The update the adapter adds to the weight, (out, in)."""
-        d = torch.zeros_like(self.weight)
+        A = next(iter(self.lora_A.values()))
+        d = torch.zeros(self.out_features, self.in_features, device=A.device, dtype=A.dtype)
         for n, (a, b) in self.parts.items():
             d[a:b] = self.lora_B[n] @ self.lora_A[n] * self.scale
         return d
+
+
+class LoRALinear(LoRAMixin, nn.Linear):
+    """The wrapped nn.Linear (its own weight and bias) plus a low-rank update per target row slice."""
+
+    def __init__(self, base: nn.Linear, parts: dict[str, tuple[int, int]], cfg: LoRAConfig) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.register_parameter("bias", base.bias)
+        self.init_adapters(parts, cfg, base.weight.device, base.weight.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (..., in) -> (..., out): W x + b, plus the adapters."""
+        return self.add_lora(x, F.linear(x, self.weight, self.bias))
+
+
+class QuantLoRALinear(LoRAMixin, QuantLinear):
+    """QLoRA-style: the wrapped QuantLinear (its own int8 / int4 codes and scales, frozen, dequantized in the
+    matmul; same state-dict names) plus the adapters, which train in the scales' dtype (the model's)."""
+
+    def __init__(self, base: QuantLinear, parts: dict[str, tuple[int, int]], cfg: LoRAConfig) -> None:
+        nn.Module.__init__(self)
+        for k in ("in_features", "out_features", "mode", "kernels", "group_size", "_cache"):
+            setattr(self, k, getattr(base, k))
+        for k in ("qweight", "scales", "zeros", "bias"):
+            self.register_buffer(k, getattr(base, k))
+        self.init_adapters(parts, cfg, base.scales.device, base.scales.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.add_lora(x, QuantLinear.forward(self, x))
+
+
+LORA_LAYERS = (LoRALinear, QuantLoRALinear)
 
 
 class NewRows(nn.Module):
@@ -166,7 +197,9 @@ def apply_lora(model: Transformer, cfg: LoRAConfig, new_rows: tuple[int, int] | 
             groups.setdefault(path, {}).update(_target_parts(model, t) or {t: (0, lin.out_features)})
         for path, parts in groups.items():
             parent, attr = path.rsplit(".", 1)
-            setattr(block.get_submodule(parent), attr, LoRALinear(block.get_submodule(path), parts, cfg))
+            lin = block.get_submodule(path)
+            layer = QuantLoRALinear if isinstance(lin, QuantLinear) else LoRALinear
+            setattr(block.get_submodule(parent), attr, layer(lin, parts, cfg))
     if new_rows is not None:
         start, n = new_rows
         rows = NewRows(model.tok_emb.weight[start: start + n], start)
@@ -176,15 +209,23 @@ def apply_lora(model: Transformer, cfg: LoRAConfig, new_rows: tuple[int, int] | 
     return model
 
 
+def adapter_name(name: str) -> str | None:
+    """A parameter or state-dict name -> its adapter name (LoRA A/B as they are, new rows by ROW_KEYS), or None."""
+    if ".lora_" in name:
+        return name
+    if name.endswith("parametrizations.weight.0.rows"):
+        return ROW_KEYS[name.split(".")[0]]
+    return None
+
+
 def adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
     """The trainable tensors of a LoRA model under their adapter names (LoRA A/B and any new rows)."""
-    out = {}
-    for name, p in model.named_parameters():
-        if ".lora_" in name:
-            out[name] = p
-        elif name.endswith("parametrizations.weight.0.rows"):
-            out[ROW_KEYS[name.split(".")[0]]] = p
-    return out
+    return {k: p for n, p in model.named_parameters() if (k := adapter_name(n)) is not None}
+
+
+def adapter_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The adapter tensors of a full state dict (e.g. gathered from FSDP shards) under their adapter names."""
+    return {k: v for n, v in state.items() if (k := adapter_name(n)) is not None}
 
 
 def merge(model: Transformer) -> Transformer:
@@ -194,6 +235,9 @@ def merge(model: Transformer) -> Transformer:
             for path in sorted(set(TARGETS.values())):
                 parent, attr = path.rsplit(".", 1)
                 lin = block.get_submodule(parent)._modules.get(attr)
+                if isinstance(lin, QuantLoRALinear):
+                    raise ConfigError("this adapter sits on a quantized base: merge it into the unquantized checkpoint "
+                                      "the base was quantized from (its weights plus the adapter, in full precision)")
                 if isinstance(lin, LoRALinear):
                     plain = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta")
                     plain.weight = nn.Parameter(lin.weight + lin.delta())

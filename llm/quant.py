@@ -76,7 +76,8 @@ def refuse_training(cfg: dict, flag: str) -> None:
     """Training starts from full-precision weights: a quantized checkpoint is refused in one line."""
     if cfg.get("quantization"):
         raise QuantError(f"{flag}: the checkpoint is quantized ({describe(check_scheme(cfg['quantization']))}); "
-                         "training needs the unquantized checkpoint it was made from")
+                         "full training needs the unquantized checkpoint it was made from; LoRA (--lora-rank) "
+                         "trains on it")
 
 
 # ----------------------------------------------------------------------------- tensor quantizers
@@ -116,7 +117,8 @@ class QuantLinear(nn.Module):
     """y = x @ dequant(W).T + b with W stored int8 (per channel) or int4 (groups); x (..., K) -> (..., N).
 
     Buffers, not parameters (nothing here trains): qweight, scales, zeros (int4), bias. Calls
-    ops.int8_linear / ops.int4_linear, which pick Triton, torch's CPU kernel or the reference.
+    ops.int8_linear / ops.int4_linear, which pick Triton, torch's CPU kernel or the reference; when x needs a
+    gradient (LoRA adapters train around the frozen codes) through FrozenQuantMatmul, whose backward gives dx.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, mode: str, group_size: int | None = None,
@@ -159,6 +161,15 @@ class QuantLinear(nn.Module):
         return w.to(self.scales.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:  # training adapters around this frozen layer (llm/lora.py)
+            dev = x.device.type
+            if torch.is_autocast_enabled(dev):  # as F.linear would: the matmul in the autocast dtype
+                x = x.to(torch.get_autocast_dtype(dev))
+            return FrozenQuantMatmul.apply(x, self)
+        return self.matmul(x)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        """The forward product through llm.ops (Triton, torch's CPU kernel or the reference); no autograd."""
         if self.mode == "int8":
             return ops.int8_linear(x, self.qweight, self.scales, self.bias, kernels=self.kernels)
         return ops.int4_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias,
@@ -167,6 +178,21 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.group_size else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}{g}"
+
+
+class FrozenQuantMatmul(torch.autograd.Function):
+    """y = x W^T + b for a frozen quantized W, differentiable in x only: the forward is the layer's own product
+    (the quantized kernels have no backward), the backward dx = dy W dequantizes W for the one GEMM and saves
+    nothing but a reference to the layer (its codes), so no full-precision copy of W outlives the step."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: QuantLinear) -> Tensor:
+        ctx.layer = layer
+        return layer.matmul(x)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[Tensor, None]:
+        return dy @ ctx.layer.weight.to(dy.dtype), None
 
 
 class QuantEmbedding(nn.Module):
@@ -216,6 +242,14 @@ def quantize_model(model: nn.Module, scheme: dict) -> nn.Module:
         model.cfg = replace(model.cfg, tie_embeddings=False)  # both are stored now
     model.quantization = scheme
     return model
+
+
+def dense_numel(model: nn.Module) -> int:
+    """The parameters a model computes with, each quantized weight counted as the dense (N, K) it stands for."""
+    q = sum(m.in_features * m.out_features + (0 if m.bias is None else m.bias.numel())
+            for m in model.modules() if isinstance(m, QuantLinear))
+    e = sum(m.qweight.numel() for m in model.modules() if isinstance(m, QuantEmbedding))
+    return sum(p.numel() for p in model.parameters()) + q + e
 
 
 def storage_state(model: nn.Module) -> dict[str, Tensor]:

@@ -5,12 +5,15 @@ resume exactly).
 """
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model, train_argv, write_code_corpus
+from conftest import step_losses, tiny_model, train_argv, write_code_corpus
 
 from llm import chat
 from llm import checkpoint as ck
@@ -178,3 +181,72 @@ def test_bad_lora_flags_are_one_line(runs, capsys, flags, msg):
     assert main(ft_argv(runs, "bad", **flags)) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(msg, err), err
+
+
+def test_compiled_lora_run_equals_eager(runs, monkeypatch):
+    """--compile with LoRA: the same losses as eager (fp32, fused kernels round differently), one graph for every
+    step (the SFT rows are padded to the block size when compiling; any recompile is an error here)."""
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    assert main(ft_argv(runs, "lora-eager", max_steps=3, lora_dropout=0.0, dropout=0.0)) == 0
+    assert main(ft_argv(runs, "lora-compiled", max_steps=3, lora_dropout=0.0, dropout=0.0) + ["--compile"]) == 0
+    eager, compiled = step_losses(runs / "lora-eager"), step_losses(runs / "lora-compiled")
+    assert sorted(compiled) == [1, 2, 3]
+    assert all(abs(compiled[s] - eager[s]) <= 1e-5 * abs(eager[s]) for s in eager), (compiled, eager)
+    assert eager[1] != eager[3]
+
+
+FSDP_JOB = """
+import json, sys
+from llm.train import distributed as dd
+from llm.train.cli import resolve_configs
+from llm.train.trainer import train
+
+for argv, stop_at in json.loads(sys.argv[1]):
+    mcfg, dcfg, tcfg, args = resolve_configs(argv)
+    train(mcfg, dcfg, tcfg, args.resume, args.explicit, callbacks=[lambda step, rec: step == stop_at])
+dd.cleanup()
+"""
+
+
+@pytest.mark.slow
+def test_lora_under_fsdp_matches_one_process_through_a_resume(runs):
+    """2 gloo ranks x FSDP2 (frozen base and adapters sharded), stopped at step 3 and resumed to 6, against one
+    process with the same global batch: the same losses, and the saved adapter is the full one."""
+    kw = dict(max_steps=6, lora_dropout=0.0, dropout=0.0)
+    assert main(ft_argv(runs, "lora-one", grad_accum=2, **kw)) == 0
+    fsdp = [str(a) for a in ft_argv(runs, "lora-fsdp", grad_accum=1, **kw)] + ["--fsdp"]
+    (runs / "fsdp_job.py").write_text(FSDP_JOB)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(runs / "fsdp_job.py"), json.dumps([[fsdp, 3], [fsdp + ["--resume"], -1]])],
+                       cwd=Path(__file__).resolve().parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "FSDP2" in r.stdout and "resumed from" in r.stdout
+    one, two = step_losses(runs / "lora-one"), step_losses(runs / "lora-fsdp")
+    assert sorted(two) == list(range(1, 7))
+    assert all(abs(two[s] - one[s]) <= 1e-5 * abs(one[s]) for s in one), (two, one)
+    a = ck.read_tensors(ck.resolve(runs / "lora-one") / "adapter.safetensors")[0]
+    b = ck.read_tensors(ck.resolve(runs / "lora-fsdp") / "adapter.safetensors")[0]
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)  # full, unsharded tensors
+    assert all((a[k] - b[k]).abs().max() < 1e-5 for k in a)
+
+
+def test_qlora_run_on_an_int8_base_resumes_exactly(runs, capsys):
+    """--init-from an int8 checkpoint with --lora-rank: the base stays int8 codes (QuantLoRALinear), the printed
+    memory line compares its bytes to fp32, the run resumes exactly, and its checkpoint loads onto that base."""
+    from llm import lora
+    from llm.quant import QuantLinear
+    from llm.quantize.__main__ import main as quantize_main
+
+    assert quantize_main(["--checkpoint", str(runs / "base"), "--mode", "int8", "--out", str(runs / "base-int8")]) == 0
+    kw = dict(init_from=runs / "base-int8", max_steps=4)
+    capsys.readouterr()
+    assert main(ft_argv(runs, "qlora", **kw)) == 0
+    assert re.search(r"frozen base [\d.]+ MiB \(int8 block weights\) vs [\d.]+ MiB in fp32", capsys.readouterr().out)
+    assert main(ft_argv(runs, "qlora2", **(kw | dict(max_steps=2)))) == 0
+    assert main(ft_argv(runs, "qlora2", **kw) + ["--resume"]) == 0
+    assert step_losses(runs / "qlora") == step_losses(runs / "qlora2")
+    model, _, cfg = load_model(runs / "qlora")
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert cfg["quantization"]["mode"] == "int8" and all(m.qweight.dtype == torch.int8 for m in layers)
+    assert sum(isinstance(m, lora.QuantLoRALinear) for m in layers) == 5 * model.cfg.n_layer  # wqkv, wo, w1, w2, w3

@@ -102,3 +102,40 @@ def test_peft_round_trip(tmp_path):
     torch.testing.assert_close(load_model(tmp_path / "base", lora=back)[0](x)[0], ours, atol=1e-6, rtol=1e-6)
     merged = adapters.merge_to(str(tmp_path / "base"), str(back), str(tmp_path / "merged"))
     torch.testing.assert_close(load_model(merged)[0](x)[0], ours, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_qlora_step0_equals_quantized_base_and_trains_only_adapters(mode):
+    """LoRA on a weight-only quantized base: step 0 is the quantized model exactly, the codes stay frozen
+    buffers, gradients reach every adapter (also through the quantized layers that carry none) and nothing else."""
+    from llm.quant import QuantLinear, make_scheme, quantize_model
+
+    x = torch.randint(0, 101, (2, 13))
+    model = quantize_model(tiny_model(), make_scheme(mode, 32))
+    base = model(x)[0]
+    codes = {n: b.clone() for n, b in model.named_buffers() if n.endswith("qweight")}
+    lora.apply_lora(model, lora.LoRAConfig(4, 8.0, 0.0, ("q", "v")))  # wo and the MLP stay plain QuantLinears
+    assert torch.equal(model(x)[0], base)
+    assert isinstance(model.blocks[0].attn.wqkv, lora.QuantLoRALinear) and type(model.blocks[0].mlp.w2) is QuantLinear
+    randomized(model)  # B != 0, so A's gradient is not 0 either
+    model(x, x)[1].backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert with_grad == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert with_grad and all(".lora_" in n for n in with_grad)
+    assert len(with_grad) == 4 * model.cfg.n_layer  # A and B of q and v in each block; block 0's reach needs wo/MLP
+    assert all(torch.equal(b, codes[n]) for n, b in model.named_buffers() if n in codes)
+    with pytest.raises(ConfigError, match="sits on a quantized base"):
+        lora.merge(model)
+
+
+def test_frozen_quant_matmul_gradient_equals_dequantized_linear():
+    from llm.quant import QuantLinear
+
+    lin = torch.nn.Linear(24, 10)
+    q = QuantLinear.from_linear(lin, "int8", None, "torch")
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    dy = torch.randn(3, 5, 10)
+    (q(x) * dy).sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    (torch.nn.functional.linear(x2, q.weight, q.bias) * dy).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-5, rtol=1e-5)

@@ -235,7 +235,11 @@ def _write_split(work: Path, split: str, rows: list, dtype: np.dtype) -> list[di
 @dataclass
 class SFTLoader(Split):
     """Batches of whole examples from one split: x (B, L) ids, y (B, L) next ids or -100 where not scored, L =
-    the longest example in the batch minus one. batch(i) depends only on (seed, rank, i, split)."""
+    the longest example in the batch minus one, or block_size for every batch when `fixed` (a compiled model
+    then sees one shape: the extra positions are padding after each example, unscored, so the loss is the same).
+    batch(i) depends only on (seed, rank, i, split)."""
+
+    fixed: bool = False
 
     def __post_init__(self) -> None:
         m = load_manifest(self.path)
@@ -259,7 +263,7 @@ class SFTLoader(Split):
 
     def batch(self, step: int, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         spans = [(int(self.offsets[i]), int(self.offsets[i + 1])) for i in self.picks(step)]
-        L = max(b - a for a, b in spans) - 1
+        L = self.block_size if self.fixed else max(b - a for a, b in spans) - 1
         x = torch.zeros(self.batch_size, L, dtype=torch.long)
         y = torch.full((self.batch_size, L), IGNORE, dtype=torch.long)
         for r, (a, b) in enumerate(spans):
@@ -270,7 +274,9 @@ class SFTLoader(Split):
         return x.to(device), y.to(device)
 
 
-def open_loader(path: Path, split: str, batch_size: int, block_size: int, seed: int):
-    """The loader for a prepared dataset: SFTLoader for fine-tuning data, shards.Loader for pretraining data."""
-    cls = SFTLoader if load_manifest(path).get("kind") == "sft" else Loader
-    return cls(path, split, batch_size, block_size, seed)
+def open_loader(path: Path, split: str, batch_size: int, block_size: int, seed: int, fixed: bool = False):
+    """The loader for a prepared dataset: SFTLoader for fine-tuning data (`fixed`: every batch block_size long),
+    shards.Loader for pretraining data (always block_size long)."""
+    if load_manifest(path).get("kind") == "sft":
+        return SFTLoader(path, split, batch_size, block_size, seed, fixed=fixed)
+    return Loader(path, split, batch_size, block_size, seed)

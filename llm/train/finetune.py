@@ -2,7 +2,8 @@
 (llm/data/sft.py) or --lora-rank is given (llm/lora.py). The trainer calls these few hooks; the loop, the
 checkpoints and the exact resume are the pretraining ones.
 
-  check        refuse what does not combine, before anything is loaded (no --init-from, FSDP or compile + LoRA)
+  check        refuse what does not combine, before anything is loaded (no --init-from)
+  check_base   a quantized --init-from trains only LoRA adapters around its frozen codes (QLoRA-style)
   tokenizer    the base's tokenizer with the chat template's special tokens (our checkpoints: ChatML)
   prepare      the examples encoded with that tokenizer (masked answers), or the pretraining shards
   adapt        grow the vocab for the added tokens, then freeze the base and add LoRA; prints what trains
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from llm import checkpoint as ckpt_io
-from llm import lora
+from llm import lora, quant
 from llm.chat import chat_tokenizer
 from llm.config import ConfigError, DataConfig, TrainConfig
 from llm.data import sft
@@ -47,11 +48,18 @@ def check(dcfg: DataConfig, tcfg: TrainConfig) -> None:
     if not tcfg.init_from:
         raise ConfigError("fine-tuning (instruction / chat data or --lora-rank) starts from a model: give "
                           "--init-from CHECKPOINT or a Hugging Face model directory")
-    if tcfg.lora_rank is not None and tcfg.fsdp:
-        raise ConfigError("--lora-rank with --fsdp is not supported (the adapters are small: train LoRA with DDP, "
-                          "drop --fsdp)")
-    if tcfg.lora_rank is not None and tcfg.compile:
-        raise ConfigError("--lora-rank with --compile is not supported yet: drop --compile")
+
+
+def check_base(cfg: dict, tcfg: TrainConfig) -> None:
+    """A quantized base (config "quantization") stays frozen in its int8 / int4 codes: only LoRA trains on it,
+    and its embedding and head must be in full precision (the chat tokens' new rows train there)."""
+    scheme = cfg.get("quantization")
+    if not scheme or tcfg.lora_rank is None:
+        quant.refuse_training(cfg, "--init-from")
+        return
+    if quant.check_scheme(scheme).get("embeddings"):
+        raise ConfigError("--init-from: the base's embedding and head are quantized (--embeddings); LoRA needs "
+                          "them in full precision for the added chat tokens: quantize without --embeddings")
 
 
 def tokenizer(tok: Tokenizer, dcfg: DataConfig) -> tuple[Tokenizer, list[str]]:
@@ -75,7 +83,7 @@ def adapt(model: Transformer, tcfg: TrainConfig, base_vocab: int, added: list[st
     cfg = lora_config(tcfg)
     if cfg is None:
         return None
-    n = model.num_params()
+    n = quant.dense_numel(model)
     lora.apply_lora(model, cfg, (base_vocab, len(added)) if added else None)
     say(describe_memory(model, n, cfg))
     base = str(Path(tcfg.init_from).resolve()) if tcfg.init_from else None
@@ -83,13 +91,18 @@ def adapt(model: Transformer, tcfg: TrainConfig, base_vocab: int, added: list[st
 
 
 def describe_memory(model: torch.nn.Module, n_full: int, cfg: lora.LoRAConfig) -> str:
-    """The LoRA line printed at start: trainable parameters, and gradient + AdamW bytes against full fine-tuning."""
+    """The LoRA line printed at start: trainable parameters, gradient + AdamW bytes against full fine-tuning,
+    and the frozen base's bytes (quantized: against the same weights in fp32)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     per = 4 + 8  # an fp32 gradient and AdamW's two fp32 moments per trainable parameter
+    base = sum(t.numel() * t.element_size() for k, t in model.state_dict().items() if lora.adapter_name(k) is None)
+    scheme = getattr(model, "quantization", None)
+    frozen = (f"; frozen base {fmt_bytes(base)} ({quant.describe(scheme)} block weights) vs {fmt_bytes(4 * n_full)} "
+              f"in fp32" if scheme else f"; frozen base {fmt_bytes(base)}")
     return (f"LoRA r={cfg.rank} alpha={cfg.alpha:g} dropout={cfg.dropout:g} on {','.join(cfg.targets)}: "
             f"{trainable:,} trainable parameters ({100 * trainable / n_full:.2f}% of {n_full:,}); gradient + "
             f"optimizer {fmt_bytes(trainable * per)} vs {fmt_bytes(n_full * per)} for full fine-tuning "
-            f"({100 * trainable / n_full:.2f}%)")
+            f"({100 * trainable / n_full:.2f}%){frozen}")
 
 
 def weights_file(adapter: dict | None) -> str:

@@ -188,7 +188,8 @@ class Run:
                            "micro_batches": (self.step + self.data_skip) * A * d.world, "skip_steps": self.data_skip}}
             if name != self.saved_name and self.adapter is not None:
                 ckpt_io.save(self.out, name, self.model, self.tok, self.extra, osd, st,
-                             lora.adapter_tensors(self.model), weights_file=lora.ADAPTER_FILE,
+                             lora.adapter_tensors(self.model) if msd is None else lora.adapter_state(msd),
+                             weights_file=lora.ADAPTER_FILE,
                              json_files={lora.ADAPTER_CONFIG: self.adapter})
                 self.saved_name = name
             elif name != self.saved_name:
@@ -214,7 +215,7 @@ def _model_and_data(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, d: d
     if init:
         init_model, init_tok, init_cfg = loading.load_model(tcfg.init_from, "cpu", torch.float32,
                                                             kernels=mcfg.kernels, dropout=mcfg.dropout)
-        refuse_training(init_cfg, "--init-from")
+        finetune.check_base(init_cfg, tcfg)
         base_vocab = init_tok.n_vocab
         init_tok, added = finetune.tokenizer(init_tok, dcfg)
         mcfg = init_model.cfg
@@ -308,7 +309,7 @@ def _setup(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str |
         torch.manual_seed(tcfg.seed + d.rank)  # dropout streams differ per rank
     T = mcfg.block_size
     run = Run(d=d, tcfg=tcfg, dtype=dtype, model=model, n_params=n_params, fwd=fwd, optimizer=optimizer,
-              scaler=scaler, train_loader=open_loader(data_path, "train", tcfg.batch_size, T, tcfg.seed),
+              scaler=scaler, train_loader=open_loader(data_path, "train", tcfg.batch_size, T, tcfg.seed, tcfg.compile),
               val_loader=open_loader(data_path, "val", tcfg.batch_size, T, tcfg.seed), plan=plan, adapter=adapter,
               flops_per_token=flops_per_token, peak=peak_flops(device, dtype), say=say, out=out, tok=tok,
               extra={"train": asdict(tcfg), "data": asdict(dcfg) | {"path": str(data_path)}},
