@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -160,6 +162,33 @@ def train_argv(tmp: Path, out: str, **kw) -> list[str]:
                 eval_iters=2, save_interval=100, log_interval=1, kernels="torch", device="cpu")
     base.update(kw)
     return [a for k, v in base.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+
+
+TWO_RANK_JOB = """
+import json, sys
+from llm.train import distributed as dd
+from llm.train.cli import resolve_configs
+from llm.train.trainer import train
+
+for argv, stop_at in json.loads(sys.argv[1]):
+    mcfg, dcfg, tcfg, args = resolve_configs(argv)
+    train(mcfg, dcfg, tcfg, args.resume, args.explicit, callbacks=[lambda step, rec: step == stop_at])
+dd.cleanup()
+"""
+
+
+def run_two_ranks(tmp: Path, jobs: list[tuple[list, int]]) -> subprocess.CompletedProcess:
+    """One torchrun launch of 2 gloo ranks (1 thread each) that trains each (train.py argv, stop_at step) job in
+    turn (stop_at -1: to the end); asserts it exited 0 and returns it (stdout: what rank 0 printed)."""
+    script = tmp / "two_rank_job.py"
+    script.write_text(TWO_RANK_JOB)
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), json.dumps([[list(map(str, a)), s] for a, s in jobs])], cwd=root,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}, capture_output=True,
+                       text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
 
 
 def skip_fp32_kernel_on_cuda(dtype: torch.dtype) -> None:

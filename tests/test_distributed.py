@@ -6,35 +6,15 @@ then resumes the DDP checkpoint with the world size remapped (2 ranks x 1 micro-
 x 2 micro-batches) and must continue the reference exactly.
 """
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import step_losses, train_argv, write_code_corpus
+from conftest import run_two_ranks, step_losses, train_argv, write_code_corpus
 
 from llm import checkpoint as ck
 from llm.train.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # slow: a torchrun launch of 2 processes
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-SCRIPT = """
-import json, sys
-from llm.train import distributed as dd
-from llm.train.cli import resolve_configs
-from llm.train.trainer import train
-
-jobs = json.loads(sys.argv[1])
-for argv, stop_at in jobs:
-    mcfg, dcfg, tcfg, args = resolve_configs(argv)
-    train(mcfg, dcfg, tcfg, args.resume, args.explicit, callbacks=[lambda step, rec: step == stop_at])
-dd.cleanup()
-"""
 
 
 def tiny_args(tmp: Path, out: str, **kw) -> list[str]:
@@ -49,15 +29,9 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     write_code_corpus(tmp)
     assert main(tiny_args(tmp, "one")) == 0  # the 1-process reference: 2 micro-batches of 4 per step
-    script = tmp / "job.py"
-    script.write_text(SCRIPT)
     fsdp = tiny_args(tmp, "fsdp") + ["--fsdp", "--activation-checkpointing"]
     jobs = [(tiny_args(tmp, "ddp"), 3), (fsdp, 3), (fsdp + ["--resume"], -1)]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(script), json.dumps([[list(map(str, a)), s] for a, s in jobs])],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=400)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return tmp, r.stdout
+    return tmp, run_two_ranks(tmp, jobs).stdout
 
 
 def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(runs):

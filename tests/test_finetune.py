@@ -5,15 +5,12 @@ resume exactly).
 """
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import step_losses, tiny_model, train_argv, write_code_corpus
+from conftest import run_two_ranks, step_losses, tiny_model, train_argv, write_code_corpus
 
 from llm import chat
 from llm import checkpoint as ck
@@ -195,17 +192,6 @@ def test_compiled_lora_run_equals_eager(runs, monkeypatch):
     assert eager[1] != eager[3]
 
 
-FSDP_JOB = """
-import json, sys
-from llm.train import distributed as dd
-from llm.train.cli import resolve_configs
-from llm.train.trainer import train
-
-for argv, stop_at in json.loads(sys.argv[1]):
-    mcfg, dcfg, tcfg, args = resolve_configs(argv)
-    train(mcfg, dcfg, tcfg, args.resume, args.explicit, callbacks=[lambda step, rec: step == stop_at])
-dd.cleanup()
-"""
 
 
 @pytest.mark.slow
@@ -215,12 +201,7 @@ def test_lora_under_fsdp_matches_one_process_through_a_resume(runs):
     kw = dict(max_steps=6, lora_dropout=0.0, dropout=0.0)
     assert main(ft_argv(runs, "lora-one", grad_accum=2, **kw)) == 0
     fsdp = [str(a) for a in ft_argv(runs, "lora-fsdp", grad_accum=1, **kw)] + ["--fsdp"]
-    (runs / "fsdp_job.py").write_text(FSDP_JOB)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(runs / "fsdp_job.py"), json.dumps([[fsdp, 3], [fsdp + ["--resume"], -1]])],
-                       cwd=Path(__file__).resolve().parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                       capture_output=True, text=True, timeout=400)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_two_ranks(runs, [(fsdp, 3), (fsdp + ["--resume"], -1)])
     assert "FSDP2" in r.stdout and "resumed from" in r.stdout
     one, two = step_losses(runs / "lora-one"), step_losses(runs / "lora-fsdp")
     assert sorted(two) == list(range(1, 7))

@@ -2,14 +2,10 @@
 (RELIABILITY.md promise 21) and 2-process DDP / FSDP2 equal to one process."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import step_losses, tiny_model, train_argv
+from conftest import run_two_ranks, step_losses, tiny_model, train_argv
 
 from llm import checkpoint as ck
 from llm.config import TrainConfig
@@ -17,8 +13,6 @@ from llm.train.cli import main
 from llm.train.muon import NS_BAND, Muon, muon_groups, newton_schulz
 from llm.train.optim import make_optimizer
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -98,17 +92,6 @@ def test_muon_resume_is_bit_exact(tmp):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-SCRIPT = """
-import json, sys
-from llm.train import distributed as dd
-from llm.train.cli import resolve_configs
-from llm.train.trainer import train
-
-for argv, stop_at in json.loads(sys.argv[1]):
-    mcfg, dcfg, tcfg, args = resolve_configs(argv)
-    train(mcfg, dcfg, tcfg, args.resume, args.explicit, callbacks=[lambda step, rec: step == stop_at])
-dd.cleanup()
-"""
 
 
 @pytest.mark.slow
@@ -120,12 +103,8 @@ def test_muon_two_processes_equal_one_process_ddp_and_fsdp(tmp):
         return [str(a) for a in argv] + list(extra)
 
     assert main(args("one")) == 0
-    script = tmp / "job.py"
-    script.write_text(SCRIPT)
     jobs = [(args("ddp"), -1), (args("fsdp", "--fsdp"), 3), (args("fsdp", "--fsdp", "--resume"), -1)]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(script), json.dumps(jobs)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=400)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_two_ranks(tmp, jobs)
     ref, ddp, fsdp = losses(tmp / "one"), losses(tmp / "ddp"), losses(tmp / "fsdp")
     assert sorted(ddp) == list(range(1, 7)) and all(ddp[s] == ref[s] for s in ref), (ddp, ref)
     assert sorted(fsdp) == list(range(1, 7)) and "resumed from" in r.stdout
