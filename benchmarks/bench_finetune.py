@@ -61,8 +61,7 @@ def memory(args) -> None:
         m = _model(args, use, int8)
         opt = _opt(m)
         _step(m, opt, torch.randint(0, 1000, (1, 8)))
-        rows[name] = dict(params=dense_numel(m), base_bytes=sum(t.numel() * t.element_size() for k, t in
-                                                                m.state_dict().items() if lora.adapter_name(k) is None),
+        rows[name] = dict(params=dense_numel(m), base_bytes=lora.frozen_bytes(m),
                           trainable=sum(p.numel() for p in m.parameters() if p.requires_grad),
                           param_bytes=sum(p.numel() * p.element_size() for p in m.parameters()),
                           grad_bytes=sum(p.grad.numel() * p.grad.element_size() for p in m.parameters()

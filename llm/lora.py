@@ -228,6 +228,11 @@ def adapter_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v for n, v in state.items() if (k := adapter_name(n)) is not None}
 
 
+def frozen_bytes(model: nn.Module) -> int:
+    """Bytes of the model's state that is not adapter (the frozen base: int8 codes and scales when quantized)."""
+    return sum(t.numel() * t.element_size() for k, t in model.state_dict().items() if adapter_name(k) is None)
+
+
 def merge(model: Transformer) -> Transformer:
     """Fold every adapter into the weights and drop the LoRA modules: a plain Transformer (in place)."""
     with torch.no_grad():

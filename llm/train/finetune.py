@@ -95,7 +95,7 @@ def describe_memory(model: torch.nn.Module, n_full: int, cfg: lora.LoRAConfig) -
     and the frozen base's bytes (quantized: against the same weights in fp32)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     per = 4 + 8  # an fp32 gradient and AdamW's two fp32 moments per trainable parameter
-    base = sum(t.numel() * t.element_size() for k, t in model.state_dict().items() if lora.adapter_name(k) is None)
+    base = lora.frozen_bytes(model)
     scheme = getattr(model, "quantization", None)
     frozen = (f"; frozen base {fmt_bytes(base)} ({quant.describe(scheme)} block weights) vs {fmt_bytes(4 * n_full)} "
               f"in fp32" if scheme else f"; frozen base {fmt_bytes(base)}")
