@@ -107,7 +107,7 @@ class MLP(FeedForward):
         else:
             self.w1 = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
         self.w2 = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)  # down
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
 
     def residual_outputs(self) -> list[nn.Parameter]:
         return [self.w2.weight]

@@ -38,21 +38,24 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = Norm(cfg.head_dim, cfg)
             self.k_norm = Norm(cfg.head_dim, cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
         self.score_scale = cfg.attn_mult / math.sqrt(cfg.head_dim)  # what q.k is multiplied by before the softmax
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, positions: Tensor,
                 cache: KVCache | PagedKVCache | None = None) -> Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = self.wqkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+        qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, D)  # heads [q; k; v]
+        q, k, v = qkv.split([H, Hkv, Hkv], dim=2)
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             cos, sin = rope
-            q = ops.rope(q, cos, sin, positions, kernels=self.cfg.kernels)
-            k = ops.rope(k, cos, sin, positions, kernels=self.cfg.kernels)
+            if self.cfg.qk_norm:
+                q = ops.rope(q, cos, sin, positions, kernels=self.cfg.kernels)
+                k = ops.rope(k, cos, sin, positions, kernels=self.cfg.kernels)
+            else:  # q and k heads are adjacent in qkv: one rotation for both (half the calls of a decode step)
+                q, k = ops.rope(qkv[:, :, : H + Hkv], cos, sin, positions, kernels=self.cfg.kernels).split([H, Hkv], 2)
         if self.cfg.attn_mult != 1.0:  # µP's 1/d attention, on q so every attention path (cache, paged) has it
             q = q * self.cfg.attn_mult
         if cache is None:
@@ -89,7 +92,7 @@ class Transformer(nn.Module):
         V = cfg.padded_vocab_size
         self.tok_emb = nn.Embedding(V, cfg.n_embd)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_emb == "learned" else None
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm_f = Norm(cfg.n_embd, cfg)
         self.lm_head = nn.Linear(cfg.n_embd, V, bias=False)
@@ -179,6 +182,27 @@ class Transformer(nn.Module):
         for i, b in enumerate(self.blocks):
             out.update({f"moe/{i}/{k}": v for k, v in b.mlp.load_stats().items()})
         return out
+
+    @torch.no_grad()
+    def decode_layout(self) -> Transformer:
+        """CPU inference: store every fp32 linear weight (N, K) K-major, same values and shape; returns self.
+
+        A decode step is one GEMV per weight, x (1, K) @ W.T; MKL's single-row GEMM reads a K-major W
+        (x @ W with W (K, N) contiguous) 10-25% faster than an N-major one on this project's CPU bench
+        machine (benchmarks/NOTES.md, "CPU decode"). Only the strides change (each Parameter keeps its
+        identity; a tied head moves the embedding table with it), so results equal the N-major ones up
+        to fp32 summation order; checkpoints save contiguous copies. A no-op on CUDA, in training mode,
+        in other dtypes, and for weights already K-major. The samplers call it (stream_tokens, beam,
+        speculative, the server's engine).
+        """
+        if self.training:
+            return self
+        for m in self.modules():
+            w = getattr(m, "weight", None) if isinstance(m, nn.Linear) else None
+            if (w is not None and w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2
+                    and w.is_contiguous() and min(w.shape) > 1):
+                w.data = w.data.t().contiguous().t()
+        return self
 
     def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
         p = self.lm_head.weight

@@ -56,7 +56,9 @@ def resolve(kernels: str, device: torch.device | str, dtype_ok: bool = True) -> 
 
 
 def use_triton(kernels: str, x: Tensor) -> bool:
-    """`resolve` for the device of tensor x."""
+    """`resolve` for the device of tensor x (the common CPU answers first: this runs for every op of a step)."""
+    if kernels == "torch" or (kernels == "auto" and not x.is_cuda):
+        return False
     return resolve(kernels, x.device)
 
 
@@ -73,6 +75,8 @@ def _kernel_dtype_ok(x: Tensor) -> bool:
 
 def _attention_triton(kernels: str, x: Tensor) -> bool:
     """`resolve` for the attention family: Triton only for a dtype its kernels run on x's device."""
+    if kernels == "torch" or (kernels == "auto" and not x.is_cuda):
+        return False
     return resolve(kernels, x.device, dtype_ok=_kernel_dtype_ok(x))
 
 
@@ -185,7 +189,8 @@ def kv_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, h
                              graph captures it; not under torch.compile), else the reference over every
                              slot (shape-static, it compiles into the step)
       rows at one length,    `attention` over the valid keys: its bottom-right causal alignment is this
-      T > 1 or a window      mask (with a window only the last w + T - 1 keys); one (T, S) mask, not one per row
+      T > 1, a window, or    mask (with a window only the last w + T - 1 keys); one (T, S) mask, not one per
+      the reference route    row; T = 1 without a window needs none (CPU decode: SDPA over the prefix, no sync)
       otherwise, no window   `decode_attention` (decode steps; ragged rows)
       ragged and windowed    the reference over the first max(lengths) slots
     With a block_table (B, max_blocks) the caches are a paged pool (n_blocks, block_size, Hkv, D)
@@ -201,9 +206,10 @@ def kv_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, h
             return decode_attention(q, k_cache, v_cache, lengths, kernels=kernels)
         return ref.kv_attention_ref(q, k_cache, v_cache, lengths, window)
     lo, hi = min(host_lengths), max(host_lengths)
-    if lo == hi and (T > 1 or window is not None):
+    if lo == hi and (T > 1 or window is not None or not _attention_triton(kernels, q)):
         s0 = 0 if window is None else max(0, hi - T - window + 1)
-        return attention(q, k_cache[:, s0:hi], v_cache[:, s0:hi], causal=True, window=window, kernels=kernels)
+        causal = T > 1 or window is not None  # one query at the last position sees every key: no mask
+        return attention(q, k_cache[:, s0:hi], v_cache[:, s0:hi], causal=causal, window=window, kernels=kernels)
     if window is None:
         return decode_attention(q, k_cache, v_cache, lengths, kernels=kernels)
     return ref.kv_attention_ref(q, k_cache[:, :hi], v_cache[:, :hi], lengths, window)

@@ -186,6 +186,7 @@ def stream_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens: 
     """
     prompts = fit_prompts(prompts, max_new_tokens, model.cfg.block_size)
     t0 = time.perf_counter()
+    model.decode_layout()
     device = model.lm_head.weight.device
     B, V = len(prompts), model.cfg.padded_vocab_size
     vocab = min(vocab_limit or V, V)
