@@ -278,4 +278,10 @@ def test_compiled_decode_step_equals_eager(model):
     prompts = [[5, 6, 7, 8, 9], [1], [4, 4, 4]]
     p = SamplingParams(0.9, top_k=20, top_p=0.9, min_p=0.01, repetition_penalty=1.3)
     eager = list(stream_tokens(model, prompts, 12, p, seed=3, eos_ids=[7], vocab_limit=300))
-    assert list(stream_tokens(model, prompts, 12, p, seed=3, eos_ids=[7], vocab_limit=300, mode="compile")) == eager
+    stats = Stats()
+    got = list(stream_tokens(model, prompts, 12, p, seed=3, eos_ids=[7], vocab_limit=300, mode="compile", stats=stats))
+    assert got == eager
+    # the compiling first step is timed apart and kept out of the rate: its tokens are the rows still running then
+    assert stats.warmup_what == "compile" and 0 < stats.warmup < stats.total - stats.ttft
+    assert stats.warmup_tokens == sum(t is not None for t in got[1])
+    assert "compile" in stats.line() and stats.decode_tok_s is not None

@@ -107,6 +107,7 @@ class Decoder:
             raise SamplingError("CUDA-graph decoding needs the model on a CUDA device")
         self.model, self.cache, self.params, self.u, self.seen, self.vocab = model, cache, params, uniforms, seen, vocab
         self.mode, self.graph, self.out, self.run = mode, None, None, self._step
+        self.warmup: float | None = None  # seconds of the first static step (compile or capture); None until then
         device = cache.lengths.device
         self.i = torch.zeros(1, dtype=torch.long, device=device)  # index of the next uniform
         self.tok = torch.zeros(cache.batch, dtype=torch.long, device=device)  # the graph's input buffer
@@ -135,6 +136,7 @@ class Decoder:
         if self.mode == "eager":
             return self._step(tok)
         self.cache.check_room(1, host=True)
+        t0 = time.perf_counter() if self.warmup is None else None
         if self.mode == "graph":
             self.tok.copy_(tok)
             if self.graph is None:
@@ -144,6 +146,10 @@ class Decoder:
         else:
             nxt = self.run(tok)
         self.cache.advance_host(1)  # the static step moved the device lengths only
+        if t0 is not None:  # the first call compiled (or captured) the step: timed apart
+            if nxt.is_cuda:
+                torch.cuda.synchronize()
+            self.warmup = time.perf_counter() - t0
         return nxt
 
     def _capture(self) -> None:
@@ -197,7 +203,7 @@ def stream_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens: 
     cache = model.new_cache(B, max(map(len, prompts)) + max_new_tokens)
     dec = Decoder(model, cache, params, uniforms, seen, vocab, mode or ("graph" if device.type == "cuda" else "eager"))
     tok = dec.first(prefill(model, cache, prompts, prefill_chunk))
-    eos, done, new = set(eos_ids), [False] * B, 0
+    eos, done, new, warm_tokens = set(eos_ids), [False] * B, 0, 0
     for step in range(max_new_tokens):
         ids = tok.tolist()
         if step == 0 and stats is not None:
@@ -209,6 +215,7 @@ def stream_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens: 
                 continue
             out.append(i)
             new += 1
+            warm_tokens += step == 1  # the first decode step's tokens (compile / capture time)
             stopped = stop(b, i) if stop is not None else False
             done[b] = i in eos or stopped
         yield out
@@ -217,4 +224,7 @@ def stream_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens: 
         tok = dec.step(tok)
     if stats is not None:
         stats.record(prompt_tokens=sum(map(len, prompts)), rows=B, new_tokens=new, total=time.perf_counter() - t0)
+        if dec.warmup is not None:
+            stats.record(warmup=dec.warmup, warmup_tokens=warm_tokens,
+                         warmup_what="compile" if dec.mode == "compile" else "capture" if dec.mode == "graph" else "")
 

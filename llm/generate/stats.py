@@ -20,6 +20,11 @@ class Stats:
     target_passes: int = 0  # target forward passes after the prefill (one per round)
     row_passes: int = 0  # sum over those passes of the rows still running
     plain_passes: int = 0  # what plain decoding would have needed: the longest row's new tokens - 1
+    # compiled / CUDA-graph decoding: the first step compiles or captures; its time and tokens are kept
+    # out of the decode rate (it is a one-off cost, and it would make the rate depend on the cache's state)
+    warmup: float = 0.0  # seconds of that first step
+    warmup_tokens: int = 0  # tokens it produced
+    warmup_what: str = ""  # "compile" or "capture"
 
     def record(self, **kw) -> None:
         for k, v in kw.items():
@@ -29,8 +34,9 @@ class Stats:
 
     @property
     def decode_tok_s(self) -> float | None:
-        """Tokens after each row's first, per second of decoding (None for a single step)."""
-        dt, n = self.total - self.ttft, self.new_tokens - self.rows
+        """Tokens after each row's first, per second of decoding, the compile/capture step left out
+        (None for a single step)."""
+        dt, n = self.total - self.ttft - self.warmup, self.new_tokens - self.rows - self.warmup_tokens
         return n / dt if dt > 0 and n > 0 else None
 
     @property
@@ -48,6 +54,8 @@ class Stats:
     def line(self) -> str:
         tps = self.decode_tok_s
         rate = f"{tps:.1f} tok/s decode ({1e3 * self.rows / tps:.2f} ms/step)" if tps else "n/a tok/s decode"
+        warm = (f" | {self.warmup_what} {self.warmup:.2f} s (first step, not in the rate)"
+                if self.warmup_what else "")
         return (f"--- {self.rows} row(s), {self.prompt_tokens} prompt + {self.new_tokens} new tokens | "
-                f"TTFT {1e3 * self.ttft:.1f} ms | {rate} | total {self.total:.2f} s")
+                f"TTFT {1e3 * self.ttft:.1f} ms | {rate}{warm} | total {self.total:.2f} s")
 
