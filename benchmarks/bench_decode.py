@@ -6,17 +6,22 @@
 Both sides get the same random weights: our model is built from the preset (context stretched to
 fit the longest prompt), and the equivalent transformers model is built from our config with the
 weights copied through llm.hf's name mapping (fused wqkv rows [q; k; v] split into q/k/v_proj, w1 =
-gate, w3 = up, w2 = down; rotate-half RoPE on both). Greedy decoding, no early stop, so both do the
-same work; `same` says whether the generated ids agree (fp32: they should; bf16 may drift).
+gate, w3 = up, w2 = down; rotate-half RoPE on both). The imported cases (hf-8x512: 8 layers, width
+512; hf-16x1024: 16 layers, width 1024; GQA with 64-wide heads, half as many KV heads, untied, vocab
+700) go the other way, as a user would: transformers saves a random Llama as a Hugging Face directory
+and each side loads it. Greedy decoding, no early stop, so both do the same work; `same` says whether
+the generated ids agree (fp32: they should; bf16 may drift).
 
 Providers: ours (eager on CPU, CUDA graph on CUDA), ours+compile (torch.compile'd decode step;
 its one-off compile time is reported apart), hf (generate(), default dynamic cache, SDPA), and the
 weight-only quantized copies int8, int4 (group 64), int8+emb, int4+emb (head and embedding too), run
 like `ours` (llm.quant; on CPU torch's weight-only kernels with bf16 activations, see llm.ops).
 TTFT: call -> every row's first new token (prefill + one sample). tok/s: B * (N - 1) tokens after
-the first, per second of the rest of the call. On CUDA also the fraction of the bandwidth roofline:
-bytes a decode step must read (weights, minus the untouched embedding table, plus the KV cache at
-its mean length) times steps/s, over the measured copy bandwidth (benchmarks.common.measure_ceilings).
+the first, per second of the rest of the call (a compiled step's compiling first step left out), and
+ms/step. Roofline: bytes a decode step must read (weights, minus the untouched embedding table, plus
+the KV cache at its mean length) times steps/s, over the measured bandwidth: on CUDA the copy
+bandwidth (benchmarks.common.measure_ceilings), on CPU the read bandwidth at the run's thread count
+over a buffer of that many bytes (benchmarks.common.cpu_read_bandwidth; --threads 1: one core).
 Runs on CPU too (end-to-end benchmark); configurations whose prefill exceeds --max-prefill-tflop
 are skipped there (say so, and are counted in the output).
 
@@ -34,13 +39,14 @@ import argparse
 import copy
 import statistics
 import sys
+import tempfile
 import time
 from functools import partial
 from types import SimpleNamespace
 
 import torch
 
-from benchmarks.common import device_name, measure_ceilings, write_results
+from benchmarks.common import cpu_read_bandwidth, device_name, measure_ceilings, write_results
 from llm.config import ModelConfig, preset
 from llm.generate import Stats, stream_tokens
 from llm.generate.api import complete
@@ -55,11 +61,37 @@ QUANT = {"int8": ("int8", None, False), "int4": ("int4", 64, False), "int8+emb":
          "int4+emb": ("int4", 64, True)}
 
 
+# Imported cases: a Llama saved by transformers (random weights, GQA, untied, a ~700-token vocabulary), read
+# back by both sides: ours through llm.interop.hf, transformers through from_pretrained. name -> (layers, width).
+IMPORTED = {"hf-8x512": (8, 512), "hf-16x1024": (16, 1024)}
+
+
 def build(name: str, context: int, device: torch.device, dtype: torch.dtype) -> Transformer:
     torch.manual_seed(0)
     kw = preset(name)
     kw["block_size"] = max(kw.get("block_size", 256), context)
     return Transformer(ModelConfig(**kw, kernels="auto")).to(device, dtype).eval()
+
+
+def build_imported(name: str, context: int, device: torch.device, dtype: torch.dtype):
+    """(ours, transformers) for an IMPORTED case: a LlamaForCausalLM with seeded random weights saved as a
+    Hugging Face directory, then loaded from it by each side, as a user comparing the two would."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from llm.interop.hf import load_hf
+
+    layers, width = IMPORTED[name]
+    conf = LlamaConfig(vocab_size=700, hidden_size=width, intermediate_size=width * 11 // 4, num_hidden_layers=layers,
+                       num_attention_heads=width // 64, num_key_value_heads=width // 128,
+                       max_position_embeddings=max(2048, context), tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as d:
+        LlamaForCausalLM(conf).save_pretrained(d)
+        model, _, _ = load_hf(d, device, dtype, tokenizer=False)
+        hf = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, attn_implementation="sdpa").to(device)
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    return model.eval(), hf.eval()
 
 
 def to_transformers(model: Transformer):
@@ -157,8 +189,8 @@ def bench_case(model: Transformer, hf, prompt: torch.Tensor, n: int, providers: 
         row = dict(provider=k, ttft_ms=1e3 * statistics.median(r[0] for r in rs), tok_s=tps,
                    vs_hf=tps / base if base else None, same=bool(torch.equal(first[k][0][2].cpu(), ref.cpu())),
                    compile_s=first[k][1] if k == "ours+compile" else None)
-        if bw:
-            row["roofline"] = step_bytes(model, B, P + n / 2) * tps / B / (bw * 1e12)
+        if bw:  # bytes/s
+            row["roofline"] = step_bytes(model, B, P + n / 2) * tps / B / bw
         rows.append(row)
     return rows
 
@@ -209,7 +241,9 @@ def bench_speculative(args: argparse.Namespace, device: torch.device, dtype: tor
 def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--presets", nargs="+", default=["tiny", "small", "1b"] if cuda else ["tiny", "small"])
+    p.add_argument("--presets", nargs="+",
+                   default=["tiny", "hf-8x512", "small", "hf-16x1024"] + (["1b"] if cuda else []),
+                   help=f"model presets (llm.config), or imported Hugging Face Llamas: {', '.join(IMPORTED)}")
     p.add_argument("--batch", nargs="+", type=int, default=[1, 16])
     p.add_argument("--prompt", nargs="+", type=int, default=[128, 2048])
     p.add_argument("--new-tokens", type=int, default=64)
@@ -236,16 +270,25 @@ def main(argv: list[str] | None = None) -> int:
         if args.name == "bench_decode":
             args.name = "bench_speculative"
         return bench_speculative(args, device, dtype)
-    bw = measure_ceilings()[1] if cuda else None  # TB/s, bytes read + written
+    bw = measure_ceilings()[1] * 1e12 if cuda else None  # bytes/s, read + written
     N = args.new_tokens
     where = f"{device_name()} ({'CUDA' if cuda else f'CPU, {torch.get_num_threads()} threads'}), {args.dtype}"
     print(f"decode benchmark on {where}; {N} new tokens, greedy, median of {args.repeats}"
-          + (f"; measured copy bandwidth {bw:.2f} TB/s" if bw else ""), flush=True)
+          + (f"; measured copy bandwidth {bw / 1e12:.2f} TB/s" if bw else ""), flush=True)
     rows, skipped = [], 0
     for name in args.presets:
-        model = build(name, max(args.prompt) + N, device, dtype)
-        hf = to_transformers(model) if "hf" in args.providers else None
+        if name in IMPORTED:
+            model, hf = build_imported(name, max(args.prompt) + N, device, dtype)
+        else:
+            model = build(name, max(args.prompt) + N, device, dtype)
+            hf = to_transformers(model) if "hf" in args.providers else None
         n_params = model.num_params()
+        if not cuda:  # the CPU roofline: what one step reads (weights + the mean KV cache) at the measured read rate
+            nbytes = step_bytes(model, max(args.batch), max(args.prompt) + N / 2)
+            bw = cpu_read_bandwidth(nbytes)
+            print(f"{name}: {n_params / 1e6:.1f}M parameters; CPU read bandwidth {bw / 1e9:.1f} GB/s "
+                  f"({torch.get_num_threads()} threads, best of sum and K-major GEMV over {nbytes / 1e6:.0f} MB)",
+                  flush=True)
         for B in args.batch:
             for P in args.prompt:
                 if 2 * n_params * B * P / 1e12 > args.max_prefill_tflop:
@@ -257,9 +300,10 @@ def main(argv: list[str] | None = None) -> int:
                 prompt = torch.randint(0, model.cfg.vocab_size, (B, P), device=device)
                 for row in bench_case(model, hf, prompt, N, args.providers, args.repeats, bw):
                     rows.append(dict(case=f"{name} b{B}", preset=name, batch=B, prompt=P) | row)
-                    print(f"{name:6s} b{B:<3d} p{P:<5d} {row['provider']:13s} TTFT {row['ttft_ms']:9.1f} ms  "
-                          f"{row['tok_s']:9.1f} tok/s" + (f"  x{row['vs_hf']:.2f} vs hf" if row["vs_hf"] else "")
-                          + f"  same={row['same']}" + (f"  {100 * row['roofline']:.0f}% of roofline" if bw else ""),
+                    print(f"{name:10s} b{B:<3d} p{P:<5d} {row['provider']:13s} TTFT {row['ttft_ms']:9.1f} ms  "
+                          f"{row['tok_s']:9.1f} tok/s {1e3 * B / row['tok_s']:7.2f} ms/step"
+                          + (f"  x{row['vs_hf']:.2f} vs hf" if row["vs_hf"] else "")
+                          + f"  same={row['same']}" + f"  {100 * row['roofline']:.0f}% of roofline",
                           flush=True)
         del model, hf
     if rows:

@@ -16,6 +16,7 @@ import datetime as _dt
 import platform
 import re
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -86,6 +87,26 @@ def measure_ceilings() -> tuple[float, float]:
     ms, _, _ = bench(lambda: y.copy_(x))
     tbs = 2 * x.numel() * x.element_size() / ms / 1e9
     return tflops, tbs
+
+
+def cpu_read_bandwidth(nbytes: int, rep: int = 5) -> float:
+    """Measured CPU read bandwidth (bytes/s) at torch's current thread count over an fp32 buffer of nbytes.
+
+    The best single timing of two streaming reads of the whole buffer: a reduction (sum) and a one-row
+    GEMV with the buffer as a K-major weight (x @ W, what a decode step runs; on the project's CPU machine
+    it reads faster than sum). Taking the best makes a roofline fraction against it conservative.
+    """
+    K = 512
+    buf = torch.randn(max(int(nbytes) // 4 // K, 16) * K)
+    W, x = buf.view(K, -1), torch.randn(1, K)
+    best = 0.0
+    for fn in (buf.sum, lambda: x @ W):
+        fn()
+        for _ in range(rep):
+            t = time.perf_counter()
+            fn()
+            best = max(best, buf.nbytes / (time.perf_counter() - t))
+    return best
 
 
 def versions() -> str:
