@@ -20,12 +20,10 @@ from torch import Tensor
 
 
 def rms_norm_ref(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
-    """y = x / sqrt(mean(x^2) + eps) * w over the last dim. x (..., C), w (C,). Math in fp32.
-
-    torch's own F.rms_norm is that formula (bit-equal to the spelled-out rsqrt(mean(x^2) + eps) * x * w
-    in fp32 on CPU, tests/test_rmsnorm.py) in one op instead of six: a CPU decode step runs 2L + 1 of them.
-    """
-    return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
+    """y = x / sqrt(mean(x^2) + eps) * w over the last dim. x (..., C), w (C,)."""
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * rstd * weight.float()).to(x.dtype)
 
 
 def add_rms_norm_ref(x: Tensor, residual: Tensor, weight: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
@@ -54,15 +52,26 @@ def rope_ref(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor) -> Tensor:
     x (B, T, H, D); cos/sin (L, D/2) fp32; positions (T,) or (B, T) int, < L.
     out[..., :D/2] = x1*cos - x2*sin ; out[..., D/2:] = x2*cos + x1*sin
     """
-    half = x.shape[-1] // 2
-    c = cos[positions].float()  # (T, D/2) or (B, T, D/2)
-    s = sin[positions].float()
+    return rope_apply_ref(x, *rope_rows_ref(cos, sin, positions))
+
+
+def rope_rows_ref(cos: Tensor, sin: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """The tables' rows at `positions`, full width: (cos | cos, -sin | sin), each (B|1, T, 1, D) fp32.
+
+    One gather serves every layer of a forward pass (llm.ops.Rotary); `rope_apply_ref` uses them.
+    """
+    c, s = cos[positions].float(), sin[positions].float()  # (T, D/2) or (B, T, D/2)
     if c.dim() == 2:
         c, s = c[None], s[None]
-    c, s = c[:, :, None, :], s[:, :, None, :]  # (B|1, T, 1, D/2)
+    return torch.cat([c, c], -1)[:, :, None], torch.cat([-s, s], -1)[:, :, None]
+
+
+def rope_apply_ref(x: Tensor, cos2: Tensor, sin2: Tensor) -> Tensor:
+    """x * (cos | cos) + (x2 | x1) * (-sin | sin): the rotate-half formula above, term for term (the same
+    products and sums, so the same rounding), in 4 ops. x (B, T, H, D); cos2/sin2 from `rope_rows_ref`."""
     xf = x.float()
-    x1, x2 = xf[..., :half], xf[..., half:]
-    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+    half = x.shape[-1] // 2
+    return (xf * cos2 + torch.cat([xf[..., half:], xf[..., :half]], -1) * sin2).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------- mlp

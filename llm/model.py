@@ -41,7 +41,7 @@ class Attention(nn.Module):
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
         self.score_scale = cfg.attn_mult / math.sqrt(cfg.head_dim)  # what q.k is multiplied by before the softmax
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, positions: Tensor,
+    def forward(self, x: Tensor, rope: ops.Rotary | None, positions: Tensor,
                 cache: KVCache | PagedKVCache | None = None) -> Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
@@ -50,12 +50,10 @@ class Attention(nn.Module):
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            cos, sin = rope
             if self.cfg.qk_norm:
-                q = ops.rope(q, cos, sin, positions, kernels=self.cfg.kernels)
-                k = ops.rope(k, cos, sin, positions, kernels=self.cfg.kernels)
+                q, k = rope(q), rope(k)
             else:  # q and k heads are adjacent in qkv: one rotation for both (half the calls of a decode step)
-                q, k = ops.rope(qkv[:, :, : H + Hkv], cos, sin, positions, kernels=self.cfg.kernels).split([H, Hkv], 2)
+                q, k = rope(qkv[:, :, : H + Hkv]).split([H, Hkv], 2)
         if self.cfg.attn_mult != 1.0:  # µP's 1/d attention, on q so every attention path (cache, paged) has it
             q = q * self.cfg.attn_mult
         if cache is None:
@@ -151,7 +149,9 @@ class Transformer(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
         x = self.drop(x)
-        rope = (self.rope_cos, self.rope_sin) if self.cfg.pos_emb == "rope" else None
+        rope = None
+        if self.cfg.pos_emb == "rope":
+            rope = ops.Rotary(self.rope_cos, self.rope_sin, positions, kernels=self.cfg.kernels)
         for block in self.blocks:
             x = block(x, rope, positions, cache)
         if cache is not None:

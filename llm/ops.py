@@ -112,6 +112,26 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, kernels: str = 
     return ref.rope_ref(x, cos, sin, positions)
 
 
+class Rotary:
+    """RoPE at one forward pass's positions, prepared once and applied in every layer: `rotary(x)` equals
+    `rope(x, cos, sin, positions)`. On the reference route the tables' rows are gathered (and widened)
+    here, once, instead of twice per layer (kernels.reference.rope_rows_ref); the Triton kernel reads
+    the tables itself."""
+
+    def __init__(self, cos: Tensor, sin: Tensor, positions: Tensor, kernels: str = "auto") -> None:
+        self.triton = use_triton(kernels, positions)
+        self.cos, self.sin, self.positions = cos, sin, positions
+        if not self.triton:
+            self.cos2, self.sin2 = ref.rope_rows_ref(cos, sin, positions)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.triton:
+            from kernels.rope import rope as kernel
+
+            return kernel(x, self.cos, self.sin, self.positions)
+        return ref.rope_apply_ref(x, self.cos2, self.sin2)
+
+
 def swiglu(gate: Tensor, up: Tensor, kernels: str = "auto") -> Tensor:
     if use_triton(kernels, gate):
         from kernels.swiglu import swiglu as kernel
