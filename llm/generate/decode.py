@@ -111,8 +111,9 @@ class Decoder:
         device = cache.lengths.device
         self.i = torch.zeros(1, dtype=torch.long, device=device)  # index of the next uniform
         self.tok = torch.zeros(cache.batch, dtype=torch.long, device=device)  # the graph's input buffer
-        if mode == "compile":
-            self.run = torch.compile(self._step, dynamic=False)
+        if mode == "compile":  # on CPU the graph's wrapper in C++ too: -9% per step on the 8x512 import, ~+2 s compile
+            opts = {"cpp_wrapper": True} if device.type == "cpu" else None
+            self.run = torch.compile(self._step, dynamic=False, options=opts)
 
     def _sample(self, logits: Tensor) -> Tensor:
         u = None if self.u is None else self.u.index_select(1, self.i).squeeze(1)
