@@ -157,6 +157,7 @@ def test_reorder_moves_rows_with_their_lengths():
 ROUTES = [  # (host lengths incl. the new tokens, Tq, window, static step): one per route of ops.kv_attention
     pytest.param([9, 9, 9], 5, None, False, id="uniform-prefill"),
     pytest.param([17, 17, 17], 1, 4, False, id="uniform-windowed-step"),
+    pytest.param([17, 17, 17], 1, None, False, id="uniform-step"),  # torch: mask-free SDPA over the prefix
     pytest.param([5, 24, 13], 1, None, False, id="ragged-step"),
     pytest.param([6, 20, 13], 3, None, False, id="ragged-chunk"),
     pytest.param([5, 24, 13], 2, 4, False, id="ragged-windowed"),

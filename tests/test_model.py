@@ -123,3 +123,51 @@ def test_param_count_and_flops_helpers():
 def test_tied_embeddings_share_storage():
     model = Transformer(tiny_config(tie_embeddings=True))
     assert model.lm_head.weight is model.tok_emb.weight
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_decode_layout_changes_strides_only(tied, tmp_path):
+    """decode_layout stores each fp32 linear weight K-major: same shape and values, same Parameter objects
+    (a tied head moves the embedding table with it), the same logits up to summation order and the same
+    greedy tokens; a no-op in training mode and the second time; a checkpoint saved after it loads back."""
+    from llm import checkpoint as ck
+    from llm.generate import stream_tokens
+    from llm.tokenizer import Tokenizer
+    from llm.generate.sampling import SamplingParams
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(tie_embeddings=tied, vocab_size=301, n_embd=64))
+    model.train().decode_layout()  # training mode: untouched
+    assert model.lm_head.weight.is_contiguous()
+    model.eval()
+    idx = torch.randint(0, 301, (2, 9))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params = {n: p for n, p in model.named_parameters()}
+    logits0, _ = model(idx)
+    ids0 = list(stream_tokens(model, [[3, 1, 4, 1, 5]], 20, SamplingParams(0.0)))  # stream_tokens applies it
+    for n, p in model.named_parameters():
+        assert p is params[n] and torch.equal(p, before[n])
+        if p.dim() == 2 and n != "tok_emb.weight" or tied and n == "tok_emb.weight":
+            assert p.stride() == (1, p.shape[0]), n
+    assert (model.lm_head.weight is model.tok_emb.weight) == tied
+    torch.testing.assert_close(model(idx)[0], logits0, atol=1e-5, rtol=1e-5)
+    assert list(stream_tokens(model, [[3, 1, 4, 1, 5]], 20, SamplingParams(0.0))) == ids0
+    strides = {n: p.stride() for n, p in model.named_parameters()}
+    model.decode_layout()
+    assert {n: p.stride() for n, p in model.named_parameters()} == strides
+    path = ck.save(tmp_path, "ckpt-1", model, Tokenizer.train(["decode layout " * 20], 260))
+    back = ck.load_checkpoint(path)[0]
+    for n, p in back.named_parameters():
+        assert torch.equal(p, before[n])
+
+
+def test_rotary_equals_rope_for_every_position_shape():
+    """ops.Rotary (rows gathered once per forward) equals ops.rope with the tables, for (T,) and (B, T) positions."""
+    from llm import ops
+
+    cos, sin = rope_tables(16, 40)
+    x = torch.randn(2, 5, 3, 16)
+    for pos in (torch.arange(5), torch.tensor([[0, 1, 2, 3, 4], [30, 31, 32, 33, 34]])):
+        assert torch.equal(ops.Rotary(cos, sin, pos, kernels="torch")(x), ops.rope(x, cos, sin, pos, kernels="torch"))
+        assert torch.equal(ops.Rotary(cos, sin, pos, kernels="torch")(x.bfloat16()),
+                           ops.rope(x.bfloat16(), cos, sin, pos, kernels="torch"))
