@@ -270,6 +270,9 @@ def stream_speculative(model: Transformer, prompts: list[list[int]], max_new_tok
                             "of drafted tokens); use plain decoding")
     draft = spec.draft
     block = model.cfg.block_size
+    model.decode_layout()
+    if draft is not None:
+        draft.decode_layout()
     if draft is not None:
         if draft.cfg.vocab_size != model.cfg.vocab_size:
             raise SamplingError(f"the draft model's vocabulary ({draft.cfg.vocab_size}) differs from the target's "

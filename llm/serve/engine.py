@@ -74,7 +74,7 @@ class Engine:
     """The model, its block pool, the tokenizer (for text and the end-of-text id) and the step."""
 
     def __init__(self, model: Transformer, tok, pool: BlockPool, prefill_chunk: int = 256) -> None:
-        self.model, self.tok, self.pool = model, tok, pool
+        self.model, self.tok, self.pool = model.decode_layout(), tok, pool
         self.prefill_chunk = prefill_chunk
         self.device = model.lm_head.weight.device
         self.vocab = min(tok.n_vocab, model.cfg.padded_vocab_size)
