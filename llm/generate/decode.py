@@ -111,9 +111,8 @@ class Decoder:
         device = cache.lengths.device
         self.i = torch.zeros(1, dtype=torch.long, device=device)  # index of the next uniform
         self.tok = torch.zeros(cache.batch, dtype=torch.long, device=device)  # the graph's input buffer
-        if mode == "compile":  # on CPU the graph's wrapper in C++ too: -9% per step on the 8x512 import, ~+2 s compile
-            opts = {"cpp_wrapper": True} if device.type == "cpu" else None
-            self.run = torch.compile(self._step, dynamic=False, options=opts)
+        if mode == "compile":  # wrapped at the first step, so torch.compile's imports (~1 s) count as compile time
+            self.run = None
 
     def _sample(self, logits: Tensor) -> Tensor:
         u = None if self.u is None else self.u.index_select(1, self.i).squeeze(1)
@@ -145,6 +144,9 @@ class Decoder:
             self.graph.replay()
             nxt = self.out
         else:
+            if self.run is None:  # on CPU the graph's wrapper in C++ too: -9% per step on the 8x512 import, ~+2 s compile
+                opts = {"cpp_wrapper": True} if tok.device.type == "cpu" else None
+                self.run = torch.compile(self._step, dynamic=False, options=opts)
             nxt = self.run(tok)
         self.cache.advance_host(1)  # the static step moved the device lengths only
         if t0 is not None:  # the first call compiled (or captured) the step: timed apart
