@@ -1,6 +1,6 @@
 """End-to-end decoding: time to first token and tokens/s, our sampler vs transformers generate().
 
-    python -m benchmarks.bench_decode [--presets tiny small] [--batch 1 16] [--prompt 128 2048]
+    python -m benchmarks.bench_decode [--presets tiny hf-8x512 small hf-16x1024] [--batch 1 16] [--prompt 128 2048]
                                       [--new-tokens 64] [--repeats 3] [--threads N]
 
 Both sides get the same random weights: our model is built from the preset (context stretched to

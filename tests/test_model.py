@@ -132,8 +132,8 @@ def test_decode_layout_changes_strides_only(tied, tmp_path):
     greedy tokens; a no-op in training mode and the second time; a checkpoint saved after it loads back."""
     from llm import checkpoint as ck
     from llm.generate import stream_tokens
-    from llm.tokenizer import Tokenizer
     from llm.generate.sampling import SamplingParams
+    from llm.tokenizer import Tokenizer
 
     torch.manual_seed(0)
     model = Transformer(tiny_config(tie_embeddings=tied, vocab_size=301, n_embd=64))

@@ -144,7 +144,7 @@ class Decoder:
             self.graph.replay()
             nxt = self.out
         else:
-            if self.run is None:  # on CPU the graph's wrapper in C++ too: -9% per step on the 8x512 import, ~+2 s compile
+            if self.run is None:  # CPU: the graph's wrapper in C++ too (8x512 import: -9% per step, +2 s compile)
                 opts = {"cpp_wrapper": True} if tok.device.type == "cpu" else None
                 self.run = torch.compile(self._step, dynamic=False, options=opts)
             nxt = self.run(tok)
