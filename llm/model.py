@@ -197,11 +197,12 @@ class Transformer(nn.Module):
         """
         if self.training:
             return self
-        for m in self.modules():
-            w = getattr(m, "weight", None) if isinstance(m, nn.Linear) else None
-            if (w is not None and w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2
-                    and w.is_contiguous() and min(w.shape) > 1):
-                w.data = w.data.t().contiguous().t()
+        with torch.inference_mode(False):  # a sampler calls it in inference mode; the weights stay normal tensors
+            for m in self.modules():
+                w = getattr(m, "weight", None) if isinstance(m, nn.Linear) else None
+                if (w is not None and w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2
+                        and w.is_contiguous() and min(w.shape) > 1):
+                    w.data = w.data.t().contiguous().t()
         return self
 
     def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:

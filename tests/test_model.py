@@ -145,8 +145,8 @@ def test_decode_layout_changes_strides_only(tied, tmp_path):
     params = {n: p for n, p in model.named_parameters()}
     logits0, _ = model(idx)
     ids0 = list(stream_tokens(model, [[3, 1, 4, 1, 5]], 20, SamplingParams(0.0)))  # stream_tokens applies it
-    for n, p in model.named_parameters():
-        assert p is params[n] and torch.equal(p, before[n])
+    for n, p in model.named_parameters():  # the sampler runs in inference mode: the weights stay normal tensors
+        assert p is params[n] and torch.equal(p, before[n]) and not p.is_inference()
         if p.dim() == 2 and n != "tok_emb.weight" or tied and n == "tok_emb.weight":
             assert p.stride() == (1, p.shape[0]), n
     assert (model.lm_head.weight is model.tok_emb.weight) == tied
@@ -155,6 +155,10 @@ def test_decode_layout_changes_strides_only(tied, tmp_path):
     strides = {n: p.stride() for n, p in model.named_parameters()}
     model.decode_layout()
     assert {n: p.stride() for n, p in model.named_parameters()} == strides
+    model.train()
+    model(idx, targets=idx)[1].backward()  # still trainable after sampling
+    assert all(p.grad is not None for p in model.parameters())
+    model.eval()
     path = ck.save(tmp_path, "ckpt-1", model, Tokenizer.train(["decode layout " * 20], 260))
     back = ck.load_checkpoint(path)[0]
     for n, p in back.named_parameters():

@@ -22,7 +22,7 @@ class Hypothesis:
     finish_reason: str  # "eos", "stop" or "length"
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def beam_search(model, prompts: list[list[int]], max_new_tokens: int, num_beams: int, *, num_return: int = 1,
                 eos_ids: Sequence[int] = (), repetition_penalty: float = 1.0, length_penalty: float = 1.0,
                 vocab_limit: int | None = None, stop: Sequence[bytes] = (),

@@ -251,7 +251,7 @@ class SpeculativeDecoder:
             self.dcache.set_lengths([min(h, len(s) - 1) for h, s in zip(self.dcache.host_lengths, seq)])
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def stream_speculative(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
                        params: SamplingParams = PLAIN, spec: Speculation | None = None, *, seed: int | None = None,
                        eos_ids: Sequence[int] = (), vocab_limit: int | None = None, prefill_chunk: int | None = None,

@@ -91,7 +91,7 @@ class Engine:
         self.pool.release(s.blocks)
         s.blocks = []
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self, seqs: list[Seq]) -> None:
         budget = self.prefill_chunk
         for s in seqs:
