@@ -46,14 +46,14 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, D)  # heads [q; k; v]
-        q, k, v = qkv.split([H, Hkv, Hkv], dim=2)
+        q, k, v = qkv.split_with_sizes([H, Hkv, Hkv], dim=2)
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             if self.cfg.qk_norm:
                 q, k = rope(q), rope(k)
             else:  # q and k heads are adjacent in qkv: one rotation for both (half the calls of a decode step)
-                q, k = rope(qkv[:, :, : H + Hkv]).split([H, Hkv], 2)
+                q, k = rope(qkv[:, :, : H + Hkv]).split_with_sizes([H, Hkv], 2)
         if self.cfg.attn_mult != 1.0:  # µP's 1/d attention, on q so every attention path (cache, paged) has it
             q = q * self.cfg.attn_mult
         if cache is None:
