@@ -159,6 +159,23 @@ def attention_ref(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: f
     return o.transpose(1, 2).to(q.dtype)
 
 
+def one_query_attention_ref(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
+    """One new token per row attending to all S keys (a decode step at one length: nothing to mask).
+
+    q (B, 1, H, D), k/v (B, S, Hkv, D) -> (B, 1, H, D) in q's dtype, math in fp32. Query heads are grouped
+    under their KV head (h = j * H/Hkv + g), so each K/V head is read once, never repeated: two batched
+    matmuls and a softmax. Equals `attention_ref(q, k, v, causal=False)`; on CPU it is faster than SDPA's
+    flash kernel for a single query once S reaches a few hundred (benchmarks/NOTES.md, CPU decode).
+    """
+    B, _, H, D = q.shape
+    Hkv = k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    qg = q.float().reshape(B, Hkv, H // Hkv, D)
+    s = torch.matmul(qg, k.float().permute(0, 2, 3, 1)) * scale  # (B, Hkv, G, S)
+    o = torch.matmul(s.softmax(-1), v.float().transpose(1, 2))  # (B, Hkv, G, D)
+    return o.reshape(B, 1, H, D).to(q.dtype)
+
+
 def decode_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor,
                          scale: float | None = None) -> Tensor:
     """New query tokens against a KV cache with a per-row valid length (the Triton decode kernel's reference).

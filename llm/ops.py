@@ -208,9 +208,10 @@ def kv_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, h
       static step            the Triton decode kernel for T = 1 without a window (sync-free, so a CUDA
                              graph captures it; not under torch.compile), else the reference over every
                              slot (shape-static, it compiles into the step)
+      rows at one length,    the reference route (CPU decode): `one_query_attention_ref` over the valid
+      T = 1, no window       prefix, no mask and no sync; a Triton route goes on to `decode_attention`
       rows at one length,    `attention` over the valid keys: its bottom-right causal alignment is this
-      T > 1, a window, or    mask (with a window only the last w + T - 1 keys); one (T, S) mask, not one per
-      the reference route    row; T = 1 without a window needs none (CPU decode: SDPA over the prefix, no sync)
+      T > 1 or a window      mask (with a window only the last w + T - 1 keys); one (T, S) mask, not one per row
       otherwise, no window   `decode_attention` (decode steps; ragged rows)
       ragged and windowed    the reference over the first max(lengths) slots
     With a block_table (B, max_blocks) the caches are a paged pool (n_blocks, block_size, Hkv, D)
@@ -226,10 +227,11 @@ def kv_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, h
             return decode_attention(q, k_cache, v_cache, lengths, kernels=kernels)
         return ref.kv_attention_ref(q, k_cache, v_cache, lengths, window)
     lo, hi = min(host_lengths), max(host_lengths)
-    if lo == hi and (T > 1 or window is not None or not _attention_triton(kernels, q)):
+    if lo == hi and T == 1 and window is None and not _attention_triton(kernels, q):
+        return ref.one_query_attention_ref(q, k_cache[:, :hi], v_cache[:, :hi])  # every key visible: no mask
+    if lo == hi and (T > 1 or window is not None):
         s0 = 0 if window is None else max(0, hi - T - window + 1)
-        causal = T > 1 or window is not None  # one query at the last position sees every key: no mask
-        return attention(q, k_cache[:, s0:hi], v_cache[:, s0:hi], causal=causal, window=window, kernels=kernels)
+        return attention(q, k_cache[:, s0:hi], v_cache[:, s0:hi], causal=True, window=window, kernels=kernels)
     if window is None:
         return decode_attention(q, k_cache, v_cache, lengths, kernels=kernels)
     return ref.kv_attention_ref(q, k_cache[:, :hi], v_cache[:, :hi], lengths, window)

@@ -178,3 +178,21 @@ def test_every_route_of_kv_attention_equals_its_reference(lens, Tq, window, stat
     got = ops.kv_attention(q, k, v, lengths, None if static else list(lens), window=window, kernels=kernels)
     want = kv_attention_ref(q, k, v, lengths, window)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (6, 1)], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("S", [1, 37])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_one_query_attention_equals_unmasked_attention(heads, S, dtype):
+    """The CPU decode route (one query per row, heads grouped by KV head, two matmuls) is attention_ref
+    without a mask, in fp32 to rounding and in bf16 within one rounding of the result."""
+    from kernels.reference import attention_ref, one_query_attention_ref
+
+    H, Hkv = heads
+    gen = torch.Generator().manual_seed(S + H + Hkv)
+    q = torch.randn(3, 1, H, 16, generator=gen).to(dtype)
+    k, v = (torch.randn(3, S, Hkv, 16, generator=gen).to(dtype) for _ in range(2))
+    got, want = one_query_attention_ref(q, k, v), attention_ref(q, k, v, causal=False)
+    assert got.dtype == dtype
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(got.float(), want.float(), **tol)
