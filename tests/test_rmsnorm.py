@@ -167,4 +167,3 @@ def test_bad_inputs_raise_value_error():
         add_rms_norm(x, torch.randn(4, 9, device=DEVICE), torch.randn(8, device=DEVICE))
     with pytest.raises(ValueError, match="fp32/fp16/bf16"):
         rms_norm(x.double(), torch.randn(8, device=DEVICE))
-
