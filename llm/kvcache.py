@@ -70,8 +70,8 @@ class KVCache:
         T = k.shape[1]
         L = self._uniform()
         if L is not None:  # every row at the same length: a slice copy, no index tensors
-            self.k[layer][:, L:L + T] = k
-            self.v[layer][:, L:L + T] = v
+            self.k[layer].narrow(1, L, T).copy_(k)
+            self.v[layer].narrow(1, L, T).copy_(v)
         else:
             rows = torch.arange(k.shape[0], device=k.device)[:, None]
             self.k[layer][rows, positions] = k.to(self.k[layer].dtype)

@@ -107,7 +107,7 @@ class MLP(FeedForward):
         else:
             self.w1 = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
         self.w2 = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)  # down
-        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
+        self.drop = nn.Dropout(cfg.dropout)
 
     def residual_outputs(self) -> list[nn.Parameter]:
         return [self.w2.weight]
@@ -117,4 +117,5 @@ class MLP(FeedForward):
             h = ops.swiglu(self.w1(x), self.w3(x), kernels=self.cfg.kernels)
         else:
             h = ops.gelu(self.w1(x))
-        return self.drop(self.w2(h))
+        y = self.w2(h)
+        return self.drop(y) if self.training else y  # dropout is the identity in eval: no module call

@@ -38,7 +38,7 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = Norm(cfg.head_dim, cfg)
             self.k_norm = Norm(cfg.head_dim, cfg)
-        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
+        self.drop = nn.Dropout(cfg.dropout)
         self.score_scale = cfg.attn_mult / math.sqrt(cfg.head_dim)  # what q.k is multiplied by before the softmax
 
     def forward(self, x: Tensor, rope: ops.Rotary | None, positions: Tensor,
@@ -62,7 +62,8 @@ class Attention(nn.Module):
             k_all, v_all, lengths, host_lengths = cache.update(self.layer, k, v, positions)
             o = ops.kv_attention(q, k_all, v_all, lengths, host_lengths, window=self.cfg.window,
                                  kernels=self.cfg.kernels, block_table=cache.block_table)
-        return self.drop(self.wo(o.reshape(B, T, H * D)))  # (B, T, C)
+        y = self.wo(o.reshape(B, T, H * D))  # (B, T, C)
+        return self.drop(y) if self.training else y  # dropout is the identity in eval: no module call
 
 
 class Block(nn.Module):
@@ -90,7 +91,7 @@ class Transformer(nn.Module):
         V = cfg.padded_vocab_size
         self.tok_emb = nn.Embedding(V, cfg.n_embd)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_emb == "learned" else None
-        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
+        self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm_f = Norm(cfg.n_embd, cfg)
         self.lm_head = nn.Linear(cfg.n_embd, V, bias=False)
@@ -148,7 +149,7 @@ class Transformer(nn.Module):
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
-        x = self.drop(x)
+        x = self.drop(x) if self.training else x
         rope = None
         if self.cfg.pos_emb == "rope":
             rope = ops.Rotary(self.rope_cos, self.rope_sin, positions, kernels=self.cfg.kernels)

@@ -116,7 +116,7 @@ class MoE(FeedForward):
         self.router = Router(cfg)
         self.experts = Experts(cfg)
         self.shared = MLP(cfg, cfg.expert_hidden * cfg.n_shared_experts) if cfg.n_shared_experts else None
-        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
+        self.drop = nn.Dropout(cfg.dropout)
         self.aux_loss: Tensor | float = 0.0
         self._last: Tensor | None = None  # (E + 2,) fp32: counts of the last training forward, L_bal, z
         self._step_counts: Tensor | None = None  # (E,) int64 counts since the last after_step()
