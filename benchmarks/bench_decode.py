@@ -287,8 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             nbytes = step_bytes(model, max(args.batch), max(args.prompt) + N / 2)
             bw = cpu_read_bandwidth(nbytes)
             print(f"{name}: {n_params / 1e6:.1f}M parameters; CPU read bandwidth {bw / 1e9:.1f} GB/s "
-                  f"({torch.get_num_threads()} threads, best of sum and K-major GEMV over {nbytes / 1e6:.0f} MB)",
-                  flush=True)
+                  f"({torch.get_num_threads()} threads, the faster median of sum and a K-major GEMV over "
+                  f"{nbytes / 1e6:.0f} MB)", flush=True)
         for B in args.batch:
             for P in args.prompt:
                 if 2 * n_params * B * P / 1e12 > args.max_prefill_tflop:

@@ -89,24 +89,27 @@ def measure_ceilings() -> tuple[float, float]:
     return tflops, tbs
 
 
-def cpu_read_bandwidth(nbytes: int, rep: int = 5) -> float:
+def cpu_read_bandwidth(nbytes: int, rep: int = 9) -> float:
     """Measured CPU read bandwidth (bytes/s) at torch's current thread count over an fp32 buffer of nbytes.
 
-    The best single timing of two streaming reads of the whole buffer: a reduction (sum) and a one-row
-    GEMV with the buffer as a K-major weight (x @ W, what a decode step runs; on the project's CPU machine
-    it reads faster than sum). Taking the best makes a roofline fraction against it conservative.
+    Two streaming reads of the whole buffer, a reduction (sum) and a one-row GEMV with the buffer as a
+    K-major weight (x @ W, what a decode step runs; on the project's CPU machine it reads faster than
+    sum): the faster of the two, each the median of `rep` timings (single best timings swung by 50%
+    between runs on a shared machine; medians hold still).
     """
     K = 512
     buf = torch.randn(max(int(nbytes) // 4 // K, 16) * K)
     W, x = buf.view(K, -1), torch.randn(1, K)
-    best = 0.0
+    rates = []
     for fn in (buf.sum, lambda: x @ W):
         fn()
+        ts = []
         for _ in range(rep):
             t = time.perf_counter()
             fn()
-            best = max(best, buf.nbytes / (time.perf_counter() - t))
-    return best
+            ts.append(time.perf_counter() - t)
+        rates.append(buf.nbytes / sorted(ts)[rep // 2])
+    return max(rates)
 
 
 def versions() -> str:
