@@ -163,6 +163,43 @@ def test_lora_run_saves_adapters_and_resumes_exactly(runs):
     assert tok.decode([tok.eot_id]) == chat.IM_END and model.cfg.vocab_size == tok.n_vocab
 
 
+def test_loss_spike_rollback_of_a_lora_run_restores_the_adapter(runs, monkeypatch):
+    """Two bad steps in a row (spike_rollback 2) in a LoRA run: the rollback reads the checkpoint's adapter (a LoRA
+    checkpoint has no model.safetensors) and the live adapter equals it afterwards; the run finishes."""
+    from llm import lora
+    from llm.model import Transformer
+    from llm.train import resume, trainer
+
+    real_forward, calls = Transformer.forward, {"n": 0}
+
+    def forward(self, idx, targets=None, **kw):  # training forwards 6 and 7: a NaN loss, then a 10x spike
+        logits, loss = real_forward(self, idx, targets, **kw)
+        if self.training and targets is not None:
+            calls["n"] += 1
+            loss = loss * {6: float("nan"), 7: 10.0}.get(calls["n"], 1.0)
+        return logits, loss
+
+    seen = []
+
+    def rollback(src, model, *a):
+        step = real_rollback(src, model, *a)
+        saved = ck.read_tensors(src / lora.ADAPTER_FILE)[0]
+        seen.append(all(torch.equal(p.detach(), saved[k]) for k, p in lora.adapter_tensors(model).items()))
+        return step
+
+    real_rollback = resume.rollback
+    monkeypatch.setattr(Transformer, "forward", forward)
+    monkeypatch.setattr(trainer, "rollback", rollback)
+    args = ft_argv(runs, "lora-rollback", max_steps=8, save_interval=4, spike_window=3, spike_zscore=6,
+                   spike_rollback=2, health_interval=0, lora_dropout=0.0, dropout=0.0)
+    assert main(args) == 0
+    events = [json.loads(ln) for ln in (runs / "lora-rollback" / "metrics.jsonl").read_text().splitlines()
+              if '"event"' in ln]
+    assert [(e["step"], e["event"]) for e in events] == [(6, "skip"), (7, "skip"), (4, "rollback")]
+    assert seen == [True]
+    assert ck.resolve(runs / "lora-rollback").name == "ckpt-0000008"
+
+
 def test_full_finetune_grows_the_vocab_in_the_checkpoint(runs):
     assert main(ft_argv(runs, "full", lora_rank="none", max_steps=2)) == 0
     model, tok, _ = load_model(runs / "full")
