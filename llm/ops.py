@@ -55,11 +55,11 @@ def resolve(kernels: str, device: torch.device | str, dtype_ok: bool = True) -> 
     raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
 
 
-def use_triton(kernels: str, x: Tensor) -> bool:
+def use_triton(kernels: str, x: Tensor, dtype_ok: bool = True) -> bool:
     """`resolve` for the device of tensor x (the common CPU answers first: this runs for every op of a step)."""
     if kernels == "torch" or (kernels == "auto" and not x.is_cuda):
         return False
-    return resolve(kernels, x.device)
+    return resolve(kernels, x.device, dtype_ok)
 
 
 # Dtypes the attention and decode kernels run on a GPU: their fp32 tiles spill registers at every size
@@ -75,9 +75,7 @@ def _kernel_dtype_ok(x: Tensor) -> bool:
 
 def _attention_triton(kernels: str, x: Tensor) -> bool:
     """`resolve` for the attention family: Triton only for a dtype its kernels run on x's device."""
-    if kernels == "torch" or (kernels == "auto" and not x.is_cuda):
-        return False
-    return resolve(kernels, x.device, dtype_ok=_kernel_dtype_ok(x))
+    return use_triton(kernels, x, dtype_ok=_kernel_dtype_ok(x))
 
 
 # ----------------------------------------------------------------------------- norms and activations
@@ -105,18 +103,15 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float = 1e-5
 
 
 def rope(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, kernels: str = "auto") -> Tensor:
-    if use_triton(kernels, x):
-        from kernels.rope import rope as kernel
-
-        return kernel(x, cos, sin, positions)
-    return ref.rope_ref(x, cos, sin, positions)
+    """RoPE of x at `positions` (one call; a forward pass prepares a `Rotary` once for all its layers)."""
+    return Rotary(cos, sin, positions, kernels)(x)
 
 
 class Rotary:
     """RoPE at one forward pass's positions, prepared once and applied in every layer: `rotary(x)` equals
-    `rope(x, cos, sin, positions)`. On the reference route the tables' rows are gathered (and widened)
-    here, once, instead of twice per layer (kernels.reference.rope_rows_ref); the Triton kernel reads
-    the tables itself."""
+    `kernels.reference.rope_ref(x, cos, sin, positions)`. On the reference route the tables' rows are
+    gathered (and widened) here, once, instead of twice per layer (kernels.reference.rope_rows_ref); the
+    Triton kernel reads the tables itself."""
 
     def __init__(self, cos: Tensor, sin: Tensor, positions: Tensor, kernels: str = "auto") -> None:
         self.triton = use_triton(kernels, positions)
