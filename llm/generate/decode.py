@@ -107,7 +107,7 @@ class Decoder:
             raise SamplingError("CUDA-graph decoding needs the model on a CUDA device")
         self.model, self.cache, self.params, self.u, self.seen, self.vocab = model, cache, params, uniforms, seen, vocab
         self.mode, self.graph, self.out, self.run = mode, None, None, self._step
-        self.warmup: float | None = None  # seconds of the first static step (compile or capture); None until then
+        self.warmup: float | None = None  # seconds of the first compiled / captured step; None until then
         device = cache.lengths.device
         self.i = torch.zeros(1, dtype=torch.long, device=device)  # index of the next uniform
         self.tok = torch.zeros(cache.batch, dtype=torch.long, device=device)  # the graph's input buffer
@@ -136,7 +136,7 @@ class Decoder:
         if self.mode == "eager":
             return self._step(tok)
         self.cache.check_room(1, host=True)
-        t0 = time.perf_counter() if self.warmup is None else None
+        t0 = time.perf_counter() if self.warmup is None and self.mode != "static" else None
         if self.mode == "graph":
             self.tok.copy_(tok)
             if self.graph is None:
@@ -227,7 +227,7 @@ def stream_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens: 
         tok = dec.step(tok)
     if stats is not None:
         stats.record(prompt_tokens=sum(map(len, prompts)), rows=B, new_tokens=new, total=time.perf_counter() - t0)
-        if dec.warmup is not None:
+        if dec.warmup is not None:  # compile or graph mode
             stats.record(warmup=dec.warmup, warmup_tokens=warm_tokens,
-                         warmup_what="compile" if dec.mode == "compile" else "capture" if dec.mode == "graph" else "")
+                         warmup_what="compile" if dec.mode == "compile" else "capture")
 

@@ -270,15 +270,14 @@ def stream_speculative(model: Transformer, prompts: list[list[int]], max_new_tok
                             "of drafted tokens); use plain decoding")
     draft = spec.draft
     block = model.cfg.block_size
-    model.decode_layout()
-    if draft is not None:
-        draft.decode_layout()
     if draft is not None:
         if draft.cfg.vocab_size != model.cfg.vocab_size:
             raise SamplingError(f"the draft model's vocabulary ({draft.cfg.vocab_size}) differs from the target's "
                                 f"({model.cfg.vocab_size}): the draft must share the target's tokenizer")
         block = min(block, draft.cfg.block_size)
+        draft.decode_layout()
     prompts = fit_prompts(prompts, max_new_tokens, block)
+    model.decode_layout()
     t0 = time.perf_counter()
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)))
