@@ -145,6 +145,32 @@ def corpus_tmp(tmp_path_factory, request) -> Path:
     return tmp
 
 
+def plant_losses(monkeypatch, bad: dict[int, float], batches: list | None = None) -> None:
+    """Training forward number n in `bad` has its loss multiplied by bad[n] (nan: a NaN loss); `batches` collects
+    the train micro-batch indices read."""
+    from llm.data.shards import Loader
+
+    real, calls = Transformer.forward, {"n": 0}
+
+    def forward(self, idx, targets=None, **kw):
+        logits, loss = real(self, idx, targets, **kw)
+        if self.training and targets is not None:
+            calls["n"] += 1
+            loss = loss * bad.get(calls["n"], 1.0)
+        return logits, loss
+
+    monkeypatch.setattr(Transformer, "forward", forward)
+    if batches is not None:
+        real_batch = Loader.batch
+
+        def batch(self, i, device="cpu"):
+            if self.split == "train":
+                batches.append(i)
+            return real_batch(self, i, device)
+
+        monkeypatch.setattr(Loader, "batch", batch)
+
+
 def metrics_records(out: Path) -> list[dict]:
     """Every record of a run's metrics.jsonl."""
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_two_ranks, step_losses, tiny_model, train_argv, write_code_corpus
+from conftest import plant_losses, run_two_ranks, step_losses, tiny_model, train_argv, write_code_corpus
 
 from llm import chat
 from llm import checkpoint as ck
@@ -167,18 +167,9 @@ def test_loss_spike_rollback_of_a_lora_run_restores_the_adapter(runs, monkeypatc
     """Two bad steps in a row (spike_rollback 2) in a LoRA run: the rollback reads the checkpoint's adapter (a LoRA
     checkpoint has no model.safetensors) and the live adapter equals it afterwards; the run finishes."""
     from llm import lora
-    from llm.model import Transformer
     from llm.train import resume, trainer
 
-    real_forward, calls = Transformer.forward, {"n": 0}
-
-    def forward(self, idx, targets=None, **kw):  # training forwards 6 and 7: a NaN loss, then a 10x spike
-        logits, loss = real_forward(self, idx, targets, **kw)
-        if self.training and targets is not None:
-            calls["n"] += 1
-            loss = loss * {6: float("nan"), 7: 10.0}.get(calls["n"], 1.0)
-        return logits, loss
-
+    plant_losses(monkeypatch, {6: float("nan"), 7: 10.0})  # training forwards 6 and 7: a NaN loss, then a spike
     seen = []
 
     def rollback(src, model, *a):
@@ -188,7 +179,6 @@ def test_loss_spike_rollback_of_a_lora_run_restores_the_adapter(runs, monkeypatc
         return step
 
     real_rollback = resume.rollback
-    monkeypatch.setattr(Transformer, "forward", forward)
     monkeypatch.setattr(trainer, "rollback", rollback)
     args = ft_argv(runs, "lora-rollback", max_steps=8, save_interval=4, spike_window=3, spike_zscore=6,
                    spike_rollback=2, health_interval=0, lora_dropout=0.0, dropout=0.0)

@@ -4,11 +4,10 @@ import math
 
 import pytest
 import torch
-from conftest import metrics_records, tiny_config, train_argv
+from conftest import metrics_records, plant_losses, tiny_config, train_argv
 
 from llm import checkpoint as ck
 from llm import ops
-from llm.data.shards import Loader
 from llm.model import Transformer
 from llm.train import distributed as dd
 from llm.train.cli import main
@@ -23,30 +22,6 @@ def tmp(corpus_tmp):
 
 
 records = metrics_records
-
-
-def _plant(monkeypatch, bad: dict[int, float], batches: list | None = None) -> None:
-    """Training forward number n in `bad` has its loss multiplied by bad[n] (nan: a NaN loss); `batches` collects
-    the train micro-batch indices read."""
-    real, calls = Transformer.forward, {"n": 0}
-
-    def forward(self, idx, targets=None, **kw):
-        logits, loss = real(self, idx, targets, **kw)
-        if self.training and targets is not None:
-            calls["n"] += 1
-            loss = loss * bad.get(calls["n"], 1.0)
-        return logits, loss
-
-    monkeypatch.setattr(Transformer, "forward", forward)
-    if batches is not None:
-        real_batch = Loader.batch
-
-        def batch(self, i, device="cpu"):
-            if self.split == "train":
-                batches.append(i)
-            return real_batch(self, i, device)
-
-        monkeypatch.setattr(Loader, "batch", batch)
 
 
 def test_telemetry_every_interval_leaves_training_bit_identical(tmp):
@@ -98,7 +73,7 @@ def test_spike_detector_flags_outliers_only_once_the_window_is_full():
 
 def test_a_planted_spike_batch_is_skipped_and_logged(tmp, monkeypatch, capsys):
     """One finite loss spike: the step is skipped (weights unchanged), logged as an event, and training goes on."""
-    _plant(monkeypatch, {8: 10.0})
+    plant_losses(monkeypatch, {8: 10.0})
     args = train_argv(tmp, "spike", max_steps=10, spike_window=4, spike_zscore=6, health_interval=0)
     assert main(args) == 0
     recs = records(tmp / "spike")
@@ -112,7 +87,7 @@ def test_repeated_bad_batches_roll_back_to_the_last_checkpoint_past_the_bad_data
     """A NaN then a spike in a row (spike_rollback 2): the run rolls back to ckpt-8, reads the data after the bad
     batches, keeps every checkpoint, and finishes."""
     batches: list[int] = []
-    _plant(monkeypatch, {10: float("nan"), 11: 10.0}, batches)
+    plant_losses(monkeypatch, {10: float("nan"), 11: 10.0}, batches)
     args = train_argv(tmp, "rollback", max_steps=12, save_interval=4, spike_window=4, spike_zscore=6,
                       spike_rollback=2, health_interval=0)
     assert main(args) == 0
