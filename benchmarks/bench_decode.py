@@ -161,7 +161,7 @@ def step_bytes(model: Transformer, B: int, kv_len: float) -> float:
 
 
 def bench_case(model: Transformer, hf, prompt: torch.Tensor, n: int, providers: list[str], repeats: int,
-               bw: float | None) -> list[dict]:
+               bw: float) -> list[dict]:
     """One row per provider: median TTFT and tok/s over `repeats` interleaved runs after a warm-up."""
     cuda = prompt.is_cuda
     runs = {"ours": partial(run_ours, model, prompt, n, "graph" if cuda else "eager"),
@@ -189,8 +189,7 @@ def bench_case(model: Transformer, hf, prompt: torch.Tensor, n: int, providers: 
         row = dict(provider=k, ttft_ms=1e3 * statistics.median(r[0] for r in rs), tok_s=tps,
                    vs_hf=tps / base if base else None, same=bool(torch.equal(first[k][0][2].cpu(), ref.cpu())),
                    compile_s=first[k][1] if k == "ours+compile" else None)
-        if bw:  # bytes/s
-            row["roofline"] = step_bytes(model, B, P + n / 2) * tps / B / bw
+        row["roofline"] = step_bytes(model, B, P + n / 2) * tps / B / bw  # bw: bytes/s
         rows.append(row)
     return rows
 
