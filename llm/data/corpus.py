@@ -5,8 +5,10 @@ The registry (`--dataset`):
   shakespeare   tiny-shakespeare (1.1 MB), downloaded once from its public URL into <data_dir>/downloads/
   tinystories   roneneldan/TinyStories through Hugging Face `datasets` (streamed; its own val split)
   fineweb-edu   HuggingFaceFW/fineweb-edu sample-10BT through `datasets` (streamed; cap it with --max-tokens)
-  PATH          a text file, a folder of text files, a glob ("books/*.txt"), or .jsonl (one JSON
-                object per line, the text in --text-field)
+  PATH          a text file, a folder of files, a glob ("shards/*.parquet"); record files hold many
+                documents, the text in --text-field: .jsonl (one JSON object per line), .jsonl.gz,
+                .jsonl.zst, .parquet (llm.data.sources); or a folder written by Hugging Face
+                `datasets`' save_to_disk
 
 Documents go to val by a hash of their name unless the dataset has its own val split; a
 one-document corpus has its tokens split instead (see llm.data.shards).
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -27,9 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llm.config import DataConfig
+from llm.data.sources import DataError, check_files, hf_disk_docs, is_hf_disk, record_docs, record_kind
 from llm.runtime import first_line
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".json", ".jsonl", ".csv", ".html", ".tex", ".c", ".h", ""}
+RECORD_SUFFIXES = {".parquet", ".pq", ".gz", ".zst", ".zstd"}  # kept in a folder only when record_kind says so
 
 # name -> (public URL, file name); fetched once into <data_dir>/downloads/<name>/.
 DOWNLOADS = {
@@ -42,10 +45,6 @@ HF_DATASETS = {
     "fineweb-edu": ("HuggingFaceFW/fineweb-edu", "sample-10BT", {"train": "train"}),
 }
 
-
-
-class DataError(ValueError):
-    """The dataset cannot be found or used; the message is one line."""
 
 
 # ----------------------------------------------------------------------------- sources
@@ -79,7 +78,12 @@ def open_source(cfg: DataConfig) -> Source:
     name = cfg.dataset
     if name in HF_DATASETS:
         return Source(name, name, lambda: _hf_docs(name, cfg))
+    p = Path(name).expanduser()
+    if is_hf_disk(p):
+        in_val = lambda n: _in_val(n, cfg.val_fraction)  # noqa: E731
+        return Source(name, _slug(p.name, str(p.resolve())), lambda: hf_disk_docs(p, cfg.text_field, in_val))
     slug, files = corpus_files(name, cfg.data_dir)
+    check_files(files, cfg.text_field)
     return _file_source(name, slug, files, cfg)
 
 
@@ -102,16 +106,26 @@ def corpus_files(dataset: str, data_dir: str | Path = "data") -> tuple[str, list
             raise DataError(f"dataset {dataset!r} is neither a known corpus ({', '.join(registry())}) "
                             "nor an existing path")
         if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES
+            files = sorted(f for f in p.rglob("*") if f.is_file() and _listed(f)
                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
             if not files:
-                raise DataError(f"dataset folder {p} holds no text files "
-                                f"({', '.join(sorted(TEXT_SUFFIXES - {''}))})")
+                raise DataError(f"dataset folder {p} holds no text files nor record files "
+                                f"({', '.join(sorted(TEXT_SUFFIXES - {''}))}, .jsonl.gz, .jsonl.zst, .parquet)")
         else:
             files = [p]
         key, base = str(p.resolve()), p.name
-    digest = hashlib.sha1(key.encode()).hexdigest()[:8]
-    return f"{re.sub(r'[^A-Za-z0-9_-]+', '_', base)[:40]}-{digest}", files
+    return _slug(base, key), files
+
+
+def _slug(base: str, key: str) -> str:
+    """A directory-safe identity: the readable base name plus a hash of the full key (a path or glob)."""
+    return f"{re.sub(r'[^A-Za-z0-9_-]+', '_', base)[:40]}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+
+
+def _listed(f: Path) -> bool:
+    """A folder's file that is a dataset file: a text suffix, or a record file (.parquet, .jsonl.gz, ...)."""
+    suffix = f.suffix.lower()
+    return suffix in TEXT_SUFFIXES if suffix not in RECORD_SUFFIXES else record_kind(f) is not None
 
 
 def download(name: str, data_dir: str | Path) -> Path:
@@ -141,7 +155,7 @@ def read_text(path: Path) -> str:
 
 
 def _file_source(name: str, slug: str, files: list[Path], cfg: DataConfig) -> Source:
-    plain = [f for f in files if f.suffix.lower() != ".jsonl"]
+    plain = [f for f in files if record_kind(f) is None]
     single = files[0] if len(files) == 1 and plain else None
     val = {f for f in plain if _in_val(str(f), cfg.val_fraction) and not single}
     if len(plain) > 1 and not val and cfg.val_fraction > 0:  # always hold out at least one document
@@ -149,31 +163,14 @@ def _file_source(name: str, slug: str, files: list[Path], cfg: DataConfig) -> So
 
     def docs() -> Iterator[tuple[str, str, str]]:
         for f in files:
-            if f.suffix.lower() == ".jsonl":
-                yield from _jsonl_docs(f, cfg)
+            if record_kind(f) is not None:
+                yield from record_docs(f, cfg.text_field, lambda n: _in_val(n, cfg.val_fraction))
                 continue
             text = read_text(f)
             if text.strip():
                 yield ("val" if f in val else "train"), str(f), text
 
     return Source(name, slug, docs, single)
-
-
-def _jsonl_docs(path: Path, cfg: DataConfig) -> Iterator[tuple[str, str, str]]:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                raise DataError(f"{path}:{i} is not valid JSON (.jsonl holds one JSON object per line)") from None
-            text = obj.get(cfg.text_field) if isinstance(obj, dict) else None
-            if not isinstance(text, str):
-                raise DataError(f"{path}:{i} has no string field {cfg.text_field!r} (choose one with --text-field)")
-            if text.strip():
-                name = f"{path}:{i}"
-                yield ("val" if _in_val(name, cfg.val_fraction) else "train"), name, text
 
 
 def _hf_docs(name: str, cfg: DataConfig) -> Iterator[tuple[str, str, str]]:
