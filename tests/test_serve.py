@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -28,7 +30,7 @@ from llm.config import ModelConfig  # noqa: E402
 from llm.generate import SamplingParams, complete  # noqa: E402
 from llm.loading import load_model  # noqa: E402
 from llm.model import Transformer  # noqa: E402
-from llm.serve.launch import ThreadedServer, build, free_port  # noqa: E402
+from llm.serve.launch import ThreadedServer, build, free_port, model_id  # noqa: E402
 from llm.tokenizer import Tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -199,8 +201,16 @@ BAD = [
 ]
 
 
+def rejected(url: str) -> dict[str, float]:
+    """llm_rejected_requests_total by reason, from /metrics."""
+    m = httpx.get(url + "/metrics").text
+    return {k: float(v) for k, v in re.findall(r'llm_rejected_requests_total\{reason="(\w+)"\} (\S+)', m)}
+
+
 def test_bad_inputs_answer_4xx_errors_and_running_streams_continue(server, loaded):
     want = unbatched(loaded, "def f(x):", 60, SamplingParams(0.0))
+    before = rejected(server.url)
+    assert before.keys() >= {"invalid_request", "model_not_found", "queue_full", "shutting_down"}  # listed at 0
     with httpx.Client(timeout=30) as c:
         with c.stream("POST", server.url + "/v1/completions", json={"model": "tiny", "prompt": "def f(x):",
                                                                     "max_tokens": 60, "temperature": 0,
@@ -218,6 +228,10 @@ def test_bad_inputs_answer_4xx_errors_and_running_streams_continue(server, loade
             assert chat.status_code == 400
             assert c.get(server.url + "/v1/nothing").status_code == 404
             rest = [first] + list(lines)
+    after = rejected(server.url)
+    assert after["model_not_found"] - before["model_not_found"] == 2
+    assert after["context_length_exceeded"] - before["context_length_exceeded"] == 1
+    assert sum(after.values()) - sum(before.values()) == len(BAD) + 2  # every refusal counted once
     chunks = [json.loads(x[6:]) for x in rest if x.startswith("data: {")]
     assert rest[-1] == "data: [DONE]" or [x for x in rest if x][-1] == "data: [DONE]"
     assert "".join(ch["choices"][0]["text"] for ch in chunks) == want
@@ -236,13 +250,16 @@ def test_api_key_required_when_set(loaded):
         assert client.completions.create(model="tiny", prompt="x", max_tokens=2).choices[0].finish_reason
 
 
-def test_cli_binds_localhost_and_sigterm_drains_running_streams(ckpt):
+def test_cli_names_the_run_and_sigterm_drains_with_503_for_new_requests(ckpt):
+    """`--checkpoint OUT/latest` serves the run's name (printed at start). After SIGTERM the socket stays open:
+    new requests get 503 shutting_down (counted in llm_rejected_requests_total), /health says draining, and
+    the running stream and the queued requests finish before the process exits 0."""
     port = free_port()
     env = os.environ | {"PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "llm.serve", "--checkpoint", str(ckpt), "--port", str(port),
-                             "--max-batch", "4", "--threads", "1", "--model-name", "tiny", "--drain-timeout", "20"],
+    proc = subprocess.Popen([sys.executable, "-m", "llm.serve", "--checkpoint", str(ckpt.parent / "latest"),
+                             "--port", str(port), "--max-batch", "4", "--threads", "1", "--drain-timeout", "30"],
                             cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
+    url, name = f"http://127.0.0.1:{port}", ckpt.parent.name
     try:
         t0 = time.monotonic()
         while True:
@@ -253,18 +270,49 @@ def test_cli_binds_localhost_and_sigterm_drains_running_streams(ckpt):
                     break
             except httpx.HTTPError:
                 time.sleep(0.2)
+        assert [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]] == [name]
+        queued = {"model": name, "prompt": "def", "max_tokens": 120, "n": 4, "temperature": 0}
+
+        async def background():  # 3 jobs of 4 rows x 120 tokens behind the stream: the drain has work to do
+            async with httpx.AsyncClient(timeout=60) as c:
+                return await asyncio.gather(*(c.post(url + "/v1/completions", json=queued) for _ in range(3)))
+
         with httpx.Client(timeout=30) as c:
-            with c.stream("POST", url + "/v1/completions", json={"model": "tiny", "prompt": "def", "max_tokens": 100,
+            with c.stream("POST", url + "/v1/completions", json={"model": name, "prompt": "def", "max_tokens": 100,
                                                                  "temperature": 0, "stream": True}) as r:
                 lines = r.iter_lines()
                 got = [next(lines)]
+                pool = ThreadPoolExecutor(1)
+                later = pool.submit(asyncio.run, background())
+                while "llm_queue_depth 0.0" in httpx.get(url + "/metrics").text or \
+                        "llm_queue_depth 1.0" in httpx.get(url + "/metrics").text:
+                    time.sleep(0.01)  # until the jobs wait in the queue (one 4-row job runs at a time at batch 4)
                 proc.send_signal(signal.SIGTERM)
+                while httpx.get(url + "/health", timeout=5).status_code == 200:  # a refused connection fails here
+                    time.sleep(0.01)
+                late = httpx.post(url + "/v1/completions", json={"model": name, "prompt": "x", "max_tokens": 2})
+                assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down", late.text
+                m = httpx.get(url + "/metrics").text
+                assert 'llm_rejected_requests_total{reason="shutting_down"} 1.0' in m, m
                 got += list(lines)
+                done = later.result(timeout=60)
         assert [x for x in got if x][-1] == "data: [DONE]"
         finals = [json.loads(x[6:])["choices"][0]["finish_reason"] for x in got if x.startswith("data: {")]
         assert finals[-1] in ("stop", "length")  # finished, not cut off
+        assert [r.status_code for r in done] == [200] * 3
+        assert all(ch["finish_reason"] in ("stop", "length") for r in done for ch in r.json()["choices"])
         assert proc.wait(timeout=30) == 0
+        assert f"serving model id '{name}'" in proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_model_id_is_the_runs_name(tmp_path):
+    run = tmp_path / "my-run"
+    (run / "ckpt-0000200").mkdir(parents=True)
+    (run / "latest").write_text("ckpt-0000200")
+    (tmp_path / "Llama-3-8B").mkdir()
+    assert model_id(run) == model_id(run / "latest") == model_id(run / "ckpt-0000200") == "my-run"
+    assert model_id(tmp_path / "Llama-3-8B") == "Llama-3-8B"

@@ -38,8 +38,8 @@ OPEN_PATHS = ("/health",)
 class BearerAuth:
     """ASGI middleware: with a key set, every path but /health needs `Authorization: Bearer KEY` (else 401)."""
 
-    def __init__(self, app, key: str) -> None:
-        self.app, self.key = app, f"Bearer {key}".encode()
+    def __init__(self, app, key: str, metrics) -> None:
+        self.app, self.key, self.metrics = app, f"Bearer {key}".encode(), metrics
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
@@ -47,6 +47,7 @@ class BearerAuth:
             if not hmac.compare_digest(got, self.key):
                 body = error_body("Incorrect or missing API key: send 'Authorization: Bearer KEY'",
                                   "invalid_request_error", None, "invalid_api_key")
+                self.metrics.reject("invalid_api_key")
                 await JSONResponse(body, 401)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -192,11 +193,14 @@ class Choice:
         return {k: v[start:] for k, v in self.lp.items()}
 
 
-def _error_handlers(app: FastAPI) -> None:
-    """Every error in OpenAI's shape: ours (APIError), bad bodies (400, not FastAPI's 422), unknown routes."""
+def _error_handlers(app: FastAPI, metrics) -> None:
+    """Every error in OpenAI's shape: ours (APIError), bad bodies (400, not FastAPI's 422), unknown routes.
+    Every refusal (a 4xx, or 503 while draining) counts in llm_rejected_requests_total{reason=its code}."""
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError) -> JSONResponse:
+        if e.status < 500 or e.status == 503:
+            metrics.reject(e.code)
         return JSONResponse(e.body(), e.status, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -207,10 +211,12 @@ def _error_handlers(app: FastAPI) -> None:
             msg, param = "We could not parse the JSON body of your request (it is not valid JSON)", None
         else:
             msg, param = f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid value')}", (loc[0] if loc else None)
+        metrics.reject(None)
         return JSONResponse(error_body(msg, "invalid_request_error", param, None), 400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        metrics.reject("not_found" if e.status_code == 404 else None)
         return JSONResponse(error_body(str(e.detail), "invalid_request_error", None, None), e.status_code)
 
 
@@ -220,9 +226,9 @@ def create_app(sched: Scheduler, tok, model_name: str, block_size: int, api_key:
     app = FastAPI(title="llm serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = srv
     if api_key:
-        app.add_middleware(BearerAuth, key=api_key)
+        app.add_middleware(BearerAuth, key=api_key, metrics=sched.metrics)
 
-    _error_handlers(app)
+    _error_handlers(app, sched.metrics)
 
     @app.get("/health")
     async def health() -> JSONResponse:

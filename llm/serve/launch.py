@@ -9,6 +9,7 @@ finish for up to --drain-timeout seconds, the rest are cancelled, then the proce
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import socket
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
+from llm.checkpoint import BEST, LATEST
 from llm.loading import load_model
 from llm.model import Transformer
 from llm.runtime import first_line, pick_device, pick_dtype, set_threads
@@ -45,15 +47,31 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn's server, but a signal first stops the scheduler's admission (503 for new requests)."""
+    """uvicorn's server, but the first SIGTERM / Ctrl-C drains before uvicorn stops listening.
 
-    def __init__(self, config: uvicorn.Config, sched: Scheduler) -> None:
+    The signal stops admission at once; the socket stays open, so a new request gets 503 (not a refused
+    connection) while the running and queued requests finish for up to drain_timeout s (the rest are
+    cancelled); then uvicorn shuts down as usual. A second signal exits without waiting.
+    """
+
+    def __init__(self, config: uvicorn.Config, sched: Scheduler, drain_timeout: float = 30.0) -> None:
         super().__init__(config)
-        self.sched = sched
+        self.sched, self.drain_timeout = sched, drain_timeout
+        self._draining: threading.Thread | None = None
 
     def handle_exit(self, sig, frame) -> None:
+        if self._draining is not None:  # a second signal: stop now
+            self.force_exit = True
+            super().handle_exit(sig, frame)
+            return
         self.sched.stop_admission()
-        super().handle_exit(sig, frame)
+
+        def drain() -> None:
+            self.sched.shutdown(self.drain_timeout)
+            super(DrainingServer, self).handle_exit(sig, frame)
+
+        self._draining = threading.Thread(target=drain, name="llm-serve-drain", daemon=True)
+        self._draining.start()
 
 
 class ThreadedServer:
@@ -63,7 +81,7 @@ class ThreadedServer:
         self.sched, self.port, self.drain_timeout = sched, port or free_port(), drain_timeout
         cfg = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
                              timeout_graceful_shutdown=int(drain_timeout))
-        self.server = DrainingServer(cfg, sched)
+        self.server = DrainingServer(cfg, sched, drain_timeout)
         self.thread = threading.Thread(target=self.server.run, name="llm-serve-http", daemon=True)
 
     @property
@@ -91,13 +109,25 @@ class ThreadedServer:
         self.sched.shutdown(self.drain_timeout)
 
 
+def model_id(checkpoint: str | Path) -> str:
+    """The id clients send as `model`: the run's name for a training out-dir, its `latest`/`best` pointer or one
+    of its ckpt-NNNNNNN dirs (`out/latest` -> `out`), else the directory's own name (a Hugging Face model dir)."""
+    p = Path(checkpoint).resolve()
+    if p.name in (LATEST, BEST) and p.is_file():
+        return p.parent.name
+    if re.fullmatch(r"ckpt-\d+", p.name) and ((p.parent / LATEST).is_file() or (p.parent / BEST).is_file()):
+        return p.parent.name
+    return p.name
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llm.serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="An OpenAI-compatible server (completions, chat) with continuous batching.")
     p.add_argument("--checkpoint", required=True, help="checkpoint dir, training out-dir, or Hugging Face model dir")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the server to the network)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--model-name", default=None, help="the id clients send as `model` (default: the dir's name)")
+    p.add_argument("--model-name", default=None, help="the id clients send as `model` (default: the run's name, "
+                   "e.g. `out` for --checkpoint out/latest, or the directory's name)")
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together at most")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; beyond it 429")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every route but /health")
@@ -125,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
-    name = args.model_name or Path(args.checkpoint).resolve().name
+    name = args.model_name or model_id(args.checkpoint)
     app, sched = build(model, tok, name, args.max_batch, args.max_queue, args.kv_block_size, args.num_blocks,
                        args.prefill_chunk, args.api_key, args.drain_timeout)
     cfg = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
@@ -133,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn re-raises the signal it caught once it has stopped:
         signal.signal(sig, lambda *_: None)  # let that be a no-op, so the drain below runs and we exit 0
     sched.start()
-    print(f"serving {name} on http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, "
+    print(f"serving model id '{name}' on http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, "
           f"{sched.pool.n_blocks} KV blocks of {args.kv_block_size})", file=sys.stderr, flush=True)
-    DrainingServer(cfg, sched).run()
+    DrainingServer(cfg, sched, args.drain_timeout).run()
     sched.shutdown(args.drain_timeout)
     return 0

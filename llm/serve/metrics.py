@@ -14,6 +14,8 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 QUANTILES = (0.5, 0.9, 0.99)
+REJECT_REASONS = ("invalid_request", "context_length_exceeded", "model_not_found", "invalid_api_key", "queue_full",
+                  "shutting_down", "not_found")
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -42,7 +44,10 @@ class Metrics:
         self.requests = Counter("llm_requests", "finished requests by outcome", ["outcome"], registry=r)
         self.generated = Counter("llm_generated_tokens", "generated tokens", registry=r)
         self.prompt_tokens = Counter("llm_prompt_tokens", "prompt tokens prefilled", registry=r)
-        self.rejected = Counter("llm_rejected_requests", "requests refused before admission", ["reason"], registry=r)
+        self.rejected = Counter("llm_rejected_requests", "requests refused before admission (4xx, 503)", ["reason"],
+                                registry=r)
+        for reason in REJECT_REASONS:  # listed at 0 from the start, so a scrape sees the series before a refusal
+            self.rejected.labels(reason=reason)
         self.h = {
             "ttft": Histogram("llm_time_to_first_token_seconds", "submit to first token", buckets=_BUCKETS, registry=r),
             "latency": Histogram("llm_request_latency_seconds", "submit to last token", buckets=_BUCKETS, registry=r),
@@ -55,6 +60,10 @@ class Metrics:
             g = Gauge(name, f"{key} percentiles over the last 1000 observations", ["quantile"], registry=r)
             for q in QUANTILES:
                 g.labels(quantile=str(q)).set_function(lambda key=key, q=q: self.recent(key, q))
+
+    def reject(self, reason: str | None) -> None:
+        """Count one refused request; reason is the error's code (None: a plain invalid request)."""
+        self.rejected.labels(reason=reason or "invalid_request").inc()
 
     def observe(self, key: str, seconds: float) -> None:
         self.h[key].observe(seconds)

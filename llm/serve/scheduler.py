@@ -74,10 +74,8 @@ class Scheduler:
             s.emit = lambda ev, i=i: self._emit(job, i, ev)
         with self._cond:
             if not self.accepting:
-                self.metrics.rejected.labels(reason="shutting_down").inc()
                 raise ShuttingDown("the server is shutting down")
             if len(self.waiting) >= self.max_queue:
-                self.metrics.rejected.labels(reason="queue_full").inc()
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
             self.waiting.append(job)
             self._cond.notify()
