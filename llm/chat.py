@@ -82,10 +82,12 @@ def special_tokens_map(tok: Tokenizer) -> dict[str, str]:
     return {"bos_token": tok.decode([tok.bos_id]), "eos_token": tok.decode([tok.eot_id])}
 
 
-def render(template: str, messages: list[dict], add_generation_prompt: bool = False, **kw) -> str:
-    """`messages` as text; kw are the template variables transformers passes (bos_token, eos_token, ...)."""
+def render(template: str, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None,
+           **kw) -> str:
+    """`messages` as text; tools: function specs ({"type": "function", "function": {...}}) as transformers passes
+    them; kw are the other template variables transformers passes (bos_token, eos_token, ...)."""
     try:
-        return _compile(template).render(messages=messages, tools=None, documents=None,
+        return _compile(template).render(messages=messages, tools=tools, documents=None,
                                          add_generation_prompt=add_generation_prompt, **kw)
     except jinja2.TemplateError as e:
         raise ChatError(f"the chat template refused the conversation: {e}") from None
@@ -101,9 +103,17 @@ def chat_tokenizer(tok: Tokenizer) -> tuple[Tokenizer, list[str]]:
     return tok.with_special(new, chat_template=DEFAULT_TEMPLATE, eot=IM_END, bos=bos), new
 
 
-def prompt_ids(tok: Tokenizer, messages: list[dict]) -> list[int]:
-    """The ids a generation call feeds the model: the conversation and the assistant's opening."""
-    text = render(template_of(tok), messages, add_generation_prompt=True, **special_tokens_map(tok))
+def compile_template(template: str) -> None:
+    """Raise ChatError (one line) if `template` is not valid jinja2."""
+    _compile(template)
+
+
+def prompt_ids(tok: Tokenizer, messages: list[dict], template: str | None = None,
+               tools: list[dict] | None = None) -> list[int]:
+    """The ids a generation call feeds the model: the conversation and the assistant's opening, rendered with
+    `template` (default: the tokenizer's, `template_of`)."""
+    text = render(template or template_of(tok), messages, add_generation_prompt=True, tools=tools,
+                  **special_tokens_map(tok))
     return tok.encode(text, allow_special=True)
 
 

@@ -2,7 +2,8 @@
 
   GET  /v1/models             the one served model
   POST /v1/completions        prompt text / texts / ids; n, stop, seed, stream, logprobs, echo, ...
-  POST /v1/chat/completions   messages through `protocol.chat_prompt`
+  POST /v1/chat/completions   messages through the model's chat template (templates.ChatFormat); n, logprobs,
+                              top_logprobs, stream, stream_options.include_usage
   GET  /health                {"status": "ok"} (503 "draining" after SIGTERM)
   GET  /metrics               Prometheus text format
 
@@ -26,11 +27,13 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from llm.chat import ChatError
 from llm.generate.decode import fit_prompts
 from llm.generate.sampling import SamplingError, SamplingParams
 from llm.serve.engine import Event, Seq
-from llm.serve.protocol import CHAT_STOP, APIError, ChatRequest, CompletionRequest, chat_prompt, error_body
+from llm.serve.protocol import APIError, ChatRequest, CompletionRequest, error_body
 from llm.serve.scheduler import QueueFull, Scheduler, ShuttingDown
+from llm.serve.templates import ChatFormat
 
 OPEN_PATHS = ("/health",)
 
@@ -56,8 +59,9 @@ class BearerAuth:
 class Server:
     """What the routes share: the scheduler, tokenizer, model name and limits."""
 
-    def __init__(self, sched: Scheduler, tok, model_name: str, block_size: int) -> None:
+    def __init__(self, sched: Scheduler, tok, model_name: str, block_size: int, chat: ChatFormat) -> None:
         self.sched, self.tok, self.model_name, self.block_size = sched, tok, model_name, block_size
+        self.chat = chat
         self.created = int(time.time())
 
     # ------------------------------------------------------------------ request -> seqs
@@ -88,7 +92,7 @@ class Server:
         return out
 
     def seqs(self, body, prompts: list[list[int]], max_tokens: int, stop: list[str], logprobs: int | None = None,
-             echo: bool = False) -> list[Seq]:
+             echo: bool = False, stop_ids: frozenset[int] = frozenset()) -> list[Seq]:
         try:
             fit_prompts(prompts, max(1, max_tokens), self.block_size)
             params = SamplingParams(1.0 if body.temperature is None else body.temperature, body.top_k, body.top_p,
@@ -103,7 +107,7 @@ class Server:
                            f"most {self.sched.max_batch} at once", param="n")
         seed = body.seed if body.seed is not None else secrets.randbelow(2**62)
         out = [Seq(prompt=p, params=params, max_tokens=max_tokens, seed=seed + i * body.n + j, emit=lambda ev: None,
-                   stop=stop, logprobs=logprobs, prompt_logprobs=echo and logprobs is not None)
+                   stop=stop, stop_ids=stop_ids, logprobs=logprobs, prompt_logprobs=echo and logprobs is not None)
                for i, p in enumerate(prompts) for j in range(body.n)]
         if self.sched.worst_case_blocks(out) > self.sched.pool.n_blocks:
             raise APIError(400, "the request needs more KV cache than the server has; lower n or max_tokens",
@@ -150,6 +154,13 @@ class Server:
 
     def top_dict(self, top) -> dict[str, float] | None:
         return None if top is None else {self.token_str(i): lp for i, lp in top}
+
+    def chat_logprob(self, ev: Event) -> dict:
+        """One token of a chat choice's logprobs.content: token, logprob, bytes, top_logprobs (OpenAI's layout)."""
+        def one(i: int, lp: float) -> dict:
+            return {"token": self.token_str(i), "logprob": lp, "bytes": list(self.tok.decode_bytes([i]))}
+
+        return one(ev.token, ev.logprob) | {"top_logprobs": [one(i, lp) for i, lp in ev.top or []]}
 
 
 def _err(ev: Event) -> APIError:
@@ -221,8 +232,8 @@ def _error_handlers(app: FastAPI, metrics) -> None:
 
 
 def create_app(sched: Scheduler, tok, model_name: str, block_size: int, api_key: str | None = None,
-               drain_timeout: float = 30.0) -> FastAPI:
-    srv = Server(sched, tok, model_name, block_size)
+               drain_timeout: float = 30.0, chat: ChatFormat | None = None) -> FastAPI:
+    srv = Server(sched, tok, model_name, block_size, chat or ChatFormat(tok))
     app = FastAPI(title="llm serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = srv
     if api_key:
@@ -262,7 +273,9 @@ def create_app(sched: Scheduler, tok, model_name: str, block_size: int, api_key:
         head = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
         want_lp = body.logprobs is not None
         if body.stream:
-            return EventSourceResponse(_stream_completion(srv, job, choices, head, want_lp, body.echo),
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            return EventSourceResponse(_stream_completion(srv, job, choices, head, want_lp, body.echo,
+                                                          usage and body.n),
                                        shutdown_grace_period=drain_timeout)
         async for i, ev in srv.events(job, request):
             if ev.finish == "error":
@@ -275,22 +288,33 @@ def create_app(sched: Scheduler, tok, model_name: str, block_size: int, api_key:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
         srv.check_model(body.model)
-        prompts = srv.encode(chat_prompt(body.messages))
-        max_tokens = body.max_completion_tokens or body.max_tokens or max(1, block_size - len(prompts[0]))
-        seqs = srv.seqs(body, prompts, max_tokens, body.stops() + [CHAT_STOP])
+        top = body.n_logprobs()
+        try:
+            prompt = srv.chat.prompt([m.as_dict() for m in body.messages])
+        except ChatError as e:
+            raise APIError(400, str(e), param="messages") from None
+        max_tokens = body.max_completion_tokens or body.max_tokens or max(1, block_size - len(prompt))
+        seqs = srv.seqs(body, [prompt], max_tokens, body.stops() + srv.chat.stop_strings, top,
+                        stop_ids=srv.chat.stop_ids)
         job = srv.submit(seqs)
         head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "object": "chat.completion", "created": int(time.time()),
                 "model": model_name}
+        usage = body.stream_options is not None and body.stream_options.include_usage
         if body.stream:
-            return EventSourceResponse(_stream_chat(srv, job, head), shutdown_grace_period=drain_timeout)
+            return EventSourceResponse(_stream_chat(srv, job, head, top is not None, usage and body.n),
+                                       shutdown_grace_period=drain_timeout)
         texts, finish = [""] * len(seqs), [None] * len(seqs)
+        lps: list[list[dict]] = [[] for _ in seqs]
         async for i, ev in srv.events(job, request):
             if ev.finish == "error":
                 raise _err(ev)
             texts[i] += ev.text
             finish[i] = ev.finish or finish[i]
-        out = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
-                "finish_reason": finish[i]} for i, t in enumerate(texts)]
+            if top is not None and ev.token is not None:
+                lps[i].append(srv.chat_logprob(ev))
+        out = [{"index": i, "message": {"role": "assistant", "content": t},
+                "logprobs": {"content": lps[i]} if top is not None else None, "finish_reason": finish[i]}
+               for i, t in enumerate(texts)]
         return head | {"choices": out, "usage": _usage(seqs, body.n)}
 
     return app
@@ -305,7 +329,8 @@ def _sse(obj) -> dict:
     return {"data": json.dumps(obj, ensure_ascii=False)}
 
 
-async def _stream_completion(srv: Server, job, choices: list[Choice], head: dict, want_lp: bool, echo: bool):
+async def _stream_completion(srv: Server, job, choices: list[Choice], head: dict, want_lp: bool, echo: bool,
+                             usage_n: int):
     if echo:
         for k, c in enumerate(choices):
             yield _sse(head | {"choices": [{"index": k, "text": c.text, "logprobs": None, "finish_reason": None}]})
@@ -319,10 +344,15 @@ async def _stream_completion(srv: Server, job, choices: list[Choice], head: dict
         if piece or ev.finish or (want_lp and lp["tokens"]):
             yield _sse(head | {"choices": [{"index": i, "text": piece, "logprobs": lp if want_lp else None,
                                             "finish_reason": ev.finish}]})
+    else:
+        if usage_n:
+            yield _sse(head | {"choices": [], "usage": _usage(job.seqs, usage_n)})
     yield {"data": "[DONE]"}
 
 
-async def _stream_chat(srv: Server, job, head: dict):
+async def _stream_chat(srv: Server, job, head: dict, want_lp: bool, usage_n: int):
+    """Chat chunks: a role delta per choice, content deltas (with logprobs.content), then the usage chunk when
+    stream_options.include_usage (usage_n = the request's n), then [DONE]."""
     head = head | {"object": "chat.completion.chunk"}
     for i in range(len(job.seqs)):
         yield _sse(head | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -331,8 +361,12 @@ async def _stream_chat(srv: Server, job, head: dict):
         if ev.finish == "error":
             yield _sse(_err(ev).body())
             break
-        if ev.text or ev.finish:
+        lp = {"content": [srv.chat_logprob(ev)]} if want_lp and ev.token is not None else None
+        if ev.text or ev.finish or lp:
             delta = {"content": ev.text} if ev.text else {}
-            yield _sse(head | {"choices": [{"index": i, "delta": delta, "logprobs": None,
+            yield _sse(head | {"choices": [{"index": i, "delta": delta, "logprobs": lp,
                                             "finish_reason": ev.finish}]})
+    else:
+        if usage_n:
+            yield _sse(head | {"choices": [], "usage": _usage(job.seqs, usage_n)})
     yield {"data": "[DONE]"}

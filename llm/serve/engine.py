@@ -50,6 +50,7 @@ class Seq:
     seed: int
     emit: Callable[[Event], None]
     stop: list[str] = field(default_factory=list)
+    stop_ids: frozenset[int] = frozenset()  # end-of-turn ids beside the tokenizer's end-of-text
     logprobs: int | None = None  # top-n logprobs of each new token (0: only the chosen one's)
     prompt_logprobs: bool = False  # echo + logprobs: the logprob of every prompt token
     blocks: list[int] = field(default_factory=list)
@@ -161,7 +162,7 @@ class Engine:
             ev.logprob, ev.top = self._logprob(torch.log_softmax(logits[0, : self.vocab], -1), token, s.logprobs)
         if s.prompt_logprobs and not s.out:
             ev.prompt_logprobs = s._prompt_lp
-        if token == self.tok.eot_id:
+        if token == self.tok.eot_id or token in s.stop_ids:
             ev.token = None  # end-of-text is not part of the output (as in stream_text)
             ev.text = s.text.close()
             self._finish(s, "stop", ev)

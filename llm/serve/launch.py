@@ -26,17 +26,20 @@ from llm.runtime import first_line, pick_device, pick_dtype, set_threads
 from llm.serve.app import create_app
 from llm.serve.engine import Engine
 from llm.serve.scheduler import Scheduler
+from llm.serve.templates import ChatFormat, read_template
 
 
 def build(model: Transformer, tok, model_name: str = "llm", max_batch: int = 16, max_queue: int = 64,
           block_size: int = 16, num_blocks: int | None = None, prefill_chunk: int = 256,
-          api_key: str | None = None, drain_timeout: float = 30.0) -> tuple[FastAPI, Scheduler]:
-    """(app, scheduler) over a block pool of num_blocks (default: every row of a full batch at full context)."""
+          api_key: str | None = None, drain_timeout: float = 30.0,
+          chat: ChatFormat | None = None) -> tuple[FastAPI, Scheduler]:
+    """(app, scheduler) over a block pool of num_blocks (default: every row of a full batch at full context);
+    chat: how chat requests are rendered (default: the tokenizer's template, else the plain one)."""
     ctx = model.cfg.block_size
     n_blocks = num_blocks or max_batch * -(-ctx // block_size)
     pool = model.new_pool(n_blocks, block_size)
     sched = Scheduler(Engine(model, tok, pool, prefill_chunk), max_batch=max_batch, max_queue=max_queue)
-    app = create_app(sched, tok, model_name, ctx, api_key=api_key, drain_timeout=drain_timeout)
+    app = create_app(sched, tok, model_name, ctx, api_key=api_key, drain_timeout=drain_timeout, chat=chat)
     return app, sched
 
 
@@ -135,6 +138,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-blocks", type=int, default=None, help="KV blocks in the pool (default: max-batch rows at "
                    "full context)")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per step (all requests)")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a jinja2 chat template for /v1/chat/completions (default: the model's own; a model without "
+                   "one gets a plain 'System:/User:/Assistant:' text)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds running requests get after SIGTERM")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
@@ -148,23 +154,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.max_batch < 1 or args.max_queue < 0 or args.kv_block_size < 1 or args.prefill_chunk < 1:
             raise ValueError("--max-batch, --kv-block-size and --prefill-chunk must be >= 1, --max-queue >= 0")
+        template = read_template(args.chat_template) if args.chat_template else None  # checked before loading
         set_threads(args.threads)
         device = pick_device(args.device)
         overrides = {"kernels": args.kernels} if args.kernels else {}
         model, tok, _ = load_model(args.checkpoint, device, pick_dtype(args.dtype, device), **overrides)
+        chat = ChatFormat(tok, template, f"the chat template from {args.chat_template}" if template else "")
     except (ValueError, OSError) as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
     name = args.model_name or model_id(args.checkpoint)
     app, sched = build(model, tok, name, args.max_batch, args.max_queue, args.kv_block_size, args.num_blocks,
-                       args.prefill_chunk, args.api_key, args.drain_timeout)
+                       args.prefill_chunk, args.api_key, args.drain_timeout, chat)
     cfg = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                          timeout_graceful_shutdown=int(args.drain_timeout))
     for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn re-raises the signal it caught once it has stopped:
         signal.signal(sig, lambda *_: None)  # let that be a no-op, so the drain below runs and we exit 0
     sched.start()
     print(f"serving model id '{name}' on http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, "
-          f"{sched.pool.n_blocks} KV blocks of {args.kv_block_size})", file=sys.stderr, flush=True)
+          f"{sched.pool.n_blocks} KV blocks of {args.kv_block_size})\n{chat.describe()}", file=sys.stderr, flush=True)
     DrainingServer(cfg, sched, args.drain_timeout).run()
     sched.shutdown(args.drain_timeout)
     return 0

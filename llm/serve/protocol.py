@@ -1,4 +1,4 @@
-"""Request schemas (pydantic models that FastAPI validates), OpenAI-shaped errors, the chat template.
+"""Request schemas (pydantic models that FastAPI validates) and OpenAI-shaped errors.
 
 Strict types: a string where a number belongs is a 400, not a conversion. Fields OpenAI defines that
 we do not implement are ignored (extra="ignore"); nothing in a request names a file or a checkpoint.
@@ -33,10 +33,17 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    include_usage: bool = False
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
+    stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=MAX_N)
@@ -77,6 +84,10 @@ class ChatMessage(BaseModel):
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
+    def as_dict(self) -> dict:
+        """{"role", "content"} as a chat template reads it (developer messages are system messages)."""
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+
 
 class ChatRequest(_Request):
     """POST /v1/chat/completions."""
@@ -84,20 +95,11 @@ class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
-
-CHAT_STOP = "\nUser:"  # the default template's next user turn: a chat reply ends before it
-
-
-def chat_prompt(messages: list[ChatMessage]) -> str:
-    """The default chat template, plain text (a fine-tuning issue brings real templates; replace this one function).
-
-        System: {content}        (system and developer messages)
-        User: {content}
-        Assistant: {content}
-        ...
-        Assistant:               (the model continues from here; CHAT_STOP ends its turn)
-    """
-    names = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
-    lines = [f"{names[m.role]}: {m.text()}" for m in messages]
-    return "\n".join(lines + ["Assistant:"])
+    def n_logprobs(self) -> int | None:
+        """Top-n logprobs per token for the engine (None: off); top_logprobs needs logprobs, as in OpenAI's API."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
