@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from llm.cli import COMMANDS
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("llm", "kernels", "benchmarks")
 
@@ -103,6 +105,16 @@ def test_library_imports_run_one_way():
             assert name.split(".")[0] != "benchmarks", f"{m} imports {name}"
             if not m.startswith(stages) and m != "llm.loading":
                 assert not name.startswith(stages), f"core module {m} imports the stage module {name}"
+            if m != "llm.__main__":  # `python -m llm` is the `llm` command
+                assert not name.startswith("llm.cli"), f"{m} imports the `llm` command (llm/cli.py), a CLI"
+
+
+def test_the_llm_command_dispatches_to_project_command_lines_only():
+    """llm/cli.py loads its subcommands' modules by name (so `llm --help` needs no torch): each is a module of
+    llm/ with a main (a stage's command line), never the dispatcher itself."""
+    for name, cmd in COMMANDS.items():
+        assert cmd.module.startswith("llm.") and cmd.module not in ("llm.cli", "llm.__main__"), (name, cmd.module)
+        assert (ROOT / (cmd.module.replace(".", "/") + ".py")).is_file(), f"llm {name}: no file for {cmd.module}"
 
 
 # Function-local imports that load an optional extra only when asked for (not a dodged cycle).

@@ -12,7 +12,7 @@ from llm.data.shards import prepare, verify
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m llm.data --dataset NAME|PATH [--verify]`: prepare ahead of training (e.g. where there is network)."""
-    p = argparse.ArgumentParser(prog="python -m llm.data", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="llm data", description=main.__doc__)
     add_dataclass_args(p, DataConfig, "data")
     p.add_argument("--verify", action="store_true", help="recompute and check every shard's sha256")
     args = p.parse_args(argv)

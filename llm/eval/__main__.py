@@ -14,7 +14,7 @@ from llm.runtime import pick_device, pick_dtype
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m llm.eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = argparse.ArgumentParser(prog="llm eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="Loss and perplexity of a checkpoint over a dataset (--dataset), or "
                                             "lm-evaluation-harness task scores (--tasks; needs the eval extra).")
     p.add_argument("--checkpoint", required=True, help="checkpoint dir, a training --out-dir, or a HF model dir")

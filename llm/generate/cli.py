@@ -19,7 +19,7 @@ from llm.runtime import pick_device, pick_dtype, set_threads
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sample.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = argparse.ArgumentParser(prog="llm sample", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="Generate text from a checkpoint directory (or a training out dir).")
     p.add_argument("--checkpoint", required=True, help="checkpoint dir, or a training --out-dir (uses its latest)")
     p.add_argument("--prompt", action="append", default=None,
@@ -67,7 +67,7 @@ def parser() -> argparse.ArgumentParser:
                    help="weights and compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--kernels", default=None, choices=("auto", "triton", "torch"), help="override the op backend")
     p.add_argument("--quantize", default=None, metavar="{int8,int4}",
-                   help="quantize the weights at load (weight-only; see python -m llm.quantize)")
+                   help="quantize the weights at load (weight-only; see llm quantize)")
     p.add_argument("--group-size", type=int, default=64,
                    help=f"with --quantize int4: inputs per scale group, one of {', '.join(map(str, GROUP_SIZES))}")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")

@@ -140,7 +140,7 @@ def bpe_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m llm.interop", description="Hugging Face interop.")
+    p = argparse.ArgumentParser(prog="llm", description="Hugging Face interop.")
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("export", help="write a checkpoint of ours as a transformers model directory")
     e.add_argument("checkpoint", help="our checkpoint dir (or a training out dir: its latest)")

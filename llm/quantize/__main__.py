@@ -20,7 +20,7 @@ from llm.quant import GROUP_SIZES, MODES, QuantError, describe, make_scheme, qua
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m llm.quantize", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = argparse.ArgumentParser(prog="llm quantize", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="Weight-only int8 / int4 quantization of a checkpoint.")
     p.add_argument("--checkpoint", required=True, help="checkpoint dir, a training --out-dir, or a HF model dir")
     p.add_argument("--mode", required=True, help=f"one of {', '.join(MODES)}")

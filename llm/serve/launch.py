@@ -124,7 +124,7 @@ def model_id(checkpoint: str | Path) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m llm.serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = argparse.ArgumentParser(prog="llm serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="An OpenAI-compatible server (completions, chat) with continuous batching.")
     p.add_argument("--checkpoint", required=True, help="checkpoint dir, training out-dir, or Hugging Face model dir")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the server to the network)")

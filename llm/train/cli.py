@@ -45,7 +45,7 @@ class _Parser(argparse.ArgumentParser):
 
 def parser() -> argparse.ArgumentParser:
     p = _Parser(
-        prog="train.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="llm train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Pretrain a decoder-only Transformer. Precedence: defaults < --preset < (the checkpoint's "
                     "settings with --resume) < --config < flags. Under torchrun it trains data-parallel.")
     # "%(default).0s" prints nothing; it only stops the formatter appending "(default: None)".

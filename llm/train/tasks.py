@@ -35,7 +35,7 @@ def check_tasks(t: TrainConfig) -> None:
         return
     if t.fsdp:
         raise ConfigError("--eval-tasks scores on rank 0 alone and cannot read FSDP-sharded weights: drop --fsdp "
-                          "or score checkpoints afterwards with python -m llm.eval --tasks")
+                          "or score checkpoints afterwards with llm eval --tasks")
     if t.eval_limit is not None and t.eval_limit <= 0:
         raise ConfigError(f"--eval-limit must be > 0, got {t.eval_limit}")
     try:

@@ -465,7 +465,7 @@ def _finish(run: Run, stop: _StopFlag, t0: float) -> dict:
         best = ckpt_io.pointed(out, ckpt_io.BEST)
         say(f"checkpoint: {path}" + (f"; best (val {run.best_val:.4f}): {out / best}" if best else "")
             + (f"; loss curve: {png}" if png else ""))
-        say(f"sample with: python sample.py --checkpoint {out}")
+        say(f"sample with: llm sample --checkpoint {out}")
     return summary
 
 

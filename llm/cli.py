@@ -1,0 +1,70 @@
+"""`llm`: the project's one console command; `llm STAGE ...` runs the command line of that stage.
+
+Each subcommand is exactly the module it names in `COMMANDS` (same flags, same --help, same exit code):
+the rest of the command line goes to that module's `main(argv)`, after the subcommand's fixed leading
+arguments (`llm chat ...` = `llm sample --chat ...`, `llm export ...` = `python -m llm.interop export ...`).
+
+A new stage adds one line to `COMMANDS`. The module is imported only when its subcommand runs, so
+`llm --help` starts in well under a second (no torch import). This is the one place in `llm/` that
+loads modules by name at run time: it is the top of the import graph (a CLI, like train.py), and no
+module imports it (tests/test_architecture.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import NamedTuple
+
+
+class Command(NamedTuple):
+    """A subcommand: the module whose `main(argv: list[str]) -> int` runs it, a one-line summary, and
+    arguments put before the user's."""
+
+    module: str
+    summary: str
+    prefix: tuple[str, ...] = ()
+
+
+COMMANDS: dict[str, Command] = {
+    "data": Command("llm.data.__main__", "prepare (and verify) a dataset's token shards ahead of training"),
+    "train": Command("llm.train.cli", "pretrain or fine-tune a model (the same as python train.py)"),
+    "sample": Command("llm.generate.cli", "generate text from a checkpoint (the same as python sample.py)"),
+    "chat": Command("llm.generate.cli", "chat with a checkpoint, interactive or one --prompt (= llm sample --chat)",
+                    ("--chat",)),
+    "eval": Command("llm.eval.__main__", "loss and perplexity over a dataset, or lm-evaluation-harness tasks"),
+    "quantize": Command("llm.quantize.__main__", "write a weight-only int8 / int4 copy of a checkpoint"),
+    "export": Command("llm.interop.__main__", "write a checkpoint as a Hugging Face model directory",
+                      ("export",)),
+    "serve": Command("llm.serve.__main__", "OpenAI-compatible HTTP server (needs the serve extra)"),
+}
+
+
+def usage() -> str:
+    """The text of `llm --help`: one line per subcommand, in pipeline order."""
+    width = max(map(len, COMMANDS))
+    rows = "\n".join(f"  {name:<{width}}  {c.summary}" for name, c in COMMANDS.items())
+    return ("usage: llm COMMAND [ARGS ...]\n\n"
+            "A small, fast, hackable decoder-only LM stack: one command per pipeline stage.\n\n"
+            f"commands:\n{rows}\n\n"
+            "`llm COMMAND --help` lists a command's flags with their defaults. Docs: README.md and docs/.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch `llm COMMAND ARGS...` to the command's module; returns its exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    cmd = COMMANDS.get(name)
+    if cmd is None:
+        print(f"error: unknown command {name!r}; the commands are {', '.join(COMMANDS)} (llm --help)",
+              file=sys.stderr)
+        return 2
+    module = importlib.import_module(cmd.module)
+    return module.main([*cmd.prefix, *rest])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
