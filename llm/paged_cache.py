@@ -1,7 +1,8 @@
 """Paged KV cache: fixed-size blocks from one pool, a block table per sequence (vLLM's PagedAttention layout).
 
-  BlockPool         K/V storage of every layer, (n_blocks, block_size, n_kv_head, head_dim) each, and
-                    the free list; a sequence owns a list of block ids, allocated as it grows
+  BlockPool         K/V storage of every layer, (n_blocks, block_size, n_kv_head, head_dim) each, the free
+                    list and the prefix cache; a sequence holds a list of block ids, allocated as it grows
+  block_hash        the prefix cache's key of a full block: a hash chaining its parent's hash and its token ids
   PagedKVCache      one forward pass's view of the pool: a block table (B, max_blocks) and per-row
                     lengths, with the interface the model calls on a cache (check_room, positions,
                     update, advance); `block_table` tells `llm.ops.kv_attention` to read through it
@@ -9,12 +10,31 @@
 Memory follows each sequence's actual length (a block at a time), and a new sequence needs no
 contiguous region: its blocks may lie anywhere in the pool, in any order. The store only moves
 K/V; how attention reads it is decided in `llm.ops.kv_attention`.
+
+Automatic prefix caching (vLLM's): a full block's K/V depends only on the tokens up to its end, so it is
+named by h_i = H(h_{i-1}, tokens of block i) and registered under that name once written. Blocks are
+ref-counted: a sequence whose prompt starts with registered blocks takes them (ref + 1) instead of
+computing them; a block nobody references keeps its K/V and its name, and is evicted (least recently
+released first) only when a new block is needed and the plain free list is empty. Shared blocks are
+full, so no sequence ever writes into one.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
+from collections import OrderedDict
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
+
+
+def block_hash(parent: bytes | None, tokens: Sequence[int]) -> bytes:
+    """The name of a full block: blake2b-128 of the parent block's name and this block's token ids (int64)."""
+    h = hashlib.blake2b(parent or b"", digest_size=16)
+    h.update(array("q", tokens).tobytes())
+    return h.digest()
 
 
 class PoolExhausted(RuntimeError):
@@ -34,28 +54,69 @@ class BlockPool:
         self.n_blocks, self.block_size = n_blocks, block_size
         self.device = torch.device(device)
         self._free = list(range(n_blocks - 1, -1, -1))  # a stack: freed blocks are reused first
+        self.ref = [0] * n_blocks  # sequences holding each block
+        self._named: dict[bytes, int] = {}  # prefix cache: block name -> block id
+        self._name_of: dict[int, bytes] = {}
+        self._idle: OrderedDict[int, None] = OrderedDict()  # named blocks nobody holds, least recently released first
 
     @property
     def free(self) -> int:
-        return len(self._free)
+        """Blocks a sequence can get: never used, or cached and unreferenced (evicted on demand)."""
+        return len(self._free) + len(self._idle)
 
     @property
     def used(self) -> int:
-        return self.n_blocks - len(self._free)
+        """Blocks some sequence holds."""
+        return self.n_blocks - self.free
+
+    @property
+    def cached(self) -> int:
+        """Blocks the prefix cache names (held or idle)."""
+        return len(self._name_of)
 
     def blocks_for(self, length: int) -> int:
         """Blocks that hold `length` tokens."""
         return -(-length // self.block_size)
 
     def alloc(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise PoolExhausted(f"{n} KV blocks asked for, {len(self._free)} of {self.n_blocks} free")
-        out = [self._free.pop() for _ in range(n)]
+        """n blocks for one holder: fresh ones first, then the least recently released cached ones (evicted)."""
+        if n > self.free:
+            raise PoolExhausted(f"{n} KV blocks asked for, {self.free} of {self.n_blocks} free")
+        out = []
+        for _ in range(n):
+            if self._free:
+                b = self._free.pop()
+            else:
+                b, _ = self._idle.popitem(last=False)
+                del self._named[self._name_of.pop(b)]
+            self.ref[b] = 1
+            out.append(b)
         return out
 
     def release(self, blocks: list[int]) -> None:
-        """Give blocks back (a sequence that finished or was cancelled); the caller forgets them."""
-        self._free.extend(reversed(blocks))
+        """Drop one reference to each block (a sequence that finished or was cancelled; the caller forgets them).
+        A block nobody holds goes back to the free list, or, if it is named, stays cached until evicted."""
+        for b in reversed(blocks):
+            self.ref[b] -= 1
+            if self.ref[b] == 0:
+                if b in self._name_of:
+                    self._idle[b] = None
+                else:
+                    self._free.append(b)
+
+    def lookup(self, name: bytes) -> int | None:
+        """The cached block of that name, now held once more by the caller (None on a miss)."""
+        b = self._named.get(name)
+        if b is not None:
+            if self.ref[b] == 0:
+                del self._idle[b]
+            self.ref[b] += 1
+        return b
+
+    def register(self, name: bytes, block: int) -> None:
+        """Name a full block the caller has written (a name or block already registered stays as it is)."""
+        if name not in self._named and block not in self._name_of:
+            self._named[name], self._name_of[block] = block, name
 
     def grow(self, blocks: list[int], length: int) -> None:
         """Append blocks to a sequence's list (in place) until it holds `length` tokens."""

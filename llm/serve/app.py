@@ -322,7 +322,9 @@ def create_app(sched: Scheduler, tok, model_name: str, block_size: int, api_key:
 
 def _usage(seqs: list[Seq], n: int) -> dict:
     p, c = sum(len(s.prompt) for s in seqs[::n]), sum(len(s.out) for s in seqs)  # each prompt counted once
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    cached = sum(max(s.cached for s in seqs[i:i + n]) for i in range(0, len(seqs), n))
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _sse(obj) -> dict:

@@ -24,7 +24,7 @@ from torch import Tensor
 from llm.generate.sampling import SamplingParams, row_uniforms, sample, seen_mask
 from llm.generate.text import TextStream
 from llm.model import Transformer
-from llm.paged_cache import BlockPool, PagedKVCache
+from llm.paged_cache import BlockPool, PagedKVCache, block_hash
 
 TopList = list[tuple[int, float]]  # (token id, logprob), most likely first
 
@@ -54,6 +54,8 @@ class Seq:
     logprobs: int | None = None  # top-n logprobs of each new token (0: only the chosen one's)
     prompt_logprobs: bool = False  # echo + logprobs: the logprob of every prompt token
     blocks: list[int] = field(default_factory=list)
+    names: list[bytes] = field(default_factory=list)  # prefix-cache names of its first full blocks
+    cached: int = 0  # prompt tokens taken from the prefix cache
     length: int = 0  # tokens in the KV cache
     out: list[int] = field(default_factory=list)
     pending: int | None = None  # sampled, not yet fed to the model
@@ -74,9 +76,11 @@ class Seq:
 class Engine:
     """The model, its block pool, the tokenizer (for text and the end-of-text id) and the step."""
 
-    def __init__(self, model: Transformer, tok, pool: BlockPool, prefill_chunk: int = 256) -> None:
+    def __init__(self, model: Transformer, tok, pool: BlockPool, prefill_chunk: int = 256,
+                 prefix_cache: bool = True) -> None:
         self.model, self.tok, self.pool = model.decode_layout(), tok, pool
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk, self.prefix_cache = prefill_chunk, prefix_cache
+        self.prefix_queried = self.prefix_hits = 0  # prompt tokens looked up in / found in the prefix cache
         self.device = model.lm_head.weight.device
         self.vocab = min(tok.n_vocab, model.cfg.padded_vocab_size)
 
@@ -90,7 +94,38 @@ class Engine:
 
     def release(self, s: Seq) -> None:
         self.pool.release(s.blocks)
-        s.blocks = []
+        s.blocks, s.names = [], []
+
+    def _take_cached(self, s: Seq) -> None:
+        """Extend a prefilling seq with the cached blocks its prompt continues into (never its last token: the
+        step needs that position's logits). Only at a block boundary, and not for echo + logprobs."""
+        bs = self.pool.block_size
+        if s.length == 0:
+            self.prefix_queried += len(s.prompt)
+        limit = (len(s.prompt) - 1) // bs
+        while len(s.names) < limit and len(s.names) * bs == s.length == len(s.blocks) * bs:
+            i = len(s.names)
+            name = block_hash(s.names[-1] if s.names else None, s.prompt[i * bs:(i + 1) * bs])
+            b = self.pool.lookup(name)
+            if b is None:
+                return
+            s.blocks.append(b)
+            s.names.append(name)
+            s.length += bs
+            s.cached += bs
+            self.prefix_hits += bs
+
+    def _name_full_blocks(self, s: Seq) -> None:
+        """Register the seq's blocks that became full (prompt or generated tokens) in the prefix cache."""
+        bs = self.pool.block_size
+        if len(s.names) >= s.length // bs:
+            return
+        toks = s.prompt + s.out
+        while len(s.names) < s.length // bs:
+            i = len(s.names)
+            name = block_hash(s.names[-1] if s.names else None, toks[i * bs:(i + 1) * bs])
+            self.pool.register(name, s.blocks[i])
+            s.names.append(name)
 
     @torch.inference_mode()
     def step(self, seqs: list[Seq]) -> None:
@@ -105,6 +140,8 @@ class Engine:
             self._decode(rows)
 
     def _prefill_chunk(self, s: Seq, budget: int) -> int:
+        if self.prefix_cache and not s.prompt_logprobs:
+            self._take_cached(s)
         c0 = s.length
         c1 = min(len(s.prompt), c0 + budget)
         self.pool.grow(s.blocks, c1)
@@ -120,6 +157,8 @@ class Engine:
         else:
             last = self.model(ids, cache=cache, logits_at=torch.tensor([c1 - c0 - 1], device=self.device))[0][:, 0]
         s.length = c1
+        if self.prefix_cache:
+            self._name_full_blocks(s)
         if not s.prefilling:
             if s.max_tokens == 0:
                 self._finish(s, "length", Event(prompt_logprobs=s._prompt_lp or None))
@@ -136,6 +175,8 @@ class Engine:
         for b, s in enumerate(rows):
             s.length += 1
             s.pending = None
+            if self.prefix_cache:
+                self._name_full_blocks(s)
             row = logits[b:b + 1, 0]
             self._accept(s, self._sample(s, row), row)
 

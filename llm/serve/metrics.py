@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 QUANTILES = (0.5, 0.9, 0.99)
 REJECT_REASONS = ("invalid_request", "context_length_exceeded", "model_not_found", "invalid_api_key", "queue_full",
@@ -27,10 +28,25 @@ def percentile(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, int(round(q * len(s) + 0.5)) - 1))]
 
 
+class _Read:
+    """Counters whose values live elsewhere (the engine thread's plain ints), read at scrape time."""
+
+    def __init__(self, read: Callable[[], dict[str, tuple[str, float]]]) -> None:
+        self.read = read
+
+    def collect(self):
+        for name, (doc, value) in self.read().items():
+            yield CounterMetricFamily(name, doc, value=value)
+
+
 class Metrics:
     def __init__(self, queue_depth: Callable[[], int], running: Callable[[], int], blocks_used: Callable[[], int],
-                 blocks_total: int, window_s: float = 10.0) -> None:
+                 blocks_total: int, window_s: float = 10.0,
+                 counters: Callable[[], dict[str, tuple[str, float]]] | None = None) -> None:
+        """counters: name -> (help, value) of counters kept by the engine (prefix-cache hits and queries)."""
         self.registry = r = CollectorRegistry()
+        if counters is not None:
+            r.register(_Read(counters))
         self._lock = threading.Lock()
         self._tokens: deque[tuple[float, int]] = deque()
         self._window = window_s

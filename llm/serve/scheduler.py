@@ -59,11 +59,17 @@ class Scheduler:
         self._stop = False
         self._cond = threading.Condition()
         self.metrics = Metrics(lambda: len(self.waiting), lambda: len(self.running), lambda: self.pool.used,
-                               self.pool.n_blocks)
+                               self.pool.n_blocks, counters=self._counters)
         self._thread = threading.Thread(target=self._loop, name="llm-serve-engine", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+
+    def _counters(self) -> dict[str, tuple[str, float]]:
+        e = self.engine
+        return {"llm_prefix_cache_queries": ("prompt tokens looked up in the prefix cache", e.prefix_queried),
+                "llm_prefix_cache_hits": ("prompt tokens found in the prefix cache (their prefill skipped)",
+                                          e.prefix_hits)}
 
     # ------------------------------------------------------------------ called from the event loop
 
