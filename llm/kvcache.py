@@ -34,6 +34,7 @@ class KVCache:
         self.max_len = max_len
         self.static = False
         self.block_table = None  # contiguous rows; `llm.paged_cache.PagedKVCache` sets a block table
+        self.segments = None  # whole rows; a ragged `PagedKVCache` names its per-sequence token rows
 
     @property
     def batch(self) -> int:

@@ -61,7 +61,7 @@ class Attention(nn.Module):
         else:  # store the new k, v, then attend over each row's cache
             k_all, v_all, lengths, host_lengths = cache.update(self.layer, k, v, positions)
             o = ops.kv_attention(q, k_all, v_all, lengths, host_lengths, window=self.cfg.window,
-                                 kernels=self.cfg.kernels, block_table=cache.block_table)
+                                 kernels=self.cfg.kernels, block_table=cache.block_table, segments=cache.segments)
         y = self.wo(o.reshape(B, T, H * D))  # (B, T, C)
         return self.drop(y) if self.training else y  # dropout is the identity in eval: no module call
 
@@ -128,7 +128,8 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | PagedKVCache | None = None,
-                z_loss: float = 0.0, logits_at: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+                z_loss: float = 0.0, logits_at: Tensor | None = None,
+                logits_rows: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
         """Returns (logits, loss).
 
         Without targets: logits (B, T, V) fp32 and loss None. With targets (B, T), ids or
@@ -136,7 +137,8 @@ class Transformer(nn.Module):
         so the (B*T, V) logits need not exist) and the mean cross-entropy. With a cache,
         the T tokens continue each row of the cache and their K/V are stored. logits_at (B,)
         int: logits (B, 1, V) of that one position per row only (a prefill needs just the last
-        prompt token's, not a (B, T, V) tensor).
+        prompt token's, not a (B, T, V) tensor). logits_rows (K,) int: logits (K, T, V) of those rows only (a
+        ragged server step, one row per token, needs the rows that sample).
         """
         B, T = idx.shape
         if cache is not None:
@@ -159,6 +161,8 @@ class Transformer(nn.Module):
             cache.advance(T)
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at][:, None]  # (B, 1, C)
+        if logits_rows is not None:
+            x = x[logits_rows]  # (K, T, C)
         x = self.norm_f(x)
         if self.cfg.output_mult != 1.0:  # µP's output multiplier: logits = output_mult * lm_head(x)
             x = x * self.cfg.output_mult

@@ -192,8 +192,27 @@ def paged_decode_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tabl
     return ref.paged_decode_attention_ref(q, k_pool, v_pool, block_table, lengths, scale, window)
 
 
+def _segmented_paged(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, lengths: Tensor,
+                     window: int | None, segments: list[tuple[int, int]]) -> Tensor:
+    """q (N, 1, H, D), one row per token; rows r0 .. r0 + n - 1 of a segment are one sequence's consecutive
+    tokens (same block table, lengths ascending by one) -> (N, 1, H, D) through `paged_decode_attention_ref`."""
+    out = torch.empty_like(q)
+    singles = [r0 for r0, n in segments if n == 1]
+    if singles:
+        idx = torch.tensor(singles, device=q.device)
+        out[idx] = ref.paged_decode_attention_ref(q[idx], k_pool, v_pool, block_table[idx], lengths[idx],
+                                                  window=window)
+    for r0, n in segments:
+        if n > 1:  # the segment as one row of n queries; its length counts all n new tokens
+            o = ref.paged_decode_attention_ref(q[r0:r0 + n].transpose(0, 1), k_pool, v_pool, block_table[r0:r0 + 1],
+                                               lengths[r0 + n - 1:r0 + n], window=window)
+            out[r0:r0 + n] = o.transpose(0, 1)
+    return out
+
+
 def kv_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, host_lengths: list[int] | None,
-                 window: int | None = None, kernels: str = "auto", block_table: Tensor | None = None) -> Tensor:
+                 window: int | None = None, kernels: str = "auto", block_table: Tensor | None = None,
+                 segments: list[tuple[int, int]] | None = None) -> Tensor:
     """Attention of q (B, T, H, D) over each row's KV cache -> (B, T, H, D): the one place that picks how.
 
     k_cache, v_cache (B, S_max, Hkv, D) hold the T new entries already; lengths (B,) counts each row's
@@ -211,10 +230,16 @@ def kv_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, h
       ragged and windowed    the reference over the first max(lengths) slots
     With a block_table (B, max_blocks) the caches are a paged pool (n_blocks, block_size, Hkv, D)
     (`llm.paged_cache`): every call goes to `paged_decode_attention` (the Triton paged kernel, any T,
-    windows included, or its reference, which gathers each row's blocks). With kernels="auto", fp32
-    CUDA tensors take the reference on every route (`_kernel_dtype_ok`).
+    windows included, or its reference, which gathers each row's blocks). A ragged paged batch
+    (`PagedKVCache.ragged`: T = 1, one row per new token) names its `segments`, (first row, count) of
+    each sequence's consecutive tokens: the kernel takes the token rows as they are; the reference, which
+    would gather a sequence's blocks once per token, runs once per segment of a prefill (its tokens as
+    one row of T queries) and once for all one-token segments together (`_segmented_paged`). With
+    kernels="auto", fp32 CUDA tensors take the reference on every route (`_kernel_dtype_ok`).
     """
     if block_table is not None:
+        if segments is not None and not _attention_triton(kernels, q):
+            return _segmented_paged(q, k_cache, v_cache, block_table, lengths, window, segments)
         return paged_decode_attention(q, k_cache, v_cache, block_table, lengths, window=window, kernels=kernels)
     T = q.shape[1]
     if host_lengths is None:

@@ -134,6 +134,7 @@ class PagedKVCache:
     """
 
     static = False  # never compiled or captured: the server's steps change shape as rows come and go
+    segments: list[tuple[int, int]] | None = None  # ragged: (first row, tokens) of each sequence
 
     def __init__(self, pool: BlockPool, tables: list[list[int]], lengths: list[int]) -> None:
         if len(tables) != len(lengths) or not tables:
@@ -146,6 +147,24 @@ class PagedKVCache:
         self.lengths = torch.tensor(self.host_lengths, dtype=torch.long, device=pool.device)
         self._capacity = [len(t) * pool.block_size for t in tables]
         self._slots: Tensor | None = None
+
+    @classmethod
+    def ragged(cls, pool: BlockPool, tables: list[list[int]], lengths: list[int], n_new: list[int]) -> PagedKVCache:
+        """One forward over sequences that add different numbers of tokens (decodes and prefill chunks together):
+        each new token is its own row (B = sum(n_new), T = 1) with its sequence's block table and the length
+        before it, so it is written at its position and attends its sequence's keys up to itself (the earlier
+        tokens of its own chunk included: every layer writes all rows before it attends). `segments` tells
+        `llm.ops.kv_attention` which rows belong together."""
+        rows_t: list[list[int]] = []
+        rows_n: list[int] = []
+        segs = []
+        for t, n, k in zip(tables, lengths, n_new):
+            segs.append((len(rows_n), k))
+            rows_t += [t] * k
+            rows_n += range(n, n + k)
+        cache = cls(pool, rows_t, rows_n)
+        cache.segments = segs
+        return cache
 
     @property
     def batch(self) -> int:

@@ -120,3 +120,33 @@ def test_pool_allocates_frees_and_refuses_overdraw():
     cache = PagedKVCache(pool, [pool.alloc(1)], [7])
     with pytest.raises(ValueError, match="needs 9 slots"):
         cache.check_room(2)
+
+
+@pytest.mark.parametrize("window", [None, 5], ids=["full", "window5"])
+def test_ragged_step_equals_each_sequence_alone(window):
+    """One forward over a ragged batch (`PagedKVCache.ragged`: two decodes, a first prefill chunk, a middle one,
+    one row per token) gives each sequence the logits of its own forward (B = 1, its tokens as one row)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, kernels="torch",
+                      window=window)
+    model = Transformer(cfg).eval().to(DEVICE)
+    seqs = [torch.randint(0, 97, (n,)).tolist() for n in (13, 6, 9, 21)]
+    done = [12, 5, 0, 8]  # tokens already in the cache: decode, decode, a first chunk, a middle chunk
+    pools, tables = [model.new_pool(n_blocks=40, block_size=4) for _ in range(2)], [[[] for _ in seqs] for _ in "ab"]
+    want = []
+    with torch.no_grad():
+        for b, (s, d) in enumerate(zip(seqs, done)):  # the cached part of every row, in both pools alike
+            for pool, t in zip(pools, tables):
+                pool.grow(t[b], len(s))
+                if d:
+                    model(torch.tensor([s[:d]], device=DEVICE), cache=PagedKVCache(pool, [t[b]], [0]))
+        for b, (s, d) in enumerate(zip(seqs, done)):  # each alone, in pool a
+            logits, _ = model(torch.tensor([s[d:]], device=DEVICE), cache=PagedKVCache(pools[0], [tables[0][b]], [d]))
+            want.append(logits[0])
+        cache = PagedKVCache.ragged(pools[1], tables[1], done, [len(s) - d for s, d in zip(seqs, done)])
+        ids = torch.tensor([[i] for s, d in zip(seqs, done) for i in s[d:]], device=DEVICE)
+        got, _ = model(ids, cache=cache)  # (N, 1, V)
+    assert cache.segments == [(0, 1), (1, 1), (2, 9), (11, 13)]
+    assert_close(got[:, 0], torch.cat(want), name="ragged logits")
+    for layer in range(cfg.n_layer):  # the same K/V landed in the same slots
+        assert_close(pools[1].k[layer], pools[0].k[layer], name="k pool")

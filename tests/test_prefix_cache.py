@@ -82,7 +82,7 @@ def test_greedy_and_seeded_output_equal_with_and_without_the_prefix_cache(model_
     got = {}
     for cache in (True, False):
         # a pool of 2 rows at full context: the finished rows' named blocks must be evicted for new ones
-        app, sched = build(model, tok, "m", max_batch=2, block_size=8, prefill_chunk=32, prefix_cache=cache)
+        app, sched = build(model, tok, "m", max_batch=2, block_size=8, max_step_tokens=32, prefix_cache=cache)
         with ThreadedServer(app, sched, drain_timeout=2.0) as srv:
             first = run(srv.url, jobs[:1])  # warms the cache with the shared prefix
             rest = run(srv.url, jobs[1:])  # concurrent: at most 2 run at once, the rest queue

@@ -49,7 +49,7 @@ def loaded(chat_ckpt):
 
 
 def serve(model, tok, **kw) -> ThreadedServer:
-    app, sched = build(model, tok, "chat", **({"max_batch": 8, "block_size": 8, "prefill_chunk": 32} | kw))
+    app, sched = build(model, tok, "chat", **({"max_batch": 8, "block_size": 8, "max_step_tokens": 32} | kw))
     return ThreadedServer(app, sched, drain_timeout=2.0)
 
 

@@ -1,16 +1,26 @@
-"""One batched step over the paged KV cache: prefill chunks, then one decode step for every running row.
+"""One step over the paged KV cache: every running decode and the prefill chunks that fit, in one forward pass.
 
 A `Seq` is one generated sequence (one choice of one prompt) with its own sampling parameters, seed,
-stop strings and KV blocks. `Engine.step(seqs)` runs, in this order,
-  1. prefill: up to `prefill_chunk` prompt tokens in all, taken from the seqs still prefilling (oldest
-     first), one forward pass per seq (B = 1, its chunk), so a long prompt holds the running streams
-     back by at most one chunk per step;
-  2. decode: one forward pass (B, 1) over every seq that has a sampled token to feed, each row reading
-     its own blocks through the block table;
-and samples each row with `llm.generate.sampling.sample` and that row's parameters and uniforms (drawn
-as `stream_tokens` draws them: row_uniforms([seed]), token i takes u[:, i]), so a greedy or seeded
-row gives the text `sample.py` gives for it, whatever else is in the batch. Text goes through the
-row's `TextStream` (UTF-8 safe, stop strings), the same as `stream_text`.
+stop strings and KV blocks. Its known tokens are its prompt and what it has generated; the KV cache holds
+the first `length` of them, and a step feeds it the next ones: one (a decode) or a chunk (a prefill, or a
+recompute after preemption). When the last known token has been fed, its logits give the next token.
+
+`Engine.step(seqs)` spends a budget of `max_step_tokens` tokens (vLLM's max_num_batched_tokens):
+  1. every seq with one token to feed (the decodes), oldest first, one token each;
+  2. prefill chunks of the others, oldest first, in what the budget has left (a prompt that starts with
+     cached blocks takes them first: `llm.paged_cache`'s prefix cache);
+then runs them all as one ragged forward pass (`PagedKVCache.ragged`: one row per token, the model's
+linears see every token of the step at once) and computes logits only at the rows that sample.
+KV blocks are taken as sequences grow. When the pool is short, the newest seq that is not in the step
+is preempted: its blocks are released and it is recomputed later from its known tokens, so its stream
+neither loses nor repeats a token. The oldest seq can always progress (a request whose worst case does
+not fit the pool is refused up front).
+
+Sampling is batched: rows with the same parameters go through one `llm.generate.sampling.sample` call
+(every operation in it is per row), each row with its own uniforms (drawn as `stream_tokens` draws them:
+row_uniforms([seed]), token i takes u[:, i]) and repetition mask, so a greedy or seeded row gives the
+text `sample.py` gives for it, whatever else is in the batch. Text goes through the row's `TextStream`
+(UTF-8 safe, stop strings), the same as `stream_text`.
 """
 
 from __future__ import annotations
@@ -57,17 +67,27 @@ class Seq:
     names: list[bytes] = field(default_factory=list)  # prefix-cache names of its first full blocks
     cached: int = 0  # prompt tokens taken from the prefix cache
     length: int = 0  # tokens in the KV cache
-    out: list[int] = field(default_factory=list)
-    pending: int | None = None  # sampled, not yet fed to the model
+    out: list[int] = field(default_factory=list)  # generated so far (the last one not yet fed while running)
     finish: str | None = None
+    preemptions: int = 0
     u: Tensor | None = None
     seen: Tensor | None = None
     text: TextStream | None = None
     _prompt_lp: list = field(default_factory=list)
 
     @property
-    def prefilling(self) -> bool:
-        return self.length < len(self.prompt)
+    def known(self) -> int:
+        """Prompt + generated tokens: the KV cache is complete when it holds all of them but the last."""
+        return len(self.prompt) + len(self.out)
+
+    def tokens(self, start: int, stop: int) -> list[int]:
+        """Known tokens start .. stop - 1."""
+        p = len(self.prompt)
+        if stop <= p:
+            return self.prompt[start:stop]
+        if start >= p:
+            return self.out[start - p:stop - p]
+        return self.prompt[start:] + self.out[:stop - p]
 
     def worst_case_tokens(self) -> int:
         return len(self.prompt) + self.max_tokens
@@ -76,13 +96,16 @@ class Seq:
 class Engine:
     """The model, its block pool, the tokenizer (for text and the end-of-text id) and the step."""
 
-    def __init__(self, model: Transformer, tok, pool: BlockPool, prefill_chunk: int = 256,
+    def __init__(self, model: Transformer, tok, pool: BlockPool, max_step_tokens: int = 256,
                  prefix_cache: bool = True) -> None:
+        if max_step_tokens < 1:
+            raise ValueError(f"max_step_tokens must be >= 1, got {max_step_tokens}")
         self.model, self.tok, self.pool = model.decode_layout(), tok, pool
-        self.prefill_chunk, self.prefix_cache = prefill_chunk, prefix_cache
-        self.prefix_queried = self.prefix_hits = 0  # prompt tokens looked up in / found in the prefix cache
+        self.max_step_tokens, self.prefix_cache = max_step_tokens, prefix_cache
         self.device = model.lm_head.weight.device
         self.vocab = min(tok.n_vocab, model.cfg.padded_vocab_size)
+        self.prefix_queried = self.prefix_hits = 0  # prompt tokens looked up in / found in the prefix cache
+        self.preemptions = 0
 
     def start(self, s: Seq) -> None:
         """Per-seq state drawn up front: uniforms, the repetition-penalty mask, the text stream."""
@@ -96,98 +119,149 @@ class Engine:
         self.pool.release(s.blocks)
         s.blocks, s.names = [], []
 
+    def preempt(self, s: Seq) -> None:
+        """Free a running seq's blocks; it is recomputed from its known tokens when it gets blocks again."""
+        self.release(s)
+        s.length = 0
+        s.preemptions += 1
+        self.preemptions += 1
+        if s.prompt_logprobs and not s.out:
+            s._prompt_lp = [(None, None)]
+
+    # ------------------------------------------------------------------ planning
+
+    def _grow(self, s: Seq, length: int, live: list[Seq], planned: set[int]) -> int:
+        """Blocks for s up to `length` tokens, preempting the newest seqs after s that are not in this step while
+        the pool is short; returns the tokens its blocks now hold (less than asked when nothing is left)."""
+        need = self.pool.blocks_for(length) - len(s.blocks)
+        if need > self.pool.free:
+            after = live[live.index(s) + 1:]
+            for v in reversed(after):
+                if need <= self.pool.free:
+                    break
+                if v.blocks and id(v) not in planned:
+                    self.preempt(v)
+        take = min(need, self.pool.free)
+        if take > 0:
+            s.blocks.extend(self.pool.alloc(take))
+        return min(length, len(s.blocks) * self.pool.block_size)
+
+    def plan(self, live: list[Seq]) -> list[tuple[Seq, int]]:
+        """(seq, tokens to feed) for this step: decodes first, then prefill chunks in the remaining budget."""
+        budget, plan, planned = self.max_step_tokens, [], set()
+        for s in live:
+            if s.known - s.length == 1 and budget > 0:  # a decode (its last sampled token)
+                if self._grow(s, s.length + 1, live, planned) > s.length:
+                    plan.append((s, 1))
+                    planned.add(id(s))
+                    budget -= 1
+                else:  # nothing newer to preempt: it is the newest holder, it yields its own blocks
+                    self.preempt(s)
+        for s in live:
+            if budget <= 0:
+                break
+            if id(s) in planned or s.known - s.length <= 1:
+                continue
+            if self.prefix_cache and not (s.prompt_logprobs and not s.out):
+                self._take_cached(s)
+            n = self._grow(s, min(s.known, s.length + budget), live, planned) - s.length
+            if n > 0:
+                plan.append((s, n))
+                planned.add(id(s))
+                budget -= n
+        return plan
+
     def _take_cached(self, s: Seq) -> None:
-        """Extend a prefilling seq with the cached blocks its prompt continues into (never its last token: the
-        step needs that position's logits). Only at a block boundary, and not for echo + logprobs."""
+        """Extend a prefilling seq with the cached blocks its known tokens continue into (never its last token:
+        the step needs that position's logits). Only at a block boundary."""
         bs = self.pool.block_size
-        if s.length == 0:
+        if s.length == 0 and s.preemptions == 0:
             self.prefix_queried += len(s.prompt)
-        limit = (len(s.prompt) - 1) // bs
+        limit = (s.known - 1) // bs
         while len(s.names) < limit and len(s.names) * bs == s.length == len(s.blocks) * bs:
             i = len(s.names)
-            name = block_hash(s.names[-1] if s.names else None, s.prompt[i * bs:(i + 1) * bs])
+            name = block_hash(s.names[-1] if s.names else None, s.tokens(i * bs, (i + 1) * bs))
             b = self.pool.lookup(name)
             if b is None:
                 return
             s.blocks.append(b)
             s.names.append(name)
             s.length += bs
-            s.cached += bs
-            self.prefix_hits += bs
+            if s.preemptions == 0:
+                s.cached += bs
+                self.prefix_hits += bs
 
     def _name_full_blocks(self, s: Seq) -> None:
         """Register the seq's blocks that became full (prompt or generated tokens) in the prefix cache."""
         bs = self.pool.block_size
-        if len(s.names) >= s.length // bs:
-            return
-        toks = s.prompt + s.out
         while len(s.names) < s.length // bs:
             i = len(s.names)
-            name = block_hash(s.names[-1] if s.names else None, toks[i * bs:(i + 1) * bs])
+            name = block_hash(s.names[-1] if s.names else None, s.tokens(i * bs, (i + 1) * bs))
             self.pool.register(name, s.blocks[i])
             s.names.append(name)
 
+    # ------------------------------------------------------------------ the step
+
     @torch.inference_mode()
     def step(self, seqs: list[Seq]) -> None:
-        budget = self.prefill_chunk
-        for s in seqs:
-            if budget <= 0:
-                break
-            if s.finish is None and s.prefilling:
-                budget -= self._prefill_chunk(s, budget)
-        rows = [s for s in seqs if s.finish is None and s.pending is not None]
-        if rows:
-            self._decode(rows)
-
-    def _prefill_chunk(self, s: Seq, budget: int) -> int:
-        if self.prefix_cache and not s.prompt_logprobs:
-            self._take_cached(s)
-        c0 = s.length
-        c1 = min(len(s.prompt), c0 + budget)
-        self.pool.grow(s.blocks, c1)
-        cache = PagedKVCache(self.pool, [s.blocks], [c0])
-        ids = torch.tensor([s.prompt[c0:c1]], dtype=torch.long, device=self.device)
-        if s.prompt_logprobs:
-            logits, _ = self.model(ids, cache=cache)  # (1, T, V): every position predicts the next prompt token
-            lp = torch.log_softmax(logits[0, :, : self.vocab], -1)
-            for i in range(c1 - c0):
-                if c0 + i + 1 < len(s.prompt):
-                    s._prompt_lp.append(self._logprob(lp[i], s.prompt[c0 + i + 1], s.logprobs))
-            last = logits[:, -1]
-        else:
-            last = self.model(ids, cache=cache, logits_at=torch.tensor([c1 - c0 - 1], device=self.device))[0][:, 0]
-        s.length = c1
-        if self.prefix_cache:
-            self._name_full_blocks(s)
-        if not s.prefilling:
+        plan = self.plan([s for s in seqs if s.finish is None])
+        if not plan:
+            return
+        ids, rows, r0 = [], [], 0  # rows: (seq, first logits row, count, at) of the seqs that need logits
+        n_rows = 0
+        for s, n in plan:
+            ids += s.tokens(s.length, s.length + n)
+            echo = s.prompt_logprobs and not s.out
+            if echo:
+                rows.append((s, n_rows, n, r0))
+                n_rows += n
+            elif s.length + n == s.known:
+                rows.append((s, n_rows, 1, r0 + n - 1))
+                n_rows += 1
+            r0 += n
+        cache = PagedKVCache.ragged(self.pool, [s.blocks for s, _ in plan], [s.length for s, _ in plan],
+                                    [n for _, n in plan])
+        at = torch.tensor([a + j for _, _, k, a in rows for j in range(k)], dtype=torch.long, device=self.device)
+        logits = self.model(torch.tensor(ids, device=self.device)[:, None], cache=cache, logits_rows=at)[0]
+        logits = logits[:, 0, : self.vocab]  # (K, V): one row per token that needs logits
+        c0 = {id(s): s.length for s, _ in plan}
+        for s, n in plan:
+            s.length += n
+            if self.prefix_cache:
+                self._name_full_blocks(s)
+        draws = []
+        for s, first, k, _ in rows:
+            if s.prompt_logprobs and not s.out:
+                self._prompt_logprobs(s, c0[id(s)], logits[first:first + k])
+            if s.length < s.known:
+                continue
             if s.max_tokens == 0:
                 self._finish(s, "length", Event(prompt_logprobs=s._prompt_lp or None))
             else:
-                self._accept(s, self._sample(s, last), last)
-        return c1 - c0
+                draws.append((s, first + k - 1))
+        self._sample_all(draws, logits)
 
-    def _decode(self, rows: list[Seq]) -> None:
-        for s in rows:
-            self.pool.grow(s.blocks, s.length + 1)
-        cache = PagedKVCache(self.pool, [s.blocks for s in rows], [s.length for s in rows])
-        tok = torch.tensor([[s.pending] for s in rows], dtype=torch.long, device=self.device)
-        logits, _ = self.model(tok, cache=cache)  # (B, 1, V)
-        for b, s in enumerate(rows):
-            s.length += 1
-            s.pending = None
-            if self.prefix_cache:
-                self._name_full_blocks(s)
-            row = logits[b:b + 1, 0]
-            self._accept(s, self._sample(s, row), row)
+    def _prompt_logprobs(self, s: Seq, c0: int, logits: Tensor) -> None:
+        """Logprobs of prompt tokens c0 + 1 .. from the logits (k, V) at positions c0 .. c0 + k - 1."""
+        lp = torch.log_softmax(logits, -1)
+        for i in range(logits.shape[0]):
+            if c0 + i + 1 < len(s.prompt):
+                s._prompt_lp.append(self._logprob(lp[i], s.prompt[c0 + i + 1], s.logprobs))
 
-    def _sample(self, s: Seq, logits: Tensor) -> int:
-        """Token len(s.out) of the row from its logits (1, V), as `Decoder._sample` does for a batch."""
-        i = len(s.out)
-        u = None if s.u is None else s.u[:, i]
-        nxt = sample(logits[:, : self.vocab], s.params, u, s.seen)
-        if s.seen is not None:
-            s.seen.scatter_(1, nxt[:, None], True)
-        return int(nxt)
+    def _sample_all(self, draws: list[tuple[Seq, int]], logits: Tensor) -> None:
+        """Token len(s.out) of every drawing row: one `sample` call per group of equal parameters."""
+        groups: dict[SamplingParams, list[tuple[Seq, int]]] = {}
+        for s, r in draws:
+            groups.setdefault(s.params, []).append((s, r))
+        for params, g in groups.items():
+            rows = logits[torch.tensor([r for _, r in g], device=self.device)]
+            u = None if params.greedy else torch.stack([s.u[0, len(s.out)] for s, _ in g])
+            seen = torch.cat([s.seen for s, _ in g]) if params.repetition_penalty != 1.0 else None
+            nxt = sample(rows, params, u, seen).tolist()
+            for b, ((s, _), token) in enumerate(zip(g, nxt)):
+                if s.seen is not None:
+                    s.seen[0, token] = True
+                self._accept(s, token, rows[b:b + 1])
 
     def _logprob(self, lp: Tensor, token: int, top: int | None) -> tuple[float, TopList | None]:
         """(logprob of token, top-n list) from log-probabilities lp (V,) of the raw model distribution."""
@@ -216,10 +290,8 @@ class Engine:
             ev.text += s.text.close()
             self._finish(s, "length", ev)
         else:
-            s.pending = token
             s.emit(ev)
 
     def _finish(self, s: Seq, reason: str, ev: Event) -> None:
         s.finish = ev.finish = reason
-        s.pending = None
         s.emit(ev)

@@ -30,7 +30,7 @@ from llm.serve.templates import ChatFormat, read_template
 
 
 def build(model: Transformer, tok, model_name: str = "llm", max_batch: int = 16, max_queue: int = 64,
-          block_size: int = 16, num_blocks: int | None = None, prefill_chunk: int = 256,
+          block_size: int = 16, num_blocks: int | None = None, max_step_tokens: int = 256,
           api_key: str | None = None, drain_timeout: float = 30.0,
           chat: ChatFormat | None = None, prefix_cache: bool = True) -> tuple[FastAPI, Scheduler]:
     """(app, scheduler) over a block pool of num_blocks (default: every row of a full batch at full context);
@@ -38,7 +38,10 @@ def build(model: Transformer, tok, model_name: str = "llm", max_batch: int = 16,
     ctx = model.cfg.block_size
     n_blocks = num_blocks or max_batch * -(-ctx // block_size)
     pool = model.new_pool(n_blocks, block_size)
-    sched = Scheduler(Engine(model, tok, pool, prefill_chunk, prefix_cache), max_batch=max_batch,
+    if max_step_tokens < max_batch:
+        raise ValueError(f"--max-step-tokens ({max_step_tokens}) must be >= --max-batch ({max_batch}): every "
+                         "running decode takes one token of a step's budget")
+    sched = Scheduler(Engine(model, tok, pool, max_step_tokens, prefix_cache), max_batch=max_batch,
                       max_queue=max_queue)
     app = create_app(sched, tok, model_name, ctx, api_key=api_key, drain_timeout=drain_timeout, chat=chat)
     return app, sched
@@ -138,7 +141,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-block-size", type=int, default=16, help="tokens per KV cache block")
     p.add_argument("--num-blocks", type=int, default=None, help="KV blocks in the pool (default: max-batch rows at "
                    "full context)")
-    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per step (all requests)")
+    p.add_argument("--max-step-tokens", type=int, default=256,
+                   help="tokens one step feeds the model (vLLM's max_num_batched_tokens): every running decode "
+                   "first, then prefill chunks in what is left; >= --max-batch")
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="a jinja2 chat template for /v1/chat/completions (default: the model's own; a model without "
                    "one gets a plain 'System:/User:/Assistant:' text)")
@@ -155,8 +160,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        if args.max_batch < 1 or args.max_queue < 0 or args.kv_block_size < 1 or args.prefill_chunk < 1:
-            raise ValueError("--max-batch, --kv-block-size and --prefill-chunk must be >= 1, --max-queue >= 0")
+        if args.max_batch < 1 or args.max_queue < 0 or args.kv_block_size < 1 or args.max_step_tokens < 1:
+            raise ValueError("--max-batch, --kv-block-size and --max-step-tokens must be >= 1, --max-queue >= 0")
+        if args.max_step_tokens < args.max_batch:
+            raise ValueError(f"--max-step-tokens ({args.max_step_tokens}) must be >= --max-batch ({args.max_batch})")
         template = read_template(args.chat_template) if args.chat_template else None  # checked before loading
         set_threads(args.threads)
         device = pick_device(args.device)
@@ -168,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name = args.model_name or model_id(args.checkpoint)
     app, sched = build(model, tok, name, args.max_batch, args.max_queue, args.kv_block_size, args.num_blocks,
-                       args.prefill_chunk, args.api_key, args.drain_timeout, chat, not args.no_prefix_cache)
+                       args.max_step_tokens, args.api_key, args.drain_timeout, chat, not args.no_prefix_cache)
     cfg = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                          timeout_graceful_shutdown=int(args.drain_timeout))
     for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn re-raises the signal it caught once it has stopped:

@@ -1,9 +1,10 @@
 """Continuous batching: a bounded queue of jobs, admitted into the running batch at step boundaries.
 
 One engine thread loops: drop cancelled jobs (freeing their blocks), admit waiting jobs while the
-batch has room (max_batch rows) and the pool can hold every admitted row at its worst case (prompt +
-max_tokens, so no row ever waits for memory mid-stream; blocks are still taken only as rows grow),
-run one `Engine.step` (a prefill chunk + one decode step), retire finished rows and free their
+batch has room (max_batch rows), no preempted row is waiting to be recomputed, and the pool's free
+blocks hold the new prompts with a block to spare for each running row (blocks are taken as rows grow,
+not reserved for max_tokens; when the pool runs short the engine preempts the newest rows), run one
+`Engine.step` (every decode + prefill chunks, one forward pass), retire finished rows and free their
 blocks at once. The HTTP side submits from its event loop and reads events from an asyncio.Queue;
 the engine thread hands them over with `loop.call_soon_threadsafe`.
 """
@@ -54,7 +55,6 @@ class Scheduler:
         self.pool = engine.pool
         self.waiting: deque[Job] = deque()
         self.running: list[Job] = []
-        self.reserved = 0  # blocks the running rows may still need at their worst case, plus what they hold
         self.accepting = True
         self._stop = False
         self._cond = threading.Condition()
@@ -69,7 +69,9 @@ class Scheduler:
         e = self.engine
         return {"llm_prefix_cache_queries": ("prompt tokens looked up in the prefix cache", e.prefix_queried),
                 "llm_prefix_cache_hits": ("prompt tokens found in the prefix cache (their prefill skipped)",
-                                          e.prefix_hits)}
+                                          e.prefix_hits),
+                "llm_preemptions": ("rows preempted (blocks freed, recomputed later) when the KV pool ran short",
+                                    e.preemptions)}
 
     # ------------------------------------------------------------------ called from the event loop
 
@@ -166,19 +168,21 @@ class Scheduler:
             self._retire_job(job, "cancelled")
 
     def _admit(self) -> None:
-        rows = sum(len(j.seqs) for j in self.running)
+        live = [s for j in self.running for s in j.seqs if s.finish is None]
+        if any(s.length < s.known - 1 and s.preemptions for s in live):
+            return  # a preempted row is waiting for blocks: it goes first
+        rows, spare = sum(len(j.seqs) for j in self.running), self.pool.free - len(live)
         while self.waiting:  # queued jobs are still admitted while draining after SIGTERM
             job = self.waiting[0]
-            need = self.worst_case_blocks(job.seqs)
-            if rows + len(job.seqs) > self.max_batch or self.reserved + need > self.pool.n_blocks:
+            need = sum(self.pool.blocks_for(len(s.prompt) + 1) for s in job.seqs)
+            if rows + len(job.seqs) > self.max_batch or (need > spare and rows > 0):
                 break
             self.waiting.popleft()
             for s in job.seqs:
                 self.engine.start(s)
                 self.metrics.prompt_tokens.inc(len(s.prompt))
-            self.reserved += need
             self.running.append(job)
-            rows += len(job.seqs)
+            rows, spare = rows + len(job.seqs), spare - need
 
     def _retire(self) -> None:
         for job in list(self.running):
@@ -192,7 +196,6 @@ class Scheduler:
         for s in job.seqs:
             self.engine.release(s)
         self.running.remove(job)
-        self.reserved -= self.worst_case_blocks(job.seqs)
         self.metrics.requests.labels(outcome=outcome).inc()
         if outcome == "ok":
             self.metrics.observe("latency", time.perf_counter() - job.t_submit)
