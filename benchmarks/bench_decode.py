@@ -54,7 +54,7 @@ from llm.generate.sampling import SamplingParams
 from llm.generate.speculative import Speculation, check_tokenizers
 from llm.loading import load_model
 from llm.model import Transformer
-from llm.quant import make_scheme, quantize_model
+from llm.quant import QuantLinear, make_scheme, quantize_model
 
 # Weight-only quantized copies of the model, eager decode: provider -> (mode, group size, head + embedding too).
 QUANT = {"int8": ("int8", None, False), "int4": ("int4", 64, False), "int8+emb": ("int8", None, True),
@@ -152,11 +152,13 @@ def run_hf(hf, prompt: torch.Tensor, n: int) -> tuple[float, float, torch.Tensor
 
 
 def step_bytes(model: Transformer, B: int, kv_len: float) -> float:
-    """Bytes one decode step reads: every weight but the embedding table (B rows), plus K and V."""
-    c, elt = model.cfg, model.lm_head.weight.element_size()
-    w = sum(p.numel() for p in model.parameters()) * elt
-    if not c.tie_embeddings:
-        w -= model.tok_emb.weight.numel() * elt
+    """Bytes one decode step reads: every weight as stored (a quantized linear's codes, scales and offsets) but
+    the embedding table (B rows), plus K and V."""
+    c, elt = model.cfg, model.norm_f.weight.element_size()
+    w = sum(p.numel() * p.element_size() for p in model.parameters())
+    w += sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, QuantLinear) for b in m.buffers())
+    if not c.tie_embeddings and isinstance(model.tok_emb, torch.nn.Embedding):
+        w -= model.tok_emb.weight.numel() * model.tok_emb.weight.element_size()
     return w + B * kv_len * c.n_layer * 2 * c.n_kv_head * c.head_dim * elt
 
 
@@ -167,9 +169,11 @@ def bench_case(model: Transformer, hf, prompt: torch.Tensor, n: int, providers: 
     runs = {"ours": partial(run_ours, model, prompt, n, "graph" if cuda else "eager"),
             "ours+compile": partial(run_ours, model, prompt, n, "compile"),
             "hf": partial(run_hf, hf, prompt, n)}
+    models = {"ours": model, "ours+compile": model, "hf": model}
     for k, spec in QUANT.items():
         if k in providers:
             qm = quantize_model(copy.deepcopy(model), make_scheme(*spec)).to(model.lm_head.weight.dtype)
+            models[k] = qm
             runs[k] = partial(run_ours, qm, prompt, n, "graph" if cuda else "eager")
     runs = {k: v for k, v in runs.items() if k in providers}
     first = {}
@@ -189,7 +193,7 @@ def bench_case(model: Transformer, hf, prompt: torch.Tensor, n: int, providers: 
         row = dict(provider=k, ttft_ms=1e3 * statistics.median(r[0] for r in rs), tok_s=tps,
                    vs_hf=tps / base if base else None, same=bool(torch.equal(first[k][0][2].cpu(), ref.cpu())),
                    compile_s=first[k][1] if k == "ours+compile" else None)
-        row["roofline"] = step_bytes(model, B, P + n / 2) * tps / B / bw  # bw: bytes/s
+        row["roofline"] = step_bytes(models[k], B, P + n / 2) * tps / B / bw  # bw: bytes/s
         rows.append(row)
     return rows
 

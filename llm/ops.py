@@ -20,6 +20,7 @@ from functools import cache
 import torch
 from torch import Tensor
 
+from kernels import cpu_gemv
 from kernels import reference as ref
 
 KERNEL_CHOICES = ("auto", "triton", "torch")
@@ -272,11 +273,13 @@ def moe_experts(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, topk_id
 
 # ----------------------------------------------------------------------------- weight-only quantized linears
 
-# torch's CPU weight-only kernels (aten._weight_int8pack_mm, _weight_int4pack_mm_for_cpu) are vectorized
-# for bf16 activations only (measured here, torch 2.13: fp32 activations run 10x slower than fp32 F.linear)
-# and loop over rows: on CPU they serve up to CPU_WOQ_MAX_M rows (decode) with x rounded to bf16 and the
-# bf16 result cast back (W8A16 / W4A16, as the names say); longer inputs (prefill) take the reference,
-# dequantize + one fp32 GEMM, which beats a per-row loop there.
+# CPU decode rows (up to CPU_WOQ_MAX_M) take kernels/cpu_gemv.py: C GEMVs that read each int8 / int4 code once and
+# widen it in registers, fp32 activations and accumulation (the reference's numbers up to summation order). Where
+# no C compiler built them, or under torch.compile (a ctypes call would break the graph), torch's own weight-only
+# kernels (aten._weight_int8pack_mm, _weight_int4pack_mm_for_cpu) take the rows: vectorized for bf16
+# activations only (on this AVX2 CPU fp32 activations ran 10x slower than fp32 F.linear), so x is rounded to
+# bf16 and the result cast back. Longer inputs (prefill) take the reference, dequantize + one fp32 GEMM, which
+# beats a per-row loop there. Measurements: benchmarks/NOTES.md (issues 21 and 32).
 CPU_WOQ_MAX_M = 8
 
 
@@ -286,19 +289,30 @@ def _torch_cpu_op(name: str) -> bool:
     return hasattr(torch.ops.aten, name)
 
 
-def _cpu_woq(kernels: str, x: Tensor, op: str) -> bool:
+def _cpu_rows(kernels: str, x: Tensor) -> bool:
     rows = x.numel() // max(1, x.shape[-1])
-    return kernels == "auto" and x.device.type == "cpu" and rows <= CPU_WOQ_MAX_M and _torch_cpu_op(op)
+    return kernels == "auto" and x.device.type == "cpu" and rows <= CPU_WOQ_MAX_M
+
+
+def _cpu_gemv(kernels: str, x: Tensor) -> bool:
+    """The C GEMVs serve these rows: CPU decode, eager, and the library built."""
+    return _cpu_rows(kernels, x) and not torch.compiler.is_compiling() and cpu_gemv.available()
+
+
+def _cpu_woq(kernels: str, x: Tensor, op: str) -> bool:
+    return _cpu_rows(kernels, x) and _torch_cpu_op(op)
 
 
 def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = None,
                 kernels: str = "auto") -> Tensor:
-    """x @ (q * s[:, None]).T + b for an int8 per-channel weight q (N, K): the Triton W8A16 kernel, torch's
-    CPU kernel for a few CPU rows (see CPU_WOQ_MAX_M), else the reference."""
+    """x @ (q * s[:, None]).T + b for an int8 per-channel weight q (N, K): the Triton W8A16 kernel; for a few
+    CPU rows (see CPU_WOQ_MAX_M) the C GEMV or torch's CPU kernel; else the reference."""
     if use_triton(kernels, x):
         from kernels.quant_matmul import int8_matmul as kernel
 
         return kernel(x, qweight, scales, bias)
+    if _cpu_gemv(kernels, x):
+        return cpu_gemv.int8_gemv(x, qweight, scales, bias)
     if _cpu_woq(kernels, x, "_weight_int8pack_mm"):
         x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
         y = torch.ops.aten._weight_int8pack_mm(x2, qweight, scales.to(torch.bfloat16)).float()
@@ -311,15 +325,18 @@ def int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group
                 bias: Tensor | None = None, kernels: str = "auto", cache: dict | None = None) -> Tensor:
     """x @ dequant(q).T + b for a group-wise int4 weight (kernels/reference.py has the format).
 
-    Triton W4A16 on CUDA; on CPU torch's kernel (aten._weight_int4pack_mm_for_cpu) for a few rows when
-    torch has it and the shape fits it (N % 16 == 0, G divides K), else the reference. torch's kernel
-    wants its own packing: it is built on first use and kept in `cache` (a dict the caller owns, one per
-    weight), keyed by the weight's storage.
+    Triton W4A16 on CUDA; for a few CPU rows the C GEMV (any K: a last group shorter than G included), or
+    (no C build, or under torch.compile) torch's kernel (aten._weight_int4pack_mm_for_cpu) when the shape
+    fits it (N % 16 == 0, G divides K); else the reference. torch's kernel wants its own packing: it is
+    built on first use and kept in `cache` (a dict the caller owns, one per weight), keyed by the weight's
+    storage.
     """
     if use_triton(kernels, x):
         from kernels.quant_matmul import int4_matmul as kernel
 
         return kernel(x, qweight, scales, zeros, group_size, bias)
+    if _cpu_gemv(kernels, x):
+        return cpu_gemv.int4_gemv(x, qweight, scales, zeros, group_size, bias)
     N, K = qweight.shape[0], x.shape[-1]
     if (cache is not None and N % 16 == 0 and K % group_size == 0
             and _cpu_woq(kernels, x, "_weight_int4pack_mm_for_cpu")):

@@ -1,0 +1,150 @@
+"""CPU decode GEMVs that stream int8 / int4 / 16-bit weights once: y = x @ W^T + b for a few rows of x.
+
+The kernels are C with AVX2 intrinsics (kernels/cpu_gemv.c, which documents the formats and the math),
+compiled on first use by the system C compiler into a per-user cache and called through ctypes; OpenMP
+threads come from torch's own libgomp, so `torch.set_num_threads` governs them. Why C and not torch's
+kernels: on an AVX2 CPU (no AVX-512, no native bf16) torch 2.13's `_weight_int8pack_mm` is vectorized for
+bf16 activations only and `_weight_int4pack_mm_for_cpu` reads its weight at a fraction of the memory rate
+(benchmarks/NOTES.md, issue 32); these read every weight byte once at fp32 activations.
+
+    available() -> bool                      a compiler and a build, or False (the caller falls back)
+    int8_gemv(x, q, s, bias)                 x (M, K) float, q (N, K) int8, s (N,)            -> (M, N)
+    int4_gemv(x, q, s, z, group_size, bias)  q (N, ceil(K/2)) uint8, s, z (N, ceil(K/G))        -> (M, N)
+    w16_gemv(x, w, bias)                     w (N, K) fp16 / bf16                              -> (M, N)
+x may be fp32, fp16 or bf16 (widened to fp32 once, K values per row); y comes back in x's dtype.
+M <= MAX_M (decode rows); larger inputs belong to a GEMM.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+MAX_M = 16
+GROUP_SIZES = (32, 64, 128)  # multiples of the kernel's 32-code step
+_SRC = Path(__file__).with_name("cpu_gemv.c")
+_P = ctypes.c_void_p
+_I = ctypes.c_int
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "llm-kernels"
+
+
+@cache
+def _lib() -> ctypes.CDLL | None:
+    """Build (once per source + flags) and load the shared library; None without a C compiler or on failure."""
+    cc = shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc")
+    if cc is None or not _SRC.exists():
+        return None
+    flags = ["-O3", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno"]
+    cpu = _cpu_flags()
+    if {"avx2", "fma", "f16c"} <= cpu:
+        flags += ["-mavx2", "-mfma", "-mf16c"]
+    src = _SRC.read_bytes()
+    tag = hashlib.sha256(src + " ".join([cc] + flags).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"cpu_gemv-{tag}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as d:
+            tmp = Path(d) / out.name
+            r = subprocess.run([cc, *flags, str(_SRC), "-o", str(tmp)], capture_output=True, text=True)
+            if r.returncode != 0:
+                return None
+            os.replace(tmp, out)  # atomic: a concurrent build writes the same bytes
+    lib = ctypes.CDLL(str(out))  # torch (imported above) loaded libgomp.so.1 first: the library shares it
+    lib.int8_gemv.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I]
+    lib.int4_gemv.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I]
+    lib.w16_gemv.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I]
+    for f in (lib.int8_gemv, lib.int4_gemv, lib.w16_gemv):
+        f.restype = None
+    return lib
+
+
+def available() -> bool:
+    """Whether the C kernels are built and loaded (a C compiler was found and compiled them)."""
+    return _lib() is not None
+
+
+def _rows(x: Tensor, K: int) -> Tensor:
+    if x.shape[-1] != K:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight {K}")
+    x2 = x.reshape(-1, K)
+    if x2.shape[0] > MAX_M:
+        raise ValueError(f"the CPU GEMV serves at most {MAX_M} rows, got {x2.shape[0]}")
+    return x2.float().contiguous()
+
+
+def _f32(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.float().contiguous()
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _out(y: Tensor, x: Tensor, N: int) -> Tensor:
+    return y.to(x.dtype).view(*x.shape[:-1], N)
+
+
+def int8_gemv(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = None) -> Tensor:
+    """y = x @ (q * s[:, None]).T + b; x (..., K), q (N, K) int8, s and b (N,); int8_matmul_ref's signature."""
+    N, K = qweight.shape
+    if qweight.dtype != torch.int8 or not qweight.is_contiguous():
+        raise ValueError("int8_gemv: qweight must be a contiguous int8 (N, K) tensor")
+    x2, s, b = _rows(x, K), _f32(scales), _f32(bias)
+    y = torch.empty(x2.shape[0], N)
+    _lib().int8_gemv(x2.data_ptr(), qweight.data_ptr(), s.data_ptr(), _ptr(b), y.data_ptr(), x2.shape[0], N, K)
+    return _out(y, x, N)
+
+
+def int4_gemv(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+              bias: Tensor | None = None) -> Tensor:
+    """y = x @ dequant(q).T + b; q (N, ceil(K/2)) uint8, s and z (N, ceil(K/G)); int4_matmul_ref's signature."""
+    N, K = qweight.shape[0], x.shape[-1]
+    n_groups = -(-K // group_size)
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"int4_gemv: group size must be one of {GROUP_SIZES}, got {group_size}")
+    if qweight.dtype != torch.uint8 or qweight.shape[1] != (K + 1) // 2 or not qweight.is_contiguous():
+        raise ValueError(f"int4_gemv: qweight must be contiguous uint8 ({N}, {(K + 1) // 2}) for K = {K}")
+    if scales.shape != (N, n_groups) or zeros.shape != (N, n_groups):
+        raise ValueError(f"int4_gemv: scales and zeros must be ({N}, {n_groups})")
+    x2, s, z, b = _rows(x, K), _f32(scales), _f32(zeros), _f32(bias)
+    M = x2.shape[0]
+    y = torch.empty(M, N)
+    xp, xs = torch.empty(M, -(-K // 32) * 32), torch.empty(M, n_groups)
+    _lib().int4_gemv(x2.data_ptr(), qweight.data_ptr(), s.data_ptr(), z.data_ptr(), _ptr(b), y.data_ptr(),
+                     xp.data_ptr(), xs.data_ptr(), M, N, K, group_size)
+    return _out(y, x, N)
+
+
+def w16_gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """y = x @ W.T + b with W (N, K) fp16 or bf16, widened in registers, fp32 accumulation."""
+    N, K = weight.shape
+    if weight.dtype not in (torch.float16, torch.bfloat16) or not weight.is_contiguous():
+        raise ValueError("w16_gemv: weight must be a contiguous fp16 or bf16 (N, K) tensor")
+    x2, b = _rows(x, K), _f32(bias)
+    y = torch.empty(x2.shape[0], N)
+    _lib().w16_gemv(x2.data_ptr(), weight.data_ptr(), _ptr(b), y.data_ptr(), x2.shape[0], N, K,
+                    0 if weight.dtype == torch.float16 else 1)
+    return _out(y, x, N)
