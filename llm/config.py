@@ -195,6 +195,18 @@ class TrainConfig:
     lora_alpha: float = _f(16.0, "LoRA alpha: the update is scaled by alpha / rank")
     lora_dropout: float = _f(0.05, "dropout on the LoRA input")
     lora_targets: str = _f("q,v", "projections that get adapters, comma-separated from q,k,v,o,gate,up,down")
+    peft: str | None = _f(None, "parameter-efficient fine-tuning, the base frozen: lora (--lora-*), prefix (prefix "
+                                "tuning, --prefix-*) or adapter (bottleneck adapters, --adapter-*) (default: lora "
+                                "when --lora-rank is given, else full fine-tuning)",
+                          choices=("lora", "prefix", "adapter"))
+    prefix_tokens: int = _f(16, "prefix tuning: learned key/value rows per layer; they take that many of the "
+                                "context's positions")
+    prefix_hidden: int = _f(512, "prefix tuning: hidden width of the MLP the rows are trained through (Li & Liang's "
+                                 "reparameterization, folded away when saved; 0 = train the rows directly)")
+    adapter_dim: int = _f(16, "bottleneck adapters: the bottleneck width")
+    adapter_placement: str = _f("houlsby", "bottleneck adapters: houlsby (after the attention and after the MLP of "
+                                           "every block) or pfeiffer (after the MLP only)",
+                                choices=("houlsby", "pfeiffer"))
     mup: bool = _f(False, "µP (Tensor Programs V): hidden-matrix init std and AdamW lr scaled by base/width, 1/d "
                           "attention and a base/width output multiplier, so learning rates tuned at --mup-base-width "
                           "transfer to wider models")
@@ -377,6 +389,9 @@ def check_configs(d: DataConfig, t: TrainConfig) -> None:
              (0 <= t.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
              (t.lora_rank is None or t.optimizer == "adamw", "LoRA adapters train with AdamW: drop --optimizer muon"),
              (t.lora_rank is None or not t.mup, "--mup applies to pretraining from scratch, not to LoRA"),
+             (t.peft is None or t.optimizer == "adamw", f"--peft {t.peft} trains with AdamW: drop --optimizer muon"),
+             (t.peft is None or not t.mup, f"--mup applies to pretraining from scratch, not to --peft {t.peft}"),
+             (t.lora_rank is None or t.peft in (None, "lora"), f"--lora-rank applies to --peft lora, not {t.peft}"),
              (d.sft_overlong in ("drop", "truncate"), "sft_overlong must be drop or truncate")]
     for ok, msg in rules:
         if not ok:

@@ -22,16 +22,20 @@ class KVCache:
     shape-static and free of host state (attention over all S_max slots, masked by `lengths` on
     the device; room checks and the host copy left to the step's driver), which is what a CUDA
     graph or torch.compile of a decode step needs.
+
+    `start` > 0 keeps slots 0..start-1 of every row for a region shared by all rows and filled by
+    the cache's maker (a prefix-tuning prefix, llm/prefix.py): lengths count the tokens after it,
+    tokens sit at slot and position start + i, and attention sees start + length keys.
     """
 
     def __init__(self, n_layer: int, batch: int, max_len: int, n_kv_head: int, head_dim: int,
-                 device: torch.device | str, dtype: torch.dtype) -> None:
-        shape = (batch, max_len, n_kv_head, head_dim)
+                 device: torch.device | str, dtype: torch.dtype, start: int = 0) -> None:
+        shape = (batch, start + max_len, n_kv_head, head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.host_lengths = [0] * batch
-        self.max_len = max_len
+        self.max_len, self.start = max_len, start
         self.static = False
         self.block_table = None  # contiguous rows; `llm.paged_cache.PagedKVCache` sets a block table
         self.segments = None  # whole rows; a ragged `PagedKVCache` names its per-sequence token rows
@@ -47,7 +51,7 @@ class KVCache:
 
     def positions(self, T: int) -> Tensor:
         """(B, T) absolute positions of the next T tokens of each row."""
-        return self.lengths[:, None] + torch.arange(T, device=self.lengths.device)[None, :]
+        return self.start + self.lengths[:, None] + torch.arange(T, device=self.lengths.device)[None, :]
 
     def check_room(self, T: int, host: bool = False) -> None:
         """Raise before T more tokens would be written past S_max (reads the host copy: no sync).
@@ -66,19 +70,20 @@ class KVCache:
         """Write k, v (B, T, Hkv, D) at `positions` (B, T) of `layer`.
 
         Returns (k_cache, v_cache, lengths, host_lengths) with the new entries counted: lengths (B,) on
-        the device, host_lengths the same on the host, None in static mode (a static step reads no host state).
+        the device, host_lengths the same on the host, None in static mode (a static step reads no host state);
+        both count the `start` region's keys too.
         """
-        T = k.shape[1]
+        T, S = k.shape[1], self.start
         L = self._uniform()
         if L is not None:  # every row at the same length: a slice copy, no index tensors
-            self.k[layer].narrow(1, L, T).copy_(k)
-            self.v[layer].narrow(1, L, T).copy_(v)
+            self.k[layer].narrow(1, S + L, T).copy_(k)
+            self.v[layer].narrow(1, S + L, T).copy_(v)
         else:
             rows = torch.arange(k.shape[0], device=k.device)[:, None]
             self.k[layer][rows, positions] = k.to(self.k[layer].dtype)
             self.v[layer][rows, positions] = v.to(self.v[layer].dtype)
-        host = None if self.static else [n + T for n in self.host_lengths]
-        return self.k[layer], self.v[layer], self.lengths + T, host
+        host = None if self.static else [S + n + T for n in self.host_lengths]
+        return self.k[layer], self.v[layer], self.lengths + (S + T), host
 
     def advance(self, T: int) -> None:
         """lengths += T on the device, and on the host copy unless static (then: `advance_host`)."""

@@ -1,5 +1,6 @@
 """One entry point for every checkpoint argument: our checkpoint dirs, training out-dirs, Hugging Face dirs,
-and LoRA adapters on top of any of them (a LoRA run's checkpoint names its base)."""
+and PEFT adapters (LoRA, prefix, bottleneck adapters) on top of any of them (a PEFT run's checkpoint names its
+base)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import torch
 
 from llm import lora as lora_io
+from llm import peft
 from llm.checkpoint import MODEL_FILE, load_checkpoint, read_config, resolve
 from llm.interop.hf import is_hf_dir, load_hf
 from llm.model import Transformer
@@ -23,14 +25,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
 
     quantize: a scheme (llm.quant.make_scheme) to quantize the weights with at load: they are read in fp32
     on the CPU, quantized, then moved to device / dtype; the returned config records the scheme.
-    lora: an adapter dir (a LoRA run's checkpoint or out_dir) applied unmerged, with its tokenizer (which may
-    hold added chat tokens). A LoRA run's checkpoint passed as `path` loads its recorded base with it.
+    lora: an adapter dir (a PEFT run's checkpoint or out_dir: LoRA, prefix or bottleneck adapters) applied
+    unmerged, with its tokenizer (which may hold added chat tokens). A PEFT run's checkpoint passed as `path`
+    loads its recorded base with it.
     overrides replace model config fields (run-time ones such as kernels or dropout).
     """
     if lora is None and not is_hf_dir(path):
         ckpt = resolve(path)
         if (ckpt / lora_io.ADAPTER_CONFIG).is_file() and not (ckpt / MODEL_FILE).is_file():
-            path, lora = lora_io.read_adapter_config(ckpt)["base"], ckpt
+            path, lora = peft.read_config(ckpt)["base"], ckpt
     load = load_hf if is_hf_dir(path) else load_checkpoint
     if quantize is not None:
         model, tok, cfg = load(path, "cpu", None, **overrides)
@@ -44,6 +47,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     if lora is None:
         return model, tok, cfg
     adir = resolve(lora)  # on a quantized base: the adapters wrap its QuantLinears (QLoRA-style, unmerged)
-    lora_io.load_adapter(model, adir)
+    peft.load_adapter(model, adir)
     acfg = read_config(adir)
     return model.eval(), Tokenizer.load(adir, acfg["tokenizer"]), cfg | {"lora": str(adir)}

@@ -182,8 +182,7 @@ def _target_parts(model: Transformer, target: str) -> dict[str, tuple[int, int]]
 def apply_lora(model: Transformer, cfg: LoRAConfig, new_rows: tuple[int, int] | None = None) -> Transformer:
     """Freeze `model` and add LoRA on cfg.targets in every block (in place); new_rows (start, n): those rows of the
     embedding and the head become trainable. Unknown or unfit targets are a ConfigError."""
-    for p in model.parameters():
-        p.requires_grad_(False)
+    freeze(model)
     for i, block in enumerate(model.blocks):
         groups: dict[str, dict[str, tuple[int, int]]] = {}
         for t in cfg.targets:
@@ -200,13 +199,25 @@ def apply_lora(model: Transformer, cfg: LoRAConfig, new_rows: tuple[int, int] | 
             lin = block.get_submodule(path)
             layer = QuantLoRALinear if isinstance(lin, QuantLinear) else LoRALinear
             setattr(block.get_submodule(parent), attr, layer(lin, parts, cfg))
-    if new_rows is not None:
-        start, n = new_rows
-        rows = NewRows(model.tok_emb.weight[start: start + n], start)
-        parametrize.register_parametrization(model.tok_emb, "weight", rows)
-        head = rows if model.cfg.tie_embeddings else NewRows(model.lm_head.weight[start: start + n], start)
-        parametrize.register_parametrization(model.lm_head, "weight", head)  # tied: the same rows
+    train_new_rows(model, new_rows)
     return model
+
+
+def freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def train_new_rows(model: Transformer, new_rows: tuple[int, int] | None) -> None:
+    """new_rows (start, n): those rows of the embedding and the head become trainable (`NewRows`), the rest
+    frozen; None: nothing. Every parameter-efficient method does this for the tokens a chat template added."""
+    if new_rows is None:
+        return
+    start, n = new_rows
+    rows = NewRows(model.tok_emb.weight[start: start + n], start)
+    parametrize.register_parametrization(model.tok_emb, "weight", rows)
+    head = rows if model.cfg.tie_embeddings else NewRows(model.lm_head.weight[start: start + n], start)
+    parametrize.register_parametrization(model.lm_head, "weight", head)  # tied: the same rows
 
 
 def adapter_name(name: str) -> str | None:
@@ -292,17 +303,22 @@ def load_adapter(model: Transformer, directory: str | Path) -> Transformer:
     """Apply the adapter in `directory` to a base model (frozen, unmerged). A base it does not fit is one clear
     CheckpointError naming what differs. The model's vocab must already hold the adapter's added tokens."""
     cfg = read_adapter_config(directory)
-    arch = {k: v for k, v in model.cfg.architecture().items() if k != "vocab_size"}
-    diff = sorted(k for k, v in cfg["base_model"].items() if arch.get(k) != v)
-    if diff:
-        raise CheckpointError(f"the adapter in {directory} was trained on another base: "
-                              + ", ".join(f"{k} {cfg['base_model'][k]} vs base {arch.get(k)}" for k in diff[:6]))
+    check_base(model, cfg, directory)
     lcfg = LoRAConfig(cfg["rank"], cfg["alpha"], cfg["dropout"], tuple(cfg["targets"]))
     n_new = len(cfg.get("added_tokens") or [])
     grow_vocab(model, cfg["base_vocab"] + n_new)
     apply_lora(model, lcfg, (cfg["base_vocab"], n_new) if n_new else None)
     load_adapter_tensors(model, read_tensors(Path(directory) / ADAPTER_FILE)[0], Path(directory) / ADAPTER_FILE)
     return model
+
+
+def check_base(model: Transformer, cfg: dict, directory: str | Path) -> None:
+    """One CheckpointError naming what differs when an adapter's recorded base_model is not `model`'s."""
+    arch = {k: v for k, v in model.cfg.architecture().items() if k != "vocab_size"}
+    diff = sorted(k for k, v in cfg["base_model"].items() if arch.get(k) != v)
+    if diff:
+        raise CheckpointError(f"the adapter in {directory} was trained on another base: "
+                              + ", ".join(f"{k} {cfg['base_model'][k]} vs base {arch.get(k)}" for k in diff[:6]))
 
 
 def load_adapter_tensors(model: nn.Module, tensors: dict[str, Tensor], source: Path) -> None:

@@ -95,6 +95,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm_f = Norm(cfg.n_embd, cfg)
         self.lm_head = nn.Linear(cfg.n_embd, V, bias=False)
+        self.prefix: nn.Module | None = None  # prefix tuning (llm/prefix.py): learned rows ahead of every sequence
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.init_buffers()
@@ -141,6 +142,12 @@ class Transformer(nn.Module):
         ragged server step, one row per token, needs the rows that sample).
         """
         B, T = idx.shape
+        if self.prefix is not None:  # its rows are a cache region; the tokens' positions start after it
+            if cache is None:
+                cache = self.prefix.as_cache(B, self.cfg.block_size)
+            elif getattr(cache, "start", 0) != self.prefix.n_tokens:
+                raise ValueError("this model carries a prefix (prefix tuning): its KV cache must hold the prefix's "
+                                 "rows first (model.new_cache); a paged cache is not supported")
         if cache is not None:
             cache.check_room(T)
             positions = cache.positions(T)  # (B, T)
@@ -210,10 +217,22 @@ class Transformer(nn.Module):
                     w.data = w.data.t().contiguous().t()
         return self
 
+    @property
+    def n_positions(self) -> int:
+        """Tokens one sequence can hold: the context, less a prefix's rows (they take the first positions)."""
+        return self.cfg.block_size - (0 if self.prefix is None else self.prefix.n_tokens)
+
     def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
-        p = self.lm_head.weight
-        return KVCache(self.cfg.n_layer, batch, max_len, self.cfg.n_kv_head, self.cfg.head_dim,
-                       device or p.device, dtype or p.dtype)
+        """A KV cache for max_len tokens per row; with a prefix, its P rows come first, already filled."""
+        p, P = self.lm_head.weight, 0 if self.prefix is None else self.prefix.n_tokens
+        if P and P + max_len > self.cfg.block_size:
+            raise ValueError(f"{max_len} tokens (prompt + new) + the prefix's {P} rows exceed the context length "
+                             f"{self.cfg.block_size}: at most {self.cfg.block_size - P} tokens fit")
+        cache = KVCache(self.cfg.n_layer, batch, max_len, self.cfg.n_kv_head, self.cfg.head_dim,
+                        device or p.device, dtype or p.dtype, start=P)
+        if self.prefix is not None:
+            self.prefix.fill(cache)
+        return cache
 
     def new_pool(self, n_blocks: int, block_size: int, device=None, dtype=None) -> BlockPool:
         """A paged KV store (llm.paged_cache) of n_blocks blocks of block_size tokens per layer."""

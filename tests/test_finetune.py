@@ -163,10 +163,47 @@ def test_lora_run_saves_adapters_and_resumes_exactly(runs):
     assert tok.decode([tok.eot_id]) == chat.IM_END and model.cfg.vocab_size == tok.n_vocab
 
 
-def test_loss_spike_rollback_of_a_lora_run_restores_the_adapter(runs, monkeypatch):
+PREFIX = dict(peft="prefix", prefix_tokens=2, prefix_hidden=16, lora_rank="none")
+ADAPTER = dict(peft="adapter", adapter_dim=4, lora_rank="none")
+
+
+@pytest.mark.parametrize("method", [PREFIX, ADAPTER], ids=["prefix", "adapter"])
+def test_prefix_and_adapter_runs_save_only_their_tensors_and_resume_exactly(runs, method):
+    """Promise 21 for prefix tuning and bottleneck adapters: 6 steps == 3 + resume + 3 (tensors and losses, bitwise);
+    the checkpoint holds only the trained tensors (a prefix also folded) and names its method and base."""
+    from llm import peft
+
+    name = method["peft"]
+    assert main(ft_argv(runs, name, **method)) == 0
+    assert main(ft_argv(runs, name + "2", **method, max_steps=3)) == 0
+    assert main(ft_argv(runs, name + "2", **method) + ["--resume"]) == 0
+    a, b = ck.resolve(runs / name), ck.resolve(runs / (name + "2"))
+    assert not (a / ck.MODEL_FILE).exists()
+    ta, tb = ck.read_tensors(a / "adapter.safetensors")[0], ck.read_tensors(b / "adapter.safetensors")[0]
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert "tok_emb.new_rows" in ta and all(k.startswith("prefix.") or ".adapter." in k or k.endswith("new_rows")
+                                            for k in ta)
+    assert step_losses(runs / name) == step_losses(runs / (name + "2"))
+    conf = peft.read_config(a)
+    assert conf["method"] == name and conf["base"] == str((runs / "base").resolve())
+    opt = ck.read_optimizer_state(a)
+    n_opt = sum(v.numel() for s in opt["state"].values() for k, v in s.items() if k == "exp_avg")
+    model, tok, _ = load_model(runs / name)  # the checkpoint alone loads its base, the prefix folded
+    if name == "prefix":
+        assert {"prefix.keys", "prefix.values", "prefix.reparam.init"} <= ta.keys()
+        assert n_opt == sum(v.numel() for k, v in ta.items() if k.startswith(("prefix.reparam.", "tok_emb", "lm_head"))
+                            and not k.endswith("init"))
+        assert model.prefix.keys.shape == (1, 2, 2, 16) and not hasattr(model.prefix, "reparam")
+    else:
+        assert n_opt == sum(v.numel() for v in ta.values())
+    assert tok.decode([tok.eot_id]) == chat.IM_END
+
+
+@pytest.mark.parametrize("method", [{}, PREFIX], ids=["lora", "prefix"])
+def test_loss_spike_rollback_of_a_lora_run_restores_the_adapter(runs, monkeypatch, method):
     """Two bad steps in a row (spike_rollback 2) in a LoRA run: the rollback reads the checkpoint's adapter (a LoRA
     checkpoint has no model.safetensors) and the live adapter equals it afterwards; the run finishes."""
-    from llm import lora
+    from llm import lora, peft
     from llm.train import resume, trainer
 
     plant_losses(monkeypatch, {6: float("nan"), 7: 10.0})  # training forwards 6 and 7: a NaN loss, then a spike
@@ -175,19 +212,21 @@ def test_loss_spike_rollback_of_a_lora_run_restores_the_adapter(runs, monkeypatc
     def rollback(src, model, *a):
         step = real_rollback(src, model, *a)
         saved = ck.read_tensors(src / lora.ADAPTER_FILE)[0]
-        seen.append(all(torch.equal(p.detach(), saved[k]) for k, p in lora.adapter_tensors(model).items()))
+        live = peft.trained_tensors(model)
+        seen.append(len(live) > 2 and all(torch.equal(p.detach(), saved[k]) for k, p in live.items()))
         return step
 
     real_rollback = resume.rollback
     monkeypatch.setattr(trainer, "rollback", rollback)
-    args = ft_argv(runs, "lora-rollback", max_steps=8, save_interval=4, spike_window=3, spike_zscore=6,
-                   spike_rollback=2, health_interval=0, lora_dropout=0.0, dropout=0.0)
+    out = f"{method.get('peft', 'lora')}-rollback"
+    args = ft_argv(runs, out, max_steps=8, save_interval=4, spike_window=3, spike_zscore=6,
+                   spike_rollback=2, health_interval=0, lora_dropout=0.0, dropout=0.0, **method)
     assert main(args) == 0
-    events = [json.loads(ln) for ln in (runs / "lora-rollback" / "metrics.jsonl").read_text().splitlines()
+    events = [json.loads(ln) for ln in (runs / out / "metrics.jsonl").read_text().splitlines()
               if '"event"' in ln]
     assert [(e["step"], e["event"]) for e in events] == [(6, "skip"), (7, "skip"), (4, "rollback")]
     assert seen == [True]
-    assert ck.resolve(runs / "lora-rollback").name == "ckpt-0000008"
+    assert ck.resolve(runs / out).name == "ckpt-0000008"
 
 
 def test_full_finetune_grows_the_vocab_in_the_checkpoint(runs):
@@ -200,7 +239,10 @@ def test_full_finetune_grows_the_vocab_in_the_checkpoint(runs):
     (dict(lora_targets="q,qq"), "--lora-targets: qq is not a LoRA target"),
     (dict(lora_rank=0), "--lora-rank must be >= 1, got 0"),
     (dict(init_from=""), "fine-tuning .* starts from a model: give --init-from"),
-], ids=["bad-target", "rank-0", "no-init"])
+    (dict(ADAPTER, adapter_dim=0), "--adapter-dim must be >= 1 \\(the bottleneck width\\), got 0"),
+    (dict(PREFIX, prefix_tokens=32), "--prefix-tokens 32: the prefix takes that many of the base's 32 positions"),
+    (dict(PREFIX, lora_rank=4), "--lora-rank applies to --peft lora, not prefix"),
+], ids=["bad-target", "rank-0", "no-init", "adapter-dim-0", "prefix-too-long", "lora-rank-with-prefix"])
 def test_bad_lora_flags_are_one_line(runs, capsys, flags, msg):
     assert main(ft_argv(runs, "bad", **flags)) == 2
     err = capsys.readouterr().err.strip()

@@ -74,9 +74,9 @@ class LLMEvalLM(TemplateLM):
         self.batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
         if self.batch_size < 1:
             raise EvalError(f"batch_size must be >= 1, got {batch_size}")
-        self._max_length = int(max_length) if max_length else self.model.cfg.block_size
-        if not 2 <= self._max_length <= self.model.cfg.block_size:
-            raise EvalError(f"max_length must be in [2, {self.model.cfg.block_size}] (the context), got {max_length}")
+        self._max_length = int(max_length) if max_length else self.model.n_positions
+        if not 2 <= self._max_length <= self.model.n_positions:
+            raise EvalError(f"max_length must be in [2, {self.model.n_positions}] (the context), got {max_length}")
         self._device = dev
 
     # ------------------------------------------------------------------ what TemplateLM needs
@@ -125,7 +125,7 @@ class LLMEvalLM(TemplateLM):
         for i in order:
             p, t = len(split[i][0]), len(split[i][1])
             if batch and (len(batch) == self.batch_size or
-                          max(longest_p, p) + max(longest_t, t) > self.model.cfg.block_size):
+                          max(longest_p, p) + max(longest_t, t) > self.model.n_positions):
                 yield batch
                 batch, longest_p, longest_t = [], 0, 0
             batch.append(i)

@@ -56,9 +56,9 @@ def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
 
 def check_windows(model, context: int | None, stride: int | None) -> tuple[int, int]:
     """(context, stride) with their defaults, or EvalError: before any data is read."""
-    context = context or model.cfg.block_size
-    if context > model.cfg.block_size:
-        raise EvalError(f"context {context} exceeds the model's context length {model.cfg.block_size}")
+    context = context or model.n_positions
+    if context > model.n_positions:
+        raise EvalError(f"context {context} exceeds the model's context length {model.n_positions}")
     stride = stride or context
     windows(2, context, stride)  # checks 1 <= stride <= context
     return context, stride

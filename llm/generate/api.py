@@ -104,7 +104,7 @@ def stream_text(model: Transformer, tok, prompts: str | Sequence[str | list[int]
     """
     if num_samples < 1:
         raise SamplingError(f"num_samples must be >= 1, got {num_samples}")
-    ids = encode_prompts(tok, prompts, max_new_tokens, model.cfg.block_size, truncate_prompt)
+    ids = encode_prompts(tok, prompts, max_new_tokens, model.n_positions, truncate_prompt)
     rows = [p for p in ids for _ in range(num_samples)]
     comps = [Completion(prompt=r) for r in rows]
     if completions is not None:
@@ -153,7 +153,7 @@ def complete(model: Transformer, tok, prompts: str | Sequence[str | list[int]], 
         return out
     if speculative is not None:
         raise SamplingError("speculative decoding samples one sequence per row: it does not combine with beam search")
-    ids = encode_prompts(tok, prompts, max_new_tokens, model.cfg.block_size, truncate_prompt)
+    ids = encode_prompts(tok, prompts, max_new_tokens, model.n_positions, truncate_prompt)
     hyps = beam_search(model, ids, max_new_tokens, num_beams, num_return=num_samples, eos_ids=[tok.eot_id],
                        repetition_penalty=params.repetition_penalty, length_penalty=length_penalty,
                        vocab_limit=tok.n_vocab, stop=[s.encode() for s in stop if s],

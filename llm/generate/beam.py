@@ -41,7 +41,7 @@ def beam_search(model, prompts: list[list[int]], max_new_tokens: int, num_beams:
     """
     K = num_beams
     _check(K, num_return, repetition_penalty, stop, token_bytes)
-    prompts = fit_prompts(prompts, max_new_tokens, model.cfg.block_size)
+    prompts = fit_prompts(prompts, max_new_tokens, model.n_positions)
     model.decode_layout()
     t0 = time.perf_counter()
     B, device = len(prompts), model.lm_head.weight.device

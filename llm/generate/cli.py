@@ -56,8 +56,9 @@ def parser() -> argparse.ArgumentParser:
                    help="tokens drafted per target pass (default 4 with --draft-checkpoint / --prompt-lookup)")
     p.add_argument("--compare-plain", action="store_true",
                    help="with speculative decoding: also run plain decoding and print both speeds")
-    p.add_argument("--lora", default=None, metavar="DIR",
-                   help="apply the LoRA adapter in DIR (a LoRA run's checkpoint or out dir) to --checkpoint, unmerged")
+    p.add_argument("--peft", "--lora", dest="lora", default=None, metavar="DIR",
+                   help="apply the PEFT adapter in DIR (a LoRA, prefix-tuning or bottleneck-adapter run's checkpoint "
+                        "or out dir) to --checkpoint, unmerged (a prefix fills the first rows of the KV cache)")
     p.add_argument("--chat", action="store_true",
                    help="chat with the model through its chat template: each --prompt is one user turn; without "
                         "--prompt, an interactive multi-turn session (streamed; an empty line or Ctrl-D ends it)")
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         scheme = make_scheme(args.quantize, args.group_size) if args.quantize else None
         model, tok, _ = load_model(args.checkpoint, device, dtype, quantize=scheme, lora=args.lora, **overrides)
         prompts = [chat_prompt(tok, t, args.system) for t in texts] if args.chat else texts
-        ids = encode_prompts(tok, prompts, args.max_new_tokens, model.cfg.block_size, args.truncate_prompt)
+        ids = encode_prompts(tok, prompts, args.max_new_tokens, model.n_positions, args.truncate_prompt)
         if not args.quiet and not args.chat:
             for t, i in zip(texts, ids):
                 if len(i) < len(tok.encode(t, bos=tok.add_bos)):

@@ -193,7 +193,7 @@ def stream_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens: 
     ids >= it are never sampled (the model's vocabulary is padded). mode: a `Decoder` mode (None:
     "graph" on CUDA, "eager" elsewhere).
     """
-    prompts = fit_prompts(prompts, max_new_tokens, model.cfg.block_size)
+    prompts = fit_prompts(prompts, max_new_tokens, model.n_positions)
     t0 = time.perf_counter()
     model.decode_layout()
     device = model.lm_head.weight.device

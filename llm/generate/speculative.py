@@ -139,7 +139,7 @@ class SpeculativeDecoder:
         self.model, self.spec, self.rows, self.params, self.vocab = model, spec, rows, params, vocab
         device = model.lm_head.weight.device
         B, longest = len(rows.seq), max(map(len, rows.seq))
-        blocks = [model.cfg.block_size] + ([spec.draft.cfg.block_size] if spec.draft is not None else [])
+        blocks = [model.n_positions] + ([spec.draft.cfg.block_size] if spec.draft is not None else [])
         self.limit = min(min(blocks), longest + rows.n + spec.k)  # no pass may write at or past this position
         self.cache = model.new_cache(B, self.limit)
         self.dcache = spec.draft.new_cache(B, self.limit) if spec.draft is not None else None
@@ -269,7 +269,7 @@ def stream_speculative(model: Transformer, prompts: list[list[int]], max_new_tok
         raise SamplingError("speculative decoding does not support the repetition penalty (it changes within a run "
                             "of drafted tokens); use plain decoding")
     draft = spec.draft
-    block = model.cfg.block_size
+    block = model.n_positions
     if draft is not None:
         if draft.cfg.vocab_size != model.cfg.vocab_size:
             raise SamplingError(f"the draft model's vocabulary ({draft.cfg.vocab_size}) differs from the target's "

@@ -19,7 +19,7 @@ import torch
 from torch.distributed.tensor import distribute_tensor
 
 from llm import checkpoint as ckpt_io
-from llm import lora
+from llm import lora, peft
 from llm.config import ConfigError, ModelConfig, TrainConfig
 from llm.train import distributed as dd
 
@@ -69,13 +69,13 @@ def rollback(src: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
              d: dd.Dist, tcfg: TrainConfig) -> int:
     """Put the live model, optimizer, scaler and RNG back to checkpoint `src` in place (the wrapped model and the
     optimizer keep their parameter objects); returns its step. Every rank reads the full tensors; FSDP2 shards keep
-    their own rows. A LoRA run's checkpoint holds only the adapter (its frozen base never changed): that is read."""
+    their own rows. A PEFT run's checkpoint holds only the adapter (its frozen base never changed): that is read."""
     full = (src / ckpt_io.MODEL_FILE).is_file()
     weights = src / (ckpt_io.MODEL_FILE if full else lora.ADAPTER_FILE)
     tensors, _ = ckpt_io.read_tensors(weights, device=str(d.device))
     with torch.no_grad():
         for k, v in model.state_dict().items():
-            name = k if full else lora.adapter_name(k)  # state-dict name -> the name it was saved under
+            name = k if full else peft.tensor_name(k)  # state-dict name -> the name it was saved under
             if name in tensors:
                 t = tensors[name].to(v.dtype)
                 v.copy_(distribute_tensor(t, v.device_mesh, v.placements, src_data_rank=None)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from llm import checkpoint as ckpt_io
-from llm import loading, lora, ops
+from llm import loading, lora, ops, peft
 from llm.config import ConfigError, DataConfig, ModelConfig, TrainConfig, check_configs, describe_config, to_toml
 from llm.data.sft import SFTLoader, open_loader
 from llm.data.shards import Loader, fingerprint, load_manifest
@@ -188,7 +188,7 @@ class Run:
                            "micro_batches": (self.step + self.data_skip) * A * d.world, "skip_steps": self.data_skip}}
             if name != self.saved_name and self.adapter is not None:
                 ckpt_io.save(self.out, name, self.model, self.tok, self.extra, osd, st,
-                             lora.adapter_tensors(self.model) if msd is None else lora.adapter_state(msd),
+                             peft.saved_tensors(self.model, msd),
                              weights_file=lora.ADAPTER_FILE,
                              json_files={lora.ADAPTER_CONFIG: self.adapter})
                 self.saved_name = name
@@ -220,10 +220,11 @@ def _model_and_data(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, d: d
         init_tok, added = finetune.tokenizer(init_tok, dcfg)
         mcfg = init_model.cfg
     say(describe_config(mcfg, dcfg, tcfg))
+    T = finetune.token_block(mcfg.block_size, tcfg)  # a prefix takes some of the positions
     if d.local_rank == 0:
-        finetune.prepare(dcfg, init_tok, mcfg.block_size, say)
+        finetune.prepare(dcfg, init_tok, T, say)
     dd.barrier(d)
-    data_path = finetune.prepare(dcfg, init_tok, mcfg.block_size, say)
+    data_path = finetune.prepare(dcfg, init_tok, T, say)
     manifest = load_manifest(data_path)
     tok = init_tok or Tokenizer.load(data_path, manifest["tokenizer"])
     if init_tok is None:
@@ -307,7 +308,7 @@ def _setup(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str |
         say(f"resumed from {src} at step {start_step}")
     else:
         torch.manual_seed(tcfg.seed + d.rank)  # dropout streams differ per rank
-    T = mcfg.block_size
+    T = finetune.token_block(mcfg.block_size, tcfg)
     run = Run(d=d, tcfg=tcfg, dtype=dtype, model=model, n_params=n_params, fwd=fwd, optimizer=optimizer,
               scaler=scaler, train_loader=open_loader(data_path, "train", tcfg.batch_size, T, tcfg.seed, tcfg.compile),
               val_loader=open_loader(data_path, "val", tcfg.batch_size, T, tcfg.seed), plan=plan, adapter=adapter,
