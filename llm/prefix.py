@@ -98,7 +98,7 @@ class PrefixView:
     """The prefix as a read-only KV cache for one uncached forward (training, scoring): `update` returns
     [prefix; k], [prefix; v] (differentiable in the prefix) and nothing is stored. Positions start at P."""
 
-    block_table = None
+    block_table = segments = None  # the attributes a cache has; a contiguous, whole-row one
 
     def __init__(self, rows: Tensor, batch: int, block_size: int) -> None:
         self.rows, self.batch, self.block_size = rows, batch, block_size

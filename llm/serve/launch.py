@@ -169,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         device = pick_device(args.device)
         overrides = {"kernels": args.kernels} if args.kernels else {}
         model, tok, _ = load_model(args.checkpoint, device, pick_dtype(args.dtype, device), **overrides)
+        if model.prefix is not None:  # the paged pool has no shared prefix region yet
+            raise ValueError(f"{args.checkpoint} is prefix-tuned: the server does not serve a prefix yet; use "
+                             "sample.py --peft or llm.eval (LoRA and bottleneck-adapter checkpoints serve as they are)")
         chat = ChatFormat(tok, template, f"the chat template from {args.chat_template}" if template else "")
     except (ValueError, OSError) as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
