@@ -190,6 +190,8 @@ class TrainConfig:
     deterministic: bool = _f(False, "deterministic algorithms only (bit-exact resume on GPU; slower)")
     init_from: str | None = _f(None, "initialise the weights from this checkpoint or Hugging Face model dir "
                                      "(its architecture and tokenizer are used)")
+    objective: str = _f("ce", "what a step optimizes: ce = next-token cross-entropy (on instruction / chat data "
+                              "only the answer tokens count); see llm/train/objectives/")
     lora_rank: int | None = _f(None, "fine-tune with LoRA adapters of this rank, the base frozen (default: full "
                                      "fine-tuning)")
     lora_alpha: float = _f(16.0, "LoRA alpha: the update is scaled by alpha / rank")

@@ -130,7 +130,7 @@ class Transformer(nn.Module):
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | PagedKVCache | None = None,
                 z_loss: float = 0.0, logits_at: Tensor | None = None,
-                logits_rows: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+                logits_rows: Tensor | None = None, hidden: bool = False) -> tuple[Tensor | None, Tensor | None]:
         """Returns (logits, loss).
 
         Without targets: logits (B, T, V) fp32 and loss None. With targets (B, T), ids or
@@ -140,6 +140,10 @@ class Transformer(nn.Module):
         int: logits (B, 1, V) of that one position per row only (a prefill needs just the last
         prompt token's, not a (B, T, V) tensor). logits_rows (K,) int: logits (K, T, V) of those rows only (a
         ragged server step, one row per token, needs the rows that sample).
+        hidden: return (h, None) instead, h (B, T, C) the final normalized hidden states that the head reads
+        (logits = h @ lm_head.weight.T): objectives that compute their own loss from them in chunks
+        (distillation, DPO log-probs, a reward head) call the model this way so the DDP / FSDP2 / compile
+        wrappers still run.
         """
         B, T = idx.shape
         if self.prefix is not None:  # its rows are a cache region; the tokens' positions start after it
@@ -173,6 +177,8 @@ class Transformer(nn.Module):
         x = self.norm_f(x)
         if self.cfg.output_mult != 1.0:  # µP's output multiplier: logits = output_mult * lm_head(x)
             x = x * self.cfg.output_mult
+        if hidden:
+            return x, None
         if targets is None:
             return self.lm_head(x).float(), None
         loss = ops.linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),

@@ -228,7 +228,7 @@ def test_out_of_memory_on_the_first_step_suggests_a_smaller_micro_batch(tmp, mon
 
 def test_keep_last_n_plus_best_by_validation(tmp, monkeypatch):
     vals = iter([3.0, 2.0, 2.5, 2.7])
-    monkeypatch.setattr(trainer.Run, "evaluate", lambda *a, **k: next(vals))
+    monkeypatch.setattr(trainer.Run, "evaluate", lambda *a, **k: (next(vals), {}))
     assert main(train_argv(tmp, "keep", max_steps=8, save_interval=2, eval_interval=2, keep_last=2)) == 0
     out = tmp / "keep"
     assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-0000004", "ckpt-0000006", "ckpt-0000008"]

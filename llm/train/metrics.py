@@ -130,12 +130,12 @@ class Progress:
             self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, file=sys.stdout,
                             mininterval=1.0)
 
-    def update(self, rec: dict, eta_s: float | None) -> None:
-        """rec: step, loss, lr, grad_norm, tokens_per_s, mfu (None = unknown)."""
+    def update(self, rec: dict, eta_s: float | None, extra: dict[str, float] | None = None) -> None:
+        """rec: step, loss, lr, grad_norm, tokens_per_s, mfu (None = unknown); extra: the objective's metrics."""
         if not self.enabled:
             return
         mfu_s = f"{rec['mfu']:.1%}" if rec.get("mfu") is not None else "unknown"
-        moe = moe_summary(rec)
+        moe = moe_summary(rec) + "".join(f" | {k} {v:.4g}" for k, v in (extra or {}).items())
         if self.bar is not None:
             self.bar.set_postfix_str(f"loss {rec['loss']:.3f} lr {rec['lr']:.2e} gnorm {rec['grad_norm']:.2f} "
                                      f"{rec['tokens_per_s']:,.0f} tok/s mfu {mfu_s}{moe}", refresh=False)

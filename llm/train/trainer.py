@@ -31,14 +31,14 @@ import torch
 from llm import checkpoint as ckpt_io
 from llm import loading, lora, ops, peft
 from llm.config import ConfigError, DataConfig, ModelConfig, TrainConfig, check_configs, describe_config, to_toml
-from llm.data.sft import SFTLoader, open_loader
+from llm.data.sft import SFTLoader
 from llm.data.shards import Loader, fingerprint, load_manifest
 from llm.model import Transformer
 from llm.quant import refuse_training
 from llm.runtime import pick_dtype
 from llm.tokenizer import Tokenizer
 from llm.train import distributed as dd
-from llm.train import finetune, mup, tasks
+from llm.train import finetune, mup, objectives, tasks
 from llm.train.distributed import fmt_bytes
 from llm.train.health import Health, SpikeDetector, plot_health
 from llm.train.metrics import MetricsLogger, Progress, device_name, fmt_duration, mfu, peak_flops, plot_losses
@@ -85,6 +85,7 @@ class Run:
     model: Transformer               # the bare model: weights, stats, checkpoints
     n_params: int                    # counted before the model was wrapped
     fwd: torch.nn.Module             # the model as trained: DDP / FSDP2 / compiled, or the model itself
+    objective: objectives.Objective  # what a step optimizes: batches, extra models, loss, metrics
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler     # enabled for float16 only
     train_loader: Loader | SFTLoader
@@ -114,6 +115,7 @@ class Run:
     rollbacks: int = 0
     spike_z: float | None = None     # the last step's loss z-score (None: not measured or non-finite)
     health_rec: dict = field(default_factory=dict)  # the gradient / update statistics of the last health step
+    metrics: dict = field(default_factory=dict)     # the objective's metrics of the last step
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype == torch.float32:
@@ -127,17 +129,20 @@ class Run:
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_mult", 1.0)  # Muon's matrices (and µP's groups) scale the one schedule
         loss_sum = torch.zeros((), device=device)
+        metric_sums: dict[str, torch.Tensor] = {}
         for m in range(A):
-            x, y = self.train_loader.batch(((self.step + self.data_skip) * A + m) * W + d.rank, device)  # global index
+            batch = self.train_loader.batch(((self.step + self.data_skip) * A + m) * W + d.rank, device)  # global
             with dd.grad_sync(self.fwd, self.model, m == A - 1, d, self.tcfg.fsdp):
                 with self.autocast():
-                    _, loss = self.fwd(x, y)
+                    loss, metrics = self.objective.loss(self.fwd, batch)
                 self.scaler.scale(loss / A).backward()
             loss_sum += loss.detach().float()
+            _accumulate(metric_sums, metrics)
         self.scaler.unscale_(self.optimizer)
         snap = self.health.before_update() if self.health.due(self.step + 1) else None
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.grad_clip or math.inf)  # pre-clip
         loss_val = dd.all_reduce(loss_sum, d).item() / (A * W)
+        self.metrics = _reduce(metric_sums, A * W, d)
         gnorm_val = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
         bad = not math.isfinite(loss_val) or (not math.isfinite(gnorm_val) and not self.scaler.is_enabled())
         spike, self.spike_z = self.spikes.check(loss_val) if not bad else (False, None)
@@ -153,22 +158,24 @@ class Run:
         return loss_val, gnorm_val, bad
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss of val batches 0..eval_iters-1, spread over ranks (every rank runs the same number of
-        forwards)."""
+    def evaluate(self) -> tuple[float, dict[str, float]]:
+        """(mean loss, mean objective metrics) of val batches 0..eval_iters-1, spread over ranks (every rank runs
+        the same number of forwards)."""
         d, iters = self.d, self.tcfg.eval_iters
         self.model.eval()
         losses = torch.zeros(iters, device=d.device)
+        metric_sums: dict[str, torch.Tensor] = {}
         for j in range(-(-iters // d.world)):
             i = j * d.world + d.rank
-            x, y = self.val_loader.batch(min(i, iters - 1), d.device)
+            batch = self.val_loader.batch(min(i, iters - 1), d.device)
             with self.autocast():
-                _, loss = self.model(x, y)
+                loss, metrics = self.objective.loss(self.model, batch)
             if i < iters:
                 losses[i] = loss.float()
+            _accumulate(metric_sums, metrics, float(i < iters))  # every rank reduces the same keys
         dd.all_reduce(losses, d)
         self.model.train()
-        return losses.sum().item() / iters
+        return losses.sum().item() / iters, _reduce(metric_sums, iters, d)
 
     def save(self, best: bool = False) -> Path:
         """Checkpoint `self.step` into out (every rank takes part); `best` also points BEST at it.
@@ -184,6 +191,7 @@ class Run:
                   "scaler": self.scaler.state_dict(), "wandb_run_id": self.logger.run_id,
                   "best_val": None if math.isinf(self.best_val) else self.best_val, "skipped": self.skipped,
                   "spikes": self.spikes.state_dict(), "rollbacks": self.rollbacks,
+                  "objective": {"name": self.objective.name, **self.objective.state_dict()},
                   "data": {"path": str(self.data_path), "fingerprint": self.data_id,
                            "micro_batches": (self.step + self.data_skip) * A * d.world, "skip_steps": self.data_skip}}
             if name != self.saved_name and self.adapter is not None:
@@ -202,11 +210,29 @@ class Run:
         return self.out / name
 
 
+def _accumulate(sums: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor], weight: float = 1.0) -> None:
+    """Add one micro-batch's objective metrics (0-dim tensors) into `sums`."""
+    for k, v in metrics.items():
+        v = v.detach().float() * weight
+        sums[k] = sums[k] + v if k in sums else v
+
+
+def _reduce(sums: dict[str, torch.Tensor], count: int, d: dd.Dist) -> dict[str, float]:
+    """Means over `count` micro-batches of every rank: one all-reduce of the stacked sums (keys sorted, so every
+    rank stacks the same order)."""
+    if not sums:
+        return {}
+    keys = sorted(sums)
+    total = dd.all_reduce(torch.stack([sums[k] for k in keys]), d)
+    return {k: v / count for k, v in zip(keys, total.tolist())}
+
+
 # ----------------------------------------------------------------------------- setup
 
 
-def _model_and_data(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, d: dd.Dist, say: Say,
-                    init: bool) -> tuple[ModelConfig, Transformer, Tokenizer, Path, dict, dict | None]:
+def _model_and_data(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, d: dd.Dist, say: Say, init: bool,
+                    objective: objectives.Objective
+                    ) -> tuple[ModelConfig, Transformer, Tokenizer, Path, dict, dict | None]:
     """The dataset prepared (local rank 0 first) and the model, seeded and built, or loaded with its tokenizer
     from --init-from when `init` (fine-tuning: chat tokens added, LoRA applied, llm/train/finetune.py):
     (model config, model on d.device, tokenizer, data path, manifest, adapter config or None)."""
@@ -222,9 +248,9 @@ def _model_and_data(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, d: d
     say(describe_config(mcfg, dcfg, tcfg))
     T = finetune.token_block(mcfg.block_size, tcfg)  # a prefix takes some of the positions
     if d.local_rank == 0:
-        finetune.prepare(dcfg, init_tok, T, say)
+        objective.prepare(dcfg, init_tok, T, say)
     dd.barrier(d)
-    data_path = finetune.prepare(dcfg, init_tok, T, say)
+    data_path = objective.prepare(dcfg, init_tok, T, say)
     manifest = load_manifest(data_path)
     tok = init_tok or Tokenizer.load(data_path, manifest["tokenizer"])
     if init_tok is None:
@@ -285,9 +311,10 @@ def _setup(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str |
         state = ckpt_io.read_trainer_state(src)
     finetune.check(dcfg, tcfg)
     tasks.check_tasks(tcfg)
+    objective = objectives.make(tcfg, dcfg)
     init = bool(tcfg.init_from) and (src is None or finetune.is_finetune(dcfg, tcfg))  # a fine-tune reloads its base
     mcfg, model, tok, data_path, manifest, adapter = _model_and_data(mup.configure(mcfg, tcfg), dcfg, tcfg, d, say,
-                                                                     init)
+                                                                     init, objective)
     if src is None and not init:
         mup.scale_init(model, mcfg, tcfg)  # µP's init (nothing without --mup)
     n_params = model.num_params()
@@ -298,6 +325,7 @@ def _setup(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str |
         check_resume(src, state, mcfg, tcfg, d.world, data_id, say)
         finetune.load_weights(model, src, adapter, device)
     model.train()
+    objective.setup(objectives.Context(tcfg, dcfg, tok, model, device, dtype, say))
     flops_per_token = model.flops_per_token()
     fwd = dd.wrap(model, d, tcfg.fsdp, tcfg.activation_checkpointing, tcfg.compile)
     optimizer = make_optimizer(model, tcfg, device)
@@ -309,9 +337,11 @@ def _setup(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str |
     else:
         torch.manual_seed(tcfg.seed + d.rank)  # dropout streams differ per rank
     T = finetune.token_block(mcfg.block_size, tcfg)
-    run = Run(d=d, tcfg=tcfg, dtype=dtype, model=model, n_params=n_params, fwd=fwd, optimizer=optimizer,
-              scaler=scaler, train_loader=open_loader(data_path, "train", tcfg.batch_size, T, tcfg.seed, tcfg.compile),
-              val_loader=open_loader(data_path, "val", tcfg.batch_size, T, tcfg.seed), plan=plan, adapter=adapter,
+    run = Run(d=d, tcfg=tcfg, dtype=dtype, model=model, n_params=n_params, fwd=fwd, objective=objective,
+              optimizer=optimizer, scaler=scaler,
+              train_loader=objective.open_loader(data_path, "train", tcfg.batch_size, T, tcfg.seed, tcfg.compile),
+              val_loader=objective.open_loader(data_path, "val", tcfg.batch_size, T, tcfg.seed), plan=plan,
+              adapter=adapter,
               flops_per_token=flops_per_token, peak=peak_flops(device, dtype), say=say, out=out, tok=tok,
               extra={"train": asdict(tcfg), "data": asdict(dcfg) | {"path": str(data_path)}},
               data_path=data_path, data_id=data_id, manifest=manifest, start_step=start_step, step=start_step,
@@ -321,6 +351,7 @@ def _setup(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str |
     run.spikes = SpikeDetector(tcfg.spike_window, tcfg.spike_zscore)
     if state is not None:
         run.spikes.load_state_dict(state.get("spikes", []))
+        objective.load_state_dict(state.get("objective", {}))
         run.data_skip, run.rollbacks = state.get("data", {}).get("skip_steps", 0), state.get("rollbacks", 0)
     _announce(run, mcfg, dcfg, init, resumed=src is not None)
     run.logger = MetricsLogger(out, tcfg.wandb, tcfg.wandb_project, {"model": asdict(mcfg), **run.extra}, run_id,
@@ -345,6 +376,7 @@ def _record(run: Run, lr: float, gnorm: float, dt: float) -> dict:
     rec = {"step": run.step, "loss": run.loss, "lr": lr, "grad_norm": gnorm, "tokens_per_s": tok_s,
            "mfu": mfu(run.flops_per_token, tok_s, run.peak, run.d.world), "skipped": run.skipped,
            "tokens": run.step * tokens_per_step}
+    rec.update(run.metrics)
     rec.update(run.model.moe_stats())
     return rec
 
@@ -382,16 +414,19 @@ def _loop(run: Run, stop: _StopFlag, callbacks: Sequence[Callable[[int, dict], b
             rec = _record(run, lr, gnorm, dt)
             health = run.health.due(step)
             if health:  # the update statistics from one_step, then the probe forward (activations, attention)
-                rec.update(run.health_rec, **run.health.probe(run.model, run.val_loader.batch(0, d.device)[0][:2]))
+                probe = run.objective.tokens(run.val_loader.batch(0, d.device))[:2]
+                rec.update(run.health_rec, **run.health.probe(run.model, probe))
             if step % tcfg.log_interval == 0 or step == tcfg.max_steps or bad or health:
                 run.logger.log(rec)
-            progress.update(rec, None if dt_avg is None else dt_avg * (tcfg.max_steps - step))
+            progress.update(rec, None if dt_avg is None else dt_avg * (tcfg.max_steps - step), run.metrics)
             if bad and _on_bad_step(run, progress, streak, gnorm):
                 continue  # rolled back: run.step is the checkpoint's
             if step % tcfg.eval_interval == 0 or step == tcfg.max_steps:
-                run.val_loss = run.evaluate()
-                run.logger.log({"step": step, "val_loss": run.val_loss})
-                progress.write(f"step {step}: train loss {run.loss:.4f}, val loss {run.val_loss:.4f}")
+                run.val_loss, val_metrics = run.evaluate()
+                run.logger.log({"step": step, "val_loss": run.val_loss,
+                                **{f"val/{k}": v for k, v in val_metrics.items()}})
+                progress.write(f"step {step}: train loss {run.loss:.4f}, val loss {run.val_loss:.4f}"
+                               + "".join(f", val {k} {v:.4g}" for k, v in val_metrics.items()))
                 if tcfg.eval_tasks and d.main:
                     scores = tasks.task_scores(run.model, run.tok, tcfg)
                     run.logger.log({"step": step, **scores})
