@@ -369,3 +369,20 @@ def test_64_mixed_requests_with_preemption_and_random_cancels_lose_nothing_and_l
                                          num_samples=body["n"])]
         assert texts == want, (body, texts, want)
     assert done >= 40
+
+
+def test_tokenize_and_detokenize(server, loaded):
+    _, tok = loaded
+    text = "def f(x):\n    return 日本語 😀"
+    r = httpx.post(server.url + "/tokenize", json={"model": "tiny", "prompt": text}).json()
+    assert r["tokens"] == tok.encode(text, bos=tok.add_bos) and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == 128
+    back = httpx.post(server.url + "/detokenize", json={"model": "tiny", "tokens": tok.encode(text)}).json()
+    assert back["prompt"] == text
+    msgs = [{"role": "user", "content": "hi"}]
+    chat = httpx.post(server.url + "/tokenize", json={"messages": msgs}).json()
+    assert tok.decode(chat["tokens"]) == "User: hi\nAssistant:"  # what /v1/chat/completions feeds this model
+    for path, body in (("/tokenize", {"prompt": "x", "messages": msgs}), ("/detokenize", {"tokens": [10 ** 6]}),
+                       ("/tokenize", {"model": "gpt-9", "prompt": "x"}), ("/detokenize", {"tokens": "x"})):
+        r = httpx.post(server.url + path, json=body)
+        assert r.status_code in (400, 404) and r.json()["error"]["message"], (path, body)

@@ -4,6 +4,7 @@
   POST /v1/completions        prompt text / texts / ids; n, stop, seed, stream, logprobs, echo, ...
   POST /v1/chat/completions   messages through the model's chat template (templates.ChatFormat); n, logprobs,
                               top_logprobs, stream, stream_options.include_usage
+  POST /tokenize, /detokenize  text or messages -> ids (as the routes above encode them), ids -> text
   GET  /health                {"status": "ok"} (503 "draining" after SIGTERM)
   GET  /metrics               Prometheus text format
 
@@ -31,7 +32,7 @@ from llm.chat import ChatError
 from llm.generate.decode import fit_prompts
 from llm.generate.sampling import SamplingError, SamplingParams
 from llm.serve.engine import Event, Seq
-from llm.serve.protocol import APIError, ChatRequest, CompletionRequest, error_body
+from llm.serve.protocol import APIError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, error_body
 from llm.serve.scheduler import QueueFull, Scheduler, ShuttingDown
 from llm.serve.templates import ChatFormat
 
@@ -254,6 +255,29 @@ def create_app(sched: Scheduler, tok, model_name: str, block_size: int, api_key:
     async def models() -> dict:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": srv.created,
                                             "owned_by": "llm"}]}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict:
+        if body.model is not None:
+            srv.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of prompt and messages", param="prompt")
+        if body.messages is not None:
+            try:
+                ids = srv.chat.prompt([m.as_dict() for m in body.messages])
+            except ChatError as e:
+                raise APIError(400, str(e), param="messages") from None
+        else:
+            ids = tok.encode(body.prompt, bos=tok.add_bos and body.add_special_tokens)
+        return {"count": len(ids), "max_model_len": block_size, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        if body.model is not None:
+            srv.check_model(body.model)
+        if any(i < 0 or i >= tok.n_vocab for i in body.tokens):
+            raise APIError(400, f"token ids must be in [0, {tok.n_vocab})", param="tokens")
+        return {"prompt": tok.decode(body.tokens)}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
