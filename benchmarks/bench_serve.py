@@ -1,16 +1,23 @@
-"""Serving under load: an async load generator against the OpenAI-compatible server at 1/4/16/32 clients.
+"""Serving under load, vLLM's `bench serve` figures: request and output-token throughput, TTFT / TPOT / ITL mean,
+p50, p99 at 1, 4, 16, 32 concurrent clients, in two scenarios:
 
-    python -m benchmarks.bench_serve [--preset tiny] [--clients 1 4 16 32] [--requests-per-client 4]
-                                     [--max-tokens 32] [--max-batch 32] [--threads N] [--total N]
+  random   prompts of random length (16 to --max-prompt tokens), --max-tokens new tokens each
+  shared   every request starts with the same --system-tokens (1,000) system prompt, then a short random
+           question; run twice, with the prefix cache and with --no-prefix-cache (so 1,000-token prefills
+           keep arriving), side by side in this process
 
-The server runs in this process (llm.serve.launch.ThreadedServer on 127.0.0.1, random weights of the
-preset; a byte-level tokenizer trained on a small text), the clients are httpx streams in an asyncio
-loop: each of C clients sends its requests one after another (streaming, greedy, prompts of 8-40 words
-tokens, max_tokens fixed so every request does the same work). Per level: aggregate output tokens/s
-(all tokens / wall time), TTFT p50/p99 (request sent -> first text chunk), inter-token latency
-p50/p99 (between chunks of a stream), requests completed and failed. --total N adds one run of N
-requests at the largest client count (the 0-failures check). Client and server share the CPU and
-the GIL, so this measures the whole stack as one machine sees it, not the engine alone.
+    python -m benchmarks.bench_serve [--preset tiny|hf-8x512] [--scenarios random shared] [--clients 1 4 16 32]
+                                     [--requests-per-client 4] [--max-tokens 32] [--max-batch 32]
+                                     [--max-step-tokens 256] [--threads N] [--total N]
+
+The server runs in this process (llm.serve.launch.ThreadedServer on 127.0.0.1; random weights of the preset with
+the context stretched to 2048, or a random Llama saved and imported through transformers for hf-8x512; a
+byte-level tokenizer trained on a small text); the load generator runs in a second process (its own GIL):
+C clients each send their requests one after another, streaming, greedy, every request the same
+max_tokens. TTFT: request sent -> first token; TPOT: (latency - TTFT) / (tokens - 1) per request; ITL:
+between the tokens of a stream (a chunk of k tokens counts as k gaps, its first the time since the last
+chunk, the rest 0, as vLLM counts them). --total N adds one run of N requests at the top client count
+(the 0-failures check). Prints the goals of issue 30 against the numbers.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing as mp
 import random
 import time
 
@@ -31,11 +39,15 @@ from llm.serve.metrics import percentile
 from llm.tokenizer import Tokenizer
 
 TEXT = "def f(x):\n    return x + 1\n# a comment about the code\nclass Point:\n    x: int = 0\n" * 50
+CONTEXT = 2048
 
 
-async def one_request(client, url: str, prompt: str, max_tokens: int) -> dict:
+# ----------------------------------------------------------------------------- the load generator (own process)
+
+
+async def _one(client, url: str, prompt: str, max_tokens: int) -> dict:
     t0 = time.perf_counter()
-    stamps, tokens = [], 0
+    stamps: list[float] = []
     body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "logprobs": 0}
     try:
@@ -46,79 +58,151 @@ async def one_request(client, url: str, prompt: str, max_tokens: int) -> dict:
                 if line.startswith("data: {"):
                     ch = json.loads(line[6:])["choices"][0]
                     n = len((ch.get("logprobs") or {}).get("tokens") or [])
-                    if n:
-                        stamps.append(time.perf_counter())
-                        tokens += n
+                    now = time.perf_counter()
+                    stamps += [now] * n
     except Exception:  # noqa: BLE001 - a failed request is counted, not raised
         return {"ok": False}
     if not stamps:
         return {"ok": False}
-    return {"ok": True, "ttft": stamps[0] - t0, "itl": [b - a for a, b in zip(stamps, stamps[1:])], "tokens": tokens}
+    end = stamps[-1]
+    tpot = (end - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else 0.0
+    return {"ok": True, "ttft": stamps[0] - t0, "tpot": tpot, "itl": [b - a for a, b in zip(stamps, stamps[1:])],
+            "tokens": len(stamps)}
 
 
-async def load(url: str, clients: int, per_client: int, max_tokens: int, seed: int) -> dict:
+async def _load(url: str, prompts: list[list[str]], max_tokens: int) -> tuple[list[dict], float]:
     import httpx
 
-    rng = random.Random(seed)
-    words = TEXT.split()
-    prompts = [[" ".join(rng.choices(words, k=rng.randint(8, 40))) for _ in range(per_client)] for _ in range(clients)]
-    limits = httpx.Limits(max_connections=clients + 4)
-    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+    limits = httpx.Limits(max_connections=len(prompts) + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         async def worker(ps):
-            return [await one_request(client, url, p, max_tokens) for p in ps]
+            return [await _one(client, url, p, max_tokens) for p in ps]
 
         t0 = time.perf_counter()
         results = [r for rs in await asyncio.gather(*(worker(ps) for ps in prompts)) for r in rs]
-        wall = time.perf_counter() - t0
+        return results, time.perf_counter() - t0
+
+
+def run_load(url: str, prompts: list[list[str]], max_tokens: int) -> tuple[list[dict], float]:
+    """Runs in the load-generator process: every client's requests, (results, wall seconds)."""
+    return asyncio.run(_load(url, prompts, max_tokens))
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def summarize(results: list[dict], wall: float, clients: int) -> dict:
     ok = [r for r in results if r["ok"]]
-    ttft = [r["ttft"] for r in ok]
-    itl = [x for r in ok for x in r["itl"]]
-    toks = sum(r["tokens"] for r in ok)
-    return {"clients": clients, "requests": len(results), "completed": len(ok), "failed": len(results) - len(ok),
-            "tok_s": toks / wall, "ttft_p50_ms": 1e3 * percentile(ttft, 0.5),
-            "ttft_p99_ms": 1e3 * percentile(ttft, 0.99),
-            "itl_p50_ms": 1e3 * percentile(itl, 0.5), "itl_p99_ms": 1e3 * percentile(itl, 0.99), "wall_s": wall}
+    out = {"clients": clients, "requests": len(results), "failed": len(results) - len(ok),
+           "req_s": len(ok) / wall, "tok_s": sum(r["tokens"] for r in ok) / wall}
+    series = {"ttft": [r["ttft"] for r in ok], "tpot": [r["tpot"] for r in ok if r["tokens"] > 1],
+              "itl": [x for r in ok for x in r["itl"]]}
+    for k, xs in series.items():
+        out[f"{k}_mean_ms"] = 1e3 * sum(xs) / max(1, len(xs))
+        out[f"{k}_p50_ms"] = 1e3 * percentile(xs, 0.5)
+        out[f"{k}_p99_ms"] = 1e3 * percentile(xs, 0.99)
+    return out
+
+
+def make_prompts(tok: Tokenizer, scenario: str, clients: int, per_client: int, args, seed: int) -> list[list[str]]:
+    rng = random.Random(seed)
+    words = TEXT.split()
+
+    def text(n_tokens: int, r: random.Random) -> str:
+        out = ""
+        while len(tok.encode(out)) < n_tokens:
+            out += " " + " ".join(r.choices(words, k=max(1, (n_tokens - len(tok.encode(out))) // 2)))
+        return out
+
+    if scenario == "random":
+        return [[text(rng.randint(16, args.max_prompt), rng) for _ in range(per_client)] for _ in range(clients)]
+    system = text(args.system_tokens, random.Random(0))  # the same for every request, every level
+    return [[system + "\nQ:" + text(rng.randint(8, 32), rng) for _ in range(per_client)] for _ in range(clients)]
+
+
+def build_model(name: str, device: torch.device) -> tuple[Transformer, Tokenizer]:
+    tok = Tokenizer.train([TEXT], 512)
+    if name.startswith("hf-"):
+        from benchmarks.bench_decode import build_imported
+
+        model, _ = build_imported(name, CONTEXT, device, torch.float32)
+        return model, tok
+    torch.manual_seed(0)
+    cfg = ModelConfig(**(preset(name) | {"vocab_size": tok.n_vocab, "block_size": CONTEXT}))
+    return Transformer(cfg).to(device).eval(), tok
+
+
+def run_scenario(pool, model, tok, args, scenario: str, prefix_cache: bool) -> list[dict]:
+    longest = (args.system_tokens + 40 if scenario == "shared" else args.max_prompt) + args.max_tokens
+    blocks = args.max_batch * -(-longest // 16) + 64
+    app, sched = build(model, tok, "bench", max_batch=args.max_batch, max_queue=4 * max(args.clients),
+                       num_blocks=blocks, max_step_tokens=args.max_step_tokens, prefix_cache=prefix_cache)
+    label = scenario + ("" if scenario == "random" else " +cache" if prefix_cache else " no-cache")
+    rows = []
+    with ThreadedServer(app, sched, drain_timeout=5) as srv:
+        pool.apply(run_load, (srv.url, make_prompts(tok, scenario, 2, 1, args, 99), 4))  # warm-up (shared: the
+        # prefix is then cached, as on a server that has answered before; the no-cache run gets the same requests)
+        for c in args.clients:
+            prompts = make_prompts(tok, scenario, c, args.requests_per_client, args, seed=c)
+            results, wall = pool.apply(run_load, (srv.url, prompts, args.max_tokens))
+            rows.append({"scenario": label} | summarize(results, wall, c))
+            print(json.dumps(rows[-1]), flush=True)
+        if args.total and scenario == "random":
+            c = max(args.clients)
+            prompts = make_prompts(tok, scenario, c, -(-args.total // c), args, seed=7)
+            results, wall = pool.apply(run_load, (srv.url, prompts, args.max_tokens))
+            total = summarize(results, wall, c)
+            print(f"{total['requests']}-request run at {c} clients: failed {total['failed']}, "
+                  f"{total['tok_s']:.0f} tok/s", flush=True)
+        assert sched.pool.used == 0, f"{sched.pool.used} KV blocks still used at idle"
+    return rows
+
+
+def goals(rows: list[dict]) -> None:
+    by = {(r["scenario"], r["clients"]): r for r in rows}
+    print("\ngoals (issue 30):")
+    for scen in sorted({r["scenario"] for r in rows}):
+        one, sixteen = by.get((scen, 1)), by.get((scen, 16))
+        if one and sixteen:
+            print(f"  {scen}: 16 clients {sixteen['tok_s'] / one['tok_s']:.2f}x one client's tok/s (goal >= 6x); "
+                  f"p99 ITL at 16 = {sixteen['itl_p99_ms'] / one['itl_p50_ms']:.2f}x one client's p50 ITL "
+                  f"(goal <= 3x)")
+    for c in sorted({r["clients"] for r in rows}):
+        a, b = by.get(("shared +cache", c)), by.get(("shared no-cache", c))
+        if a and b:
+            print(f"  shared prefix, {c} clients: TTFT mean with cache / without = "
+                  f"{a['ttft_mean_ms'] / b['ttft_mean_ms']:.3f} (goal <= 0.2)")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--preset", default="tiny", help="a model preset, or hf-8x512 (a random Llama, imported)")
+    ap.add_argument("--scenarios", nargs="+", default=["random", "shared"], choices=("random", "shared"))
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 32])
     ap.add_argument("--requests-per-client", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--max-prompt", type=int, default=400, help="random scenario: longest prompt in tokens")
+    ap.add_argument("--system-tokens", type=int, default=1000, help="shared scenario: the system prompt's tokens")
     ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--max-step-tokens", type=int, default=256)
     ap.add_argument("--total", type=int, default=0, help="one more run of this many requests at the top client count")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tok = Tokenizer.train([TEXT], 512)
-    torch.manual_seed(0)
-    cfg = ModelConfig(**(preset(args.preset) | {"vocab_size": tok.n_vocab}))
-    model = Transformer(cfg).to(device).eval()
-    app, sched = build(model, tok, "bench", max_batch=args.max_batch, max_queue=max(64, 2 * max(args.clients)))
+    model, tok = build_model(args.preset, device)
     rows = []
-    with ThreadedServer(app, sched, drain_timeout=5) as srv:
-        asyncio.run(load(srv.url, 2, 1, 4, seed=99))  # warm-up
-        for c in args.clients:
-            rows.append(asyncio.run(load(srv.url, c, args.requests_per_client, args.max_tokens, seed=c)))
-            print(rows[-1], flush=True)
-        if args.total:
-            c = max(args.clients)
-            total = asyncio.run(load(srv.url, c, -(-args.total // c), args.max_tokens, seed=7))
-            print("total run:", total, flush=True)
-        assert sched.pool.used == 0, f"{sched.pool.used} KV blocks still used at idle"
-    base_tps, base_itl = rows[0]["tok_s"], rows[0]["itl_p50_ms"]
+    with mp.get_context("spawn").Pool(1) as pool:
+        for scen in args.scenarios:
+            for cache in ((True,) if scen == "random" else (True, False)):
+                rows += run_scenario(pool, model, tok, args, scen, cache)
     for r in rows:
-        r["speedup"] = r["tok_s"] / base_tps
-        r["itl_p99_over_1client_p50"] = r["itl_p99_ms"] / base_itl if base_itl else float("nan")
-        r["provider"] = f"ours ({args.preset}, {device_name()})"
-    if args.total:
-        print(f"{total['requests']}-request run at {max(args.clients)} clients: completed {total['completed']}, "
-              f"failed {total['failed']}, {total['tok_s']:.0f} tok/s")
-    write_results("serve", rows, x="clients", y="tok_s", title=f"Serving, {args.preset} preset, greedy, "
-                  f"max_tokens {args.max_tokens}, max_batch {args.max_batch}")
+        r["provider"] = f"{r['scenario']} ({args.preset}, {device_name()})"
+    goals(rows)
+    write_results(f"serve_{args.preset}", rows, x="clients", y="tok_s",
+                  title=f"Serving, {args.preset}, greedy, max_tokens {args.max_tokens}, max_batch {args.max_batch}, "
+                  f"max_step_tokens {args.max_step_tokens}")
 
 
 if __name__ == "__main__":

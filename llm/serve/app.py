@@ -32,6 +32,7 @@ from llm.chat import ChatError
 from llm.generate.decode import fit_prompts
 from llm.generate.sampling import SamplingError, SamplingParams
 from llm.serve.engine import Event, Seq
+from llm.serve.grammar import GrammarError, Grammars
 from llm.serve.protocol import APIError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, error_body
 from llm.serve.scheduler import QueueFull, Scheduler, ShuttingDown
 from llm.serve.templates import ChatFormat
@@ -62,7 +63,7 @@ class Server:
 
     def __init__(self, sched: Scheduler, tok, model_name: str, block_size: int, chat: ChatFormat) -> None:
         self.sched, self.tok, self.model_name, self.block_size = sched, tok, model_name, block_size
-        self.chat = chat
+        self.chat, self.grammars = chat, Grammars(tok)
         self.created = int(time.time())
 
     # ------------------------------------------------------------------ request -> seqs
@@ -106,14 +107,26 @@ class Server:
         if n_rows > self.sched.max_batch:
             raise APIError(400, f"{len(prompts)} prompt(s) x n={body.n} = {n_rows} sequences; this server runs at "
                            f"most {self.sched.max_batch} at once", param="n")
+        grammar = self.grammar(body)
         seed = body.seed if body.seed is not None else secrets.randbelow(2**62)
         out = [Seq(prompt=p, params=params, max_tokens=max_tokens, seed=seed + i * body.n + j, emit=lambda ev: None,
-                   stop=stop, stop_ids=stop_ids, logprobs=logprobs, prompt_logprobs=echo and logprobs is not None)
+                   stop=stop, stop_ids=stop_ids, logprobs=logprobs, prompt_logprobs=echo and logprobs is not None,
+                   grammar=None if grammar is None else self.grammars.matcher(grammar))
                for i, p in enumerate(prompts) for j in range(body.n)]
         if self.sched.worst_case_blocks(out) > self.sched.pool.n_blocks:
             raise APIError(400, "the request needs more KV cache than the server has; lower n or max_tokens",
                            param="max_tokens")
         return out
+
+    def grammar(self, body) -> str | None:
+        """The compiled response_format of a request (None: free text); 400 with the compiler's reason."""
+        fmt = body.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        try:
+            return self.grammars.compile(fmt.type, fmt.spec())
+        except GrammarError as e:
+            raise APIError(400, str(e), param="response_format", code="invalid_response_format") from None
 
     def submit(self, seqs: list[Seq]):
         try:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,6 +36,7 @@ from llm.generate.sampling import SamplingParams, row_uniforms, sample, seen_mas
 from llm.generate.text import TextStream
 from llm.model import Transformer
 from llm.paged_cache import BlockPool, PagedKVCache, block_hash
+from llm.serve.grammar import Masker
 
 TopList = list[tuple[int, float]]  # (token id, logprob), most likely first
 
@@ -61,6 +63,7 @@ class Seq:
     emit: Callable[[Event], None]
     stop: list[str] = field(default_factory=list)
     stop_ids: frozenset[int] = frozenset()  # end-of-turn ids beside the tokenizer's end-of-text
+    grammar: Any = None  # an llguidance matcher (structured output): the tokens it allows are the only choices
     logprobs: int | None = None  # top-n logprobs of each new token (0: only the chosen one's)
     prompt_logprobs: bool = False  # echo + logprobs: the logprob of every prompt token
     blocks: list[int] = field(default_factory=list)
@@ -106,6 +109,7 @@ class Engine:
         self.vocab = min(tok.n_vocab, model.cfg.padded_vocab_size)
         self.prefix_queried = self.prefix_hits = 0  # prompt tokens looked up in / found in the prefix cache
         self.preemptions = 0
+        self.masker = Masker()
 
     def start(self, s: Seq) -> None:
         """Per-seq state drawn up front: uniforms, the repetition-penalty mask, the text stream."""
@@ -250,6 +254,11 @@ class Engine:
 
     def _sample_all(self, draws: list[tuple[Seq, int]], logits: Tensor) -> None:
         """Token len(s.out) of every drawing row: one `sample` call per group of equal parameters."""
+        constrained = [(s, r) for s, r in draws if s.grammar is not None]
+        if constrained:  # structured output: what the grammar does not allow gets probability 0
+            rows = torch.tensor([r for _, r in constrained], device=self.device)
+            ok = self.masker.allowed([s.grammar for s, _ in constrained], logits.shape[-1]).to(self.device)
+            logits[rows] = logits[rows].masked_fill(~ok, float("-inf"))
         groups: dict[SamplingParams, list[tuple[Seq, int]]] = {}
         for s, r in draws:
             groups.setdefault(s.params, []).append((s, r))
@@ -284,7 +293,10 @@ class Engine:
             return
         s.out.append(token)
         ev.text = s.text.push(self.tok.decode_bytes([token]))
-        if s.text.stopped:
+        if s.grammar is not None:
+            s.grammar.consume_token(token)
+        if s.text.stopped or (s.grammar is not None and s.grammar.is_stopped()):
+            ev.text += s.text.close()  # '' after a stop string
             self._finish(s, "stop", ev)
         elif len(s.out) >= s.max_tokens:
             ev.text += s.text.close()

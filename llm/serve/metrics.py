@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily
 
 QUANTILES = (0.5, 0.9, 0.99)
 REJECT_REASONS = ("invalid_request", "context_length_exceeded", "model_not_found", "invalid_api_key", "queue_full",
-                  "shutting_down", "not_found")
+                  "shutting_down", "not_found", "invalid_response_format")
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 

@@ -39,11 +39,41 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchema(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
+
+    name: str = "response"
+    description: str | None = None
+    schema_: dict | bool = Field(True, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """response_format: OpenAI's text / json_object / json_schema, plus regex and grammar (Lark or GBNF) as
+    extensions (llm.serve.grammar compiles them)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    type: Literal["text", "json_object", "json_schema", "regex", "grammar"]
+    json_schema: JsonSchema | None = None
+    regex: str | None = None
+    grammar: str | None = None
+
+    def spec(self) -> dict | str | bool | None:
+        """What the grammar compiler reads for this type (400 when the type's field is missing)."""
+        field = {"json_schema": self.json_schema, "regex": self.regex, "grammar": self.grammar}.get(self.type, "")
+        if field is None:
+            raise APIError(400, f"response_format of type {self.type!r} needs its '{self.type}' field",
+                           param="response_format")
+        return self.json_schema.schema_ if self.type == "json_schema" else field or None
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=MAX_N)
