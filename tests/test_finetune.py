@@ -281,6 +281,30 @@ def test_lora_under_fsdp_matches_one_process_through_a_resume(runs):
     assert all((a[k] - b[k]).abs().max() < 1e-5 for k in a)
 
 
+@pytest.mark.slow
+def test_prefix_under_fsdp_and_adapters_under_ddp_match_one_process(runs):
+    """One 2-rank launch: a prefix run under FSDP2 (its reparameterization sharded at the root), stopped at step 3
+    and resumed, and an adapter run under DDP, against one process each with the same global batch: the same
+    losses and adapter tensors (the prefix folded from the gathered full state)."""
+    kw = dict(max_steps=6, dropout=0.0)
+    jobs, outs = [], {}
+    for name, method, extra in (("prefix", PREFIX, ["--fsdp"]), ("adapter", ADAPTER, [])):
+        assert main(ft_argv(runs, f"{name}-one", grad_accum=2, **kw, **method)) == 0
+        argv = [str(a) for a in ft_argv(runs, f"{name}-two", grad_accum=1, **kw, **method)] + extra
+        jobs += [(argv, 3), (argv + ["--resume"], -1)]
+        outs[name] = (runs / f"{name}-one", runs / f"{name}-two")
+    r = run_two_ranks(runs, jobs)
+    assert "FSDP2" in r.stdout and "DDP" in r.stdout and r.stdout.count("resumed from") == 2
+    for one, two in outs.values():
+        l1, l2 = step_losses(one), step_losses(two)
+        assert sorted(l2) == list(range(1, 7))
+        assert all(abs(l2[s] - l1[s]) <= 1e-5 * abs(l1[s]) for s in l1), (l2, l1)
+        a = ck.read_tensors(ck.resolve(one) / "adapter.safetensors")[0]
+        b = ck.read_tensors(ck.resolve(two) / "adapter.safetensors")[0]
+        assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+        assert all((a[k] - b[k]).abs().max() < 1e-5 for k in a)
+
+
 def test_qlora_run_on_an_int8_base_resumes_exactly(runs, capsys):
     """--init-from an int8 checkpoint with --lora-rank: the base stays int8 codes (QuantLoRALinear), the printed
     memory line compares its bytes to fp32, the run resumes exactly, and its checkpoint loads onto that base."""
