@@ -1,26 +1,36 @@
 """Fine-tuning benchmarks (CPU or CUDA).
 
-  memory   LoRA (on an fp32 and an int8 base) vs full fine-tuning on a preset (default `small`): frozen base,
-           parameter, gradient and AdamW-state bytes, measured on the tensors after one optimizer step
+  memory   full fine-tuning, LoRA (on an fp32 and an int8 base), prefix tuning and bottleneck adapters (Houlsby,
+           Pfeiffer) on a preset (default `small`), the PEFT methods at about LoRA's trainable budget: trainable
+           parameters (a prefix: while training, through its MLP, and as saved), frozen base, parameter, gradient
+           and AdamW-state bytes, measured on the tensors after one optimizer step
   speed    a LoRA step and a full fine-tuning step at the same batch, side by side (median of --steps)
   quality  base vs fine-tuned on the held-out split of fine-tuning data: answer loss (the masked loss), and the
            share of greedy answers that end with the end-of-turn token
+  compare  LoRA, prefix tuning and adapters fine-tuned from --base at an equal trainable-parameter budget (LoRA's
+           at --lora-rank), --seeds seeds each: held-out answer loss and end-of-turn rate, mean and spread
+  ttft     time to first token of --base alone and with a prefix of --prefix-tokens rows (interleaved, median)
 
   python benchmarks/bench_finetune.py memory --preset small --lora-rank 16 --lora-targets q,k,v,o,gate,up,down
   python benchmarks/bench_finetune.py speed --preset small --batch-size 2 --block-size 256
   python benchmarks/bench_finetune.py quality --base out/ --lora out-ft/ --dataset stdlib-qa
+  python benchmarks/bench_finetune.py compare --base out/ --lora-rank 8 --steps 100 --seeds 3
+  python benchmarks/bench_finetune.py ttft --base out/ --prefix-tokens 16
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from llm import lora
+from llm import bottleneck, lora, peft, prefix
 from llm.chat import prompt_ids
 from llm.config import DataConfig, ModelConfig, preset
 from llm.data import sft
@@ -32,15 +42,38 @@ from llm.quant import dense_numel, make_scheme, quantize_model
 from llm.train.distributed import fmt_bytes
 
 
-def _model(args, use_lora: bool, int8: bool = False) -> Transformer:
+def _lora(args) -> lora.LoRAConfig:
+    return lora.LoRAConfig(args.lora_rank, 2.0 * args.lora_rank, 0.0, lora.parse_targets(args.lora_targets))
+
+
+def _model(args, use_lora: bool | peft.Config, int8: bool = False) -> Transformer:
+    """The preset's model, frozen with LoRA (use_lora True) or another method's config applied."""
     torch.manual_seed(0)
     m = Transformer(ModelConfig(**(preset(args.preset) | {"block_size": args.block_size, "kernels": "torch"})))
     if int8:  # QLoRA-style: the block weights as int8 codes, frozen
         quantize_model(m, make_scheme("int8"))
     if use_lora:
-        lora.apply_lora(m, lora.LoRAConfig(args.lora_rank, 2.0 * args.lora_rank, 0.0, lora.parse_targets(
-            args.lora_targets)))
+        peft.apply(m, _lora(args) if use_lora is True else use_lora, vocab=m.cfg.vocab_size)
     return m
+
+
+def _trainable(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def at_budget(base: Transformer, budget: int, prefix_tokens: int) -> dict[str, peft.Config]:
+    """Prefix (its MLP's hidden width) and adapter (bottleneck width) configs whose trainable parameters come
+    closest to `budget`: both counts are linear in the width, so two probes fix the line."""
+    def count(cfg) -> int:
+        return _trainable(peft.apply(copy.deepcopy(base), cfg, vocab=base.cfg.vocab_size))
+
+    out = {}
+    for name, make in (("prefix", lambda w: prefix.PrefixConfig(prefix_tokens, w)),
+                       ("adapter", lambda w: bottleneck.AdapterConfig(w, "houlsby")),
+                       ("adapter-pfeiffer", lambda w: bottleneck.AdapterConfig(w, "pfeiffer"))):
+        c1, c2 = count(make(1)), count(make(2))
+        out[name] = make(max(1, round(1 + (budget - c1) / (c2 - c1))))
+    return out
 
 
 def _step(model: Transformer, opt: torch.optim.Optimizer, x: torch.Tensor) -> float:
@@ -57,11 +90,16 @@ def _opt(model: Transformer) -> torch.optim.AdamW:
 
 def memory(args) -> None:
     rows = {}
-    for name, use, int8 in (("full", False, False), ("lora", True, False), ("qlora int8", True, True)):
+    budget = _trainable(_model(args, True))
+    others = at_budget(_model(args, False), budget, args.prefix_tokens)
+    runs = [("full", False, False), ("lora", True, False), ("qlora int8", True, True),
+            *((n, c, False) for n, c in others.items())]
+    for name, use, int8 in runs:
         m = _model(args, use, int8)
         opt = _opt(m)
         _step(m, opt, torch.randint(0, 1000, (1, 8)))
-        rows[name] = dict(params=dense_numel(m), base_bytes=lora.frozen_bytes(m),
+        saved = sum(t.numel() for k, t in peft.saved_tensors(m).items() if not k.startswith(prefix.REPARAM))
+        rows[name] = dict(params=dense_numel(m), base_bytes=peft.frozen_bytes(m), saved=saved if use else 0,
                           trainable=sum(p.numel() for p in m.parameters() if p.requires_grad),
                           param_bytes=sum(p.numel() * p.element_size() for p in m.parameters()),
                           grad_bytes=sum(p.grad.numel() * p.grad.element_size() for p in m.parameters()
@@ -69,13 +107,15 @@ def memory(args) -> None:
                           optim_bytes=sum(v.numel() * v.element_size() for s in opt.state.values()
                                           for v in s.values() if torch.is_tensor(v) and v.dim() > 0))
         del m, opt
-    print(f"preset {args.preset}, LoRA r={args.lora_rank} on {args.lora_targets}")
-    print("| run | parameters | trainable | frozen base bytes | parameter bytes | gradient bytes | AdamW bytes |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"preset {args.preset}, LoRA r={args.lora_rank} on {args.lora_targets}; at that budget: "
+          + ", ".join(f"{n} {_describe(c)}" for n, c in others.items()))
+    print("| run | parameters | trainable | saved | frozen base bytes | parameter bytes | gradient bytes | "
+          "AdamW bytes |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         base = r["base_bytes"] if name != "full" else 0
-        print(f"| {name} | {r['params']:,} | {r['trainable']:,} | {fmt_bytes(base)} | {fmt_bytes(r['param_bytes'])} | "
-              f"{fmt_bytes(r['grad_bytes'])} | {fmt_bytes(r['optim_bytes'])} |")
+        print(f"| {name} | {r['params']:,} | {r['trainable']:,} | {r['saved']:,} | {fmt_bytes(base)} | "
+              f"{fmt_bytes(r['param_bytes'])} | {fmt_bytes(r['grad_bytes'])} | {fmt_bytes(r['optim_bytes'])} |")
     f, lo = rows["full"], rows["lora"]
     print(f"LoRA trainable share {100 * lo['trainable'] / lo['params']:.2f}%; gradient + optimizer bytes "
           f"{100 * (lo['grad_bytes'] + lo['optim_bytes']) / (f['grad_bytes'] + f['optim_bytes']):.2f}% of full")
@@ -122,8 +162,8 @@ def quality(args) -> None:
     base, _, _ = load_model(args.base)
     lora.grow_vocab(base, tok.n_vocab)  # the base scored with the fine-tune's tokens (mean-initialised rows)
     dcfg = DataConfig(dataset=args.dataset, data_dir=args.data_dir)
-    path = sft.prepare(dcfg, tok, ft.cfg.block_size, log=lambda *a: None)
-    lb, lf = _answer_loss(base, path, ft.cfg.block_size), _answer_loss(ft, path, ft.cfg.block_size)
+    path = sft.prepare(dcfg, tok, ft.n_positions, log=lambda *a: None)
+    lb, lf = _answer_loss(base, path, ft.n_positions), _answer_loss(ft, path, ft.n_positions)
     held = [m for s, _, m in sft.examples(dcfg) if s == "val"][: args.n_generate]
     prompts = [sft_prompt(tok, m) for m in held]
     comps = complete(ft, tok, prompts, args.max_new_tokens, params=SamplingParams(0.0))  # greedy
@@ -138,9 +178,115 @@ def sft_prompt(tok, msgs: list[dict]) -> list[int]:
     return prompt_ids(tok, msgs[:-1])
 
 
+def _describe(cfg: peft.Config) -> str:
+    if isinstance(cfg, prefix.PrefixConfig):
+        return f"P={cfg.tokens}, MLP hidden {cfg.hidden}"
+    if isinstance(cfg, bottleneck.AdapterConfig):
+        return f"dim {cfg.dim} ({cfg.placement})"
+    return f"r={cfg.rank} on {','.join(cfg.targets)}"
+
+
+def _flags(cfg: peft.Config) -> list[str]:
+    if isinstance(cfg, prefix.PrefixConfig):
+        return ["--peft", "prefix", "--prefix-tokens", str(cfg.tokens), "--prefix-hidden", str(cfg.hidden)]
+    if isinstance(cfg, bottleneck.AdapterConfig):
+        return ["--peft", "adapter", "--adapter-dim", str(cfg.dim), "--adapter-placement", cfg.placement]
+    return ["--peft", "lora", "--lora-rank", str(cfg.rank), "--lora-alpha", str(cfg.alpha), "--lora-targets",
+            ",".join(cfg.targets)]
+
+
+def _eot_rate(model, tok, held: list[list[dict]], max_new_tokens: int) -> float:
+    comps = complete(model, tok, [sft_prompt(tok, m) for m in held], max_new_tokens, params=SamplingParams(0.0))
+    return sum(c.finish_reason == "eos" for c in comps) / len(comps)
+
+
+def _spread(xs: list[float], fmt: str) -> str:
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{statistics.mean(xs):{fmt}} ± {sd:{fmt}} ({', '.join(f'{x:{fmt}}' for x in xs)})"
+
+
+def compare(args) -> None:
+    """Each method from --base at LoRA's trainable budget, --seeds seeds, --steps steps, through train.py; every
+    model scored on the same held-out examples (prepared at the shortest context: block_size - prefix rows)."""
+    import contextlib
+    import io
+
+    from llm.train.cli import main as train_main
+
+    base, _, _ = load_model(args.base)
+    lcfg = _lora(args)
+    budget = _trainable(peft.apply(copy.deepcopy(base), lcfg))
+    cfgs = {"lora": lcfg, **at_budget(base, budget, args.prefix_tokens)}
+    cfgs = {m: cfgs[m] for m in args.methods.split(",")}
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-ft-"))
+    block = base.cfg.block_size - args.prefix_tokens
+    res: dict[str, list[tuple[float, float, float]]] = {m: [] for m in cfgs}
+    path = held = None
+    for seed in range(args.seeds):
+        for m, cfg in cfgs.items():
+            out = work / f"{m}-s{seed}"
+            argv = ["--init-from", str(args.base), "--dataset", args.dataset, "--data-dir", str(work / "data"),
+                    "--out-dir", str(out), "--max-steps", str(args.steps), "--seed", str(1000 + seed),
+                    "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--warmup-steps", str(args.steps // 10),
+                    "--eval-interval", str(args.steps), "--save-interval", str(args.steps), "--health-interval", "0",
+                    "--log-interval", str(args.steps), "--dropout", "0.0", *_flags(cfg)]
+            t0 = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()):
+                rc = train_main(argv)
+            if rc != 0:
+                raise SystemExit(f"error: the {m} run failed (rc {rc}): python train.py {' '.join(argv)}")
+            dt = time.perf_counter() - t0
+            ft, tok, _ = load_model(out)
+            if path is None:
+                dcfg = DataConfig(dataset=args.dataset, data_dir=str(work / "eval-data"))
+                path = sft.prepare(dcfg, tok, block, log=lambda *a: None)
+                held = [msgs for s, _, msgs in sft.examples(dcfg) if s == "val"][: args.n_generate]
+            loss, eot = _answer_loss(ft, path, block), _eot_rate(ft, tok, held, args.max_new_tokens)
+            res[m].append((loss, eot, dt))
+            print(f"{m} seed {seed}: answer loss {loss:.4f}, end-of-turn {100 * eot:.1f}%, {dt:.0f} s", flush=True)
+    lora.grow_vocab(base, tok.n_vocab)  # the base scored with the fine-tunes' tokens (mean-initialised rows)
+    lb = _answer_loss(base, path, block)
+    print(f"base {args.base}: held-out answer loss {lb:.4f}; {args.steps} steps x batch {args.batch_size}, lr "
+          f"{args.lr:g}, {args.seeds} seeds; threads {torch.get_num_threads()}")
+    print("| method | config | trainable | saved | answer loss (mean ± sd, per seed) | end-of-turn % | s/run |")
+    print("|---|---|---|---|---|---|---|")
+    for m, cfg in cfgs.items():
+        model = peft.apply(copy.deepcopy(base), cfg, vocab=base.cfg.vocab_size)
+        saved = sum(t.numel() for k, t in peft.saved_tensors(model).items() if not k.startswith(prefix.REPARAM))
+        r = res[m]
+        print(f"| {m} | {_describe(cfg)} | {_trainable(model):,} | {saved:,} | {_spread([x[0] for x in r], '.4f')} | "
+              f"{_spread([100 * x[1] for x in r], '.1f')} | {statistics.mean(x[2] for x in r):.0f} |")
+
+
+@torch.no_grad()
+def ttft(args) -> None:
+    """Prefill + first token of one prompt: the base alone vs the base with a prefix (its rows pre-filled in the
+    cache, as sample.py --peft runs it), interleaved so machine load hits both alike."""
+    base, tok, _ = load_model(args.base)
+    pre = peft.apply(copy.deepcopy(base), prefix.PrefixConfig(args.prefix_tokens, 0), vocab=tok.n_vocab, train=False)
+    ids = tok.encode("def read_config(path):\n    \"\"\"Read the settings file and return a dict.\"\"\"\n" * 3)
+    ids = torch.tensor([ids[: args.prompt_tokens]])
+    times: dict[str, list[float]] = {"base": [], "prefix": []}
+    for i in range(args.repeats + 1):
+        for name, m in (("base", base), ("prefix", pre)):
+            t = time.perf_counter()
+            cache = m.new_cache(1, ids.shape[1] + 1)
+            logits, _ = m(ids, cache=cache, logits_at=torch.tensor([ids.shape[1] - 1]))
+            m(logits[:, -1].argmax(-1, keepdim=True), cache=cache)
+            if i:  # the first round warms up
+                times[name].append(time.perf_counter() - t)
+    q = {n: statistics.quantiles(t, n=10) for n, t in times.items()}
+    med = {n: statistics.median(t) for n, t in times.items()}
+    print(f"{args.base}: prompt {ids.shape[1]} tokens, prefix {args.prefix_tokens} rows, {args.repeats} interleaved "
+          f"repeats, threads {torch.get_num_threads()}")
+    for n in times:
+        print(f"{n}: TTFT median {med[n] * 1e3:.2f} ms (p20 {q[n][1] * 1e3:.2f}, p80 {q[n][7] * 1e3:.2f})")
+    print(f"prefix / base = {med['prefix'] / med['base']:.3f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("memory", "speed", "quality"))
+    p.add_argument("what", choices=("memory", "speed", "quality", "compare", "ttft"))
     p.add_argument("--preset", default="small")
     p.add_argument("--block-size", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=2)
@@ -155,10 +301,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-generate", type=int, default=65)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--prefix-tokens", type=int, default=16, help="memory, compare, ttft: the prefix's rows")
+    p.add_argument("--methods", default="lora,prefix,adapter",
+                   help="compare: from lora, prefix, adapter (Houlsby), adapter-pfeiffer")
+    p.add_argument("--seeds", type=int, default=3, help="compare: runs per method")
+    p.add_argument("--lr", type=float, default=3e-3, help="compare: peak learning rate of every run")
+    p.add_argument("--work", default=None, help="compare: where the runs go (default: a temp dir)")
+    p.add_argument("--prompt-tokens", type=int, default=64, help="ttft: prompt length")
+    p.add_argument("--repeats", type=int, default=30, help="ttft: timed runs each")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    {"memory": memory, "speed": speed, "quality": quality}[args.what](args)
+    {"memory": memory, "speed": speed, "quality": quality, "compare": compare, "ttft": ttft}[args.what](args)
     return 0
 
 
