@@ -16,15 +16,20 @@ help:
 	@echo "make aot     - compile every kernel configuration for sm_80/sm_90, refresh benchmarks/results/aot/"
 	@echo "make check-gpu - every kernel vs its reference in bf16/fp16 on this GPU, with one timing per op"
 
+# Set-up prints each step and pip's own progress (a first set-up downloads ~1 GB and takes minutes).
 $(STAMP): pyproject.toml
+	@echo "set-up 1/3: virtual environment $(VENV) (python: $$($(PY) --version 2>&1))"
 	test -d $(VENV) || $(PY) -m venv $(VENV)
+	@echo "set-up 2/3: PyTorch (the CPU build, ~0.7 GB installed, unless an NVIDIA GPU is present)"
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-	  $(BIN)/pip install -q torch; \
+	  $(BIN)/pip install torch; \
 	else \
-	  $(BIN)/pip install -q "torch==$(TORCH_PIN)" || $(BIN)/pip install -q torch --index-url https://download.pytorch.org/whl/cpu; \
+	  $(BIN)/pip install "torch==$(TORCH_PIN)" || $(BIN)/pip install torch --index-url https://download.pytorch.org/whl/cpu; \
 	fi
-	$(BIN)/pip install -q -e ".[dev]"
+	@echo "set-up 3/3: this project and its dev extra (triton ~1 GB, test tools ~0.7 GB: README.md says what takes the space)"
+	$(BIN)/pip install -e ".[dev]"
 	touch $(STAMP)
+	@echo "set-up done: $(VENV) holds $$(du -sh $(VENV) | cut -f1)"
 
 train: $(STAMP)
 	$(BIN)/python train.py $(ARGS)
