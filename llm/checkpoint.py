@@ -9,6 +9,22 @@
   <out_dir>/latest          name of the newest complete checkpoint (updated last)
   <out_dir>/best            name of the checkpoint with the lowest validation loss (training)
 
+A multi-rank run writes a sharded checkpoint instead (llm/train/dcp.py writes it; this module reads it):
+
+  <out_dir>/ckpt-0000200/
+    config.json             as above, plus "sharded": {"world": W, "writer": "torch.distributed.checkpoint"}
+    tokenizer.tiktoken
+    trainer.json            written by rank 0: step, world, schedule, data position, optimizer hyper-parameters
+    rank-0000R.json         written by rank R: its RNG state and data position
+    shards/shard-0000K-model-00001-of-00001.safetensors
+                            torch.distributed.checkpoint's safetensors storage: rank K-1's part of the weights
+                            ("model.<name>") and optimizer state ("optim.<name>.<key>"), each tensor's offset
+                            in the full tensor in the header, so any world size or sharding reads it back
+    checksums.json          crc32 of every file above (written last, before the rename)
+
+No DCP file is a pickle: the safetensors headers are the DCP metadata (HuggingFaceStorageReader rebuilds
+it from them). `python -m llm.checkpoint consolidate DIR OUT` turns one into a single-file checkpoint.
+
 A save goes to a temporary sibling directory, every file is fsynced, the directory is
 renamed into place, then `latest` is replaced; a crash at any point leaves the previous
 checkpoint and pointer intact.
@@ -16,15 +32,20 @@ checkpoint and pointer intact.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
+import sys
+import warnings
 import zlib
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
 
 from llm.config import ModelConfig, model_config_from_dict
 from llm.model import Transformer
@@ -35,6 +56,7 @@ from llm.tokenizer import Tokenizer
 FORMAT, VERSION = "llm-checkpoint", 1
 MODEL_FILE, OPTIM_FILE, CONFIG_FILE, TRAINER_FILE, LATEST, BEST = (
     "model.safetensors", "optimizer.safetensors", "config.json", "trainer.json", "latest", "best")
+SHARD_DIR, CHECKSUMS = "shards", "checksums.json"  # a sharded checkpoint's DCP folder and its crc32 list
 
 
 class CheckpointError(ValueError):
@@ -65,9 +87,7 @@ def save(out_dir: str | Path, name: str, model: torch.nn.Module, tokenizer: Toke
     tmp.mkdir()
     tensors = model_tensors(model, model_state)
     save_file(tensors, tmp / weights_file, metadata={"format": FORMAT, "crc32": json.dumps(_crcs(tensors))})
-    cfg = {"format": FORMAT, "version": VERSION, "model": model.cfg.__dict__ | {},
-           "tokenizer": tokenizer.save(tmp), **(extra or {})}
-    _write_json(tmp / CONFIG_FILE, cfg)
+    write_config(tmp, model.cfg, tokenizer, extra)
     if optimizer is not None:
         opt_tensors, opt_meta = optimizer_tensors(optimizer)
         save_file(opt_tensors, tmp / OPTIM_FILE, metadata={"format": FORMAT, "param_groups": json.dumps(opt_meta)})
@@ -84,6 +104,12 @@ def save(out_dir: str | Path, name: str, model: torch.nn.Module, tokenizer: Toke
     if pointer is not None:
         set_pointer(out_dir, name, pointer)
     return final
+
+
+def write_config(folder: Path, cfg: ModelConfig, tokenizer: Tokenizer, extra: dict | None = None) -> None:
+    """config.json (format, version, model config, tokenizer info, `extra`) and the tokenizer file into folder."""
+    _write_json(folder / CONFIG_FILE, {"format": FORMAT, "version": VERSION, "model": cfg.__dict__ | {},
+                                       "tokenizer": tokenizer.save(folder), **(extra or {})})
 
 
 def set_pointer(out_dir: str | Path, name: str, pointer: str = LATEST) -> None:
@@ -146,6 +172,20 @@ def _bytes(t: torch.Tensor) -> memoryview:
 
 def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, default=str))
+
+
+def file_crc(path: Path) -> int:
+    """crc32 of a file's bytes, read in 16 MiB pieces (a shard never sits in memory twice)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def fsync(path: Path) -> None:
+    """Flush a file or directory to disk."""
+    _fsync(path)
 
 
 def _fsync(path: Path) -> None:
@@ -219,12 +259,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     cfg = read_config(ckpt)
     mcfg: ModelConfig = model_config_from_dict({**cfg["model"], **overrides})
     tok = Tokenizer.load(ckpt, cfg["tokenizer"])
-    tensors, _ = read_tensors(ckpt / MODEL_FILE)
+    tensors = read_sharded(ckpt) if is_sharded(ckpt) else read_tensors(ckpt / MODEL_FILE)[0]
     with torch.device("meta"):
         model = Transformer(mcfg)
     if cfg.get("quantization") is not None:
         prepare_quantized(model, check_scheme(cfg["quantization"], str(ckpt / CONFIG_FILE)))
-    load_into(model, tensors, ckpt / MODEL_FILE)
+    load_into(model, tensors, ckpt / (SHARD_DIR if is_sharded(ckpt) else MODEL_FILE))
     model.init_buffers("cpu")  # off the meta device before moving
     model.to(device=device, dtype=dtype)
     model.init_buffers(device)  # RoPE tables stay fp32 whatever the weights' dtype
@@ -268,3 +308,104 @@ def read_trainer_state(ckpt: Path) -> dict:
     if not p.is_file():
         raise CheckpointError(f"{ckpt} has no {TRAINER_FILE}: it is a model-only checkpoint and cannot be resumed")
     return json.loads(p.read_text())
+
+
+# ----------------------------------------------------------------------------- sharded checkpoints (read side)
+
+
+def is_sharded(ckpt: Path) -> bool:
+    """A torch.distributed.checkpoint checkpoint (every rank wrote its part) rather than a single-file one."""
+    return (Path(ckpt) / SHARD_DIR).is_dir()
+
+
+def verify_sharded(ckpt: Path, rank: int = 0, world: int = 1) -> None:
+    """Check a sharded checkpoint: checksums.json present, every file it lists present, every shard's safetensors
+    header readable (the DCP metadata), and the crc32 of files rank, rank + world, ... (so `world` ranks check the
+    whole set once between them). A problem raises CheckpointError naming the file."""
+    ckpt = Path(ckpt)
+    try:
+        want = json.loads((ckpt / CHECKSUMS).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt} has no {CHECKSUMS}: the sharded save did not finish") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{ckpt / CHECKSUMS} is not valid JSON: {e}") from None
+    on_disk = {str(p.relative_to(ckpt)) for p in (ckpt / SHARD_DIR).iterdir()}
+    if extra := sorted(on_disk - set(want)):
+        raise CheckpointError(f"{ckpt / extra[0]}: a shard that {CHECKSUMS} does not list")
+    for i, (name, crc) in enumerate(sorted(want.items())):
+        path = ckpt / name
+        if not path.is_file():
+            raise CheckpointError(f"missing file: {path}")
+        if name.startswith(SHARD_DIR):
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    f.metadata()
+            except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+                raise CheckpointError(f"{path}: not a readable safetensors shard ({first_line(e)})") from None
+        if i % world == rank and file_crc(path) != crc:
+            raise CheckpointError(f"{path} is corrupted (crc32 differs from {CHECKSUMS})")
+
+
+def read_sharded(ckpt: Path, prefix: str = "model.", verify: bool = True) -> dict[str, torch.Tensor]:
+    """The full tensors under `prefix` (prefix stripped) of a sharded checkpoint, in this process alone (no process
+    group: every shard is read and placed at its offset)."""
+    ckpt = Path(ckpt)
+    if verify:
+        verify_sharded(ckpt)
+    reader = HuggingFaceStorageReader(str(ckpt / SHARD_DIR))
+    meta = reader.read_metadata().state_dict_metadata
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items() if k.startswith(prefix)}
+    dcp_load(state, reader, no_dist=True)
+    return {k[len(prefix):]: v for k, v in state.items()}
+
+
+def dcp_load(state: dict[str, torch.Tensor], reader: HuggingFaceStorageReader, no_dist: bool) -> None:
+    """dcp.load of `state` in place from a sharded checkpoint's reader (without a process group when no_dist:
+    torch's "loading in a single process" warning is what we mean, so it is not shown)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=reader, no_dist=no_dist)
+
+
+def consolidate(src: str | Path, out: str | Path) -> Path:
+    """Write sharded checkpoint `src` (or an out-dir whose `latest` is one) as a single-file checkpoint `out`:
+    model.safetensors, config.json and the tokenizer, which every loader takes (no optimizer: resume the
+    sharded one, at any world size)."""
+    ckpt, out = resolve(src), Path(out)
+    if not is_sharded(ckpt):
+        raise CheckpointError(f"{ckpt} is not a sharded checkpoint (no {SHARD_DIR}/): nothing to consolidate")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{out} exists and is not an empty directory; choose a new one")
+    cfg = read_config(ckpt)
+    mcfg = model_config_from_dict(cfg["model"])
+    tensors = read_sharded(ckpt)
+    with torch.device("meta"):
+        model = Transformer(mcfg)
+    load_into(model, tensors, ckpt / SHARD_DIR)  # the strict check: names and shapes
+    extra = {k: v for k, v in cfg.items() if k not in ("format", "version", "model", "tokenizer", "sharded")}
+    return save(out.parent, out.name, model, Tokenizer.load(ckpt, cfg["tokenizer"]), extra | {"consolidated_from":
+                str(ckpt)}, model_state=tensors, pointer=None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m llm.checkpoint consolidate DIR OUT`."""
+    p = argparse.ArgumentParser(prog="python -m llm.checkpoint", description="Checkpoint tools.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("consolidate", help="a sharded (multi-rank) checkpoint -> a single-file checkpoint",
+                       description="Gather a sharded checkpoint's weights into one model.safetensors checkpoint "
+                                   "(what sample.py, the server, quantize, HF export and --init-from take).")
+    c.add_argument("src", metavar="DIR", help="a sharded checkpoint dir, or a training out-dir (its latest)")
+    c.add_argument("out", metavar="OUT", help="the single-file checkpoint directory to write (new or empty)")
+    args = p.parse_args(argv)
+    try:
+        path = consolidate(args.src, args.out)
+    except (CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n = sum(t.numel() for t in read_tensors(path / MODEL_FILE, verify=False)[0].values())
+    print(f"wrote {path} ({n / 1e6:.2f}M parameters in {MODEL_FILE})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

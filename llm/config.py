@@ -185,6 +185,15 @@ class TrainConfig:
     activation_checkpointing: bool = _f(False, "recompute each block's activations in the backward (less memory)")
     fsdp: bool = _f(False, "under torchrun, shard parameters, gradients and optimizer state (FSDP2 fully_shard) "
                            "instead of replicating them (DDP)")
+    checkpoint_format: str = _f("auto", "single: one model.safetensors + optimizer.safetensors (gathered on rank 0); "
+                                        "sharded: torch.distributed.checkpoint, every rank writes its own part, "
+                                        "resumable at any world size (python -m llm.checkpoint consolidate makes a "
+                                        "single file of it); auto: sharded under torchrun with more than one rank "
+                                        "(single for LoRA runs), single otherwise",
+                                choices=("auto", "single", "sharded"))
+    async_checkpoint: bool = _f(False, "write sharded checkpoints in the background (dcp.async_save on its own gloo "
+                                       "group) while training continues; the next save or the end of the run waits "
+                                       "for it, and `latest` moves only then")
     keep_last: int = _f(3, "periodic checkpoints to keep (the best-by-validation one is kept too; 0 = all)")
     max_bad_steps: int = _f(5, "stop after this many consecutive steps with a NaN/Inf loss or gradient")
     deterministic: bool = _f(False, "deterministic algorithms only (bit-exact resume on GPU; slower)")
@@ -394,7 +403,11 @@ def check_configs(d: DataConfig, t: TrainConfig) -> None:
              (t.peft is None or t.optimizer == "adamw", f"--peft {t.peft} trains with AdamW: drop --optimizer muon"),
              (t.peft is None or not t.mup, f"--mup applies to pretraining from scratch, not to --peft {t.peft}"),
              (t.lora_rank is None or t.peft in (None, "lora"), f"--lora-rank applies to --peft lora, not {t.peft}"),
-             (d.sft_overlong in ("drop", "truncate"), "sft_overlong must be drop or truncate")]
+             (d.sft_overlong in ("drop", "truncate"), "sft_overlong must be drop or truncate"),
+             (t.lora_rank is None and t.peft is None or (t.checkpoint_format != "sharded" and not t.async_checkpoint),
+              "sharded / async checkpoints are for full training; a PEFT run saves its small adapter as one file"),
+             (not t.async_checkpoint or t.checkpoint_format != "single",
+              "--async-checkpoint writes sharded checkpoints: drop --checkpoint-format single")]
     for ok, msg in rules:
         if not ok:
             raise ConfigError(msg)

@@ -203,13 +203,13 @@ dd.cleanup()
 """
 
 
-def run_two_ranks(tmp: Path, jobs: list[tuple[list, int]]) -> subprocess.CompletedProcess:
-    """One torchrun launch of 2 gloo ranks (1 thread each) that trains each (train.py argv, stop_at step) job in
-    turn (stop_at -1: to the end); asserts it exited 0 and returns it (stdout: what rank 0 printed)."""
+def run_two_ranks(tmp: Path, jobs: list[tuple[list, int]], nproc: int = 2) -> subprocess.CompletedProcess:
+    """One torchrun launch of 2 (or nproc) gloo ranks (1 thread each) that trains each (train.py argv, stop_at step)
+    job in turn (stop_at -1: to the end); asserts it exited 0 and returns it (stdout: what rank 0 printed)."""
     script = tmp / "two_rank_job.py"
     script.write_text(TWO_RANK_JOB)
     root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                         str(script), json.dumps([[list(map(str, a)), s] for a, s in jobs])], cwd=root,
                        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}, capture_output=True,
                        text=True, timeout=400)

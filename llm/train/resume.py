@@ -21,6 +21,7 @@ from torch.distributed.tensor import distribute_tensor
 from llm import checkpoint as ckpt_io
 from llm import lora, peft
 from llm.config import ConfigError, ModelConfig, TrainConfig
+from llm.train import dcp as dcp_io
 from llm.train import distributed as dd
 
 
@@ -42,6 +43,12 @@ def check_resume(src: Path, state: dict, mcfg: ModelConfig, tcfg: TrainConfig, w
     if state.get("data", {}).get("fingerprint") not in (None, data_id):
         raise ConfigError(f"--resume: the dataset differs from the checkpoint's ({state['data'].get('path')}); "
                           "resume with the same --dataset, or start a new run")
+    if ckpt_io.is_sharded(src):
+        kind = lambda w, fsdp: "1 process" if w == 1 else f"{w} ranks {'FSDP2' if fsdp else 'DDP'}"  # noqa: E731
+        was_kind, now_kind = kind(was_world, was.get("fsdp")), kind(W, tcfg.fsdp)
+        if was_kind != now_kind:
+            say(f"resume: sharded checkpoint written by {was_kind}, read resharded by torch.distributed.checkpoint "
+                f"for {now_kind}")
     if was_world != W:
         extra = "; ranks beyond the saved ones get fresh RNG streams" if W > was_world else ""
         say(f"resume: remapped from {was_world} to {W} rank(s) with grad_accum {was['grad_accum']} -> "
@@ -54,12 +61,17 @@ def restore(src: Path, state: dict, model: torch.nn.Module, optimizer: torch.opt
 
     A rank the checkpoint has no RNG state for (the world grew) seeds a fresh stream, seed + rank.
     """
-    dd.load_optimizer_state(model, optimizer, ckpt_io.read_optimizer_state(src), tcfg.fsdp)
+    if ckpt_io.is_sharded(src):  # the weights too: every rank reads its part of every saved shard (resharding)
+        dcp_io.load_live(src, model, optimizer, d, state.get("optimizer_groups", []))
+        rng = (dcp_io.read_rank_state(src, d.rank) or {}).get("rng")
+    else:
+        dd.load_optimizer_state(model, optimizer, ckpt_io.read_optimizer_state(src), tcfg.fsdp)
+        rngs = state.get("rng") or []
+        rng = rngs[d.rank] if d.rank < len(rngs) else None
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    rngs = state.get("rng") or []
-    if d.rank < len(rngs):
-        dd.set_rng_state(rngs[d.rank], d.device)
+    if rng is not None:
+        dd.set_rng_state(rng, d.device)
     else:
         torch.manual_seed(tcfg.seed + d.rank)
     return state["step"], state.get("wandb_run_id"), state.get("best_val") or math.inf, state.get("skipped", 0)
@@ -69,7 +81,10 @@ def rollback(src: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
              d: dd.Dist, tcfg: TrainConfig) -> int:
     """Put the live model, optimizer, scaler and RNG back to checkpoint `src` in place (the wrapped model and the
     optimizer keep their parameter objects); returns its step. Every rank reads the full tensors; FSDP2 shards keep
-    their own rows. A PEFT run's checkpoint holds only the adapter (its frozen base never changed): that is read."""
+    their own rows. A PEFT run's checkpoint holds only the adapter (its frozen base never changed): that is read.
+    A sharded checkpoint is read by `restore` (DCP, each rank its own part)."""
+    if ckpt_io.is_sharded(src):
+        return restore(src, ckpt_io.read_trainer_state(src), model, optimizer, scaler, d, tcfg)[0]
     full = (src / ckpt_io.MODEL_FILE).is_file()
     weights = src / (ckpt_io.MODEL_FILE if full else lora.ADAPTER_FILE)
     tensors, _ = ckpt_io.read_tensors(weights, device=str(d.device))

@@ -37,6 +37,7 @@ from llm.model import Transformer
 from llm.quant import refuse_training
 from llm.runtime import pick_dtype
 from llm.tokenizer import Tokenizer
+from llm.train import dcp as dcp_io
 from llm.train import distributed as dd
 from llm.train import finetune, mup, objectives, tasks
 from llm.train.distributed import fmt_bytes
@@ -108,6 +109,7 @@ class Run:
     val_loss: float | None = None    # the last validation loss
     saved_name: str | None = None    # the checkpoint last written to (or resumed from) out
     adapter: dict | None = None      # LoRA: the adapter config; checkpoints then hold the adapter, not the model
+    sharded: dcp_io.ShardedWriter | None = None  # the checkpoint writer: sharded (DCP), or None: single-file
     logger: MetricsLogger = field(init=False)  # opened by _setup after the run is announced (wandb prints)
     health: Health = field(init=False)         # telemetry every health_interval steps (llm/train/health.py)
     spikes: SpikeDetector = field(init=False)  # loss-spike detector (its window is checkpointed)
@@ -177,23 +179,41 @@ class Run:
         self.model.train()
         return losses.sum().item() / iters, _reduce(metric_sums, iters, d)
 
-    def save(self, best: bool = False) -> Path:
-        """Checkpoint `self.step` into out (every rank takes part); `best` also points BEST at it.
+    def save(self, best: bool = False, final: bool = False) -> Path:
+        """Checkpoint `self.step` into out (every rank takes part); `best` also points BEST at it. The writer was
+        chosen once in _setup: sharded (llm/train/dcp.py; `final` waits for an async save) or single-file.
 
         A name already on disk from this run (the resumed checkpoint, the same step again) is not rewritten.
         """
         d, A = self.d, self.tcfg.grad_accum
+        name = f"ckpt-{self.step:07d}"
+        st = {"step": self.step, "world": d.world, "train": asdict(self.tcfg),
+              "scaler": self.scaler.state_dict(), "wandb_run_id": self.logger.run_id,
+              "best_val": None if math.isinf(self.best_val) else self.best_val, "skipped": self.skipped,
+              "spikes": self.spikes.state_dict(), "rollbacks": self.rollbacks,
+              "objective": {"name": self.objective.name, **self.objective.state_dict()},
+              "data": {"path": str(self.data_path), "fingerprint": self.data_id,
+                       "micro_batches": (self.step + self.data_skip) * A * d.world, "skip_steps": self.data_skip}}
+        if self.sharded is not None:
+            if name != self.saved_name:
+                rank = {"rank": d.rank, "world": d.world, "rng": dd.rng_state(d.device),
+                        "next_micro_batch": ((self.step + self.data_skip) * A) * d.world + d.rank}
+                self.sharded.save(name, self.model, self.optimizer, self.tok, self.extra,
+                                  st | {"optimizer_groups": dcp_io.optimizer_groups(self.optimizer)}, rank, best,
+                                  self.tcfg.keep_last, wait=final)
+                self.saved_name = name
+            else:
+                self.sharded.commit()
+                if best and d.main:
+                    ckpt_io.set_pointer(self.out, name, ckpt_io.BEST)
+                dd.barrier(d)
+            if final:
+                self.sharded.close()
+            return self.out / name
         msd, osd = dd.full_state(self.model, self.optimizer, self.tcfg.fsdp)
         rngs = dd.all_gather_objects(dd.rng_state(d.device), d)
-        name = f"ckpt-{self.step:07d}"
         if d.main:
-            st = {"step": self.step, "world": d.world, "train": asdict(self.tcfg), "rng": rngs,
-                  "scaler": self.scaler.state_dict(), "wandb_run_id": self.logger.run_id,
-                  "best_val": None if math.isinf(self.best_val) else self.best_val, "skipped": self.skipped,
-                  "spikes": self.spikes.state_dict(), "rollbacks": self.rollbacks,
-                  "objective": {"name": self.objective.name, **self.objective.state_dict()},
-                  "data": {"path": str(self.data_path), "fingerprint": self.data_id,
-                           "micro_batches": (self.step + self.data_skip) * A * d.world, "skip_steps": self.data_skip}}
+            st["rng"] = rngs
             if name != self.saved_name and self.adapter is not None:
                 ckpt_io.save(self.out, name, self.model, self.tok, self.extra, osd, st,
                              peft.saved_tensors(self.model, msd),
@@ -323,7 +343,8 @@ def _setup(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str |
     data_id = fingerprint(manifest)
     if src is not None:
         check_resume(src, state, mcfg, tcfg, d.world, data_id, say)
-        finetune.load_weights(model, src, adapter, device)
+        if not ckpt_io.is_sharded(src):  # a sharded one is read after wrapping, resharded (resume.restore)
+            finetune.load_weights(model, src, adapter, device)
     model.train()
     objective.setup(objectives.Context(tcfg, dcfg, tok, model, device, dtype, say))
     flops_per_token = model.flops_per_token()
@@ -347,6 +368,7 @@ def _setup(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str |
               data_path=data_path, data_id=data_id, manifest=manifest, start_step=start_step, step=start_step,
               best_val=best_val, skipped=skipped,
               saved_name=src.name if src is not None and src.parent.resolve() == out.resolve() else None)
+    run.sharded = dcp_io.writer_for(tcfg, d, adapter is not None, out)
     run.health = Health(model, tcfg.health_interval, d, sharded=tcfg.fsdp and d.enabled)
     run.spikes = SpikeDetector(tcfg.spike_window, tcfg.spike_zscore)
     if state is not None:
@@ -456,6 +478,8 @@ def _on_bad_step(run: Run, progress: Progress, streak: int, gnorm: float) -> boo
            else f"non-finite loss {run.loss} / grad norm {gnorm}")
     progress.write(f"step {step}: {why}: step skipped ({streak} in a row, {run.skipped} in total)")
     run.logger.log({"step": step, "event": "skip", "reason": "spike" if spike else "non-finite", "z": run.spike_z})
+    if run.sharded is not None:
+        run.sharded.commit()  # an async save still in flight (made before this streak) becomes `latest` first
     good = ckpt_io.pointed(run.out)
     if streak >= tcfg.max_bad_steps:
         raise TrainingDiverged(
@@ -481,7 +505,7 @@ def _finish(run: Run, stop: _StopFlag, t0: float) -> dict:
     """The final checkpoint, the loss plot and the summary (printed, and returned as a dict)."""
     step, out, say, manifest, val_loss = run.step, run.out, run.say, run.manifest, run.val_loss
     interrupted = step < run.tcfg.max_steps
-    path = run.save()
+    path = run.save(final=True)
     elapsed = time.perf_counter() - t0
     run.logger.close()
     png = plot_losses(run.logger.path, out / "loss.png") if run.d.main else None
