@@ -23,7 +23,7 @@ A multi-rank run writes a sharded checkpoint instead (llm/train/dcp.py writes it
     checksums.json          crc32 of every file above (written last, before the rename)
 
 No DCP file is a pickle: the safetensors headers are the DCP metadata (HuggingFaceStorageReader rebuilds
-it from them). `python -m llm.checkpoint consolidate DIR OUT` turns one into a single-file checkpoint.
+it from them). `llm checkpoint consolidate DIR OUT` (python -m llm.checkpoint ...) makes one a single file.
 
 A save goes to a temporary sibling directory, every file is fsynced, the directory is
 renamed into place, then `latest` is replaced; a crash at any point leaves the previous
@@ -388,8 +388,8 @@ def consolidate(src: str | Path, out: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m llm.checkpoint consolidate DIR OUT`."""
-    p = argparse.ArgumentParser(prog="python -m llm.checkpoint", description="Checkpoint tools.")
+    """`llm checkpoint consolidate DIR OUT` (= python -m llm.checkpoint consolidate DIR OUT)."""
+    p = argparse.ArgumentParser(prog="llm checkpoint", description="Checkpoint tools.")
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("consolidate", help="a sharded (multi-rank) checkpoint -> a single-file checkpoint",
                        description="Gather a sharded checkpoint's weights into one model.safetensors checkpoint "

@@ -37,6 +37,7 @@ COMMANDS: dict[str, Command] = {
     "export": Command("llm.interop.__main__", "write a checkpoint as a Hugging Face model directory",
                       ("export",)),
     "serve": Command("llm.serve.__main__", "OpenAI-compatible HTTP server (needs the serve extra)"),
+    "checkpoint": Command("llm.checkpoint", "consolidate a sharded (multi-rank) checkpoint into one file"),
 }
 
 

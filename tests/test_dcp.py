@@ -122,7 +122,8 @@ def test_a_damaged_sharded_checkpoint_is_one_error_line(runs, tmp_path, damage, 
         ck.load_checkpoint(src)
     msg = str(e.value)
     want = {"flip": "corrupted (crc32", "truncate": "not a readable safetensors shard",
-            "no-checksums": "the sharded save did not finish", "extra-shard": "a shard that checksums.json does not list"}
+            "no-checksums": "the sharded save did not finish",
+            "extra-shard": "a shard that checksums.json does not list"}
     assert "\n" not in msg and want[damage] in msg, msg
     assert main(args(tmp, "bad", "--resume", str(src))) == 2  # resume refuses it with one line, before training
     assert capsys.readouterr().err.count("error:") == 1

@@ -43,7 +43,8 @@ def test_llm_help_lists_every_subcommand_without_importing_torch():
 SAME_AS = {"train": ("llm.train.cli", []), "sample": ("llm.generate.cli", []),
            "chat": ("llm.generate.cli", ["--chat"]), "eval": ("llm.eval.__main__", []),
            "quantize": ("llm.quantize.__main__", []), "export": ("llm.interop.__main__", ["export"]),
-           "serve": ("llm.serve.__main__", []), "data": ("llm.data.__main__", [])}
+           "serve": ("llm.serve.__main__", []), "data": ("llm.data.__main__", []),
+           "checkpoint": ("llm.checkpoint", [])}
 
 
 def help_text(main, argv: list[str], capsys) -> str:
