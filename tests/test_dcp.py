@@ -7,7 +7,10 @@ The same checkpoint is consolidated into a single file, loaded directly, and cor
 """
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -127,3 +130,51 @@ def test_a_damaged_sharded_checkpoint_is_one_error_line(runs, tmp_path, damage, 
     assert "\n" not in msg and want[damage] in msg, msg
     assert main(args(tmp, "bad", "--resume", str(src))) == 2  # resume refuses it with one line, before training
     assert capsys.readouterr().err.count("error:") == 1
+
+
+KILL_JOB = """
+import json, os, signal, sys, time
+from pathlib import Path
+from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageWriter
+from llm.train.cli import resolve_configs
+from llm.train.trainer import train
+
+argv, flag = json.loads(sys.argv[1]), Path(sys.argv[2])
+real = HuggingFaceStorageWriter.write_data
+
+def slow_write(self, plan, planner):  # the step-4 save's shards take a minute to write
+    if "ckpt-0000004" in str(self.path):
+        flag.with_suffix(".writing").touch()
+        time.sleep(60)
+    return real(self, plan, planner)
+
+def kill_at_5(step, rec):  # training went on while the save was written; now die in the middle of it
+    if step == 5:
+        flag.write_text(str(flag.with_suffix(".writing").exists()))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+HuggingFaceStorageWriter.write_data = slow_write
+mcfg, dcfg, tcfg, args = resolve_configs(argv)
+train(mcfg, dcfg, tcfg, args.resume, args.explicit, callbacks=[kill_at_5])
+"""
+
+
+def test_a_kill_during_an_async_save_leaves_the_previous_checkpoint_loadable(runs):
+    """Promise 29: SIGKILL on every rank while the step-4 save is written in the background: `latest` still names
+    step 2, which loads and resumes to the uninterrupted run's losses."""
+    tmp, _ = runs
+    script, flag = tmp / "kill_job.py", tmp / "killed"
+    script.write_text(KILL_JOB)
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), json.dumps(args(tmp, "killed", "--async-checkpoint", save_interval=2)),
+                        str(flag)], cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and flag.read_text() == "True"  # killed at step 5 with the step-4 write under way
+    out = tmp / "killed"
+    assert ck.pointed(out) == "ckpt-0000002"
+    assert (out / ".ckpt-0000004.tmp-sharded").is_dir() and not (out / "ckpt-0000004").exists()
+    ck.load_checkpoint(out)
+    assert main(args(tmp, "killed", "--resume", "--no-async-checkpoint", "--checkpoint-format", "single")) == 0
+    ref, got = step_losses(tmp / "one"), step_losses(out)
+    assert sorted(got) == list(range(1, 7)) and close(got, ref, range(1, 7)), (got, ref)
