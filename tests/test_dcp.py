@@ -163,7 +163,7 @@ def test_a_kill_during_an_async_save_leaves_the_previous_checkpoint_loadable(run
     """Promise 29: SIGKILL on every rank while the step-4 save is written in the background: `latest` still names
     step 2, which loads and resumes to the uninterrupted run's losses."""
     tmp, _ = runs
-    script, flag = tmp / "kill_job.py", tmp / "killed"
+    script, flag = tmp / "kill_job.py", tmp / "kill_flag"
     script.write_text(KILL_JOB)
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
