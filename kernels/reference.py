@@ -12,6 +12,8 @@ Layouts used throughout:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -115,6 +117,58 @@ def linear_cross_entropy_ref(x: Tensor, weight: Tensor, targets: Tensor, ignore_
                              z_loss: float = 0.0) -> Tensor:
     """cross_entropy(x @ weight.T, targets). x (N, d), weight (V, d), targets (N,)."""
     return cross_entropy_ref(x @ weight.t(), targets, ignore_index, z_loss)
+
+
+DISTILL_KINDS = ("kl", "reverse-kl", "jsd")
+
+
+def distill_divergence_ref(student: Tensor, teacher: Tensor, temperature: float = 1.0, kind: str = "kl") -> Tensor:
+    """Per-row divergence between the teacher's and the student's softened distributions.
+
+    student, teacher (N, V) logits; q = softmax(student / T), p = softmax(teacher / T). Returns (N,) fp32:
+      kl          KL(p || q) = sum_j p_j (log p_j - log q_j)      (forward KL, Hinton et al.)
+      reverse-kl  KL(q || p) = sum_j q_j (log q_j - log p_j)      (mode-seeking)
+      jsd         (KL(p || m) + KL(q || m)) / 2,  m = (p + q) / 2  (symmetric, bounded by log 2)
+    """
+    if kind not in DISTILL_KINDS:
+        raise ValueError(f"unknown distillation loss {kind!r}; choose one of: {', '.join(DISTILL_KINDS)}")
+    acc = torch.promote_types(student.dtype, torch.float32)
+    log_q = torch.log_softmax(student.to(acc) / temperature, dim=-1)
+    log_p = torch.log_softmax(teacher.to(acc) / temperature, dim=-1)
+    if kind == "kl":
+        return (log_p.exp() * (log_p - log_q)).sum(-1)
+    if kind == "reverse-kl":
+        return (log_q.exp() * (log_q - log_p)).sum(-1)
+    log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
+    return 0.5 * ((log_p.exp() * (log_p - log_m)).sum(-1) + (log_q.exp() * (log_q - log_m)).sum(-1))
+
+
+def linear_distill_ref(x: Tensor, weight: Tensor, teacher_x: Tensor, teacher_weight: Tensor, targets: Tensor,
+                       alpha: float = 0.5, temperature: float = 1.0, kind: str = "kl",
+                       ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+    """Distillation loss of a student's LM head against a frozen teacher's, from both hidden states.
+
+    x (N, d) student hidden states, weight (V, d) its head; teacher_x (N, dt), teacher_weight (V, dt) (widths
+    may differ, the vocabulary may not); targets (N,) ids or ignore_index. With s = x @ weight.T and
+    t = teacher_x @ teacher_weight.T, over the n kept rows (targets != ignore_index, n >= 1):
+      loss = alpha * CE(s, targets) + (1 - alpha) * T^2 * D(t, s)     (D: `distill_divergence_ref`)
+    The T^2 keeps the soft term's gradient scale independent of T (Hinton et al. 2015).
+    Returns (loss fp32 scalar, stats (3,) fp32 without gradient: [mean CE, mean D, top-1 agreement of the
+    argmaxes of s and t]). Here the (N, V) logits exist in full; kernels/distill.py computes the same in chunks.
+    """
+    check_labels(targets, weight.shape[0], ignore_index)
+    acc = torch.promote_types(x.dtype, torch.float32)  # fp32 math (fp64 inputs stay fp64: gradcheck)
+    s = (x @ weight.t()).to(acc)
+    with torch.no_grad():
+        t = (teacher_x @ teacher_weight.t()).to(acc)
+    keep = targets != ignore_index
+    n = keep.sum().clamp_min(1)
+    nll = -s.log_softmax(-1).gather(-1, torch.where(keep, targets, 0)[:, None]).squeeze(-1)
+    ce = (nll * keep).sum() / n
+    div = (distill_divergence_ref(s, t, temperature, kind) * keep).sum() / n
+    loss = alpha * ce + (1.0 - alpha) * temperature ** 2 * div
+    agree = ((s.argmax(-1) == t.argmax(-1)) & keep).sum() / n
+    return loss, torch.stack([ce.detach(), div.detach(), agree.to(acc)]).float()
 
 
 def check_labels(targets: Tensor, vocab: int, ignore_index: int) -> None:

@@ -200,7 +200,17 @@ class TrainConfig:
     init_from: str | None = _f(None, "initialise the weights from this checkpoint or Hugging Face model dir "
                                      "(its architecture and tokenizer are used)")
     objective: str = _f("ce", "what a step optimizes: ce = next-token cross-entropy (on instruction / chat data "
-                              "only the answer tokens count); see llm/train/objectives/")
+                              "only the answer tokens count), distill = CE plus a divergence from --teacher (which "
+                              "picks it alone); see llm/train/objectives/")
+    teacher: str | None = _f(None, "distil from this frozen teacher (a checkpoint, a training out-dir, a Hugging Face "
+                                   "model dir or a quantized checkpoint) sharing the tokenizer: the loss becomes "
+                                   "alpha * CE + (1 - alpha) * T^2 * divergence(teacher, student)")
+    distill_alpha: float = _f(0.5, "distillation: weight of the hard-label cross-entropy (the divergence gets "
+                                    "1 - alpha)")
+    distill_temperature: float = _f(1.0, "distillation: softmax temperature T of both distributions (the divergence "
+                                         "is scaled by T^2)")
+    distill_loss: str = _f("kl", "distillation divergence: kl = KL(teacher || student), reverse-kl = KL(student || "
+                                 "teacher), jsd = Jensen-Shannon", choices=("kl", "reverse-kl", "jsd"))
     lora_rank: int | None = _f(None, "fine-tune with LoRA adapters of this rank, the base frozen (default: full "
                                      "fine-tuning)")
     lora_alpha: float = _f(16.0, "LoRA alpha: the update is scaled by alpha / rank")

@@ -50,3 +50,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     peft.load_adapter(model, adir)
     acfg = read_config(adir)
     return model.eval(), Tokenizer.load(adir, acfg["tokenizer"]), cfg | {"lora": str(adir)}
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer of what `load_model(path)` would load (a PEFT checkpoint's own, which may hold added chat
+    tokens), without reading any weights: cheap enough to check before any compute."""
+    if is_hf_dir(path):
+        return Tokenizer.from_hf(Path(path))
+    ckpt = resolve(path)
+    return Tokenizer.load(ckpt, read_config(ckpt)["tokenizer"])

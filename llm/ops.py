@@ -153,6 +153,15 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, ignore_inde
     return ref.linear_cross_entropy_ref(x, weight, targets, ignore_index, z_loss)
 
 
+def linear_distill(x: Tensor, weight: Tensor, teacher_x: Tensor, teacher_weight: Tensor, targets: Tensor,
+                   alpha: float = 0.5, temperature: float = 1.0, kind: str = "kl", ignore_index: int = -100,
+                   kernels: str = "auto") -> tuple[Tensor, Tensor]:
+    """(loss, [ce, divergence, top-1 agreement]) of a student head against a teacher head, from both hidden
+    states (kernels/reference.py `linear_distill_ref` has the math)."""
+    return ref.linear_distill_ref(x, weight, teacher_x, teacher_weight, targets, alpha, temperature, kind,
+                                  ignore_index)
+
+
 def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100, z_loss: float = 0.0,
                   kernels: str = "auto") -> Tensor:
     """Mean CE of logits (N, V) against targets (N,), plus z_loss * mean(lse^2)."""
