@@ -5,6 +5,7 @@
   POST /v1/chat/completions   messages through the model's chat template (templates.ChatFormat); n, logprobs,
                               top_logprobs, stream, stream_options.include_usage
   POST /tokenize, /detokenize  text or messages -> ids (as the routes above encode them), ids -> text
+  GET  /                     the chat page (static/chat.html; --no-ui turns it off)
   GET  /health                {"status": "ok"} (503 "draining" after SIGTERM)
   GET  /metrics               Prometheus text format
 
@@ -21,10 +22,11 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -37,7 +39,11 @@ from llm.serve.protocol import APIError, ChatRequest, CompletionRequest, Detoken
 from llm.serve.scheduler import QueueFull, Scheduler, ShuttingDown
 from llm.serve.templates import ChatFormat
 
-OPEN_PATHS = ("/health",)
+OPEN_PATHS = ("/health", "/")  # the chat page holds no secret; its requests carry the key
+PAGE = Path(__file__).parent / "static" / "chat.html"
+# The page may talk to this server only and run only its own inline script (no request leaves the server).
+PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+            "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
 class BearerAuth:
@@ -246,7 +252,7 @@ def _error_handlers(app: FastAPI, metrics) -> None:
 
 
 def create_app(sched: Scheduler, tok, model_name: str, block_size: int, api_key: str | None = None,
-               drain_timeout: float = 30.0, chat: ChatFormat | None = None) -> FastAPI:
+               drain_timeout: float = 30.0, chat: ChatFormat | None = None, ui: bool = True) -> FastAPI:
     srv = Server(sched, tok, model_name, block_size, chat or ChatFormat(tok))
     app = FastAPI(title="llm serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = srv
@@ -254,6 +260,14 @@ def create_app(sched: Scheduler, tok, model_name: str, block_size: int, api_key:
         app.add_middleware(BearerAuth, key=api_key, metrics=sched.metrics)
 
     _error_handlers(app, sched.metrics)
+
+    if ui:
+        page = PAGE.read_text()
+
+        @app.get("/")
+        async def chat_page() -> HTMLResponse:
+            return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_CSP, "X-Content-Type-Options": "nosniff",
+                                               "Cache-Control": "no-store"})
 
     @app.get("/health")
     async def health() -> JSONResponse:

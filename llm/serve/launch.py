@@ -32,7 +32,7 @@ from llm.serve.templates import ChatFormat, read_template
 def build(model: Transformer, tok, model_name: str = "llm", max_batch: int = 16, max_queue: int = 64,
           block_size: int = 16, num_blocks: int | None = None, max_step_tokens: int = 256,
           api_key: str | None = None, drain_timeout: float = 30.0,
-          chat: ChatFormat | None = None, prefix_cache: bool = True) -> tuple[FastAPI, Scheduler]:
+          chat: ChatFormat | None = None, prefix_cache: bool = True, ui: bool = True) -> tuple[FastAPI, Scheduler]:
     """(app, scheduler) over a block pool of num_blocks (default: every row of a full batch at full context);
     chat: how chat requests are rendered (default: the tokenizer's template, else the plain one)."""
     ctx = model.cfg.block_size
@@ -43,7 +43,7 @@ def build(model: Transformer, tok, model_name: str = "llm", max_batch: int = 16,
                          "running decode takes one token of a step's budget")
     sched = Scheduler(Engine(model, tok, pool, max_step_tokens, prefix_cache), max_batch=max_batch,
                       max_queue=max_queue)
-    app = create_app(sched, tok, model_name, ctx, api_key=api_key, drain_timeout=drain_timeout, chat=chat)
+    app = create_app(sched, tok, model_name, ctx, api_key=api_key, drain_timeout=drain_timeout, chat=chat, ui=ui)
     return app, sched
 
 
@@ -147,6 +147,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="a jinja2 chat template for /v1/chat/completions (default: the model's own; a model without "
                    "one gets a plain 'System:/User:/Assistant:' text)")
+    p.add_argument("--no-ui", action="store_true", help="do not serve the chat page at GET /")
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="turn off automatic prefix caching (reusing the KV blocks of prompts that start alike)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds running requests get after SIGTERM")
@@ -178,13 +179,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name = args.model_name or model_id(args.checkpoint)
     app, sched = build(model, tok, name, args.max_batch, args.max_queue, args.kv_block_size, args.num_blocks,
-                       args.max_step_tokens, args.api_key, args.drain_timeout, chat, not args.no_prefix_cache)
+                       args.max_step_tokens, args.api_key, args.drain_timeout, chat, not args.no_prefix_cache,
+                       not args.no_ui)
     cfg = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                          timeout_graceful_shutdown=int(args.drain_timeout))
     for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn re-raises the signal it caught once it has stopped:
         signal.signal(sig, lambda *_: None)  # let that be a no-op, so the drain below runs and we exit 0
     sched.start()
-    print(f"serving model id '{name}' on http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, "
+    ui = "" if args.no_ui else f", chat page http://{args.host}:{args.port}/"
+    print(f"serving model id '{name}' on http://{args.host}:{args.port}/v1{ui} (max batch {args.max_batch}, "
           f"{sched.pool.n_blocks} KV blocks of {args.kv_block_size}, prefix cache "
           f"{'off' if args.no_prefix_cache else 'on'})\n{chat.describe()}", file=sys.stderr, flush=True)
     DrainingServer(cfg, sched, args.drain_timeout).run()
