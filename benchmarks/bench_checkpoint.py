@@ -111,8 +111,8 @@ def _save(mode: str, root: Path, name: str, model, opt, tok: Tokenizer, d: dd.Di
     blocked = time.perf_counter() - t0
     writer.commit()
     done = time.perf_counter() - t0
-    shard = next((root / name / ckpt_io.SHARD_DIR).glob(f"shard-{d.rank + 1:05d}-*"), None)
-    return blocked, done, shard.stat().st_size if shard else 0
+    mine = (root / name / ckpt_io.SHARD_DIR).glob(f"shard-{d.rank + 1:05d}-*")
+    return blocked, done, sum(f.stat().st_size for f in mine)
 
 
 def worker(args: argparse.Namespace) -> None:

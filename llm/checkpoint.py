@@ -16,10 +16,11 @@ A multi-rank run writes a sharded checkpoint instead (llm/train/dcp.py writes it
     tokenizer.tiktoken
     trainer.json            written by rank 0: step, world, schedule, data position, optimizer hyper-parameters
     rank-0000R.json         written by rank R: its RNG state and data position
-    shards/shard-0000K-model-00001-of-00001.safetensors
+    shards/shard-0000K-model-0000F-of-0000N.safetensors
                             torch.distributed.checkpoint's safetensors storage: rank K-1's part of the weights
-                            ("model.<name>") and optimizer state ("optim.<name>.<key>"), each tensor's offset
-                            in the full tensor in the header, so any world size or sharding reads it back
+                            ("model.<name>") and optimizer state ("optim.<name>.<key>"), one file F per module and
+                            state kind, each tensor's offset in the full tensor in its header, so any world size
+                            or sharding reads it back
     checksums.json          crc32 of every file above (written last, before the rename)
 
 No DCP file is a pickle: the safetensors headers are the DCP metadata (HuggingFaceStorageReader rebuilds

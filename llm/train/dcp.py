@@ -73,6 +73,21 @@ def state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer,
     return flat, osd
 
 
+def file_index(flat: dict) -> dict[str, int]:
+    """Which file of a rank each tensor goes to (1..N): one file per (module, kind): the weights of tok_emb, of
+    blocks.3, ..., each optimizer state kind (exp_avg, momentum_buffer, ...) apart. A safetensors file is built in
+    memory before it is written, so a rank's extra memory during a save is its share of the largest such group,
+    not of its whole state."""
+    groups: dict[tuple[str, str], int] = {}
+    out = {}
+    for k in flat:
+        part, rest = k.split(".", 1)
+        name, kind = rest.rsplit(".", 1) if part == "optim" else (rest, "model")
+        module = ".".join(name.split(".")[:2]) if name.startswith("blocks.") else name.split(".")[0]
+        out[k] = groups.setdefault((module, kind), len(groups) + 1)
+    return out
+
+
 def optimizer_groups(optimizer: torch.optim.Optimizer) -> list[dict]:
     """The param groups' hyper-parameters (lr, betas, weight decay, lr_mult, ...) without the parameters."""
     return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
@@ -153,7 +168,8 @@ class ShardedWriter:
             (tmp / SHARD_DIR).mkdir(parents=True)
         dd.barrier(d)
         flat, _ = state_tensors(model, optimizer, with_optimizer=bool(optimizer.state))
-        writer = HuggingFaceStorageWriter(str(tmp / SHARD_DIR), save_distributed=True)
+        writer = HuggingFaceStorageWriter(str(tmp / SHARD_DIR), fqn_to_index_mapping=file_index(flat),
+                                          save_distributed=True)
         (tmp / RANK_FILE.format(d.rank)).write_text(json.dumps(rank_state))
         meta = {"model_cfg": model.cfg, "tokenizer": tokenizer, "extra": config_extra, "trainer": trainer_state}
         self.pending = {"tmp": tmp, "name": name, "best": best, "keep_last": keep_last, "meta": meta}

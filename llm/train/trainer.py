@@ -304,6 +304,7 @@ def _announce(run: Run, mcfg: ModelConfig, dcfg: DataConfig, init: bool, resumed
     say(f"device: {device_name(device)} x {W}, {str(run.dtype).replace('torch.', '')}, kernels={mcfg.kernels}"
         f"{', FSDP2' if tcfg.fsdp and W > 1 else ', DDP' if W > 1 else ''}"
         f"{', compiled' if tcfg.compile else ''}{', activation checkpointing' if tcfg.activation_checkpointing else ''}"
+        f"{', ' + ('async ' if tcfg.async_checkpoint else '') + 'sharded checkpoints' if run.sharded else ''}"
         f"; MFU against {f'{run.peak / 1e12:.0f} TFLOP/s' if run.peak else 'unknown peak (not reported)'}")
     if run.d.main:
         run.out.mkdir(parents=True, exist_ok=True)
