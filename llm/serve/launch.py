@@ -137,7 +137,8 @@ def parser() -> argparse.ArgumentParser:
                    "e.g. `out` for --checkpoint out/latest, or the directory's name)")
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together at most")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; beyond it 429")
-    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every route but /health")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every route but /health "
+                   "and the chat page at / (which asks for the key)")
     p.add_argument("--kv-block-size", type=int, default=16, help="tokens per KV cache block")
     p.add_argument("--num-blocks", type=int, default=None, help="KV blocks in the pool (default: max-batch rows at "
                    "full context)")
