@@ -154,6 +154,9 @@ def run_scenario(pool, model, tok, args, scenario: str, prefix_cache: bool) -> l
             total = summarize(results, wall, c)
             print(f"{total['requests']}-request run at {c} clients: failed {total['failed']}, "
                   f"{total['tok_s']:.0f} tok/s", flush=True)
+        t0 = time.monotonic()  # the last job retires (frees its blocks) just after its final event went out
+        while not (sched.idle() and sched.pool.used == 0) and time.monotonic() - t0 < 10:
+            time.sleep(0.01)
         assert sched.pool.used == 0, f"{sched.pool.used} KV blocks still used at idle"
     return rows
 
