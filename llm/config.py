@@ -51,6 +51,8 @@ class ModelConfig:
     qkv_bias: bool = _f(False, "biases on the q/k/v projections only (Qwen2)")
     qk_norm: bool = _f(False, "RMSNorm on each query/key head before RoPE (Qwen3)")
     tie_embeddings: bool = _f(False, "share the token embedding and LM-head weights")
+    reward_head: bool = _f(False, "a scalar head on the final hidden state (a reward model: --objective reward "
+                                  "adds it to its --init-from model)")
     attn_mult: float = _f(1.0, "multiplier on the attention scores q.k / sqrt(head_dim) (µP: sqrt(base head_dim / "
                                "head_dim), i.e. 1/d attention; set by --mup)")
     output_mult: float = _f(1.0, "multiplier on the final hidden state before the LM head, i.e. on the logits "
@@ -201,7 +203,8 @@ class TrainConfig:
                                      "(its architecture and tokenizer are used)")
     objective: str = _f("ce", "what a step optimizes: ce = next-token cross-entropy (on instruction / chat data "
                               "only the answer tokens count), distill = CE plus a divergence from --teacher (which "
-                              "picks it alone); see llm/train/objectives/")
+                              "picks it alone), reward = a reward model on preference pairs (Bradley-Terry), dpo = "
+                              "direct preference optimization against --ref; see llm/train/objectives/")
     teacher: str | None = _f(None, "distil from this frozen teacher (a checkpoint, a training out-dir, a Hugging Face "
                                    "model dir or a quantized checkpoint) sharing the tokenizer: the loss becomes "
                                    "alpha * CE + (1 - alpha) * T^2 * divergence(teacher, student)")
@@ -211,6 +214,9 @@ class TrainConfig:
                                          "is scaled by T^2)")
     distill_loss: str = _f("kl", "distillation divergence: kl = KL(teacher || student), reverse-kl = KL(student || "
                                  "teacher), jsd = Jensen-Shannon", choices=("kl", "reverse-kl", "jsd"))
+    ref: str | None = _f(None, "--objective dpo: the frozen reference model (default: a frozen copy of the starting "
+                               "policy; with LoRA, the base with the adapters off, no second copy)")
+    dpo_beta: float = _f(0.1, "--objective dpo: beta, the strength of the implicit KL penalty to the reference")
     lora_rank: int | None = _f(None, "fine-tune with LoRA adapters of this rank, the base frozen (default: full "
                                      "fine-tuning)")
     lora_alpha: float = _f(16.0, "LoRA alpha: the update is scaled by alpha / rank")

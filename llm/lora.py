@@ -13,8 +13,10 @@ megabytes) and adapter_config.json (rank, alpha, dropout, targets, the base's ar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -201,6 +203,21 @@ def apply_lora(model: Transformer, cfg: LoRAConfig, new_rows: tuple[int, int] | 
             setattr(block.get_submodule(parent), attr, layer(lin, parts, cfg))
     train_new_rows(model, new_rows)
     return model
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[None]:
+    """Inside the block every LoRA projection computes its frozen base alone (scale 0): the base model, with no
+    second copy in memory (DPO's reference with a LoRA policy). New token rows stay as trained."""
+    layers = [m for m in model.modules() if isinstance(m, LoRAMixin)]
+    scales = [m.scale for m in layers]
+    for m in layers:
+        m.scale = 0.0
+    try:
+        yield
+    finally:
+        for m, s in zip(layers, scales):
+            m.scale = s
 
 
 def freeze(model: nn.Module) -> None:

@@ -8,6 +8,7 @@ Every op goes through `llm.ops`, which picks the Triton kernel or the PyTorch re
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
@@ -98,6 +99,8 @@ class Transformer(nn.Module):
         self.prefix: nn.Module | None = None  # prefix tuning (llm/prefix.py): learned rows ahead of every sequence
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        # A reward model's scalar head, r = h_last . w (--objective reward; llm/train/objectives/reward.py).
+        self.reward_head = nn.Linear(cfg.n_embd, 1, bias=False) if cfg.reward_head else None
         self.init_buffers()
         self.reset_parameters()
 
@@ -184,6 +187,15 @@ class Transformer(nn.Module):
         loss = ops.linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
                                         z_loss=z_loss, kernels=self.cfg.kernels)
         return None, loss + self.aux_loss()
+
+    def add_reward_head(self) -> None:
+        """Make this model a reward model: a zero-initialised scalar head (so every score starts at 0), recorded
+        in the config (checkpoints then load with it)."""
+        if self.reward_head is None:
+            p = self.lm_head.weight
+            self.reward_head = nn.Linear(self.cfg.n_embd, 1, bias=False, device=p.device, dtype=p.dtype)
+            nn.init.zeros_(self.reward_head.weight)
+            self.cfg = replace(self.cfg, reward_head=True)
 
     def aux_loss(self) -> Tensor | float:
         """Sum of the MoE layers' auxiliary losses from the last forward (0 for dense models)."""

@@ -24,7 +24,7 @@ from llm import bottleneck, lora, peft, prefix, quant
 from llm import checkpoint as ckpt_io
 from llm.chat import chat_tokenizer
 from llm.config import ConfigError, DataConfig, TrainConfig
-from llm.data import sft
+from llm.data import preference, sft
 from llm.data.shards import prepare as prepare_shards
 from llm.model import Transformer
 from llm.tokenizer import Tokenizer
@@ -51,8 +51,13 @@ def peft_config(tcfg: TrainConfig) -> peft.Config | None:
     return None
 
 
+def chat_data(dcfg: DataConfig) -> bool:
+    """Conversations rendered with a chat template: SFT examples or preference pairs."""
+    return sft.is_sft(dcfg) or preference.is_preference(dcfg)
+
+
 def is_finetune(dcfg: DataConfig, tcfg: TrainConfig) -> bool:
-    return method(tcfg) is not None or sft.is_sft(dcfg)
+    return method(tcfg) is not None or chat_data(dcfg)
 
 
 def check(dcfg: DataConfig, tcfg: TrainConfig) -> None:
@@ -89,7 +94,7 @@ def token_block(block_size: int, tcfg: TrainConfig) -> int:
 
 def tokenizer(tok: Tokenizer, dcfg: DataConfig) -> tuple[Tokenizer, list[str]]:
     """(tokenizer the run trains with, the special tokens it added) — chat tokens for fine-tuning data."""
-    return chat_tokenizer(tok) if sft.is_sft(dcfg) else (tok, [])
+    return chat_tokenizer(tok) if chat_data(dcfg) else (tok, [])
 
 
 def prepare(dcfg: DataConfig, tok: Tokenizer | None, block_size: int, say: Say) -> Path:

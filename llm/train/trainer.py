@@ -338,6 +338,8 @@ def _setup(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str |
                                                                      init, objective)
     if src is None and not init:
         mup.scale_init(model, mcfg, tcfg)  # µP's init (nothing without --mup)
+    objective.setup(objectives.Context(tcfg, dcfg, tok, model, device, dtype, say))  # may add a head: before resume
+    mcfg = model.cfg
     n_params = model.num_params()
     plan = _plan(mcfg, n_params, tcfg, d, dtype, explicit)
     tcfg = replace(tcfg, batch_size=plan.batch_size, grad_accum=plan.grad_accum)
@@ -347,7 +349,6 @@ def _setup(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str |
         if not ckpt_io.is_sharded(src):  # a sharded one is read after wrapping, resharded (resume.restore)
             finetune.load_weights(model, src, adapter, device)
     model.train()
-    objective.setup(objectives.Context(tcfg, dcfg, tok, model, device, dtype, say))
     flops_per_token = model.flops_per_token()
     fwd = dd.wrap(model, d, tcfg.fsdp, tcfg.activation_checkpointing, tcfg.compile)
     optimizer = make_optimizer(model, tcfg, device)

@@ -2,6 +2,8 @@
 
   ce       next-token cross-entropy; on instruction / chat data only the answer tokens count (SFT)
   distill  CE plus a divergence from a frozen teacher's distribution (--teacher; picked by --teacher alone)
+  reward   a reward model: a scalar head on the last answer token, Bradley-Terry loss on preference pairs
+  dpo      direct preference optimization of the policy against a frozen reference, on preference pairs
 """
 
 from __future__ import annotations
@@ -9,10 +11,14 @@ from __future__ import annotations
 from llm.config import ConfigError, DataConfig, TrainConfig
 from llm.train.objectives.base import Context, Objective
 from llm.train.objectives.distill import Distill
+from llm.train.objectives.dpo import DPO
+from llm.train.objectives.reward import Reward
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "ce": Objective,
     "distill": Distill,
+    "reward": Reward,
+    "dpo": DPO,
 }
 
 

@@ -1,0 +1,72 @@
+"""A reward model (Ouyang et al. 2022, step 2 of RLHF): a scalar head on the final hidden state of the last
+answer token, trained on preference pairs with the Bradley-Terry loss
+
+    loss = -log sigmoid(r(chosen) - r(rejected))
+
+The --init-from model (usually the SFT model) gets a zero-initialised head (Transformer.add_reward_head), so
+every score starts at 0 and the loss at log 2. Its LM head is frozen (the score does not read it; under DDP a
+trainable weight without a gradient would stall the reducer). The checkpoint is the whole model with the
+head (config `reward_head: true`): `score` reads it back, and --objective grpo can use it as its reward.
+Metrics: reward/acc (pairs ranked right), reward/margin, reward/chosen, reward/rejected.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llm.chat import encode_chat
+from llm.config import ConfigError
+from llm.tokenizer import Tokenizer
+from llm.train.objectives.base import Context
+from llm.train.objectives.pairs import PairObjective, last_scored
+
+
+def bradley_terry(r_chosen: Tensor, r_rejected: Tensor) -> Tensor:
+    """Mean of -log sigmoid(r_c - r_r) over the pairs (B,)."""
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+def scores(fwd: nn.Module, head: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """(R,) the reward of each row: the head on the hidden state of its last scored position."""
+    h, _ = fwd(x, hidden=True)  # (R, L, C)
+    last = h[torch.arange(x.shape[0], device=x.device), last_scored(y)]  # (R, C)
+    return head(last).squeeze(-1).float()
+
+
+class Reward(PairObjective):
+    name = "reward"
+
+    def check(self) -> None:
+        super().check()
+        if self.tcfg.lora_rank is not None:
+            raise ConfigError("--objective reward trains the whole model and its head; drop --lora-rank")
+
+    def setup(self, ctx: Context) -> None:
+        model = ctx.model
+        model.add_reward_head()
+        if not model.cfg.tie_embeddings:
+            model.lm_head.weight.requires_grad_(False)
+        self.head = model.reward_head
+        ctx.say("reward model: a scalar head on the last answer token's hidden state (Bradley-Terry loss)")
+
+    def loss(self, fwd, batch):
+        x, y = batch
+        r = scores(fwd, self.head, x, y)
+        rc, rr = r.chunk(2)
+        margin = (rc - rr).detach()
+        return bradley_terry(rc, rr), {"reward/acc": (margin > 0).float().mean(), "reward/margin": margin.mean(),
+                                       "reward/chosen": rc.detach().mean(), "reward/rejected": rr.detach().mean()}
+
+
+@torch.inference_mode()
+def score(model: nn.Module, tok: Tokenizer, messages: list[dict]) -> float:
+    """The reward model's score of one conversation that ends with an assistant answer."""
+    if getattr(model, "reward_head", None) is None:
+        raise ConfigError("this checkpoint has no reward head: train one with --objective reward")
+    ids, scored = encode_chat(tok, messages)
+    p = model.lm_head.weight
+    x = torch.tensor([ids[:-1]], device=p.device)
+    y = torch.tensor([[t if s else -100 for t, s in zip(ids[1:], scored[1:])]], device=p.device)
+    return scores(model, model.reward_head, x, y).item()

@@ -1,0 +1,172 @@
+"""Preference tuning: preference data (llm/data/preference.py), the reward model and DPO objectives
+(llm/train/objectives/reward.py, dpo.py): their losses against straightforward implementations written here
+(the formulas of TRL's DPOTrainer / RewardTrainer), runs through train.py, exact resume, and bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import metrics_records, train_argv, write_code_corpus
+
+from llm import lora
+from llm.config import DataConfig
+from llm.data import preference
+from llm.data.corpus import DataError
+from llm.loading import load_model
+from llm.train.cli import main
+from llm.train.objectives.dpo import dpo_loss
+from llm.train.objectives.pairs import answer_logps, last_scored
+from llm.train.objectives.reward import bradley_terry, score
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ----------------------------------------------------------------------------- the losses
+
+
+def test_bradley_terry_equals_the_formula():
+    torch.manual_seed(0)
+    rc, rr = torch.randn(7, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+    want = torch.stack([-torch.log(1 / (1 + torch.exp(-(a - b)))) for a, b in zip(rc, rr)]).mean()
+    assert torch.allclose(bradley_terry(rc, rr), want, rtol=1e-12, atol=1e-12)
+
+
+def test_dpo_loss_equals_the_formula():
+    """TRL's sigmoid DPO loss, written out: -log sigmoid(beta * ((pc - rc) - (pr - rr))), mean over pairs."""
+    torch.manual_seed(1)
+    pc, pr, rc, rr = (torch.randn(5, dtype=torch.float64) * 10 for _ in range(4))
+    for beta in (0.1, 0.5, 2.0):
+        want = torch.stack([-F.logsigmoid(beta * ((a - c) - (b - d))) for a, b, c, d in zip(pc, pr, rc, rr)]).mean()
+        loss, margin = dpo_loss(pc, pr, rc, rr, beta)
+        assert abs(loss.item() - want.item()) < 1e-12
+        assert torch.allclose(margin, beta * ((pc - rc) - (pr - rr)))
+
+
+def test_answer_logps_sum_only_the_answer_tokens():
+    torch.manual_seed(2)
+    R, L, C, V = 5, 7, 6, 11
+    h, w = torch.randn(R, L, C, dtype=torch.float64), torch.randn(V, C, dtype=torch.float64)
+    y = torch.randint(0, V, (R, L))
+    y[:, :3] = -100
+    y[1, 5:] = -100
+    got, counts = answer_logps(h, w, y, chunk=2)
+    lp = torch.log_softmax(h @ w.T, -1)
+    want = torch.tensor([sum(lp[r, t, y[r, t]].item() for t in range(L) if y[r, t] != -100) for r in range(R)],
+                        dtype=torch.float64)
+    assert torch.allclose(got, want, rtol=1e-10) and counts.tolist() == [4, 2, 4, 4, 4]
+    assert last_scored(y).tolist() == [6, 4, 6, 6, 6]
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_embedded_pairs_share_the_prompt_and_differ_in_the_answer():
+    rows = list(preference.pairs(DataConfig(dataset=preference.EMBEDDED)))
+    assert len(rows) > 1000 and {s for s, *_ in rows} == {"train", "val"}
+    for _, name, chosen, rejected in rows[:200]:
+        assert chosen[:-1] == rejected[:-1] and chosen[-1]["content"] != rejected[-1]["content"]
+        assert name.split(".")[-1] in chosen[0]["content"]
+
+
+@pytest.mark.parametrize("line,msg", [
+    ({"prompt": "Hi", "chosen": "Hello"}, "expected an object with \"chosen\" and \"rejected\""),
+    ({"prompt": "Hi", "chosen": "Hello", "rejected": 3}, "field 'rejected' must be a string"),
+    ({"prompt": 5, "chosen": "a", "rejected": "b"}, "field \"prompt\" must be a string or a list"),
+    ({"prompt": "Hi", "chosen": "", "rejected": "b"}, "empty answer"),
+], ids=["no-rejected", "bad-type", "bad-prompt", "empty-answer"])
+def test_bad_preference_lines_name_file_and_line(tmp_path, line, msg):
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n" + json.dumps(line) + "\n")
+    with pytest.raises(DataError, match=f"{f}:2") as e:
+        list(preference.pairs(DataConfig(dataset=str(f))))
+    assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A pretrained base (6 steps), an SFT model from it (6 steps: chat tokens added) and a preference file:
+    'Double i.' answered right (chosen) and wrong (rejected)."""
+    tmp = tmp_path_factory.mktemp("align")
+    write_code_corpus(tmp)
+    assert main(train_argv(tmp, "base")) == 0
+    (tmp / "sft.jsonl").write_text("".join(json.dumps({"instruction": f"Double {i}.", "output": f"{2 * i}"}) + "\n"
+                                           for i in range(40)))
+    sft = dict(init_from=tmp / "base", dataset=tmp / "sft.jsonl", val_fraction=0.1)
+    assert main([a for a in train_argv(tmp, "sft", **sft) if a not in ("--vocab-size", "300")]) == 0
+    (tmp / "prefs.jsonl").write_text("".join(
+        json.dumps({"prompt": f"Double {i}.", "chosen": f"{2 * i}", "rejected": f"{2 * i + 1}"}) + "\n"
+        for i in range(40)))
+    return tmp
+
+
+def align_argv(tmp: Path, out: str, **kw) -> list[str]:
+    base = dict(init_from=tmp / "sft", dataset=tmp / "prefs.jsonl", val_fraction=0.1, max_steps=6, lr=1e-3,
+                eval_interval=3)
+    return [a for a in train_argv(tmp, out, **(base | kw)) if a not in ("--vocab-size", "300")]
+
+
+def test_reward_model_trains_saves_and_scores(runs, capsys):
+    assert main(align_argv(runs, "rm", objective="reward")) == 0
+    recs = metrics_records(runs / "rm")
+    steps = [r for r in recs if "loss" in r]
+    assert abs(steps[0]["loss"] - 0.6931) < 1e-3  # the zero-initialised head scores every answer 0: log 2
+    assert all(0 <= r["reward/acc"] <= 1 for r in steps) and any("val/reward/acc" in r for r in recs)
+    model, tok, cfg = load_model(runs / "rm")
+    assert cfg["model"]["reward_head"] and model.reward_head is not None
+    assert model.reward_head.weight.abs().sum() > 0  # it trained
+    convo = [{"role": "user", "content": "Double 3."}, {"role": "assistant", "content": "6"}]
+    s = score(model, tok, convo)
+    assert isinstance(s, float) and s == score(model, tok, convo)
+
+
+def test_dpo_full_finetune_resumes_exactly(runs):
+    """DPO against a frozen copy of the starting policy: 6 steps == 3 + resume + 3 (losses and metrics bitwise)."""
+    assert main(align_argv(runs, "dpo", objective="dpo")) == 0
+    assert main(align_argv(runs, "dpo2", objective="dpo", max_steps=3)) == 0
+    assert main(align_argv(runs, "dpo2", objective="dpo", max_steps=6) + ["--resume"]) == 0
+    a = [r for r in metrics_records(runs / "dpo") if "loss" in r]
+    b = [r for r in metrics_records(runs / "dpo2") if "loss" in r]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b[:3] + b[-3:]]
+    assert [r["dpo/margin"] for r in a] == [r["dpo/margin"] for r in b[:3] + b[-3:]]
+    assert abs(a[0]["loss"] - 0.6931) < 1e-3 and a[0]["dpo/margin"] == 0.0  # policy == reference at step 0
+
+
+def test_dpo_with_lora_uses_the_base_as_reference(runs):
+    """LoRA DPO needs no second model: its reference (adapters off) equals the --init-from model's log-probs, so
+    the first step's loss is log 2 and the margin 0, and a run with --ref pointing at that model gives the same."""
+    assert main(align_argv(runs, "dpo-lora", objective="dpo", lora_rank=4, max_steps=3)) == 0
+    assert main(align_argv(runs, "dpo-lora-ref", objective="dpo", lora_rank=4, max_steps=3,
+                           ref=runs / "sft")) == 0
+    a = [r for r in metrics_records(runs / "dpo-lora") if "loss" in r]
+    b = [r for r in metrics_records(runs / "dpo-lora-ref") if "loss" in r]
+    assert abs(a[0]["loss"] - 0.6931) < 1e-3 and a[0]["dpo/margin"] == 0.0
+    assert torch.allclose(torch.tensor([r["loss"] for r in a]), torch.tensor([r["loss"] for r in b]), rtol=1e-5)
+    model, _, _ = load_model(runs / "dpo-lora")
+    x = torch.randint(0, 200, (1, 9))
+    with torch.no_grad():
+        on, _ = model(x)
+        with lora.disabled(model):
+            off, _ = model(x)
+        again, _ = model(x)
+    assert torch.equal(on, again) and not torch.equal(on, off)  # off inside the block only
+
+
+@pytest.mark.parametrize("flags,msg", [
+    (dict(objective="dpo", dpo_beta=0), "--dpo-beta must be > 0"),
+    (dict(objective="reward", dataset="SFT"), "trains on preference pairs"),
+    (dict(objective="dpo", ref="OTHER"), "another tokenizer"),
+], ids=["beta-0", "not-preference-data", "ref-other-tokenizer"])
+def test_bad_preference_settings_are_one_line(runs, capsys, flags, msg):
+    if flags.get("dataset") == "SFT":
+        flags = flags | {"dataset": runs / "sft.jsonl"}
+    if flags.get("ref") == "OTHER":  # the pretrained base: no chat tokens, so other ids than the SFT model's
+        flags = flags | {"ref": runs / "base"}
+    capsys.readouterr()
+    assert main(align_argv(runs, "bad", **flags)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and msg in err and "\n" not in err
