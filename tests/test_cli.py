@@ -47,6 +47,30 @@ def test_sample_cli_prints_text(trained):
     assert q.returncode == 0 and q.stderr == ""
 
 
+def _hint(stdout: str) -> list[str]:
+    """The argv of the trainer's closing `sample with: python sample.py ...` hint, run with this interpreter."""
+    line = next(ln for ln in stdout.splitlines() if ln.startswith("sample with: "))
+    cmd = line.removeprefix("sample with: ").split()
+    assert cmd[0] == "python", line
+    return cmd[1:]
+
+
+@pytest.mark.slow
+def test_the_trainers_sample_hint_runs_as_printed_with_the_room_the_context_leaves(trained):
+    """`make train`'s closing hint (no --max-new-tokens) on a model whose context (32) is shorter than the
+    default 200 new tokens: it runs, generating the room the context leaves, and the timing line says so."""
+    out, stdout = trained
+    r = run(*_hint(stdout), "--seed", "0", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    assert "1 prompt + 31 new tokens" in r.stderr and "max-new-tokens 31: the room the context (32) leaves" in r.stderr
+    for extra in (["--quantize", "int8"], ["--num-beams", "2"], ["--prompt-lookup", "2", "--temperature", "0"],
+                  ["--prompt", "def f1(x):"]):
+        r = run(*_hint(stdout), "--threads", "1", *extra)
+        assert r.returncode == 0 and "max-new-tokens" in r.stderr, (extra, r.stderr)
+    given = run(*_hint(stdout), "--max-new-tokens", "200")  # given and too large: today's error
+    assert given.returncode == 2 and given.stderr.startswith("error: max_new_tokens (200) leaves no room"), given.stderr
+
+
 @pytest.mark.parametrize("args,msg", [
     (["train.py", "--preset", "nope"], "error: unknown preset 'nope'"),
     (["train.py", "--n-head", "5"], "error: n_embd (192) must be divisible by n_head (5)"),

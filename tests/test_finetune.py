@@ -235,6 +235,29 @@ def test_full_finetune_grows_the_vocab_in_the_checkpoint(runs):
     assert tok.special_tokens()[chat.IM_END] == tok.eot_id < model.cfg.padded_vocab_size
 
 
+def test_chat_commands_without_max_new_tokens_answer_on_their_own_line(runs, capsys, monkeypatch):
+    """The README's chat commands give no --max-new-tokens: on a context (32) shorter than the default 200 they
+    answer with the room the context leaves; the answer starts on the line after the question."""
+    import io
+
+    from llm.generate.cli import main as sample_main
+
+    assert main(ft_argv(runs, "lora-chat", max_steps=2)) == 0
+    capsys.readouterr()
+    q = "Double 3."
+    assert sample_main(["--checkpoint", str(runs / "base"), "--lora", str(runs / "lora-chat"), "--chat",
+                        "--prompt", q, "--seed", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(q + "\n") and "max-new-tokens" in err and "the room the context (32) leaves" in err, err
+    assert sample_main(["--checkpoint", str(runs / "lora-chat"), "--chat", "--prompt", q, "--stream"]) == 0
+    assert capsys.readouterr().out.startswith(q + "\n")
+    monkeypatch.setattr("sys.stdin", io.StringIO("Double 2.\nDouble 4.\n\n"))  # interactive, two turns
+    assert sample_main(["--checkpoint", str(runs / "lora-chat"), "--chat", "--seed", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "answers up to 200 tokens or the room the context (32) leaves" in err
+    assert "note: the oldest exchange left the conversation to fit the context" in err  # turn 1 filled it
+
+
 @pytest.mark.parametrize("flags, msg", [
     (dict(lora_targets="q,qq"), "--lora-targets: qq is not a LoRA target"),
     (dict(lora_rank=0), "--lora-rank must be >= 1, got 0"),

@@ -84,9 +84,14 @@ def encode_prompts(tok, prompts: str | Sequence[str | list[int]], max_new_tokens
     Special-token strings are plain text; an empty prompt is [BOS] (= end-of-text for our tokenizers).
     A prompt given as a list of ids is taken as it is (callers with their own encoding rules: lm-eval).
     """
+    return fit_prompts(prompt_ids_of(tok, prompts), max_new_tokens, block_size, truncate)
+
+
+def prompt_ids_of(tok, prompts: str | Sequence[str | list[int]]) -> list[list[int]]:
+    """Each prompt's ids as `encode_prompts` runs them, before the context check (text: BOS first if the
+    tokenizer adds one, empty text -> [BOS]; a list of ids as it is)."""
     texts = [prompts] if isinstance(prompts, str) else list(prompts)
-    ids = [list(t) if not isinstance(t, str) else tok.encode(t, bos=tok.add_bos) or [tok.bos_id] for t in texts]
-    return fit_prompts(ids, max_new_tokens, block_size, truncate)
+    return [list(t) if not isinstance(t, str) else tok.encode(t, bos=tok.add_bos) or [tok.bos_id] for t in texts]
 
 
 def stream_text(model: Transformer, tok, prompts: str | Sequence[str | list[int]], max_new_tokens: int = 200, *,

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from llm.chat import prompt_ids
-from llm.generate.api import complete, encode_prompts, stream_text
-from llm.generate.decode import CPU_CHUNK, fit_prompts
+from llm.generate.api import complete, encode_prompts, prompt_ids_of, stream_text
+from llm.generate.decode import CPU_CHUNK, DEFAULT_NEW_TOKENS, fit_prompts, room_for_new
 from llm.generate.sampling import SamplingError, SamplingParams
 from llm.generate.speculative import Speculation, check_tokenizers
 from llm.generate.stats import Stats
@@ -25,7 +25,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=None,
                    help="text to continue (empty: start from end-of-text); repeat for a batch of prompts")
     p.add_argument("--prompt-file", action="append", default=[], help="a file whose text is one more prompt")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per row")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"tokens to generate per row (default: up to {DEFAULT_NEW_TOKENS}, fewer when the context "
+                        "leaves less room after the prompt; the timing line says how many)")
     p.add_argument("--temperature", type=float, default=None, help="softmax temperature; 0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=None, help="keep only the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with mass >= p")
@@ -114,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         texts = texts or [""]
         if args.stream and (len(texts) * args.num_samples > 1 or args.num_beams > 1):
             raise SamplingError("--stream prints one sequence: use one prompt, --num-samples 1, --num-beams 1")
-        fit_prompts([[0]], args.max_new_tokens, 1 << 62)  # max_new_tokens >= 1, before loading anything
+        if args.max_new_tokens is not None:
+            fit_prompts([[0]], args.max_new_tokens, 1 << 62)  # max_new_tokens >= 1, before loading anything
         set_threads(args.threads)
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
@@ -123,37 +126,47 @@ def main(argv: list[str] | None = None) -> int:
             raise SamplingError("--system needs --chat")
         scheme = make_scheme(args.quantize, args.group_size) if args.quantize else None
         model, tok, _ = load_model(args.checkpoint, device, dtype, quantize=scheme, lora=args.lora, **overrides)
-        prompts = [chat_prompt(tok, t, args.system) for t in texts] if args.chat else texts
-        ids = encode_prompts(tok, prompts, args.max_new_tokens, model.n_positions, args.truncate_prompt)
-        if not args.quiet and not args.chat:
-            for t, i in zip(texts, ids):
-                if len(i) < len(tok.encode(t, bos=tok.add_bos)):
-                    print(f"note: prompt truncated to its last {len(i)} tokens to fit the context", file=sys.stderr)
         spec = _speculation(args, model, tok, device, dtype, overrides)
+        context = min([model.n_positions] + ([spec.draft.cfg.block_size] if spec and spec.draft else []))
+        interactive = args.chat and not (args.prompt or args.prompt_file)
+        prompts = [chat_prompt(tok, t, args.system) for t in texts] if args.chat else texts
+        n_new, note = args.max_new_tokens, ""
+        if n_new is None and not interactive:
+            n_new = room_for_new(prompt_ids_of(tok, prompts), context, args.truncate_prompt)
+            note = (f"max-new-tokens {n_new}: " + (f"the room the context ({context}) leaves after the prompt"
+                                                    if n_new < DEFAULT_NEW_TOKENS else "the default"))
+        if not interactive:
+            ids = encode_prompts(tok, prompts, n_new, context, args.truncate_prompt)
+            if not args.quiet and not args.chat:
+                for t, i in zip(texts, ids):
+                    if len(i) < len(tok.encode(t, bos=tok.add_bos)):
+                        print(f"note: prompt truncated to its last {len(i)} tokens to fit the context",
+                              file=sys.stderr)
         mode = "compile" if args.compile else "graph" if device.type == "cuda" and args.cuda_graph else "eager"
         mode = "eager" if spec else mode
-        stats = Stats()
+        stats = Stats(note=note)
         kw = dict(params=params, stop=[_unescape(s) for s in args.stop], num_samples=args.num_samples,
                   truncate_prompt=args.truncate_prompt, seed=args.seed, prefill_chunk=args.prefill_chunk, stats=stats)
         if spec:
             kw["speculative"] = spec
-        if args.chat and not (args.prompt or args.prompt_file):
-            chat_loop(model, tok, args.system, args.max_new_tokens, mode=mode, **kw)
+        if interactive:
+            chat_loop(model, tok, args.system, n_new, mode=mode, **kw)
             return 0
         if args.stream:
             if not args.quiet:
-                print(texts[0], end="", flush=True)
-            for _, piece in stream_text(model, tok, prompts, args.max_new_tokens, mode=mode, **kw):
+                print(texts[0], end="\n" if args.chat else "", flush=True)
+            for _, piece in stream_text(model, tok, prompts, n_new, mode=mode, **kw):
                 print(piece, end="", flush=True)
             print()
         else:
-            comps = complete(model, tok, prompts, args.max_new_tokens, num_beams=args.num_beams, mode=mode,
+            comps = complete(model, tok, prompts, n_new, num_beams=args.num_beams, mode=mode,
                              length_penalty=args.length_penalty, **kw)
             per_prompt = len(comps) // len(texts)
             for r, c in enumerate(comps):
                 if not args.quiet and len(comps) > 1:
                     print(f"--- prompt {r // per_prompt + 1}, sample {r % per_prompt + 1} ({c.finish_reason}) ---")
-                print(c.text if args.quiet else texts[r // per_prompt] + c.text)
+                # a chat answer starts on its own line; a plain completion continues its prompt
+                print(c.text if args.quiet else texts[r // per_prompt] + ("\n" if args.chat else "") + c.text)
     except (SamplingError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -163,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             print(stats.spec_line(), file=sys.stderr)
     if args.compare_plain:
         plain = Stats()
-        complete(model, tok, prompts, args.max_new_tokens, **(kw | dict(speculative=None, stats=plain)))
+        complete(model, tok, prompts, n_new, **(kw | dict(speculative=None, stats=plain)))
         a, b = stats.decode_tok_s, plain.decode_tok_s
         ratio = f" | speculative x{a / b:.2f}" if a and b else ""
         print(f"--- plain decoding: {plain.line()[4:]}{ratio}", file=sys.stderr)
@@ -176,10 +189,14 @@ def chat_prompt(tok, text: str, system: str | None, history: list[dict] | None =
     return prompt_ids(tok, msgs + [{"role": "user", "content": text}])
 
 
-def chat_loop(model, tok, system: str | None, max_new_tokens: int, **kw) -> None:
-    """Interactive chat on stdin/stdout: each line is a user turn, the answer streams back; history is kept."""
+def chat_loop(model, tok, system: str | None, max_new_tokens: int | None, **kw) -> None:
+    """Interactive chat on stdin/stdout: each line is a user turn, the answer streams back; history is kept.
+
+    max_new_tokens None: each answer gets up to the room the context leaves after the conversation so far."""
     history: list[dict] = []
-    print("chat: type a message; an empty line or Ctrl-D ends the session", file=sys.stderr)
+    limit = (f"answers up to {max_new_tokens} tokens" if max_new_tokens is not None else
+             f"answers up to {DEFAULT_NEW_TOKENS} tokens or the room the context ({model.n_positions}) leaves")
+    print(f"chat: type a message; an empty line or Ctrl-D ends the session ({limit})", file=sys.stderr)
     while True:
         try:
             text = input("> ")
@@ -187,8 +204,16 @@ def chat_loop(model, tok, system: str | None, max_new_tokens: int, **kw) -> None
             break
         if not text.strip():
             break
+        ids = chat_prompt(tok, text, system, history)
+        block = model.n_positions
+        want = max_new_tokens or min(DEFAULT_NEW_TOKENS, block // 4)
+        while history and block - len(ids) < want:  # the oldest exchange leaves the window first
+            history = history[2:]
+            ids = chat_prompt(tok, text, system, history)
+            print("note: the oldest exchange left the conversation to fit the context", file=sys.stderr)
+        n = max_new_tokens if max_new_tokens is not None else room_for_new([ids], block)
         answer = ""
-        for _, piece in stream_text(model, tok, [chat_prompt(tok, text, system, history)], max_new_tokens, **kw):
+        for _, piece in stream_text(model, tok, [ids], n, **kw):
             answer += piece
             print(piece, end="", flush=True)
         print()

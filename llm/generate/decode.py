@@ -1,6 +1,7 @@
 """The KV-cached decoding loop: prefill every prompt in one pass, then one token per step for all rows.
 
   fit_prompts(prompts, n, block_size)      the context check, before any compute
+  room_for_new(prompts, block_size)        max_new_tokens when none is given: the room the context leaves
   prefill(model, cache, prompts)           ragged prompts into an empty cache -> last-token logits
   Decoder                                  one decode step: eager, static, compiled or a CUDA graph
   stream_tokens(model, prompts, n)         -> per step, each row's new id; ragged rows; the core loop
@@ -27,6 +28,8 @@ PLAIN = SamplingParams()  # temperature 1, nothing cut
 # Prefill chunk off CUDA: the reference attention masks densely, so chunks skip most of the masked
 # half of a long prompt's scores (2k prompt, tiny preset, 1 CPU thread: 308 -> 226 ms at batch 1).
 CPU_CHUNK = 512
+# max_new_tokens when none is given: at most this many, fewer when the context leaves less room.
+DEFAULT_NEW_TOKENS = 200
 
 
 def fit_prompts(prompts: list[list[int]], max_new_tokens: int, block_size: int,
@@ -55,6 +58,25 @@ def fit_prompts(prompts: list[list[int]], max_new_tokens: int, block_size: int,
             ids = ids[-room:]
         out.append(list(ids))
     return out
+
+
+def room_for_new(prompts: list[list[int]], block_size: int, truncate: bool = False,
+                 cap: int = DEFAULT_NEW_TOKENS) -> int:
+    """The default max_new_tokens: min(cap, block_size - longest prompt), so a default is never invalid.
+
+    A prompt that fills the context is an error naming both numbers, unless truncate (then half the
+    context, at most cap, is kept for new tokens and the prompt is cut by fit_prompts).
+    """
+    if not prompts:
+        raise SamplingError("no prompt given")
+    longest = max(map(len, prompts))
+    room = block_size - longest
+    if room >= 1:
+        return min(cap, room)
+    if truncate:
+        return max(1, min(cap, block_size // 2))
+    raise SamplingError(f"the prompt ({longest} tokens) leaves no room for new tokens in the context length "
+                        f"{block_size}; shorten it, or keep its end with --truncate-prompt")
 
 
 @torch.no_grad()

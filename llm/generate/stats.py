@@ -25,6 +25,7 @@ class Stats:
     warmup: float = 0.0  # seconds of that first step
     warmup_tokens: int = 0  # tokens it produced
     warmup_what: str = ""  # "compile" or "capture"
+    note: str = ""  # appended to the summary line (e.g. how max_new_tokens was chosen)
 
     def record(self, **kw) -> None:
         for k, v in kw.items():
@@ -56,6 +57,7 @@ class Stats:
         rate = f"{tps:.1f} tok/s decode ({1e3 * self.rows / tps:.2f} ms/step)" if tps else "n/a tok/s decode"
         warm = (f" | {self.warmup_what} {self.warmup:.2f} s (first step, not in the rate)"
                 if self.warmup_what else "")
+        note = f" | {self.note}" if self.note else ""
         return (f"--- {self.rows} row(s), {self.prompt_tokens} prompt + {self.new_tokens} new tokens | "
-                f"TTFT {1e3 * self.ttft:.1f} ms | {rate}{warm} | total {self.total:.2f} s")
+                f"TTFT {1e3 * self.ttft:.1f} ms | {rate}{warm} | total {self.total:.2f} s{note}")
 
