@@ -48,11 +48,12 @@ def test_sample_cli_prints_text(trained):
 
 
 def _hint(stdout: str) -> list[str]:
-    """The argv of the trainer's closing `sample with: python sample.py ...` hint, run with this interpreter."""
+    """The argv of the trainer's closing `sample with: llm sample ...` hint, run with this interpreter
+    (`llm` is the console script of `python -m llm`)."""
     line = next(ln for ln in stdout.splitlines() if ln.startswith("sample with: "))
     cmd = line.removeprefix("sample with: ").split()
-    assert cmd[0] == "python", line
-    return cmd[1:]
+    assert cmd[0] == "llm", line
+    return ["-m", "llm", *cmd[1:]]
 
 
 @pytest.mark.slow
