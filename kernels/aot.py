@@ -33,7 +33,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-MODULES = ("attention", "decode", "paged_decode", "rmsnorm", "rope", "swiglu", "cross_entropy", "moe", "quant_matmul")
+MODULES = ("attention", "decode", "paged_decode", "rmsnorm", "rope", "swiglu", "cross_entropy", "moe", "quant_matmul",
+           "distill")
 # Usable shared memory per block (bytes) and per SM, by arch major.
 SMEM_LIMIT = {8: 163 * 1024, 9: 227 * 1024}
 SMEM_PER_SM = {8: 164 * 1024, 9: 228 * 1024}

@@ -157,7 +157,12 @@ def linear_distill(x: Tensor, weight: Tensor, teacher_x: Tensor, teacher_weight:
                    alpha: float = 0.5, temperature: float = 1.0, kind: str = "kl", ignore_index: int = -100,
                    kernels: str = "auto") -> tuple[Tensor, Tensor]:
     """(loss, [ce, divergence, top-1 agreement]) of a student head against a teacher head, from both hidden
-    states (kernels/reference.py `linear_distill_ref` has the math)."""
+    states (kernels/reference.py `linear_distill_ref` has the math); the Triton path never holds either (N, V)
+    logits tensor (kernels/distill.py)."""
+    if use_triton(kernels, x):
+        from kernels.distill import linear_distill as kernel
+
+        return kernel(x, weight, teacher_x, teacher_weight, targets, alpha, temperature, kind, ignore_index)
     return ref.linear_distill_ref(x, weight, teacher_x, teacher_weight, targets, alpha, temperature, kind,
                                   ignore_index)
 
