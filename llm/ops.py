@@ -215,12 +215,14 @@ def _segmented_paged(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Ten
     singles = [r0 for r0, n in segments if n == 1]
     if singles:
         idx = torch.tensor(singles, device=q.device)
-        out[idx] = ref.paged_decode_attention_ref(q[idx], k_pool, v_pool, block_table[idx], lengths[idx],
+        nb = -(-int(lengths[idx].max()) // k_pool.shape[1])  # their own blocks only, not a long prefill's table
+        out[idx] = ref.paged_decode_attention_ref(q[idx], k_pool, v_pool, block_table[idx, :nb], lengths[idx],
                                                   window=window)
     for r0, n in segments:
         if n > 1:  # the segment as one row of n queries; its length counts all n new tokens
-            o = ref.paged_decode_attention_ref(q[r0:r0 + n].transpose(0, 1), k_pool, v_pool, block_table[r0:r0 + 1],
-                                               lengths[r0 + n - 1:r0 + n], window=window)
+            nb = -(-int(lengths[r0 + n - 1]) // k_pool.shape[1])
+            o = ref.paged_decode_attention_ref(q[r0:r0 + n].transpose(0, 1), k_pool, v_pool,
+                                               block_table[r0:r0 + 1, :nb], lengths[r0 + n - 1:r0 + n], window=window)
             out[r0:r0 + n] = o.transpose(0, 1)
     return out
 

@@ -38,6 +38,7 @@ from llm.serve.grammar import GrammarError, Grammars
 from llm.serve.protocol import APIError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, error_body
 from llm.serve.scheduler import QueueFull, Scheduler, ShuttingDown
 from llm.serve.templates import ChatFormat
+from llm.serve.tools import ToolError, choose, parse_calls, template_reads_tools
 
 OPEN_PATHS = ("/health", "/")  # the chat page holds no secret; its requests carry the key
 PAGE = Path(__file__).parent / "static" / "chat.html"
@@ -100,7 +101,7 @@ class Server:
         return out
 
     def seqs(self, body, prompts: list[list[int]], max_tokens: int, stop: list[str], logprobs: int | None = None,
-             echo: bool = False, stop_ids: frozenset[int] = frozenset()) -> list[Seq]:
+             echo: bool = False, stop_ids: frozenset[int] = frozenset(), grammar: str | None = None) -> list[Seq]:
         try:
             fit_prompts(prompts, max(1, max_tokens), self.block_size)
             params = SamplingParams(1.0 if body.temperature is None else body.temperature, body.top_k, body.top_p,
@@ -113,7 +114,7 @@ class Server:
         if n_rows > self.sched.max_batch:
             raise APIError(400, f"{len(prompts)} prompt(s) x n={body.n} = {n_rows} sequences; this server runs at "
                            f"most {self.sched.max_batch} at once", param="n")
-        grammar = self.grammar(body)
+        grammar = grammar or self.grammar(body)
         seed = body.seed if body.seed is not None else secrets.randbelow(2**62)
         out = [Seq(prompt=p, params=params, max_tokens=max_tokens, seed=seed + i * body.n + j, emit=lambda ev: None,
                    stop=stop, stop_ids=stop_ids, logprobs=logprobs, prompt_logprobs=echo and logprobs is not None,
@@ -124,15 +125,41 @@ class Server:
                            param="max_tokens")
         return out
 
-    def grammar(self, body) -> str | None:
-        """The compiled response_format of a request (None: free text); 400 with the compiler's reason."""
+    def grammar(self, body, schema: dict | None = None) -> str | None:
+        """The compiled response_format of a request, or the JSON schema a tool call must follow (None: free
+        text); 400 with the compiler's reason."""
         fmt = body.response_format
-        if fmt is None or fmt.type == "text":
+        if schema is not None:
+            if fmt is not None and fmt.type != "text":
+                raise APIError(400, "a required or named tool_choice constrains the reply already; drop "
+                               "response_format", param="response_format")
+            kind, spec, param = "json_schema", schema, "tools"
+        elif fmt is None or fmt.type == "text":
             return None
+        else:
+            kind, spec, param = fmt.type, fmt.spec(), "response_format"
         try:
-            return self.grammars.compile(fmt.type, fmt.spec())
+            return self.grammars.compile(kind, spec)
         except GrammarError as e:
-            raise APIError(400, str(e), param="response_format", code="invalid_response_format") from None
+            raise APIError(400, str(e), param=param, code="invalid_response_format") from None
+
+    def tools(self, body) -> tuple[list[dict] | None, dict | None]:
+        """(tools to render, the schema a call must follow) of a chat request; 400 for what cannot be served."""
+        if not body.tools:
+            if body.tool_choice not in (None, "none", "auto"):
+                raise APIError(400, "tool_choice needs tools", param="tool_choice")
+            return None, None
+        tools = [t.model_dump(exclude_none=True) for t in body.tools]
+        choice = body.tool_choice.model_dump() if hasattr(body.tool_choice, "model_dump") else body.tool_choice
+        try:
+            shown, schema = choose(tools, choice)
+        except ToolError as e:
+            raise APIError(400, str(e), param="tool_choice") from None
+        if shown and not template_reads_tools(self.chat.template):
+            raise APIError(400, "this model's chat template does not show tools to the model (it never reads "
+                           "`tools`); serve it with a --chat-template that does, or send tool_choice 'none'",
+                           param="tools")
+        return shown, schema
 
     def submit(self, seqs: list[Seq]):
         try:
@@ -340,19 +367,21 @@ def create_app(sched: Scheduler, tok, model_name: str, block_size: int, api_key:
     async def chat(body: ChatRequest, request: Request):
         srv.check_model(body.model)
         top = body.n_logprobs()
+        shown, schema = srv.tools(body)
         try:
-            prompt = srv.chat.prompt([m.as_dict() for m in body.messages])
+            prompt = srv.chat.prompt([m.as_dict() for m in body.messages], shown)
         except ChatError as e:
             raise APIError(400, str(e), param="messages") from None
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, block_size - len(prompt))
         seqs = srv.seqs(body, [prompt], max_tokens, body.stops() + srv.chat.stop_strings, top,
-                        stop_ids=srv.chat.stop_ids)
+                        stop_ids=srv.chat.stop_ids, grammar=srv.grammar(body, schema))
         job = srv.submit(seqs)
         head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "object": "chat.completion", "created": int(time.time()),
                 "model": model_name}
         usage = body.stream_options is not None and body.stream_options.include_usage
+        calls = "forced" if schema is not None else "auto" if shown else None
         if body.stream:
-            return EventSourceResponse(_stream_chat(srv, job, head, top is not None, usage and body.n),
+            return EventSourceResponse(_stream_chat(srv, job, head, top is not None, usage and body.n, calls),
                                        shutdown_grace_period=drain_timeout)
         texts, finish = [""] * len(seqs), [None] * len(seqs)
         lps: list[list[dict]] = [[] for _ in seqs]
@@ -363,9 +392,14 @@ def create_app(sched: Scheduler, tok, model_name: str, block_size: int, api_key:
             finish[i] = ev.finish or finish[i]
             if top is not None and ev.token is not None:
                 lps[i].append(srv.chat_logprob(ev))
-        out = [{"index": i, "message": {"role": "assistant", "content": t},
-                "logprobs": {"content": lps[i]} if top is not None else None, "finish_reason": finish[i]}
-               for i, t in enumerate(texts)]
+        out = []
+        for i, t in enumerate(texts):
+            message, reason = {"role": "assistant", "content": t}, finish[i]
+            found = parse_calls(t) if calls else None
+            if found:
+                message, reason = {"role": "assistant", "content": None, "tool_calls": found}, "tool_calls"
+            out.append({"index": i, "message": message, "logprobs": {"content": lps[i]} if top is not None else None,
+                        "finish_reason": reason})
         return head | {"choices": out, "usage": _usage(seqs, body.n)}
 
     return app
@@ -403,22 +437,46 @@ async def _stream_completion(srv: Server, job, choices: list[Choice], head: dict
     yield {"data": "[DONE]"}
 
 
-async def _stream_chat(srv: Server, job, head: dict, want_lp: bool, usage_n: int):
+async def _stream_chat(srv: Server, job, head: dict, want_lp: bool, usage_n: int, calls: str | None = None):
     """Chat chunks: a role delta per choice, content deltas (with logprobs.content), then the usage chunk when
-    stream_options.include_usage (usage_n = the request's n), then [DONE]."""
+    stream_options.include_usage (usage_n = the request's n), then [DONE]. With tools (calls "forced": the reply
+    is a constrained call; "auto": it may be one), a reply that is or may still become a call is held back and
+    sent at its end as OpenAI streams calls: the id and name first, then the arguments, finish_reason tool_calls."""
     head = head | {"object": "chat.completion.chunk"}
+    held = [""] * len(job.seqs)
+    holding = [calls is not None] * len(job.seqs)
+
+    def chunk(i: int, delta: dict, finish=None, lp=None) -> dict:
+        return _sse(head | {"choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}]})
+
     for i in range(len(job.seqs)):
-        yield _sse(head | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                        "logprobs": None, "finish_reason": None}]})
+        yield chunk(i, {"role": "assistant", "content": ""})
     async for i, ev in srv.events(job):
         if ev.finish == "error":
             yield _sse(_err(ev).body())
             break
         lp = {"content": [srv.chat_logprob(ev)]} if want_lp and ev.token is not None else None
-        if ev.text or ev.finish or lp:
-            delta = {"content": ev.text} if ev.text else {}
-            yield _sse(head | {"choices": [{"index": i, "delta": delta, "logprobs": lp,
-                                            "finish_reason": ev.finish}]})
+        text = ev.text
+        if holding[i]:
+            held[i] += text
+            text = ""
+            start = held[i].lstrip()
+            if calls == "auto" and start and not (start.startswith("{") or "<tool_call>".startswith(start[:11])
+                                                  or start.startswith("<tool_call>")):
+                holding[i], text, held[i] = False, held[i], ""  # plain content after all: send what was held
+        if ev.finish is not None and holding[i]:
+            found = parse_calls(held[i])
+            if found:
+                for k, c in enumerate(found):
+                    f = c["function"]
+                    yield chunk(i, {"tool_calls": [{"index": k, "id": c["id"], "type": "function",
+                                                    "function": {"name": f["name"], "arguments": ""}}]})
+                    yield chunk(i, {"tool_calls": [{"index": k, "function": {"arguments": f["arguments"]}}]})
+                yield chunk(i, {}, "tool_calls", lp)
+                continue
+            text = held[i] + text
+        if text or ev.finish or lp:
+            yield chunk(i, {"content": text} if text else {}, ev.finish, lp)
     else:
         if usage_n:
             yield _sse(head | {"choices": [], "usage": _usage(job.seqs, usage_n)})
