@@ -1,14 +1,17 @@
 /* Weight-streaming GEMVs for CPU decode: y (M, N) = x (M, K) @ W^T + b for a few rows x (M <= 16), with W
  * stored int8 (per-channel scale), int4 (groups with scale and offset) or 16-bit (fp16 / bf16), read once
- * from memory and widened to fp32 in registers: no dequantized copy of W is ever written. x, y, scales,
- * offsets and bias are fp32 (the Python side converts); accumulation is fp32 (FMA), so the result is the
- * reference's (dequantize, fp32 GEMM) up to the order of the sum.
+ * from memory and widened in registers: no dequantized copy of W is ever written. x, y, scales, offsets
+ * and bias are fp32 (the Python side converts). The 16-bit kernel widens W to fp32 and accumulates in
+ * fp32 (FMA): the reference's product up to the order of the sum. The int8 / int4 kernels multiply the
+ * codes with x rounded to int16 per block (see quant_x16 below: error <= 1.5e-5 of the block's largest
+ * |x| per value, the bound tests/test_cpu_gemv.py checks), with exact int32 sums per block that are
+ * scaled to fp32 once per block.
  *
  * Formats (kernels/reference.py):
  *   int8  q (N, K) int8,            w[n, k] = q[n, k] s[n]
  *   int4  q (N, ceil(K/2)) uint8,   w[n, k] = (q[n, k] - 8) s[n, g] + z[n, g],  g = k / G, even k in the low
  *         nibble. Per group  sum_k w x = s sum_k q x + (z - 8 s) sum_k x,  so the inner loop multiplies the
- *         raw codes 0..15 with x and the group's sum of x is computed once per call (xsum).
+ *         raw codes 0..15 with x and the group's exact fp32 sum of x is computed once per call (xsum).
  *   f16 / bf16  w (N, K) 16-bit: fp16 widened by F16C, bf16 by a 16-bit shift.
  * The int4 inner loop takes 32 codes (16 bytes) at a time: the low nibbles are the even k, the high ones the
  * odd k, so x is first rearranged per 32-block as [16 even | 16 odd] (xp) to meet them in order.
@@ -16,7 +19,9 @@
  * row is read once for all M rows of x (it stays in L1 between them).
  * Built by kernels/cpu_gemv.py with -O3 -mavx2 -mfma -mf16c; without AVX2 the scalar loops run.
  */
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -56,114 +61,169 @@ static inline float f16_to_f32(uint16_t h) {
 #endif
 }
 
+/* ------------------------------------------------------------------ activations as int16
+
+ * The integer kernels multiply 16-bit integers (vpmaddwd: 16 products and 8 pair sums per instruction),
+ * about twice what widening every weight to fp32 allows. x is quantized per block of XB values:
+ * xs = max|x| / 32767, xq = round(x / xs); the error per value is <= xs / 2, 1.5e-5 of the block's
+ * largest value (finer than the fp16 rounding of the stored scales). Each block's integer sum is turned
+ * into fp32 once (times xs and the weight's scale), so no int32 sum ever holds more than one block. */
+
+#define XB 64  /* int8: x values per activation scale */
+
+static void quant_x16(const float *x, int16_t *xq, float *xs, int K, int block) {
+    for (int b0 = 0, j = 0; b0 < K; b0 += block, j++) {
+        int b1 = b0 + block < K ? b0 + block : K;
+        float amax = 0.0f;
+        for (int k = b0; k < b1; k++) amax = fabsf(x[k]) > amax ? fabsf(x[k]) : amax;
+        float s = amax > 0.0f ? amax / 32767.0f : 1.0f, inv = 1.0f / s;
+        xs[j] = s;
+        for (int k = b0; k < b1; k++) xq[k] = (int16_t)lrintf(x[k] * inv);
+    }
+}
+
 /* ------------------------------------------------------------------ int8 */
 
-static void int8_row(const int8_t *q, const float *x, int M, int K, float *acc) {
-    for (int m = 0; m < M; m++) {
-        const float *xm = x + (int64_t)m * K;
-        int k = 0;
-        float s = 0.0f;
+static float int8_dot(const int8_t *q, const int16_t *xq, const float *xs, const float *x, int K) {
+    float s = 0.0f;
+    int k = 0;
 #ifdef __AVX2__
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-        for (; k + 16 <= K; k += 16) {
-            __m128i b = _mm_loadu_si128((const __m128i *)(q + k));
-            __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-            __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
-            a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm + k), a0);
-            a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + k + 8), a1);
+    __m256 acc = _mm256_setzero_ps();
+    for (int b0 = 0, j = 0; b0 + XB <= K; b0 += XB, j++) {
+        __m256i ia = _mm256_setzero_si256();
+        for (int kk = b0; kk < b0 + XB; kk += 16) {
+            __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + kk)));
+            ia = _mm256_add_epi32(ia, _mm256_madd_epi16(w, _mm256_loadu_si256((const __m256i *)(xq + kk))));
         }
-        s = hsum8(_mm256_add_ps(a0, a1));
-#endif
-        for (; k < K; k++) s += (float)q[k] * xm[k];
-        acc[m] = s;
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia), _mm256_set1_ps(xs[j]), acc);
+        k = b0 + XB;
     }
+    s = hsum8(acc);
+#endif
+    for (; k < K; k++) s += (float)q[k] * x[k];  /* the last partial block: exact fp32 */
+    return s;
 }
 
 void int8_gemv(const float *x, const int8_t *q, const float *scale, const float *bias, float *y,
                int M, int N, int K) {
+    int nb = (K + XB - 1) / XB;
+    int16_t *xq = malloc(sizeof(int16_t) * M * K);
+    float *xs = malloc(sizeof(float) * M * nb);
+    for (int m = 0; m < M; m++) quant_x16(x + (int64_t)m * K, xq + (int64_t)m * K, xs + m * nb, K, XB);
     #pragma omp parallel for schedule(static) if ((int64_t)N * K > 65536)
     for (int n = 0; n < N; n++) {
-        float acc[MAX_M];
-        int8_row(q + (int64_t)n * K, x, M, K, acc);
-        for (int m = 0; m < M; m++) y[(int64_t)m * N + n] = acc[m] * scale[n] + (bias ? bias[n] : 0.0f);
+        const int8_t *qr = q + (int64_t)n * K;
+        for (int m = 0; m < M; m++) {
+            float d = int8_dot(qr, xq + (int64_t)m * K, xs + m * nb, x + (int64_t)m * K, K);
+            y[(int64_t)m * N + n] = d * scale[n] + (bias ? bias[n] : 0.0f);
+        }
     }
+    free(xq);
+    free(xs);
 }
 
 /* ------------------------------------------------------------------ int4 */
 
-/* xp: x rearranged per 32-block as [even k | odd k] (zeros past K); xsum (M, n_groups): sum of x per group. */
-static void int4_prep(const float *x, float *xp, float *xsum, int M, int K, int Kp, int G, int n_groups) {
+/* Per group: xq rearranged per 32-block as [16 even k | 16 odd k] (zeros past K), xs its activation scale
+ * (one per weight group), xsum the exact fp32 sum of x over the group. */
+static void int4_prep(const float *x, int16_t *xq, float *xs, float *xsum, int M, int K, int Kp, int G,
+                      int n_groups) {
     for (int m = 0; m < M; m++) {
         const float *xm = x + (int64_t)m * K;
-        float *pm = xp + (int64_t)m * Kp;
-        for (int b = 0; b < Kp; b += 32)
-            for (int i = 0; i < 16; i++) {
-                int ke = b + 2 * i, ko = ke + 1;
-                pm[b + i] = ke < K ? xm[ke] : 0.0f;
-                pm[b + 16 + i] = ko < K ? xm[ko] : 0.0f;
-            }
+        int16_t *qm = xq + (int64_t)m * Kp;
         for (int g = 0; g < n_groups; g++) {
-            float s = 0.0f;
-            int hi = (g + 1) * G < K ? (g + 1) * G : K;
-            for (int k = g * G; k < hi; k++) s += xm[k];
-            xsum[m * n_groups + g] = s;
+            int k0 = g * G, k1 = k0 + G < K ? k0 + G : K;
+            float amax = 0.0f, sum = 0.0f;
+            for (int k = k0; k < k1; k++) {
+                amax = fabsf(xm[k]) > amax ? fabsf(xm[k]) : amax;
+                sum += xm[k];
+            }
+            float s = amax > 0.0f ? amax / 32767.0f : 1.0f, inv = 1.0f / s;
+            xs[m * n_groups + g] = s;
+            xsum[m * n_groups + g] = sum;
+            for (int b = k0; b < k0 + G && b < Kp; b += 32)
+                for (int i = 0; i < 16; i++) {
+                    int ke = b + 2 * i, ko = ke + 1;
+                    qm[b + i] = ke < K ? (int16_t)lrintf(xm[ke] * inv) : 0;
+                    qm[b + 16 + i] = ko < K ? (int16_t)lrintf(xm[ko] * inv) : 0;
+                }
         }
     }
 }
 
-/* sum over k in [k0, k1) of code(k) * xp: k0 a multiple of 32, the row's bytes from k0 / 2. */
-static inline float int4_dot(const uint8_t *qrow, const float *xpm, int k0, int k1, int K) {
-    int k = k0;
-    float s = 0.0f;
 #ifdef __AVX2__
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+/* 32 codes from 16 bytes times xq: the low nibbles meet the block's first 16 xq (even k), the high the rest. */
+static inline __m256i int4_block(__m128i b, const int16_t *xqk, __m256i ia) {
     const __m128i lo_mask = _mm_set1_epi8(0x0f);
-    for (; k + 32 <= k1; k += 32) {
-        __m128i b = _mm_loadu_si128((const __m128i *)(qrow + k / 2));
-        __m128i lo = _mm_and_si128(b, lo_mask);                        /* even k: k, k+2, ..., k+30 */
-        __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), lo_mask);     /* odd k */
-        const float *xe = xpm + k, *xo = xpm + k + 16;
-        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), _mm256_loadu_ps(xe), a0);
-        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))),
-                             _mm256_loadu_ps(xe + 8), a1);
-        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), _mm256_loadu_ps(xo), a0);
-        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))),
-                             _mm256_loadu_ps(xo + 8), a1);
-    }
-    s = hsum8(_mm256_add_ps(a0, a1));
+    __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(b, lo_mask));
+    __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), lo_mask));
+    ia = _mm256_add_epi32(ia, _mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)xqk)));
+    return _mm256_add_epi32(ia, _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(xqk + 16))));
+}
 #endif
-    for (; k < k1; k += 32) {  /* the last, partial 32-block (or every block without AVX2) */
-        for (int i = 0; i < 16; i++) {
-            int ke = k + 2 * i;
-            if (ke >= K) break;
-            uint8_t byte = qrow[ke / 2];
-            s += (float)(byte & 15) * xpm[k + i];
-            if (ke + 1 < K) s += (float)(byte >> 4) * xpm[k + 16 + i];
+
+/* One output: sum_g  s_g xs_g (sum_k code_k xq_k)  +  (z_g - 8 s_g) xsum_g. The integer sum of a group
+ * stays in 8 int32 lanes, goes to fp32 once per group, and is reduced across lanes once per row. A last
+ * 32-block that runs past the row's bytes is copied into a zeroed buffer (its codes past K meet xq = 0). */
+static float int4_row(const uint8_t *qrow, const float *sn, const float *zn, const int16_t *xqm,
+                      const float *xsm, const float *xsum_m, int n_groups, int G, int Kp, int row_bytes) {
+    float zacc = 0.0f;
+    for (int g = 0; g < n_groups; g++) zacc += (zn[g] - 8.0f * sn[g]) * xsum_m[g];
+#ifdef __AVX2__
+    __m256 facc = _mm256_setzero_ps();
+    int k_safe = (row_bytes - 16) * 2;  /* blocks starting at k <= k_safe load 16 bytes inside the row */
+    for (int g = 0; g < n_groups; g++) {
+        int k0 = g * G, k1 = k0 + G < Kp ? k0 + G : Kp;
+        __m256i ia = _mm256_setzero_si256();
+        if (k1 - 32 <= k_safe) {
+            for (int k = k0; k < k1; k += 32)
+                ia = int4_block(_mm_loadu_si128((const __m128i *)(qrow + k / 2)), xqm + k, ia);
+        } else {
+            for (int k = k0; k < k1; k += 32) {
+                uint8_t tmp[16] = {0};
+                int nb = row_bytes - k / 2 < 16 ? row_bytes - k / 2 : 16;
+                memcpy(tmp, qrow + k / 2, nb);
+                ia = int4_block(_mm_loadu_si128((const __m128i *)tmp), xqm + k, ia);
+            }
         }
+        facc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia), _mm256_set1_ps(sn[g] * xsm[g]), facc);
     }
-    return s;
+    return hsum8(facc) + zacc;
+#else
+    float acc = zacc;
+    for (int g = 0; g < n_groups; g++) {
+        int k0 = g * G, k1 = k0 + G < Kp ? k0 + G : Kp;
+        int32_t s = 0;
+        for (int k = k0; k < k1; k += 32)
+            for (int i = 0; i < 16 && k / 2 + i < row_bytes; i++) {
+                uint8_t byte = qrow[k / 2 + i];
+                s += (int32_t)(byte & 15) * xqm[k + i] + (int32_t)(byte >> 4) * xqm[k + 16 + i];
+            }
+        acc += sn[g] * xsm[g] * (float)s;
+    }
+    return acc;
+#endif
 }
 
-/* xp (M, Kp) and xsum (M, n_groups) are scratch from the caller (Kp = K rounded up to 32). */
 void int4_gemv(const float *x, const uint8_t *q, const float *scale, const float *zero, const float *bias,
-               float *y, float *xp, float *xsum, int M, int N, int K, int G) {
+               float *y, int M, int N, int K, int G) {
     int Kp = (K + 31) / 32 * 32, n_groups = (K + G - 1) / G, row_bytes = (K + 1) / 2;
-    int4_prep(x, xp, xsum, M, K, Kp, G, n_groups);
+    int16_t *xq = malloc(sizeof(int16_t) * M * Kp);  /* x per 32-block as [even | odd], int16 */
+    float *xs = malloc(sizeof(float) * M * n_groups), *xsum = malloc(sizeof(float) * M * n_groups);
+    int4_prep(x, xq, xs, xsum, M, K, Kp, G, n_groups);
     #pragma omp parallel for schedule(static) if ((int64_t)N * K > 131072)
     for (int n = 0; n < N; n++) {
         const uint8_t *qrow = q + (int64_t)n * row_bytes;
         const float *sn = scale + (int64_t)n * n_groups, *zn = zero + (int64_t)n * n_groups;
         for (int m = 0; m < M; m++) {
-            const float *xpm = xp + (int64_t)m * Kp, *xs = xsum + m * n_groups;
-            float acc = 0.0f;
-            for (int g = 0; g < n_groups; g++) {
-                int k1 = (g + 1) * G < K ? (g + 1) * G : K;
-                float d = int4_dot(qrow, xpm, g * G, k1, K);
-                acc += sn[g] * d + (zn[g] - 8.0f * sn[g]) * xs[g];
-            }
+            float acc = int4_row(qrow, sn, zn, xq + (int64_t)m * Kp, xs + m * n_groups, xsum + m * n_groups,
+                                 n_groups, G, Kp, row_bytes);
             y[(int64_t)m * N + n] = acc + (bias ? bias[n] : 0.0f);
         }
     }
+    free(xq);
+    free(xs);
+    free(xsum);
 }
 
 /* ------------------------------------------------------------------ 16-bit weights */

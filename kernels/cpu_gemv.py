@@ -5,7 +5,9 @@ compiled on first use by the system C compiler into a per-user cache and called 
 threads come from torch's own libgomp, so `torch.set_num_threads` governs them. Why C and not torch's
 kernels: on an AVX2 CPU (no AVX-512, no native bf16) torch 2.13's `_weight_int8pack_mm` is vectorized for
 bf16 activations only and `_weight_int4pack_mm_for_cpu` reads its weight at a fraction of the memory rate
-(benchmarks/NOTES.md, issue 32); these read every weight byte once at fp32 activations.
+(benchmarks/NOTES.md, issue 32). The int8 / int4 kernels round x to int16 per block (1.5e-5 of the block's
+largest |x|, finer than the bf16 rounding torch's kernels apply) and sum codes times x in int32 (vpmaddwd);
+the 16-bit kernel computes in fp32.
 
     available() -> bool                      a compiler and a build, or False (the caller falls back)
     int8_gemv(x, q, s, bias)                 x (M, K) float, q (N, K) int8, s (N,)            -> (M, N)
@@ -74,7 +76,7 @@ def _lib() -> ctypes.CDLL | None:
             os.replace(tmp, out)  # atomic: a concurrent build writes the same bytes
     lib = ctypes.CDLL(str(out))  # torch (imported above) loaded libgomp.so.1 first: the library shares it
     lib.int8_gemv.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I]
-    lib.int4_gemv.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I]
+    lib.int4_gemv.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I]
     lib.w16_gemv.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I]
     for f in (lib.int8_gemv, lib.int4_gemv, lib.w16_gemv):
         f.restype = None
@@ -87,12 +89,13 @@ def available() -> bool:
 
 
 def _rows(x: Tensor, K: int) -> Tensor:
+    """x as contiguous fp32 (M, K) rows (a view when it already is one)."""
     if x.shape[-1] != K:
         raise ValueError(f"x has {x.shape[-1]} features, the weight {K}")
-    x2 = x.reshape(-1, K)
+    x2 = x.view(-1, K) if x.dtype == torch.float32 and x.is_contiguous() else x.reshape(-1, K).float().contiguous()
     if x2.shape[0] > MAX_M:
         raise ValueError(f"the CPU GEMV serves at most {MAX_M} rows, got {x2.shape[0]}")
-    return x2.float().contiguous()
+    return x2
 
 
 def _f32(t: Tensor | None) -> Tensor | None:
@@ -104,7 +107,10 @@ def _ptr(t: Tensor | None) -> int | None:
 
 
 def _out(y: Tensor, x: Tensor, N: int) -> Tensor:
-    return y.to(x.dtype).view(*x.shape[:-1], N)
+    """y (M, N) fp32 -> (..., N) in x's dtype."""
+    if x.dim() != 2:
+        y = y.view(x.shape[:-1] + (N,))
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 def int8_gemv(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -113,8 +119,9 @@ def int8_gemv(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = 
     if qweight.dtype != torch.int8 or not qweight.is_contiguous():
         raise ValueError("int8_gemv: qweight must be a contiguous int8 (N, K) tensor")
     x2, s, b = _rows(x, K), _f32(scales), _f32(bias)
-    y = torch.empty(x2.shape[0], N)
-    _lib().int8_gemv(x2.data_ptr(), qweight.data_ptr(), s.data_ptr(), _ptr(b), y.data_ptr(), x2.shape[0], N, K)
+    M = x2.shape[0]
+    y = torch.empty(M, N)
+    _lib().int8_gemv(x2.data_ptr(), qweight.data_ptr(), s.data_ptr(), _ptr(b), y.data_ptr(), M, N, K)
     return _out(y, x, N)
 
 
@@ -132,9 +139,8 @@ def int4_gemv(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_s
     x2, s, z, b = _rows(x, K), _f32(scales), _f32(zeros), _f32(bias)
     M = x2.shape[0]
     y = torch.empty(M, N)
-    xp, xs = torch.empty(M, -(-K // 32) * 32), torch.empty(M, n_groups)
     _lib().int4_gemv(x2.data_ptr(), qweight.data_ptr(), s.data_ptr(), z.data_ptr(), _ptr(b), y.data_ptr(),
-                     xp.data_ptr(), xs.data_ptr(), M, N, K, group_size)
+                     M, N, K, group_size)
     return _out(y, x, N)
 
 

@@ -290,7 +290,7 @@ def moe_experts(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, topk_id
 # ----------------------------------------------------------------------------- weight-only quantized linears
 
 # CPU decode rows (up to CPU_WOQ_MAX_M) take kernels/cpu_gemv.py: C GEMVs that read each int8 / int4 code once and
-# widen it in registers, fp32 activations and accumulation (the reference's numbers up to summation order). Where
+# widen it in registers (activations rounded to int16 per block, exact int32 sums, fp32 scaling). Where
 # no C compiler built them, or under torch.compile (a ctypes call would break the graph), torch's own weight-only
 # kernels (aten._weight_int8pack_mm, _weight_int4pack_mm_for_cpu) take the rows: vectorized for bf16
 # activations only (on this AVX2 CPU fp32 activations ran 10x slower than fp32 F.linear), so x is rounded to

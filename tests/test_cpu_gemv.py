@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close, assert_fa_rule
+from conftest import FA_FLOOR, assert_fa_rule
 
 from kernels import cpu_gemv
 from kernels import reference as ref
@@ -22,11 +22,28 @@ DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id
           pytest.param(torch.bfloat16, id="bf16")]
 
 
-def _check(out, hp, lp, dtype, name):
-    """fp32: the FlashAttention rule against fp64 (K up to 1376 sums: the fp32 reference itself is off by a few
-    ulps); 16-bit activations: the rule against the reference run in that dtype."""
+def _check(out, hp, lp, dtype, name, act_bound=None):
+    """The FlashAttention rule against fp64 (fp32: K up to 1376 sums, so the fp32 reference itself is off by a
+    few ulps; 16-bit activations: against the reference run in that dtype, its output rounding), plus, for the
+    integer kernels, the bound of their int16 activations (act_bound, per output)."""
     assert out.dtype == dtype and out.shape == hp.shape
-    assert_fa_rule(out, lp, hp, name=name)
+    if act_bound is None:
+        assert_fa_rule(out, lp, hp, name=name)
+        return
+    err = (out.double() - hp).abs()
+    bound = 2 * (lp.double() - hp).abs().max() + FA_FLOOR[dtype] + act_bound
+    assert (err <= bound).all(), f"{name}: max excess {(err - bound).max().item():.3g}"
+
+
+def _int16_activation_bound(x: torch.Tensor, w: torch.Tensor, block: int) -> torch.Tensor:
+    """(M, N) bound on |sum_k w_nk (x_mk - xq_mk xs)|: x is rounded to int16 per block of `block` values with
+    xs = max|x| / 32767, so each value moves by at most xs / 2 (kernels/cpu_gemv.c)."""
+    M, K = x.shape
+    nb = -(-K // block)
+    xa = torch.nn.functional.pad(x.double().abs(), (0, nb * block - K)).view(M, nb, block)
+    half_step = xa.amax(dim=2) / 32767 / 2  # (M, nb)
+    wa = torch.nn.functional.pad(w.double().abs(), (0, nb * block - K)).view(w.shape[0], nb, block).sum(2)
+    return half_step @ wa.t()
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -46,16 +63,19 @@ def test_quantized_gemv_equals_reference(M, N, K, bits, group, dtype, threads):
             s = s.to(dtype)
             out = cpu_gemv.int8_gemv(x, q, s, bias)
             wd = q.double() * s.double()[:, None]
+            act = _int16_activation_bound(x, wd, 64)
         else:
             q, s, z = quant.quantize_int4(w, group)
             s, z = s.to(dtype), z.to(dtype)
             out = cpu_gemv.int4_gemv(x, q, s, z, group, bias)
             wd = ref.int4_dequant_ref(q, s, z, group, K).double()
+            sq = s.double().repeat_interleave(group, 1)[:, :K] * ref.int4_unpack_ref(q, K).double()  # s * code
+            act = _int16_activation_bound(x, sq, group)
         hp = x.double() @ wd.t()
         lp = (x.float() @ wd.float().t()).to(dtype)  # the reference's product, rounded to x's dtype
-        _check(out, hp + bias.double(), (lp.float() + bias.float()).to(dtype), dtype, f"int{bits}")
+        _check(out, hp + bias.double(), (lp.float() + bias.float()).to(dtype), dtype, f"int{bits}", act)
         out_nb = cpu_gemv.int8_gemv(x, q, s) if bits == 8 else cpu_gemv.int4_gemv(x, q, s, z, group)
-        _check(out_nb, hp, lp, dtype, f"int{bits} no bias")
+        _check(out_nb, hp, lp, dtype, f"int{bits} no bias", act)
     finally:
         torch.set_num_threads(before)
 
@@ -76,11 +96,13 @@ def test_int4_decode_never_dequantizes_the_whole_weight(monkeypatch):
     lin = torch.nn.Linear(1376, 48)
     m = quant.QuantLinear.from_linear(lin, "int4", 64, "auto")
     x = torch.randn(1, 1376)
-    want = x @ m.weight.t() + m.bias
+    w = m.weight.double()
+    hp, lp = x.double() @ w.t() + m.bias.double(), x @ m.weight.t() + m.bias
+    sq = m.scales.double().repeat_interleave(64, 1)[:, :1376] * ref.int4_unpack_ref(m.qweight, 1376).double()
     calls = []
     real = ref.int4_dequant_ref
     monkeypatch.setattr(ref, "int4_dequant_ref", lambda *a: calls.append(a) or real(*a))
-    assert_close(m(x), want)
+    _check(m(x), hp, lp, torch.float32, "int4 K=1376 g64", _int16_activation_bound(x, sq, 64))
     assert calls == []
     m(torch.randn(ops.CPU_WOQ_MAX_M + 1, 1376))  # prefill rows: the reference, by design
     assert len(calls) == 1
