@@ -204,7 +204,8 @@ class TrainConfig:
     objective: str = _f("ce", "what a step optimizes: ce = next-token cross-entropy (on instruction / chat data "
                               "only the answer tokens count), distill = CE plus a divergence from --teacher (which "
                               "picks it alone), reward = a reward model on preference pairs (Bradley-Terry), dpo = "
-                              "direct preference optimization against --ref; see llm/train/objectives/")
+                              "direct preference optimization against --ref, grpo = online RL with group-relative "
+                              "advantages (--reward); see llm/train/objectives/")
     teacher: str | None = _f(None, "distil from this frozen teacher (a checkpoint, a training out-dir, a Hugging Face "
                                    "model dir or a quantized checkpoint) sharing the tokenizer: the loss becomes "
                                    "alpha * CE + (1 - alpha) * T^2 * divergence(teacher, student)")
@@ -217,6 +218,14 @@ class TrainConfig:
     ref: str | None = _f(None, "--objective dpo: the frozen reference model (default: a frozen copy of the starting "
                                "policy; with LoRA, the base with the adapters off, no second copy)")
     dpo_beta: float = _f(0.1, "--objective dpo: beta, the strength of the implicit KL penalty to the reference")
+    reward: str | None = _f(None, "--objective grpo: the reward function, a built-in (exact_match, prefix_match) or "
+                                  "module:function taking (prompt, answer, reference) -> float")
+    reward_model: str | None = _f(None, "--objective grpo: score answers with this reward model (a checkpoint "
+                                        "trained with --objective reward) instead of --reward")
+    grpo_group: int = _f(4, "--objective grpo: answers sampled per prompt (advantages are relative to the group)")
+    grpo_beta: float = _f(0.04, "--objective grpo: weight of the KL penalty to the reference")
+    grpo_max_new: int = _f(32, "--objective grpo: most tokens per sampled answer")
+    grpo_temperature: float = _f(1.0, "--objective grpo: sampling temperature of the answers")
     lora_rank: int | None = _f(None, "fine-tune with LoRA adapters of this rank, the base frozen (default: full "
                                      "fine-tuning)")
     lora_alpha: float = _f(16.0, "LoRA alpha: the update is scaled by alpha / rank")

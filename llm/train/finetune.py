@@ -24,7 +24,7 @@ from llm import bottleneck, lora, peft, prefix, quant
 from llm import checkpoint as ckpt_io
 from llm.chat import chat_tokenizer
 from llm.config import ConfigError, DataConfig, TrainConfig
-from llm.data import preference, sft
+from llm.data import preference, prompts, sft
 from llm.data.shards import prepare as prepare_shards
 from llm.model import Transformer
 from llm.tokenizer import Tokenizer
@@ -52,8 +52,8 @@ def peft_config(tcfg: TrainConfig) -> peft.Config | None:
 
 
 def chat_data(dcfg: DataConfig) -> bool:
-    """Conversations rendered with a chat template: SFT examples or preference pairs."""
-    return sft.is_sft(dcfg) or preference.is_preference(dcfg)
+    """Conversations rendered with a chat template: SFT examples, preference pairs or RL prompts."""
+    return sft.is_sft(dcfg) or preference.is_preference(dcfg) or dcfg.dataset == prompts.EMBEDDED
 
 
 def is_finetune(dcfg: DataConfig, tcfg: TrainConfig) -> bool:

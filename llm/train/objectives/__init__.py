@@ -4,6 +4,7 @@
   distill  CE plus a divergence from a frozen teacher's distribution (--teacher; picked by --teacher alone)
   reward   a reward model: a scalar head on the last answer token, Bradley-Terry loss on preference pairs
   dpo      direct preference optimization of the policy against a frozen reference, on preference pairs
+  grpo     online RL: sampled answers per prompt, rewards, group-relative advantages, KL to a reference
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from llm.config import ConfigError, DataConfig, TrainConfig
 from llm.train.objectives.base import Context, Objective
 from llm.train.objectives.distill import Distill
 from llm.train.objectives.dpo import DPO
+from llm.train.objectives.grpo import GRPO
 from llm.train.objectives.reward import Reward
 
 OBJECTIVES: dict[str, type[Objective]] = {
@@ -19,6 +21,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "distill": Distill,
     "reward": Reward,
     "dpo": DPO,
+    "grpo": GRPO,
 }
 
 

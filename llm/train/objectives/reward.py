@@ -63,10 +63,16 @@ class Reward(PairObjective):
 @torch.inference_mode()
 def score(model: nn.Module, tok: Tokenizer, messages: list[dict]) -> float:
     """The reward model's score of one conversation that ends with an assistant answer."""
+    ids, scored = encode_chat(tok, messages)
+    return score_ids(model, ids)
+
+
+@torch.inference_mode()
+def score_ids(model: nn.Module, ids: list[int]) -> float:
+    """The score of a rendered conversation's ids (ending with the answer's end-of-turn token): the head on the
+    hidden state that predicts the last id, as in training (`last_scored`)."""
     if getattr(model, "reward_head", None) is None:
         raise ConfigError("this checkpoint has no reward head: train one with --objective reward")
-    ids, scored = encode_chat(tok, messages)
-    p = model.lm_head.weight
-    x = torch.tensor([ids[:-1]], device=p.device)
-    y = torch.tensor([[t if s else -100 for t, s in zip(ids[1:], scored[1:])]], device=p.device)
-    return scores(model, model.reward_head, x, y).item()
+    x = torch.tensor([ids[:-1]], device=model.lm_head.weight.device)
+    h, _ = model(x, hidden=True)
+    return model.reward_head(h[:, -1]).float().item()
