@@ -29,6 +29,7 @@ class Command(NamedTuple):
 COMMANDS: dict[str, Command] = {
     "data": Command("llm.data.__main__", "prepare (and verify) a dataset's token shards ahead of training"),
     "train": Command("llm.train.cli", "pretrain or fine-tune a model (the same as python train.py)"),
+    "plan": Command("llm.train.plan", "per-GPU training memory of a model on a cluster: does it fit (DDP/FSDP2/TP)"),
     "sample": Command("llm.generate.cli", "generate text from a checkpoint (the same as python sample.py)"),
     "chat": Command("llm.generate.cli", "chat with a checkpoint, interactive or one --prompt (= llm sample --chat)",
                     ("--chat",)),

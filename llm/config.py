@@ -281,6 +281,11 @@ PRESETS: dict[str, dict] = {
     # `small` (GPT-2-124M-sized) with 8 experts top-2 of half width: 124M active of ~310M parameters.
     "moe-small": dict(n_layer=12, n_head=12, n_kv_head=4, n_embd=768, block_size=1024, vocab_size=50304,
                       intermediate_size=2048, n_experts=8, top_k=2, expert_hidden=1024),
+    # Llama-3-8B and -70B shapes: for `python -m llm.train.plan` (sizing a cluster), not for this machine.
+    "8b": dict(n_layer=32, n_head=32, n_kv_head=8, n_embd=4096, intermediate_size=14336, block_size=8192,
+               vocab_size=128256, rope_theta=500000.0),
+    "70b": dict(n_layer=80, n_head=64, n_kv_head=8, n_embd=8192, intermediate_size=28672, block_size=8192,
+                vocab_size=128256, rope_theta=500000.0),
 }
 
 

@@ -44,7 +44,7 @@ SAME_AS = {"train": ("llm.train.cli", []), "sample": ("llm.generate.cli", []),
            "chat": ("llm.generate.cli", ["--chat"]), "eval": ("llm.eval.__main__", []),
            "quantize": ("llm.quantize.__main__", []), "export": ("llm.interop.__main__", ["export"]),
            "serve": ("llm.serve.__main__", []), "data": ("llm.data.__main__", []),
-           "checkpoint": ("llm.checkpoint", [])}
+           "checkpoint": ("llm.checkpoint", []), "plan": ("llm.train.plan", [])}
 
 
 def help_text(main, argv: list[str], capsys) -> str:

@@ -232,10 +232,13 @@ def fmt_bytes(n: float) -> str:
 
 
 def memory_estimate(cfg: ModelConfig, n_params: int, batch: int, amp: bool, flash: bool, fused_ce: bool,
-                    act_ckpt: bool, world: int = 1, fsdp: bool = False) -> tuple[float, float]:
+                    act_ckpt: bool, world: int = 1, fsdp: bool = False, tp: int = 1) -> tuple[float, float]:
     """(fixed bytes, activation bytes) per rank of one training micro-batch of `batch` sequences.
 
-    fixed = N * (4 weights + 4 grads + 8 AdamW moments) [/ W under FSDP] + 2N autocast copies.
+    fixed = N * (4 weights + 4 grads + 8 AdamW moments) [/ W under FSDP] + 2N autocast copies, all / tp.
+    `world` counts the data-parallel ranks; tp > 1 (the planner only: the trainer has no tensor parallelism
+    yet) is Megatron-style TP with sequence parallelism, which divides every weight and every activation
+    below by tp (Korthikanti et al. 2022; norms, replicated, are ignored).
     Activations per token per layer (s = 2 under autocast, else 4): fp32 residual stream,
     norm outputs 16C; s * (2C linear inputs + Cq + 2Ckv qkv + Cq + Ckv after RoPE + Cq attention
     output + 3I MLP); attention without a fused kernel adds fp32 q/k/v and 2 * H * T scores.
@@ -253,7 +256,7 @@ def memory_estimate(cfg: ModelConfig, n_params: int, batch: int, amp: bool, flas
     per_token = (4 * C * L + layer) if act_ckpt else layer * L
     per_token += 8 * C + (4 * C if fused_ce else (8 + s) * cfg.padded_vocab_size)
     fixed = n_params * 16 / (world if fsdp else 1) + (2 * n_params if amp else 0)
-    return float(fixed), float(per_token * batch * T)
+    return float(fixed / tp), float(per_token * batch * T / tp)
 
 
 def memory_budget(device: torch.device) -> float | None:
