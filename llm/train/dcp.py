@@ -33,12 +33,14 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.staging import BlockingAsyncStager
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
     set_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
 from llm import checkpoint as ckpt_io
 from llm.checkpoint import CHECKSUMS, SHARD_DIR, CheckpointError
@@ -146,6 +148,13 @@ def writer_for(tcfg, d: dd.Dist, lora: bool, out: Path) -> ShardedWriter | None:
     return None
 
 
+class _Staged(BlockingAsyncStager):
+    """The state handed to dcp.async_save is already this rank's private copy (ShardedWriter.stage): nothing to do."""
+
+    def stage(self, state_dict: dict) -> dict:
+        return state_dict
+
+
 class ShardedWriter:
     """Writes sharded checkpoints for one run (every rank holds one and calls `save` together)."""
 
@@ -154,6 +163,26 @@ class ShardedWriter:
         # async: DCP's background collectives run on their own gloo group, never interleaved with training's
         self.group = dist.new_group(backend="gloo") if asynchronous and d.enabled else None
         self.pending: dict | None = None  # the save in flight: {"future", "tmp", "name", "best", "meta", ...}
+        self.buffers: dict[str, torch.Tensor] = {}  # async: host copies of this rank's tensors, reused every save
+
+    def stage(self, flat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A private host copy of this rank's part of `flat` for the background write (DTensors keep their global
+        shape and placement around the copied local shard). The buffers are allocated at the first save and reused:
+        a copy into memory already touched is several times faster than into fresh pages (0.53 s vs 2.9 s for
+        870 MB on this project's 2-core CPU machine); the price is one host copy of the rank's state, kept."""
+        if self.buffers.keys() != flat.keys():
+            self.buffers = {k: torch.empty_like(v.to_local() if isinstance(v, DTensor) else v, device="cpu")
+                            for k, v in flat.items()}
+        out = {}
+        for k, v in flat.items():
+            buf = self.buffers[k]
+            if isinstance(v, DTensor):
+                buf.copy_(v.to_local())
+                out[k] = DTensor.from_local(buf, v.device_mesh, v.placements, run_check=False, shape=v.shape,
+                                            stride=v.stride())
+            else:
+                out[k] = buf.copy_(v)
+        return out
 
     def save(self, name: str, model: nn.Module, optimizer: torch.optim.Optimizer, tokenizer: Tokenizer,
              config_extra: dict, trainer_state: dict, rank_state: dict, best: bool, keep_last: int,
@@ -174,8 +203,8 @@ class ShardedWriter:
         meta = {"model_cfg": model.cfg, "tokenizer": tokenizer, "extra": config_extra, "trainer": trainer_state}
         self.pending = {"tmp": tmp, "name": name, "best": best, "keep_last": keep_last, "meta": meta}
         if self.asynchronous and not wait:
-            self.pending["future"] = dcp.async_save(flat, storage_writer=writer, process_group=self.group,
-                                                    no_dist=not d.enabled)
+            self.pending["future"] = dcp.async_save(self.stage(flat), storage_writer=writer, process_group=self.group,
+                                                    async_stager=_Staged(), no_dist=not d.enabled)
             return self.out / name
         dcp.save(flat, storage_writer=writer, no_dist=not d.enabled)
         self.commit()
