@@ -271,9 +271,9 @@ def test_cli_names_the_run_and_sigterm_drains_with_503_for_new_requests(ckpt):
             except httpx.HTTPError:
                 time.sleep(0.2)
         assert [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]] == [name]
-        queued = {"model": name, "prompt": "def", "max_tokens": 120, "n": 4, "temperature": 0}
+        queued = {"model": name, "prompt": "def", "max_tokens": 60, "n": 4, "temperature": 0}
 
-        async def background():  # 3 jobs of 4 rows x 120 tokens behind the stream: the drain has work to do
+        async def background():  # 3 jobs of 4 rows x 60 tokens behind the stream: the drain has work to do
             async with httpx.AsyncClient(timeout=60) as c:
                 return await asyncio.gather(*(c.post(url + "/v1/completions", json=queued) for _ in range(3)))
 

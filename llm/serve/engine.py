@@ -258,6 +258,7 @@ class Engine:
         if constrained:  # structured output: what the grammar does not allow gets probability 0
             rows = torch.tensor([r for _, r in constrained], device=self.device)
             ok = self.masker.allowed([s.grammar for s, _ in constrained], logits.shape[-1]).to(self.device)
+            ok[~ok.any(-1), self.tok.eot_id] = True  # a matcher in an error state allows nothing: end the row
             logits[rows] = logits[rows].masked_fill(~ok, float("-inf"))
         groups: dict[SamplingParams, list[tuple[Seq, int]]] = {}
         for s, r in draws:
