@@ -1,6 +1,6 @@
 """One entry point for every checkpoint argument: our checkpoint dirs, training out-dirs, Hugging Face dirs,
-and PEFT adapters (LoRA, prefix, bottleneck adapters) on top of any of them (a PEFT run's checkpoint names its
-base)."""
+llama-architecture GGUF files, and PEFT adapters (LoRA, prefix, bottleneck adapters) on top of any of them (a
+PEFT run's checkpoint names its base)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from llm import lora as lora_io
 from llm import peft
 from llm.checkpoint import MODEL_FILE, load_checkpoint, read_config, resolve
+from llm.interop.gguf import is_gguf, load_gguf
 from llm.interop.hf import is_hf_dir, load_hf
 from llm.model import Transformer
 from llm.quant import quantize_loaded
@@ -30,11 +31,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     loads its recorded base with it.
     overrides replace model config fields (run-time ones such as kernels or dropout).
     """
-    if lora is None and not is_hf_dir(path):
+    if lora is None and not is_hf_dir(path) and not is_gguf(path):
         ckpt = resolve(path)
         if (ckpt / lora_io.ADAPTER_CONFIG).is_file() and not (ckpt / MODEL_FILE).is_file():
             path, lora = peft.read_config(ckpt)["base"], ckpt
-    load = load_hf if is_hf_dir(path) else load_checkpoint
+    load = load_hf if is_hf_dir(path) else load_gguf if is_gguf(path) else load_checkpoint
     if quantize is not None:
         model, tok, cfg = load(path, "cpu", None, **overrides)
         if not cfg.get("quantization"):

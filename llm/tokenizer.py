@@ -147,6 +147,22 @@ class Tokenizer:
             raise TokenizerError(f"{d}: the tokenizer has no token {e} (named as eos/bos)") from None
 
     @classmethod
+    def from_byte_level(cls, vocab: dict[str, int], merges: list, added: dict, pattern: str, info: dict,
+                        name: str = "bpe") -> Tokenizer:
+        """A byte-level BPE given as byte-level strings -> ids, "a b" merges and added tokens ({content: {"id",
+        "special"}}), as GGUF files hold it; TokenizerError when tiktoken would not give the file's ids."""
+        ranks = _ranks_from_merges(vocab, merges, added)
+        if ranks is None:
+            raise TokenizerError("the BPE vocabulary is not one tiktoken reproduces (merges out of id order, or "
+                                 "tokens no merge makes)")
+        special = {c: t["id"] for c, t in added.items()}
+        always = sorted(c for c, t in added.items() if not t.get("special", True))
+        try:
+            return cls.from_ranks(ranks, pattern, special, name=name, extra={**info, "always": always})
+        except KeyError as e:
+            raise TokenizerError(f"the tokenizer has no token {e} (named as eos/bos)") from None
+
+    @classmethod
     def _from_tokenizers(cls, path: Path, info: dict) -> Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
