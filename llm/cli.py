@@ -39,6 +39,7 @@ COMMANDS: dict[str, Command] = {
                       ("export",)),
     "serve": Command("llm.serve.__main__", "OpenAI-compatible HTTP server (needs the serve extra)"),
     "checkpoint": Command("llm.checkpoint", "consolidate a sharded (multi-rank) checkpoint into one file"),
+    "score": Command("llm.train.score", "score answers with a reward model (trained with --objective reward)"),
 }
 
 

@@ -122,6 +122,17 @@ def test_reward_model_trains_saves_and_scores(runs, capsys):
     convo = [{"role": "user", "content": "Double 3."}, {"role": "assistant", "content": "6"}]
     s = score(model, tok, convo)
     assert isinstance(s, float) and s == score(model, tok, convo)
+    from llm.train.score import main as score_main
+
+    capsys.readouterr()
+    assert score_main(["--checkpoint", str(runs / "rm"), "--prompt", "Double 3.", "--answer", "6", "--answer", "7",
+                       "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [o["answer"] for o in out] == ["6", "7"] and abs(out[0]["score"] - s) < 1e-6
+    assert score_main(["--checkpoint", str(runs / "rm"), "--jsonl", str(runs / "prefs.jsonl")]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("40 pairs: chosen scored higher in")
+    assert score_main(["--checkpoint", str(runs / "sft"), "--prompt", "x", "--answer", "y"]) == 2
+    assert "has no reward head" in capsys.readouterr().err
 
 
 def test_dpo_full_finetune_resumes_exactly(runs):
