@@ -17,7 +17,7 @@ from test_hf_tokenizer import MIXED, corpus  # noqa: E402
 from llm import checkpoint  # noqa: E402
 from llm.config import ModelConfig  # noqa: E402
 from llm.generate.cli import main as sample_main  # noqa: E402
-from llm.interop.hf_export import main as hf_main  # noqa: E402
+from llm.interop.__main__ import main as hf_main  # noqa: E402
 from llm.loading import load_model  # noqa: E402
 from llm.model import Transformer  # noqa: E402
 from llm.tokenizer import Tokenizer  # noqa: E402

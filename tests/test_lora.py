@@ -139,3 +139,43 @@ def test_frozen_quant_matmul_gradient_equals_dequantized_linear():
     x2 = x.detach().clone().requires_grad_(True)
     (torch.nn.functional.linear(x2, q.weight, q.bias) * dy).sum().backward()
     torch.testing.assert_close(x.grad, x2.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_export_of_an_adapter_that_added_chat_tokens(tmp_path, tie):
+    """A chat fine-tune's adapter (ChatML tokens added, their rows trained) through `python -m llm.interop export`:
+    --format peft gives OUT/base (vocab grown, chat tokenizer) + a PEFT LoRA with trainable tokens, and peft gives our
+    logits on ids that use the new tokens; the default (hf) export merges it and transformers gives them too."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from llm import chat
+    from llm.interop.__main__ import main as interop
+    from llm.loading import load_model
+
+    tok = Tokenizer.train(["hello world, def f(x): return x " * 30], 300)
+    ck.save(tmp_path / "base", "ckpt-1", tiny_model(vocab_size=tok.n_vocab, tie_embeddings=tie), tok)
+    model = load_model(tmp_path / "base")[0]
+    ctok, added = chat.chat_tokenizer(tok)
+    cfg = lora.LoRAConfig(4, 8.0, 0.0, ALL)
+    lora.grow_vocab(model, ctok.n_vocab)
+    randomized(lora.apply_lora(model, cfg, new_rows=(tok.n_vocab, len(added))))
+    ck.save(tmp_path / "lora", "ckpt-1", model, ctok, None, None, None, lora.adapter_tensors(model),
+               weights_file=lora.ADAPTER_FILE, json_files={lora.ADAPTER_CONFIG: lora.adapter_config(
+                   cfg, model, str(tmp_path / "base"), tok.n_vocab, added)})
+    x = torch.tensor([chat.prompt_ids(ctok, [{"role": "user", "content": "hello"}])])
+    assert x.max() >= tok.n_vocab  # the prompt uses the added tokens
+    ours = load_model(tmp_path / "lora")[0](x)[0]
+    assert interop(["export", str(tmp_path / "lora"), str(tmp_path / "peft"), "--format", "peft"]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "peft" / "base", dtype=torch.float32)
+    theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "peft" / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x).logits[..., :ctok.n_vocab], ours[..., :ctok.n_vocab], atol=1e-4,
+                                   rtol=1e-4)
+    their_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "peft" / "base")
+    assert their_tok.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True,
+                                         return_dict=False) == x[0].tolist()
+    assert interop(["export", str(tmp_path / "lora"), str(tmp_path / "merged")]) == 0  # hf: merged
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x).logits[..., :ctok.n_vocab], ours[..., :ctok.n_vocab], atol=1e-4,
+                                   rtol=1e-4)

@@ -1,20 +1,24 @@
 """Adapters in and out: merge LoRA into a plain checkpoint; export to / import from the PEFT format (LoRA and
 prefix tuning).
 
-  python -m llm.interop.adapters merge --checkpoint BASE --lora DIR --out OUT
+The command line is `python -m llm.interop` (llm/interop/__main__.py):
+
+  python -m llm.interop merge --checkpoint BASE --lora DIR --out OUT
       BASE + adapter folded into the weights: a plain checkpoint OUT/merged (OUT/latest points at it)
-  python -m llm.interop.adapters export-peft --lora DIR --out OUT
+  python -m llm.interop export DIR OUT --format peft          (export_peft)
       OUT/base: the base as a transformers model (llm/interop/hf_export.py; an HF base is referenced as it is)
       OUT/adapter: adapter_config.json + adapter_model.safetensors, loadable with
       peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(OUT/base), OUT/adapter)
-  python -m llm.interop.adapters import-peft --peft DIR --base BASE --out OUT
+  python -m llm.interop import-peft --peft DIR --base BASE --out OUT
       a PEFT LoRA or prefix-tuning adapter of a Llama-style model as our adapter dir
       (sample.py --checkpoint BASE --peft OUT)
 
 PEFT names: q/k/v/o -> self_attn.{q,k,v,o}_proj, gate/up/down -> mlp.{gate,up,down}_proj, under
 base_model.model.model.layers.N.; lora_A.weight (r, in), lora_B.weight (out, r), scale lora_alpha / r.
-An adapter that added tokens (chat templates on our checkpoints) trains embedding rows PEFT's LoRA has no
-place for: merge it and export the merged checkpoint instead.
+An adapter that added tokens (chat templates on our checkpoints) trained their embedding (and head) rows: PEFT
+holds those as trainable tokens (`trainable_token_indices`, the rows' values under
+`...embed_tokens.token_adapter.trainable_tokens_delta`), and OUT/base is the base with its vocabulary grown
+as the fine-tune grew it (the new rows at their starting values, the adapter's tokenizer and chat template).
 
 Prefix tuning: PEFT's PREFIX_TUNING with prefix_projection false holds `prompt_embeddings` (P, 2 L Hkv D): row p
 is, for layer l = 0..L-1, that layer's key then value at p, each (Hkv, D) (PEFT views it as (P, 2L, Hkv, D); its
@@ -25,7 +29,6 @@ adapters have no PEFT counterpart here (PEFT has no Houlsby adapters for causal 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -37,9 +40,8 @@ from llm import lora, peft, prefix
 from llm.checkpoint import CheckpointError, read_tensors
 from llm.config import ConfigError
 from llm.interop.hf import family_of, is_hf_dir
-from llm.interop.hf_export import export
+from llm.interop.hf_export import export, export_model
 from llm.loading import load_model
-from llm.tokenizer import TokenizerError
 
 PEFT_CONFIG, PEFT_FILE, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model.model.layers."
 PEFT_NAMES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
@@ -64,19 +66,33 @@ def export_peft(adapter: str, out: str) -> Path:
     if cfg["method"] == "adapter":
         raise ConfigError("bottleneck adapters have no Hugging Face PEFT format to export to (PEFT exports here: "
                           "LoRA and prefix tuning)")
-    if cfg.get("added_tokens"):
-        raise ConfigError(f"the adapter in {adir} added tokens ({', '.join(cfg['added_tokens'])}) whose embedding "
-                          "rows PEFT's LoRA cannot hold: merge it (python -m llm.interop.adapters merge) and export "
-                          "the merged checkpoint with python -m llm.interop.hf_export")
-    model, _, _ = load_model(cfg["base"], lora=adir)
+    added = list(cfg.get("added_tokens") or [])
+    if added and cfg["method"] != "lora":
+        raise ConfigError(f"the adapter in {adir} added tokens ({', '.join(added)}): PEFT holds their rows only "
+                          "next to LoRA; export it merged into a plain model instead")
+    model, tok, _ = load_model(cfg["base"], lora=adir)
     if family_of(model.cfg) == "gpt2" or model.cfg.n_experts:
         raise ConfigError("PEFT export supports Llama-style dense models (separate q/k/v projections)")
     o = Path(out)
-    base = Path(cfg["base"]) if is_hf_dir(cfg["base"]) else export(cfg["base"], o / "base")
+    if added:  # the base as the fine-tune saw it: vocab grown (new rows at their start values), chat tokenizer
+        grown = load_model(cfg["base"])[0]
+        lora.grow_vocab(grown, tok.n_vocab)
+        base = export_model(grown, tok, o / "base")
+    else:
+        base = Path(cfg["base"]) if is_hf_dir(cfg["base"]) else export(cfg["base"], o / "base")
     if cfg["method"] == "prefix":
         return _export_prefix(model, base, o)
     tensors = lora.adapter_tensors(model)
-    theirs = {}
+    theirs, trainable = {}, {}
+    if added:
+        ids = list(range(cfg["base_vocab"], cfg["base_vocab"] + len(added)))
+        heads = [("embed_tokens", "model.embed_tokens", "tok_emb")]
+        if not model.cfg.tie_embeddings:  # PEFT ties a tied head's rows to the embedding's by itself
+            heads.append(("lm_head", "lm_head", "lm_head"))
+        for name, path, ours in heads:
+            theirs[f"base_model.model.{path}.token_adapter.trainable_tokens_delta"] = \
+                tensors[lora.ROW_KEYS[ours]].detach().float().contiguous()
+            trainable[name] = ids
     for i in range(model.cfg.n_layer):
         for t in cfg["targets"]:
             for ab in "AB":
@@ -88,7 +104,8 @@ def export_peft(adapter: str, out: str) -> Path:
             "lora_dropout": cfg["dropout"], "target_modules": [PEFT_NAMES[t].split(".")[1] for t in cfg["targets"]],
             "bias": "none", "fan_in_fan_out": False, "base_model_name_or_path": str(base.resolve()),
             "inference_mode": True, "init_lora_weights": True, "modules_to_save": None, "use_rslora": False,
-            "use_dora": False, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}}
+            "use_dora": False, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
+            "trainable_token_indices": trainable or None}
     (o / "adapter" / PEFT_CONFIG).write_text(json.dumps(conf, indent=2) + "\n")
     return o / "adapter"
 
@@ -176,33 +193,6 @@ def _write_adapter(model, tok, cfg, base: str, src: Path, o: Path) -> Path:
     return o
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m llm.interop.adapters", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    m = sub.add_parser("merge", help="fold an adapter into its base: a plain checkpoint")
-    m.add_argument("--checkpoint", required=True)
-    m.add_argument("--lora", required=True)
-    m.add_argument("--out", required=True)
-    e = sub.add_parser("export-peft", help="an adapter in the PEFT format next to an HF-exported base")
-    e.add_argument("--lora", required=True)
-    e.add_argument("--out", required=True)
-    i = sub.add_parser("import-peft", help="a PEFT LoRA or prefix-tuning adapter as ours")
-    i.add_argument("--peft", required=True)
-    i.add_argument("--base", required=True)
-    i.add_argument("--out", required=True)
-    args = ap.parse_args(argv)
-    try:
-        if args.cmd == "merge":
-            print(f"wrote {merge_to(args.checkpoint, args.lora, args.out)}")
-        elif args.cmd == "export-peft":
-            print(f"wrote {export_peft(args.lora, args.out)}")
-        else:
-            print(f"wrote {import_peft(args.peft, args.base, args.out)}")
-    except (ConfigError, CheckpointError, TokenizerError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # a library module: say where its command line is instead of exiting 0 silently
+    sys.exit("error: llm.interop.adapters is a library module; its commands are python -m llm.interop merge | "
+             "export --format peft | import-peft (python -m llm.interop --help)")

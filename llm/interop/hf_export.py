@@ -1,9 +1,9 @@
-"""Export (`python -m llm.interop export CKPT OUT_DIR`): our checkpoint -> a transformers model directory."""
+"""Our checkpoint -> a transformers model directory (`python -m llm.interop export CKPT OUT_DIR`, whose command
+line is llm/interop/__main__.py; this module is the library it calls)."""
 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from llm.checkpoint import CheckpointError, load_checkpoint
+from llm.checkpoint import load_checkpoint
 from llm.config import ConfigError, ModelConfig
 from llm.interop.hf import ARCH, family_of, split_tensor, weight_rules
 from llm.tokenizer import Tokenizer, TokenizerError, bytes_to_unicode
@@ -46,6 +46,12 @@ def hf_config(cfg: ModelConfig, family: str, tok: Tokenizer) -> dict:
 def export(ckpt: str | Path, out_dir: str | Path) -> Path:
     """Write our checkpoint `ckpt` as a transformers model directory `out_dir`; returns out_dir."""
     model, tok, _ = load_checkpoint(ckpt)
+    return export_model(model, tok, out_dir)
+
+
+def export_model(model, tok: Tokenizer, out_dir: str | Path) -> Path:
+    """Write a loaded (plain: no adapter, not quantized) model and its tokenizer as a transformers model
+    directory `out_dir`; returns out_dir."""
     cfg = model.cfg
     family = family_of(cfg)
     sd = model.state_dict()
@@ -136,20 +142,6 @@ def bpe_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     return out
 
 
-# ----------------------------------------------------------------------------- CLI
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="llm", description="Hugging Face interop.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("export", help="write a checkpoint of ours as a transformers model directory")
-    e.add_argument("checkpoint", help="our checkpoint dir (or a training out dir: its latest)")
-    e.add_argument("out_dir", help="directory for config.json, model.safetensors, tokenizer.json")
-    args = p.parse_args(argv)
-    try:
-        out = export(args.checkpoint, args.out_dir)
-    except (CheckpointError, ConfigError, TokenizerError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
-    return 0
+if __name__ == "__main__":  # a library module: say where its command line is instead of exiting 0 silently
+    sys.exit("error: llm.interop.hf_export is a library module; export with: python -m llm.interop export CKPT "
+             "OUT_DIR (or llm export CKPT OUT_DIR)")
