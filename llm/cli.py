@@ -35,6 +35,7 @@ COMMANDS: dict[str, Command] = {
                     ("--chat",)),
     "eval": Command("llm.eval.__main__", "loss and perplexity over a dataset, or lm-evaluation-harness tasks"),
     "quantize": Command("llm.quantize.__main__", "write a weight-only int8 / int4 copy of a checkpoint"),
+    "prune": Command("llm.prune.__main__", "write a pruned copy of a checkpoint (structured: smaller; or sparse)"),
     "export": Command("llm.interop.__main__", "write a checkpoint as a Hugging Face model directory",
                       ("export",)),
     "serve": Command("llm.serve.__main__", "OpenAI-compatible HTTP server (needs the serve extra)"),

@@ -98,7 +98,8 @@ def test_kernels_never_import_llm():
 
 def test_library_imports_run_one_way():
     """The core (model, ops, config, ...) never imports a stage; stages never import the CLIs or benchmarks."""
-    stages = ("llm.data", "llm.train", "llm.generate", "llm.eval", "llm.interop", "llm.serve", "llm.quantize")
+    stages = ("llm.data", "llm.train", "llm.generate", "llm.eval", "llm.interop", "llm.serve", "llm.quantize",
+              "llm.prune")
     for p in sorted((ROOT / "llm").rglob("*.py")):
         m = module_name(p)
         for name, _ in imports(p):

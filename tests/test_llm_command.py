@@ -42,7 +42,8 @@ def test_llm_help_lists_every_subcommand_without_importing_torch():
 # Each subcommand and the spelling it stands for: the module whose main runs it, and the leading arguments.
 SAME_AS = {"train": ("llm.train.cli", []), "sample": ("llm.generate.cli", []),
            "chat": ("llm.generate.cli", ["--chat"]), "eval": ("llm.eval.__main__", []),
-           "quantize": ("llm.quantize.__main__", []), "export": ("llm.interop.__main__", ["export"]),
+           "quantize": ("llm.quantize.__main__", []), "prune": ("llm.prune.__main__", []),
+           "export": ("llm.interop.__main__", ["export"]),
            "serve": ("llm.serve.__main__", []), "data": ("llm.data.__main__", []),
            "checkpoint": ("llm.checkpoint", []), "plan": ("llm.train.plan", [])}
 
