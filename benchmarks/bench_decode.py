@@ -15,7 +15,10 @@ the generated ids agree (fp32: they should; bf16 may drift).
 Providers: ours (eager on CPU, CUDA graph on CUDA), ours+compile (torch.compile'd decode step;
 its one-off compile time is reported apart), hf (generate(), default dynamic cache, SDPA), and the
 weight-only quantized copies int8, int4 (group 64), int8+emb, int4+emb (head and embedding too), run
-like `ours` (llm.quant; on CPU torch's weight-only kernels with bf16 activations, see llm.ops).
+like `ours` (llm.quant; on CPU the C GEMVs of kernels/cpu_gemv.py, see llm.ops), and on CPU with
+llama-cpp-python installed (the `llamacpp` extra) llama.cpp:f32, llama.cpp:f16, llama.cpp:q8_0, llama.cpp:q4_0:
+the same weights written by llm.interop.gguf and decoded by llama.cpp (batch 1, torch's thread count; its
+roofline bytes are the GGUF tensors' but the embedding's).
 TTFT: call -> every row's first new token (prefill + one sample). tok/s: B * (N - 1) tokens after
 the first, per second of the rest of the call (a compiled step's compiling first step left out), and
 ms/step. Roofline: bytes a decode step must read (weights, minus the untouched embedding table, plus
@@ -44,6 +47,7 @@ import time
 from functools import partial
 from types import SimpleNamespace
 
+import gguf
 import torch
 
 from benchmarks.common import cpu_read_bandwidth, device_name, measure_ceilings, write_results
@@ -52,9 +56,11 @@ from llm.generate import Stats, stream_tokens
 from llm.generate.api import complete
 from llm.generate.sampling import SamplingParams
 from llm.generate.speculative import Speculation, check_tokenizers
+from llm.interop.gguf import export_gguf
 from llm.loading import load_model
 from llm.model import Transformer
 from llm.quant import QuantLinear, make_scheme, quantize_model
+from llm.tokenizer import Tokenizer
 
 # Weight-only quantized copies of the model, eager decode: provider -> (mode, group size, head + embedding too).
 QUANT = {"int8": ("int8", None, False), "int4": ("int4", 64, False), "int8+emb": ("int8", None, True),
@@ -151,6 +157,36 @@ def run_hf(hf, prompt: torch.Tensor, n: int) -> tuple[float, float, torch.Tensor
     return clock.first - t0, B * (n - 1) / (t1 - clock.first), out[:, prompt.shape[1]:].cpu()
 
 
+def llama_cpp_model(model: Transformer, qtype: str, context: int):
+    """(llama_cpp.Llama, bytes a step reads) for `model` written as a GGUF file of `qtype` (llm.interop.gguf) and
+    loaded by llama.cpp at torch's thread count; the bytes are its tensors' but the token embedding's."""
+    import llama_cpp  # optional: the llamacpp extra
+
+    tok = Tokenizer.train(["def f(x):\n    return x + 1\n" * 50], 300)  # GGUF needs one; ids are given directly
+    with tempfile.TemporaryDirectory() as d:
+        path = export_gguf(model, tok, f"{d}/m.gguf", qtype)
+        nbytes = sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors if t.name != "token_embd.weight")
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=context, n_threads=torch.get_num_threads(),
+                              n_threads_batch=torch.get_num_threads(), logits_all=True, verbose=False)
+    return llm, nbytes
+
+
+def run_llama_cpp(llm, prompt: torch.Tensor, n: int) -> tuple[float, float, torch.Tensor]:
+    """Greedy decode through llama.cpp one token per eval (batch 1): (TTFT s, decode tok/s, new ids (1, n))."""
+    if prompt.shape[0] != 1:
+        raise ValueError("the llama.cpp provider runs batch 1")
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(prompt[0].tolist())
+    out = [int(llm.scores[llm.n_tokens - 1].argmax())]
+    t1 = time.perf_counter()
+    for _ in range(n - 1):
+        llm.eval([out[-1]])
+        out.append(int(llm.scores[llm.n_tokens - 1].argmax()))
+    t2 = time.perf_counter()
+    return t1 - t0, (n - 1) / (t2 - t1), torch.tensor([out])
+
+
 def step_bytes(model: Transformer, B: int, kv_len: float) -> float:
     """Bytes one decode step reads: every weight as stored (a quantized linear's codes, scales and offsets) but
     the embedding table (B rows), plus K and V."""
@@ -175,6 +211,11 @@ def bench_case(model: Transformer, hf, prompt: torch.Tensor, n: int, providers: 
             qm = quantize_model(copy.deepcopy(model), make_scheme(*spec)).to(model.lm_head.weight.dtype)
             models[k] = qm
             runs[k] = partial(run_ours, qm, prompt, n, "graph" if cuda else "eager")
+    nbytes = {}
+    for k in providers:
+        if k.startswith("llama.cpp:") and not cuda:
+            llm, nbytes[k] = llama_cpp_model(model, k.split(":", 1)[1], prompt.shape[1] + n)
+            runs[k] = partial(run_llama_cpp, llm, prompt, n)
     runs = {k: v for k, v in runs.items() if k in providers}
     first = {}
     for k, fn in runs.items():  # warm-up; the compile happens here
@@ -193,7 +234,9 @@ def bench_case(model: Transformer, hf, prompt: torch.Tensor, n: int, providers: 
         row = dict(provider=k, ttft_ms=1e3 * statistics.median(r[0] for r in rs), tok_s=tps,
                    vs_hf=tps / base if base else None, same=bool(torch.equal(first[k][0][2].cpu(), ref.cpu())),
                    compile_s=first[k][1] if k == "ours+compile" else None)
-        row["roofline"] = step_bytes(models[k], B, P + n / 2) * tps / B / bw  # bw: bytes/s
+        kv = step_bytes(model, B, P + n / 2) - step_bytes(model, B, 0)  # the KV cache's bytes (same for all)
+        wbytes = nbytes[k] + kv if k in nbytes else step_bytes(models[k], B, P + n / 2)
+        row["roofline"] = wbytes * tps / B / bw  # bw: bytes/s
         rows.append(row)
     return rows
 

@@ -16,6 +16,7 @@ from llm.checkpoint import CheckpointError
 from llm.config import ModelConfig
 from llm.eval.__main__ import main as eval_main
 from llm.generate.cli import main as sample_main
+from llm.interop.export_gguf import main as export_main
 from llm.interop.gguf import _to_pairs, export_gguf, load_gguf
 from llm.loading import load_model
 from llm.model import Transformer
@@ -132,3 +133,13 @@ def test_export_from_a_saved_checkpoint_round_trips(model_and_tok, tmp_path):
     back, _, _ = load_gguf(export_gguf(m, t, tmp_path / "c.gguf", "f16"))
     idx = torch.randint(0, tok.n_vocab, (1, 9))
     torch.testing.assert_close(_logits(back, idx), _logits(model, idx), atol=2e-2, rtol=0)
+
+
+def test_export_cli_writes_a_file_and_refuses_in_one_line(model_and_tok, tmp_path, capsys):
+    model, tok = model_and_tok
+    d = ck.save(tmp_path, "ckpt-1", model, tok)
+    assert export_main([str(d), str(tmp_path / "m.gguf"), "--type", "q4_0"]) == 0
+    assert "q4_0" in capsys.readouterr().out and (tmp_path / "m.gguf").stat().st_size > 0
+    assert export_main([str(tmp_path / "nope"), str(tmp_path / "x.gguf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:")

@@ -87,7 +87,7 @@ def _pre_name(pattern: str) -> str:
     return known[pattern]
 
 
-def _write_tokenizer(w, tok: Tokenizer) -> None:
+def _write_tokenizer(w, tok: Tokenizer, n_vocab: int) -> None:
     if tok.info["kind"] not in ("bpe", "tiktoken"):
         raise CheckpointError(f"GGUF export: a {tok.info['kind']!r} tokenizer cannot be written (byte-level BPE only)")
     ranks = tok._ranks if tok.info["kind"] == "bpe" else tok.enc._mergeable_ranks
@@ -97,8 +97,9 @@ def _write_tokenizer(w, tok: Tokenizer) -> None:
     def s(b: bytes) -> str:
         return "".join(char[x] for x in b)
 
-    tokens = [f"[PAD{i}]" for i in range(tok.n_vocab)]
-    types = [gguf.TokenType.UNUSED] * tok.n_vocab
+    n = max(n_vocab, tok.n_vocab)  # the embedding's rows: a padded vocabulary gets unused tokens
+    tokens = [f"[PAD{i}]" for i in range(n)]
+    types = [gguf.TokenType.UNUSED] * n
     for b, i in ranks.items():
         tokens[i], types[i] = s(b), gguf.TokenType.NORMAL
     for c, i in special.items():
@@ -143,7 +144,7 @@ def export_gguf(model: Transformer, tok: Tokenizer, out: str | Path, qtype: str 
     w.add_layer_norm_rms_eps(cfg.norm_eps)
     w.add_vocab_size(cfg.vocab_size)
     w.add_file_type(ftype)
-    _write_tokenizer(w, tok)
+    _write_tokenizer(w, tok, cfg.vocab_size)
     sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     tensors = [(g, sd[o]) for o, g in _names(cfg)]
     H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
@@ -266,3 +267,4 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: torch
     tok = _read_tokenizer(reader, src) if tokenizer else None
     conf = {"format": "gguf", "model_type": "llama", "model": asdict(cfg), "tokenizer": tok.info if tok else None}
     return model.eval(), tok, conf
+
