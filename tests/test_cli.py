@@ -140,11 +140,13 @@ def test_eval_cli_reports_loss_and_perplexity_as_json(ckpt, tmp_path):
 
     (tmp_path / "doc.txt").write_text("def f(x):\n    return x + 1\n" * 20)
     r = run("-m", "llm.eval", "--checkpoint", str(ckpt), "--dataset", str(tmp_path / "doc.txt"), "--stride", "16",
-            "--json")
+            "--json", "--split", "all")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
-    assert res["stride"] == 16 and res["context"] == 48 and res["tokens"] > 100
+    assert res["split"] == "all" and res["stride"] == 16 and res["context"] == 48 and res["tokens"] > 100
     assert res["perplexity"] == math.exp(res["loss"]) and res["loss"] > 0
+    v = run("-m", "llm.eval", "--checkpoint", str(ckpt), "--dataset", str(tmp_path / "doc.txt"))  # default: val
+    assert v.returncode == 0 and "(val split: the 0.05 held out, as the trainer validates)" in v.stdout, v.stderr
 
 
 @pytest.mark.parametrize("args,msg", [

@@ -74,8 +74,35 @@ def test_dataset_stream_puts_end_of_text_before_each_document(tmp_path):
     (tmp_path / "b.txt").write_text("héllo 日本")
     (tmp_path / "empty.txt").write_text("  \n")
     tok = Tokenizer.train(["hello world héllo 日本"], 260)
-    ids, n_bytes = dataset_stream(str(tmp_path), tok)
+    ids, n_bytes = dataset_stream(str(tmp_path), tok, split="all")
     assert ids == [tok.eot_id] + tok.encode("hello world") + [tok.eot_id] + tok.encode("héllo 日本")
     assert n_bytes == len(b"hello world") + len("héllo 日本".encode())
-    cut, cut_bytes = dataset_stream(str(tmp_path), tok, max_tokens=5)
+    cut, cut_bytes = dataset_stream(str(tmp_path), tok, max_tokens=5, split="all")
     assert cut == ids[:5] and cut_bytes == len(tok.decode_bytes(ids[1:5]))
+
+
+@pytest.mark.parametrize("docs", [30, 1], ids=["folder", "one-file"])
+def test_eval_scores_the_documents_the_trainer_holds_out(tmp_path, docs):
+    """The val split of `llm eval --dataset` is the prepared val shards the trainer validates on (the same
+    documents, or a one-document corpus's same last tokens); train is the rest."""
+    import numpy as np
+
+    from llm.config import DataConfig
+    from llm.data.shards import load_manifest, prepare, shard_list
+
+    src = tmp_path / "corpus"
+    src.mkdir()
+    for i in range(docs):
+        (src / f"d{i:02d}.txt").write_text("".join(f"def f{i}_{j}(x):\n    return x * {j}\n" for j in range(9)))
+    tok = Tokenizer.train([(src / "d00.txt").read_text()], 280)
+    dataset = str(src if docs > 1 else src / "d00.txt")
+    out = prepare(DataConfig(dataset=dataset, data_dir=str(tmp_path / "data"), val_fraction=0.2), lambda s: None,
+                  tokenizer=tok)
+    m = load_manifest(out)
+    for split in ("val", "train"):
+        shards = np.concatenate([np.fromfile(out / s["file"], dtype=m["dtype"]) for s in shard_list(m, split)])
+        ids, _ = dataset_stream(dataset, tok, split=split, val_fraction=0.2)
+        # eot before each document, not after; a one-document corpus's train part ends mid-text (no eot after it)
+        expect = shards if docs == 1 and split == "train" else shards[:-1]
+        assert ids[0] == tok.eot_id and ids[1:] == expect.tolist(), split
+    assert len(dataset_stream(dataset, tok, split="all")[0]) > len(dataset_stream(dataset, tok, val_fraction=0.2)[0])

@@ -7,6 +7,7 @@ import json
 import sys
 from dataclasses import asdict
 
+from llm.config import DataConfig
 from llm.eval.perplexity import EvalError, check_windows, dataset_stream, evaluate
 from llm.loading import load_model
 from llm.quant import GROUP_SIZES, make_scheme
@@ -19,6 +20,11 @@ def parser() -> argparse.ArgumentParser:
                                             "lm-evaluation-harness task scores (--tasks; needs the eval extra).")
     p.add_argument("--checkpoint", required=True, help="checkpoint dir, a training --out-dir, or a HF model dir")
     p.add_argument("--dataset", default=None, help="perplexity over a corpus name (pystdlib) or a text file / folder")
+    p.add_argument("--split", default="val", choices=("val", "train", "all"),
+                   help="with --dataset: val = the documents the trainer holds out and validates on (by "
+                        "--val-fraction, the trainer's rule); train = the others; all = the whole corpus in order")
+    p.add_argument("--val-fraction", type=float, default=DataConfig.val_fraction,
+                   help="with --dataset: the share of documents held out, as given to the trainer")
     p.add_argument("--tasks", default=None,
                    help="comma-separated lm-eval task names or task YAML paths")
     p.add_argument("--limit", type=float, default=None, help="with --tasks: documents per task (a fraction if < 1)")
@@ -77,19 +83,26 @@ def main(argv: list[str] | None = None) -> int:
         scheme = make_scheme(args.quantize, args.group_size) if args.quantize else None
         model, tok, _ = load_model(args.checkpoint, device, dtype, quantize=scheme, **overrides)
         check_windows(model, args.context, args.stride)
-        ids, n_bytes = dataset_stream(args.dataset, tok, args.max_tokens)
+        ids, n_bytes = dataset_stream(args.dataset, tok, args.max_tokens, args.split, args.val_fraction)
         res = evaluate(model, ids, args.context, args.stride, args.batch_size or 1, n_bytes,
                        progress=not args.json and sys.stderr.isatty())
     except (ValueError, OSError) as e:  # the project's error classes are ValueErrors with one-line messages
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({"checkpoint": args.checkpoint, "dataset": args.dataset, **asdict(res)}))
+        print(json.dumps({"checkpoint": args.checkpoint, "dataset": args.dataset, "split": args.split,
+                          **asdict(res)}))
     else:
         bpb = f" | {res.bits_per_byte:.4f} bits/byte" if res.bits_per_byte is not None else ""
-        print(f"{args.dataset}: {res.tokens:,} tokens in {res.windows} window(s) (context {res.context}, "
-              f"stride {res.stride}) | loss {res.loss:.4f} nats/token | perplexity {res.perplexity:.3f}{bpb}")
+        print(f"{args.dataset} ({_split_name(args)}): {res.tokens:,} tokens in {res.windows} window(s) "
+              f"(context {res.context}, stride {res.stride}) | loss {res.loss:.4f} nats/token | "
+              f"perplexity {res.perplexity:.3f}{bpb}")
     return 0
+
+
+def _split_name(args: argparse.Namespace) -> str:
+    return {"val": f"val split: the {args.val_fraction:g} held out, as the trainer validates",
+            "train": "train split", "all": "every document"}[args.split]
 
 
 if __name__ == "__main__":

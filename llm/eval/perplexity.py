@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llm.data.corpus import corpus_files, read_text
+from llm.config import DataConfig
+from llm.data.corpus import open_source, read_text
 
 
 class EvalError(ValueError):
@@ -99,18 +100,35 @@ def evaluate(model, ids: list[int], context: int | None = None, stride: int | No
     return EvalResult(loss, math.exp(loss), count, len(wins), context, stride, bpb)
 
 
-def dataset_stream(dataset: str, tok, max_tokens: int | None = None) -> tuple[list[int], int]:
-    """([eot] d1 [eot] d2 ... ids, UTF-8 bytes of the documents) for a corpus name or path."""
-    _, files = corpus_files(dataset)
+SPLITS = ("val", "train", "all")
+
+
+def dataset_stream(dataset: str, tok, max_tokens: int | None = None, split: str = "val",
+                   val_fraction: float = DataConfig.val_fraction, data_dir: str = "data") -> tuple[list[int], int]:
+    """([eot] d1 [eot] d2 ... ids, UTF-8 bytes of the documents) of one split of a corpus name or path.
+
+    split "val": the documents the trainer holds out and validates on (the same rule: llm.data.corpus, by
+    val_fraction; a one-document corpus, its last val_fraction of tokens); "train": the others; "all": every
+    document in order (a text that was not trained on).
+    """
+    if split not in SPLITS:
+        raise EvalError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    src = open_source(DataConfig(dataset=dataset, data_dir=data_dir, val_fraction=val_fraction))
     ids, n_bytes = [], 0
-    for f in files:
-        text = read_text(f)
-        if not text.strip():
-            continue
-        ids += [tok.eot_id] + tok.encode(text)
-        n_bytes += len(text.encode())
-        if max_tokens is not None and len(ids) >= max_tokens:
-            break
+    if src.single is not None and split != "all":  # its tokens are split as llm.data.shards splits them
+        text = read_text(src.single)
+        doc = tok.encode(text) + [tok.eot_id]
+        cut = int(len(doc) * (1 - val_fraction))
+        ids = [tok.eot_id] + (doc[cut:-1] if split == "val" else doc[:cut])
+        n_bytes = len(tok.decode_bytes([i for i in ids if i != tok.eot_id]))
+    else:
+        for part, _, text in src.docs():
+            if split != "all" and part != split:
+                continue
+            ids += [tok.eot_id] + tok.encode(text)
+            n_bytes += len(text.encode())
+            if max_tokens is not None and len(ids) >= max_tokens:
+                break
     if max_tokens is not None and len(ids) > max_tokens:
         ids = ids[:max_tokens]
         n_bytes = len(tok.decode_bytes([i for i in ids if i != tok.eot_id]))
