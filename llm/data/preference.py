@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +33,7 @@ import torch
 from llm.chat import ChatError, encode_chat
 from llm.config import DataConfig
 from llm.data.corpus import DataError, _in_val
-from llm.data.sft import IGNORE, check_messages, stdlib_qa
+from llm.data.sft import IGNORE, check_messages, first_record, publish, stdlib_qa, work_dir
 from llm.data.shards import MANIFEST, Split, load_manifest, tokenizer_slug
 from llm.tokenizer import Tokenizer
 
@@ -48,18 +46,8 @@ def is_preference(cfg: DataConfig) -> bool:
     """Whether --dataset is preference data: the embedded set, or a .jsonl whose first line has chosen/rejected."""
     if cfg.dataset == EMBEDDED:
         return True
-    p = Path(cfg.dataset)
-    if p.suffix.lower() != ".jsonl" or not p.is_file():
-        return False
-    with open(p, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if line.strip():
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    return False
-                return isinstance(obj, dict) and "chosen" in obj and "rejected" in obj
-    return False
+    obj = first_record(cfg.dataset)
+    return isinstance(obj, dict) and "chosen" in obj and "rejected" in obj
 
 
 # ----------------------------------------------------------------------------- pairs
@@ -139,9 +127,7 @@ def prepare(cfg: DataConfig, tok: Tokenizer, block_size: int, log: Callable[[str
     out = dataset_dir(cfg, tok, block_size)
     if (out / MANIFEST).is_file():
         return out
-    work = out.with_name(out.name + f".partial{os.getpid()}")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work = work_dir(out)
     dtype = np.dtype(np.uint16 if tok.n_vocab <= 65536 else np.uint32)
     rows: dict[str, dict[str, list]] = {s: {side: [] for side in SIDES} for s in ("train", "val")}
     stats = {s: {"pairs": 0, "tokens": 0, "dropped": 0} for s in rows}
@@ -165,11 +151,7 @@ def prepare(cfg: DataConfig, tok: Tokenizer, block_size: int, log: Callable[[str
               for s in rows}
     manifest = {"version": 1, "kind": "preference", "dataset": cfg.dataset, "n_vocab": tok.n_vocab,
                 "dtype": dtype.name, "block_size": block_size, "tokenizer": tok.save(work), "splits": splits}
-    (work / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    try:
-        os.replace(work, out)
-    except OSError:  # a concurrent preparation finished first
-        shutil.rmtree(work, ignore_errors=True)
+    publish(work, out, manifest)
     for s, st in stats.items():
         log(f"{s}: {st['pairs']:,} preference pairs; {st['dropped']} dropped (a side over block_size + 1 = "
             f"{block_size + 1} tokens)")

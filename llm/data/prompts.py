@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,7 +27,7 @@ import numpy as np
 from llm.chat import prompt_ids
 from llm.config import DataConfig
 from llm.data.corpus import DataError, _in_val
-from llm.data.sft import examples, stdlib_qa
+from llm.data.sft import examples, publish, stdlib_qa, work_dir
 from llm.data.shards import MANIFEST, Split, load_manifest, tokenizer_slug
 from llm.tokenizer import Tokenizer
 
@@ -70,9 +68,7 @@ def prepare(cfg: DataConfig, tok: Tokenizer, max_prompt: int, log: Callable[[str
     out = dataset_dir(cfg, tok, max_prompt)
     if (out / MANIFEST).is_file():
         return out
-    work = out.with_name(out.name + f".partial{os.getpid()}")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work = work_dir(out)
     lines: dict[str, list[str]] = {"train": [], "val": []}
     stats = {s: {"prompts": 0, "tokens": 0, "dropped": 0} for s in lines}
     for split, _name, msgs in conversations(cfg):
@@ -93,11 +89,7 @@ def prepare(cfg: DataConfig, tok: Tokenizer, max_prompt: int, log: Callable[[str
         splits[s] = stats[s] | {"file": f"{s}.jsonl", "sha256": hashlib.sha256(data).hexdigest()}
     manifest = {"version": 1, "kind": "prompts", "dataset": cfg.dataset, "n_vocab": tok.n_vocab,
                 "max_prompt": max_prompt, "tokenizer": tok.save(work), "splits": splits}
-    (work / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    try:
-        os.replace(work, out)
-    except OSError:  # a concurrent preparation finished first
-        shutil.rmtree(work, ignore_errors=True)
+    publish(work, out, manifest)
     for s, st in stats.items():
         log(f"{s}: {st['prompts']:,} prompts ({st['tokens']:,} tokens); {st['dropped']} dropped (over "
             f"{max_prompt} tokens)")

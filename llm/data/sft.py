@@ -51,18 +51,23 @@ def is_sft(cfg: DataConfig) -> bool:
     instruction (a pretraining .jsonl has a text field)."""
     if cfg.dataset == EMBEDDED:
         return True
-    p = Path(cfg.dataset)
+    obj = first_record(cfg.dataset)
+    return isinstance(obj, dict) and ("messages" in obj or "instruction" in obj)
+
+
+def first_record(dataset: str) -> object | None:
+    """The first JSON value of a .jsonl file (what kind of data it holds), None for anything else."""
+    p = Path(dataset)
     if p.suffix.lower() != ".jsonl" or not p.is_file():
-        return False
+        return None
     with open(p, encoding="utf-8", errors="replace") as f:
         for line in f:
             if line.strip():
                 try:
-                    obj = json.loads(line)
+                    return json.loads(line)
                 except json.JSONDecodeError:
-                    return False
-                return isinstance(obj, dict) and ("messages" in obj or "instruction" in obj)
-    return False
+                    return None
+    return None
 
 
 # ----------------------------------------------------------------------------- examples
@@ -169,14 +174,29 @@ def dataset_dir(cfg: DataConfig, tok: Tokenizer, block_size: int) -> Path:
     return Path(cfg.data_dir) / f"{src}-sft-T{block_size}{flags}-{tokenizer_slug(tok)}"
 
 
+def work_dir(out: Path) -> Path:
+    """An empty, process-private folder beside `out` to prepare it in (renamed into place by `publish`)."""
+    work = out.with_name(out.name + f".partial{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    return work
+
+
+def publish(work: Path, out: Path, manifest: dict) -> None:
+    """Write the manifest last, then rename `work` to `out` in one step: a reader sees all of it or nothing."""
+    (work / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    try:
+        os.replace(work, out)
+    except OSError:  # a concurrent preparation finished first
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def prepare(cfg: DataConfig, tok: Tokenizer, block_size: int, log: Callable[[str], None] = print) -> Path:
     """Encode the examples once into <dir>; an existing manifest is reused. Returns <dir>."""
     out = dataset_dir(cfg, tok, block_size)
     if (out / MANIFEST).is_file():
         return out
-    work = out.with_name(out.name + f".partial{os.getpid()}")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work = work_dir(out)
     dtype = np.dtype(np.uint16 if tok.n_vocab <= 65536 else np.uint32)
     rows: dict[str, list] = {"train": [], "val": []}
     stats = {s: {"examples": 0, "tokens": 0, "scored": 0, "truncated": 0, "dropped": 0} for s in rows}
@@ -206,11 +226,7 @@ def prepare(cfg: DataConfig, tok: Tokenizer, block_size: int, log: Callable[[str
                             f"({st['dropped']} dropped)")
     manifest = {"version": 2, "kind": "sft", "dataset": cfg.dataset, "n_vocab": tok.n_vocab, "dtype": dtype.name,
                 "block_size": block_size, "tokenizer": tok.save(work), "splits": splits}
-    (work / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    try:
-        os.replace(work, out)
-    except OSError:  # a concurrent preparation finished first
-        shutil.rmtree(work, ignore_errors=True)
+    publish(work, out, manifest)
     for s, st in stats.items():
         log(f"{s}: {st['examples']:,} examples, {st['tokens']:,} tokens ({st['scored']:,} scored); over "
             f"block_size + 1 = {block_size + 1} tokens: {st['truncated']} truncated, {st['dropped']} dropped")
