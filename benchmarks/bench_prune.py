@@ -1,0 +1,91 @@
+"""Pruning without retraining, side by side on one checkpoint: perplexity, weight-file size and decode ms/step.
+
+  python -m benchmarks.bench_prune --checkpoint out [--calib-tokens 8192] [--eval-tokens 8192]
+
+Rows: the original; unstructured 50% by magnitude and by Wanda; 2:4 by both; structured to half the parameters
+(llm.prune's --target-params path, before any recovery training). Perplexity is llm.eval's over --eval-dataset
+(default pystdlib, the first --eval-tokens tokens); calibration reads the training split of --calib-dataset.
+Decode: greedy, batch 1, --decode-tokens new tokens after a 16-token prompt, the median ms/step of 3 runs.
+Writes benchmarks/results/<device>/bench_prune.{csv,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+import time
+
+import torch
+
+from benchmarks.common import device_name, versions, write_results
+from llm import checkpoint as ckpt_io
+from llm.eval.perplexity import dataset_stream, evaluate
+from llm.generate.api import generate
+from llm.loading import load_model
+from llm.prune import calibrate, structured, unstructured
+
+
+def decode_ms(model, prompt: torch.Tensor, n: int) -> float:
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        generate(model, prompt, n, temperature=0.0)
+        times.append((time.perf_counter() - t0) * 1000 / n)
+    return statistics.median(times)
+
+
+def file_mib(model, tok) -> float:
+    with tempfile.TemporaryDirectory() as d:
+        path = ckpt_io.save(d, "m", model, tok, pointer=None)
+        return (path / ckpt_io.MODEL_FILE).stat().st_size / 2**20
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--calib-dataset", default="pystdlib")
+    p.add_argument("--calib-tokens", type=int, default=8192)
+    p.add_argument("--eval-dataset", default="pystdlib")
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--decode-tokens", type=int, default=48)
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    model, tok, _ = load_model(args.checkpoint, "cpu", torch.float32)
+    cfg = model.cfg
+    rows, got = calibrate.calibration_rows(args.calib_dataset, tok, cfg.block_size, args.calib_tokens)
+    stats = calibrate.collect(model, rows)
+    ids, _ = dataset_stream(args.eval_dataset, tok, args.eval_tokens)
+    prompt = torch.tensor([ids[:16]])
+    variants: dict[str, torch.nn.Module] = {"original": model}
+    for method in ("magnitude", "wanda"):
+        for pattern, label in ((None, "50%"), ((2, 4), "2:4")):
+            m = copy.deepcopy(model)
+            unstructured.prune(m, stats, 0.5, method, pattern)
+            variants[f"{method} {label}"] = m
+    half = structured.shape_for_target(cfg, model.num_params() // 2)
+    variants[f"structured 1/2 ({half.describe(cfg)})"] = structured.prune(model, stats, half)
+    out = []
+    for name, m in variants.items():
+        m.eval()
+        r = evaluate(m, ids)
+        ms = decode_ms(m, prompt, args.decode_tokens)
+        out.append({"variant": name, "params": m.num_params(), "perplexity": round(r.perplexity, 3),
+                    "weights_MiB": round(file_mib(m, tok), 3), "decode_ms_per_step": round(ms, 3)})
+        print(out[-1], flush=True)
+    base = out[0]
+    for r in out:
+        r["ppl_vs_original"] = round(r["perplexity"] / base["perplexity"], 3)
+        r["size_vs_original"] = round(r["weights_MiB"] / base["weights_MiB"], 3)
+        r["decode_vs_original"] = round(r["decode_ms_per_step"] / base["decode_ms_per_step"], 3)
+    print(f"# {device_name()}; {versions()}; checkpoint {args.checkpoint}; calibration {rows.numel()} tokens "
+          f"(of {got}); eval {len(ids)} tokens")
+    for r in out:
+        print(" | ".join(f"{k} {v}" for k, v in r.items()))
+    write_results("bench_prune", out, x="variant", y="perplexity", series="variant")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
