@@ -4,13 +4,14 @@ PEFT run's checkpoint names its base)."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
 
 from llm import lora as lora_io
 from llm import peft
-from llm.checkpoint import MODEL_FILE, load_checkpoint, read_config, resolve
+from llm.checkpoint import MODEL_FILE, CheckpointError, load_checkpoint, read_config, resolve
 from llm.interop.gguf import is_gguf, load_gguf
 from llm.interop.hf import is_hf_dir, load_hf
 from llm.model import Transformer
@@ -60,3 +61,24 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         return Tokenizer.from_hf(Path(path))
     ckpt = resolve(path)
     return Tokenizer.load(ckpt, read_config(ckpt)["tokenizer"])
+
+
+def adapter_on_shared_base(base: Transformer, lora: str | Path) -> Transformer:
+    """A second model that holds the base's weight tensors themselves (no copy) with the LoRA adapter in `lora`
+    on top, unmerged; `base` is untouched. For serving several adapters over one base (`llm serve --lora`).
+    An adapter that adds tokens needs its own tokenizer, so it is refused (CheckpointError, one line)."""
+    adir = resolve(lora)
+    acfg = peft.read_config(adir)
+    if acfg["method"] != "lora":
+        raise CheckpointError(f"the adapter in {adir} is a {acfg['method']} adapter; only LoRA adapters are served "
+                              "over a shared base (serve it on its own: llm serve --checkpoint ADAPTER_DIR)")
+    if acfg.get("added_tokens"):
+        raise CheckpointError(f"the adapter in {adir} adds tokens to the vocabulary; it cannot share the base's "
+                              "tokenizer; serve it on its own (llm serve --checkpoint ADAPTER_DIR)")
+    with torch.device("meta"):
+        model = Transformer(copy.deepcopy(base.cfg))
+    for name, t in [*base.named_parameters(remove_duplicate=False), *base.named_buffers(remove_duplicate=False)]:
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, t)  # the base's Parameter objects themselves: one copy in memory
+    peft.load_adapter(model, adir)
+    return model.eval()

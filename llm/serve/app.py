@@ -71,13 +71,18 @@ class Server:
     def __init__(self, sched: Scheduler, tok, model_name: str, block_size: int, chat: ChatFormat) -> None:
         self.sched, self.tok, self.model_name, self.block_size = sched, tok, model_name, block_size
         self.chat, self.grammars = chat, Grammars(tok)
+        self.adapters = [k for k in sched.engine.models if k is not None]
         self.created = int(time.time())
 
     # ------------------------------------------------------------------ request -> seqs
 
-    def check_model(self, name: str) -> None:
+    def check_model(self, name: str) -> str | None:
+        """The LoRA adapter a request's `model` names (None: the base); 404 for any other name."""
+        if name in self.adapters:
+            return name
         if name != self.model_name:
-            raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.model_name}'",
+            served = ", ".join(repr(n) for n in [self.model_name, *self.adapters])
+            raise APIError(404, f"The model '{name}' does not exist; this server serves {served}",
                            "invalid_request_error", "model", "model_not_found")
 
     def encode(self, prompt) -> list[list[int]]:
@@ -118,7 +123,8 @@ class Server:
         seed = body.seed if body.seed is not None else secrets.randbelow(2**62)
         out = [Seq(prompt=p, params=params, max_tokens=max_tokens, seed=seed + i * body.n + j, emit=lambda ev: None,
                    stop=stop, stop_ids=stop_ids, logprobs=logprobs, prompt_logprobs=echo and logprobs is not None,
-                   grammar=None if grammar is None else self.grammars.matcher(grammar))
+                   grammar=None if grammar is None else self.grammars.matcher(grammar),
+                   adapter=self.check_model(body.model))
                for i, p in enumerate(prompts) for j in range(body.n)]
         if self.sched.worst_case_blocks(out) > self.sched.pool.n_blocks:
             raise APIError(400, "the request needs more KV cache than the server has; lower n or max_tokens",
@@ -307,8 +313,8 @@ def create_app(sched: Scheduler, tok, model_name: str, block_size: int, api_key:
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": srv.created,
-                                            "owned_by": "llm"}]}
+        base = {"id": model_name, "object": "model", "created": srv.created, "owned_by": "llm"}
+        return {"object": "list", "data": [base] + [base | {"id": a, "parent": model_name} for a in srv.adapters]}
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:

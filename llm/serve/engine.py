@@ -63,6 +63,7 @@ class Seq:
     emit: Callable[[Event], None]
     stop: list[str] = field(default_factory=list)
     stop_ids: frozenset[int] = frozenset()  # end-of-turn ids beside the tokenizer's end-of-text
+    adapter: str | None = None  # the LoRA adapter it runs with (None: the base model)
     grammar: Any = None  # an llguidance matcher (structured output): the tokens it allows are the only choices
     logprobs: int | None = None  # top-n logprobs of each new token (0: only the chosen one's)
     prompt_logprobs: bool = False  # echo + logprobs: the logprob of every prompt token
@@ -96,14 +97,22 @@ class Seq:
         return len(self.prompt) + self.max_tokens
 
 
+def _root(s: Seq) -> bytes | None:
+    """The prefix-cache parent of a sequence's first block: K/V differ per adapter, so their names do too."""
+    return None if s.adapter is None else b"lora:" + s.adapter.encode()
+
+
 class Engine:
     """The model, its block pool, the tokenizer (for text and the end-of-text id) and the step."""
 
     def __init__(self, model: Transformer, tok, pool: BlockPool, max_step_tokens: int = 256,
-                 prefix_cache: bool = True) -> None:
+                 prefix_cache: bool = True, adapters: dict[str, Transformer] | None = None) -> None:
+        """adapters: name -> the base with a LoRA adapter on top, sharing its weights
+        (`llm.loading.adapter_on_shared_base`); a step runs one forward per adapter in it."""
         if max_step_tokens < 1:
             raise ValueError(f"max_step_tokens must be >= 1, got {max_step_tokens}")
         self.model, self.tok, self.pool = model.decode_layout(), tok, pool
+        self.models = {None: self.model} | {k: m.decode_layout() for k, m in (adapters or {}).items()}
         self.max_step_tokens, self.prefix_cache = max_step_tokens, prefix_cache
         self.device = model.lm_head.weight.device
         self.vocab = min(tok.n_vocab, model.cfg.padded_vocab_size)
@@ -184,7 +193,7 @@ class Engine:
         limit = (s.known - 1) // bs
         while len(s.names) < limit and len(s.names) * bs == s.length == len(s.blocks) * bs:
             i = len(s.names)
-            name = block_hash(s.names[-1] if s.names else None, s.tokens(i * bs, (i + 1) * bs))
+            name = block_hash(s.names[-1] if s.names else _root(s), s.tokens(i * bs, (i + 1) * bs))
             b = self.pool.lookup(name)
             if b is None:
                 return
@@ -200,7 +209,7 @@ class Engine:
         bs = self.pool.block_size
         while len(s.names) < s.length // bs:
             i = len(s.names)
-            name = block_hash(s.names[-1] if s.names else None, s.tokens(i * bs, (i + 1) * bs))
+            name = block_hash(s.names[-1] if s.names else _root(s), s.tokens(i * bs, (i + 1) * bs))
             self.pool.register(name, s.blocks[i])
             s.names.append(name)
 
@@ -209,8 +218,11 @@ class Engine:
     @torch.inference_mode()
     def step(self, seqs: list[Seq]) -> None:
         plan = self.plan([s for s in seqs if s.finish is None])
-        if not plan:
-            return
+        for adapter in dict.fromkeys(s.adapter for s, _ in plan):  # rows of different adapters: forwards apart
+            self._forward(self.models[adapter], [(s, n) for s, n in plan if s.adapter == adapter])
+
+    def _forward(self, model: Transformer, plan: list[tuple[Seq, int]]) -> None:
+        """One ragged forward over the planned rows, then their prompt logprobs and samples."""
         ids, rows, r0 = [], [], 0  # rows: (seq, first logits row, count, at) of the seqs that need logits
         n_rows = 0
         for s, n in plan:
@@ -226,7 +238,7 @@ class Engine:
         cache = PagedKVCache.ragged(self.pool, [s.blocks for s, _ in plan], [s.length for s, _ in plan],
                                     [n for _, n in plan])
         at = torch.tensor([a + j for _, _, k, a in rows for j in range(k)], dtype=torch.long, device=self.device)
-        logits = self.model(torch.tensor(ids, device=self.device)[:, None], cache=cache, logits_rows=at)[0]
+        logits = model(torch.tensor(ids, device=self.device)[:, None], cache=cache, logits_rows=at)[0]
         logits = logits[:, 0, : self.vocab]  # (K, V): one row per token that needs logits
         c0 = {id(s): s.length for s, _ in plan}
         for s, n in plan:

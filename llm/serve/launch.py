@@ -20,7 +20,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from llm.checkpoint import BEST, LATEST
-from llm.loading import load_model
+from llm.loading import adapter_on_shared_base, load_model
 from llm.model import Transformer
 from llm.runtime import first_line, pick_device, pick_dtype, set_threads
 from llm.serve.app import create_app
@@ -32,7 +32,8 @@ from llm.serve.templates import ChatFormat, read_template
 def build(model: Transformer, tok, model_name: str = "llm", max_batch: int = 16, max_queue: int = 64,
           block_size: int = 16, num_blocks: int | None = None, max_step_tokens: int = 256,
           api_key: str | None = None, drain_timeout: float = 30.0,
-          chat: ChatFormat | None = None, prefix_cache: bool = True, ui: bool = True) -> tuple[FastAPI, Scheduler]:
+          chat: ChatFormat | None = None, prefix_cache: bool = True, ui: bool = True,
+          adapters: dict[str, Transformer] | None = None) -> tuple[FastAPI, Scheduler]:
     """(app, scheduler) over a block pool of num_blocks (default: every row of a full batch at full context);
     chat: how chat requests are rendered (default: the tokenizer's template, else the plain one)."""
     ctx = model.cfg.block_size
@@ -41,7 +42,7 @@ def build(model: Transformer, tok, model_name: str = "llm", max_batch: int = 16,
     if max_step_tokens < max_batch:
         raise ValueError(f"--max-step-tokens ({max_step_tokens}) must be >= --max-batch ({max_batch}): every "
                          "running decode takes one token of a step's budget")
-    sched = Scheduler(Engine(model, tok, pool, max_step_tokens, prefix_cache), max_batch=max_batch,
+    sched = Scheduler(Engine(model, tok, pool, max_step_tokens, prefix_cache, adapters), max_batch=max_batch,
                       max_queue=max_queue)
     app = create_app(sched, tok, model_name, ctx, api_key=api_key, drain_timeout=drain_timeout, chat=chat, ui=ui)
     return app, sched
@@ -127,6 +128,21 @@ def model_id(checkpoint: str | Path) -> str:
     return p.name
 
 
+def parse_loras(pairs: list[str]) -> dict[str, str]:
+    """--lora NAME=DIR flags -> {name: dir}; a malformed or repeated one is a ValueError (one line)."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, directory = pair.partition("=")
+        if not sep or not name or not directory:
+            raise ValueError(f"--lora {pair!r}: give NAME=DIR")
+        if name in out:
+            raise ValueError(f"--lora {name}: given twice")
+        if not Path(directory).exists():
+            raise ValueError(f"--lora {name}={directory}: no such directory")
+        out[name] = directory
+    return out
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llm serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="An OpenAI-compatible server (completions, chat) with continuous batching.")
@@ -148,6 +164,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="a jinja2 chat template for /v1/chat/completions (default: the model's own; a model without "
                    "one gets a plain 'System:/User:/Assistant:' text)")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
+                   help="serve a LoRA adapter (a LoRA run's checkpoint or out-dir) over the base as model NAME "
+                   "(repeatable); requests pick it with \"model\": NAME; it shares the base's weights")
     p.add_argument("--no-ui", action="store_true", help="do not serve the chat page at GET /")
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="turn off automatic prefix caching (reusing the KV blocks of prompts that start alike)")
@@ -167,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_step_tokens < args.max_batch:
             raise ValueError(f"--max-step-tokens ({args.max_step_tokens}) must be >= --max-batch ({args.max_batch})")
         template = read_template(args.chat_template) if args.chat_template else None  # checked before loading
+        loras = parse_loras(args.lora)
         set_threads(args.threads)
         device = pick_device(args.device)
         overrides = {"kernels": args.kernels} if args.kernels else {}
@@ -175,13 +195,17 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{args.checkpoint} is prefix-tuned: the server does not serve a prefix yet; use "
                              "sample.py --peft or llm.eval (LoRA and bottleneck-adapter checkpoints serve as they are)")
         chat = ChatFormat(tok, template, f"the chat template from {args.chat_template}" if template else "")
+        adapters = {n: adapter_on_shared_base(model, d) for n, d in loras.items()}
     except (ValueError, OSError) as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
     name = args.model_name or model_id(args.checkpoint)
+    if name in adapters:
+        print(f"error: --lora {name}=...: the name is the base model's id; pick another", file=sys.stderr)
+        return 2
     app, sched = build(model, tok, name, args.max_batch, args.max_queue, args.kv_block_size, args.num_blocks,
                        args.max_step_tokens, args.api_key, args.drain_timeout, chat, not args.no_prefix_cache,
-                       not args.no_ui)
+                       not args.no_ui, adapters)
     cfg = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                          timeout_graceful_shutdown=int(args.drain_timeout))
     for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn re-raises the signal it caught once it has stopped:
@@ -190,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     ui = "" if args.no_ui else f", chat page http://{args.host}:{args.port}/"
     print(f"serving model id '{name}' on http://{args.host}:{args.port}/v1{ui} (max batch {args.max_batch}, "
           f"{sched.pool.n_blocks} KV blocks of {args.kv_block_size}, prefix cache "
-          f"{'off' if args.no_prefix_cache else 'on'})\n{chat.describe()}", file=sys.stderr, flush=True)
+          f"{'off' if args.no_prefix_cache else 'on'})\n{chat.describe()}"
+          + "".join(f"\nLoRA adapter '{n}' from {d}" for n, d in loras.items()), file=sys.stderr, flush=True)
     DrainingServer(cfg, sched, args.drain_timeout).run()
     sched.shutdown(args.drain_timeout)
     return 0
