@@ -213,6 +213,42 @@ def attention_ref(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: f
     return o.transpose(1, 2).to(q.dtype)
 
 
+def doc_runs_ref(segments: Tensor) -> Tensor:
+    """Document index of every token of a packed row: segments (B, T) any ints -> (B, T) int64 run ids, a new
+    run wherever the id changes from the token before (so equal ids in two separate runs are two documents)."""
+    new = torch.ones_like(segments, dtype=torch.int64)
+    new[:, 1:] = (segments[:, 1:] != segments[:, :-1]).long()
+    return new.cumsum(1)
+
+
+def doc_attention_ref(q: Tensor, k: Tensor, v: Tensor, segments: Tensor, causal: bool = True,
+                      scale: float | None = None, window: int | None = None) -> Tensor:
+    """Document-masked causal attention over packed rows: `attention_ref` plus "same document".
+
+    q (B, T, H, D), k/v (B, T, Hkv, D) (self-attention: S == T), segments (B, T) ints, one value per
+    contiguous document of the row (e.g. the count of end-of-text tokens before each token). Query i sees
+    key j iff j <= i, both lie in one run of equal segment ids, and i - j < window when a window is given.
+    Every query sees itself, so no row is empty. Returns (B, T, H, D) in q's dtype; math in fp32.
+    """
+    B, T, H, D = q.shape
+    if k.shape[1] != T or tuple(segments.shape) != (B, T):
+        raise ValueError(f"document masking needs self-attention (S == T) and segments (B, T) = {(B, T)}, "
+                         f"got S={k.shape[1]} and segments {tuple(segments.shape)}")
+    if not causal:
+        raise ValueError("document masking is causal (each token sees the earlier tokens of its document)")
+    Hkv = k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    runs = doc_runs_ref(segments)
+    pos = torch.arange(T, device=q.device)
+    mask = (runs[:, :, None] == runs[:, None, :]) & (pos[None, :] <= pos[:, None])  # (B, T, T)
+    if window is not None:
+        mask &= (pos[:, None] - pos[None, :]) < window
+    o = F.scaled_dot_product_attention(q.float().transpose(1, 2), k.float().transpose(1, 2),
+                                       v.float().transpose(1, 2), attn_mask=mask[:, None], scale=scale,
+                                       enable_gqa=Hkv != H)
+    return o.transpose(1, 2).to(q.dtype)
+
+
 def one_query_attention_ref(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
     """One new token per row attending to all S keys (a decode step at one length: nothing to mask).
 

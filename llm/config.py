@@ -61,6 +61,12 @@ class ModelConfig:
     rope_scaling: dict | None = _f(None, "RoPE frequency scaling (llama3 style dict); from HF configs")
     norm_eps: float = _f(1e-5, "epsilon of the norms")
     window: int | None = _f(None, "sliding-window attention width (None = full causal)")
+    doc_mask: bool = _f(False, "document-masked attention for packed rows: a token attends only to earlier tokens "
+                               "of its own document (documents end at the end-of-text token)", runtime=True)
+    doc_positions: str = _f("continue", "RoPE positions under --doc-mask: continue along the row, or restart "
+                                        "at 0 in each document", choices=("continue", "restart"), runtime=True)
+    eot_id: int | None = _f(None, "end-of-text token id (set from the tokenizer with --doc-mask)", flag=False,
+                            runtime=True)
     dropout: float = _f(0.0, "dropout on attention output and MLP output", runtime=True)
     pad_vocab_multiple: int = _f(64, "round vocab_size up to a multiple of this (faster matmuls)")
     kernels: str = _f("auto", "op implementation: triton (CUDA or TRITON_INTERPRET=1), torch, or auto",
@@ -119,7 +125,7 @@ class ModelConfig:
              f"RoPE needs an even head_dim, got {self.head_dim}")
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         need(self.window is None or self.window >= 1, f"window must be >= 1, got {self.window}")
-        for name in ("pos_emb", "norm", "mlp", "kernels", "score_func", "balance"):
+        for name in ("pos_emb", "norm", "mlp", "kernels", "score_func", "balance", "doc_positions"):
             choices = _choices(name)
             need(getattr(self, name) in choices, f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.n_experts:
@@ -151,6 +157,9 @@ class DataConfig:
                                       "datasets are large; default: all)")
     prep_workers: int = _f(4, "threads tokenizing documents during preparation")
     score_prompt: bool = _f(False, "fine-tuning data: score every token, the prompt too (default: only the answers)")
+    sft_pack: bool = _f(False, "fine-tuning data: pack several examples into each block_size row, kept apart by "
+                               "document-masked attention (positions restart per example), instead of one padded "
+                               "example per row")
     sft_overlong: str = _f("drop", "fine-tuning data: an example longer than the context is dropped or truncated "
                                    "(the count is printed)", choices=("drop", "truncate"))
 
@@ -365,6 +374,8 @@ def load_toml(path: str) -> dict:
             flat.update(v)
         else:
             flat[k] = v
+    if isinstance(flat.get("dataset"), dict):  # a weighted mixture as a table: dataset = {a = 0.7, b = 0.3}
+        flat["dataset"] = ",".join(f"{name}:{w}" for name, w in flat["dataset"].items())
     return flat
 
 

@@ -22,6 +22,24 @@ from llm.moe import MoE
 from llm.paged_cache import BlockPool, PagedKVCache
 
 
+def doc_segments(idx: Tensor, eot_id: int | None) -> Tensor:
+    """Document ids of packed rows idx (B, T): the number of end-of-text tokens before each token, so a
+    document's closing <|endoftext|> belongs to it and the next token starts the next one. (B, T) int64."""
+    if eot_id is None:
+        raise ValueError("doc_mask needs the end-of-text token id (ModelConfig.eot_id, set from the tokenizer)")
+    eot = (idx == eot_id).long()
+    return eot.cumsum(1) - eot
+
+
+def doc_positions(segments: Tensor) -> Tensor:
+    """Each token's position inside its document (0 at a document's first token): (B, T) int64."""
+    T = segments.shape[1]
+    idx = torch.arange(T, device=segments.device)
+    new = torch.ones_like(segments, dtype=torch.bool)
+    new[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return idx - torch.where(new, idx, 0).cummax(1).values
+
+
 class Attention(nn.Module):
     """Causal self-attention with grouped-query heads (Ainslie et al. 2023) and RoPE (Su et al. 2021).
 
@@ -43,7 +61,8 @@ class Attention(nn.Module):
         self.score_scale = cfg.attn_mult / math.sqrt(cfg.head_dim)  # what q.k is multiplied by before the softmax
 
     def forward(self, x: Tensor, rope: ops.Rotary | None, positions: Tensor,
-                cache: KVCache | PagedKVCache | None = None) -> Tensor:
+                cache: KVCache | PagedKVCache | None = None, segments: Tensor | None = None) -> Tensor:
+        """segments (B, T): document ids of a packed row (document-masked attention), or None."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, D)  # heads [q; k; v]
@@ -57,7 +76,9 @@ class Attention(nn.Module):
                 q, k = rope(qkv[:, :, : H + Hkv]).split_with_sizes([H, Hkv], 2)
         if self.cfg.attn_mult != 1.0:  # µP's 1/d attention, on q so every attention path (cache, paged) has it
             q = q * self.cfg.attn_mult
-        if cache is None:
+        if segments is not None:
+            o = ops.doc_attention(q, k, v, segments, window=self.cfg.window, kernels=self.cfg.kernels)
+        elif cache is None:
             o = ops.attention(q, k, v, causal=True, window=self.cfg.window, kernels=self.cfg.kernels)
         else:  # store the new k, v, then attend over each row's cache
             k_all, v_all, lengths, host_lengths = cache.update(self.layer, k, v, positions)
@@ -77,8 +98,9 @@ class Block(nn.Module):
         self.norm2 = Norm(cfg.n_embd, cfg)
         self.mlp: FeedForward = MoE(cfg) if cfg.n_experts and layer >= cfg.first_dense_layers else MLP(cfg)
 
-    def forward(self, x: Tensor, rope, positions: Tensor, cache: KVCache | PagedKVCache | None = None) -> Tensor:
-        a = self.attn(self.norm1(x), rope, positions, cache)
+    def forward(self, x: Tensor, rope, positions: Tensor, cache: KVCache | PagedKVCache | None = None,
+                segments: Tensor | None = None) -> Tensor:
+        a = self.attn(self.norm1(x), rope, positions, cache, segments)
         h, y = self.norm2.add_forward(a, x)  # fused residual add + norm
         return h + self.mlp(y)
 
@@ -133,7 +155,8 @@ class Transformer(nn.Module):
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | PagedKVCache | None = None,
                 z_loss: float = 0.0, logits_at: Tensor | None = None,
-                logits_rows: Tensor | None = None, hidden: bool = False) -> tuple[Tensor | None, Tensor | None]:
+                logits_rows: Tensor | None = None, hidden: bool = False,
+                segments: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
         """Returns (logits, loss).
 
         Without targets: logits (B, T, V) fp32 and loss None. With targets (B, T), ids or
@@ -146,7 +169,9 @@ class Transformer(nn.Module):
         hidden: return (h, None) instead, h (B, T, C) the final normalized hidden states that the head reads
         (logits = h @ lm_head.weight.T): objectives that compute their own loss from them in chunks
         (distillation, DPO log-probs, a reward head) call the model this way so the DDP / FSDP2 / compile
-        wrappers still run.
+        wrappers still run. segments (B, T): document ids of packed rows (document-masked attention, no cache);
+        with cfg.doc_mask they are derived from cfg.eot_id when not given (`doc_segments`), and
+        cfg.doc_positions="restart" starts each document's positions at 0.
         """
         B, T = idx.shape
         if self.prefix is not None:  # its rows are a cache region; the tokens' positions start after it
@@ -162,6 +187,10 @@ class Transformer(nn.Module):
             if T > self.cfg.block_size:
                 raise ValueError(f"sequence length {T} exceeds the context length {self.cfg.block_size}")
             positions = torch.arange(T, device=idx.device)  # (T,)
+            if segments is None and self.cfg.doc_mask:
+                segments = doc_segments(idx, self.cfg.eot_id)
+            if segments is not None and self.cfg.doc_positions == "restart":
+                positions = doc_positions(segments)  # (B, T)
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
@@ -170,7 +199,7 @@ class Transformer(nn.Module):
         if self.cfg.pos_emb == "rope":
             rope = ops.Rotary(self.rope_cos, self.rope_sin, positions, kernels=self.cfg.kernels)
         for block in self.blocks:
-            x = block(x, rope, positions, cache)
+            x = block(x, rope, positions, cache, segments)
         if cache is not None:
             cache.advance(T)
         if logits_at is not None:

@@ -189,6 +189,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float
     return ref.attention_ref(q, k, v, causal, scale, window)
 
 
+def doc_attention(q: Tensor, k: Tensor, v: Tensor, segments: Tensor, causal: bool = True,
+                  scale: float | None = None, window: int | None = None, kernels: str = "auto") -> Tensor:
+    """Document-masked causal attention over packed rows (segments (B, T): one id per contiguous document)."""
+    return ref.doc_attention_ref(q, k, v, segments, causal, scale, window)
+
+
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor,
                      scale: float | None = None, kernels: str = "auto") -> Tensor:
     if _attention_triton(kernels, q):

@@ -274,7 +274,8 @@ def _model_and_data(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, d: d
     manifest = load_manifest(data_path)
     tok = init_tok or Tokenizer.load(data_path, manifest["tokenizer"])
     if init_tok is None:
-        mcfg = ModelConfig(**{**asdict(mcfg), "vocab_size": tok.n_vocab})
+        mcfg = ModelConfig(**{**asdict(mcfg), "vocab_size": tok.n_vocab,
+                              **({"eot_id": tok.eot_id} if mcfg.doc_mask else {})})
     elif tok.n_vocab - len(added) > mcfg.padded_vocab_size:
         raise ConfigError(f"--init-from: the tokenizer has {tok.n_vocab} ids, more than the model's vocab")
     torch.manual_seed(tcfg.seed)
