@@ -5,6 +5,7 @@
            parameters (a prefix: while training, through its MLP, and as saved), frozen base, parameter, gradient
            and AdamW-state bytes, measured on the tensors after one optimizer step
   speed    a LoRA step and a full fine-tuning step at the same batch, side by side (median of --steps)
+  pack     examples/s of padded rows (one example each) vs --sft-pack rows (several, document-masked)
   quality  base vs fine-tuned on the held-out split of fine-tuning data: answer loss (the masked loss), and the
            share of greedy answers that end with the end-of-turn token
   compare  LoRA, prefix tuning and adapters fine-tuned from --base at an equal trainable-parameter budget (LoRA's
@@ -16,6 +17,7 @@
   python benchmarks/bench_finetune.py quality --base out/ --lora out-ft/ --dataset stdlib-qa
   python benchmarks/bench_finetune.py compare --base out/ --lora-rank 8 --steps 100 --seeds 3
   python benchmarks/bench_finetune.py ttft --base out/ --prefix-tokens 16
+  python benchmarks/bench_finetune.py pack --preset tiny --block-size 256 --batch-size 8 --steps 10
 """
 
 from __future__ import annotations
@@ -30,15 +32,18 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import device_name
 from llm import bottleneck, lora, peft, prefix
-from llm.chat import prompt_ids
+from llm.chat import chat_tokenizer, prompt_ids
 from llm.config import DataConfig, ModelConfig, preset
 from llm.data import sft
+from llm.data.corpus import pystdlib_files
 from llm.generate.api import complete
 from llm.generate.sampling import SamplingParams
 from llm.loading import load_model
 from llm.model import Transformer
 from llm.quant import dense_numel, make_scheme, quantize_model
+from llm.tokenizer import Tokenizer
 from llm.train.distributed import fmt_bytes
 
 
@@ -140,6 +145,47 @@ def speed(args) -> None:
     for n, t in med.items():
         print(f"{n}: median step {t * 1e3:.0f} ms (min {min(times[n]) * 1e3:.0f}, max {max(times[n]) * 1e3:.0f})")
     print(f"LoRA step / full step = {med['lora'] / med['full']:.3f}")
+
+
+def pack(args) -> None:
+    """Examples per second of full fine-tuning steps on stdlib-qa: one padded example per row vs --sft-pack rows
+    (several examples per block_size row, document-masked), same rows per step, interleaved. Both start from one
+    model and see the same kind of examples; the per-example losses of the two layouts are equal (test_sft_pack)."""
+    texts = [f.read_text(errors="replace") for f in pystdlib_files()[:40]]
+    tok = chat_tokenizer(Tokenizer.train(texts, args.vocab))[0]
+    path = sft.prepare(DataConfig(dataset=sft.EMBEDDED, data_dir=args.data_dir), tok, args.block_size, print)
+    cfg = ModelConfig(**(preset(args.preset) | {"block_size": args.block_size, "kernels": "torch",
+                                                "vocab_size": tok.n_vocab}))
+    runs = {}
+    for name, packed in (("padded", False), ("packed", True)):
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        loader = sft.SFTLoader(path, "train", args.batch_size, args.block_size, seed=0, pack=packed)
+        runs[name] = dict(model=model, opt=_opt(model), loader=loader, t=0.0, examples=0, tokens=0, losses=[])
+    for i in range(args.steps + 1):  # interleaved, step 0 a warm-up
+        for r in runs.values():
+            b = r["loader"].batch(i)
+            kw = {"segments": b.segments} if isinstance(b, sft.PackedBatch) else {}
+            t = time.perf_counter()
+            loss = r["model"](b[0], b[1], **kw)[1]
+            loss.backward()
+            r["opt"].step()
+            r["opt"].zero_grad(set_to_none=False)
+            if i:
+                y = b[1]
+                seg = kw.get("segments", torch.arange(len(y))[:, None].expand_as(y))
+                r["t"] += time.perf_counter() - t
+                r["examples"] += len({(int(a), int(s)) for a, s in (y != -100).nonzero().tolist()
+                                      for s in [seg[a, s]]})
+                r["tokens"] += int((y != -100).sum())
+                r["losses"].append(loss.item())
+    print(f"stdlib-qa, preset {args.preset}, {args.batch_size} rows x {args.block_size} tokens, {args.steps} steps "
+          f"each, threads {torch.get_num_threads()}, {device_name()}")
+    for name, r in runs.items():
+        print(f"{name}: {r['examples'] / r['t']:.1f} examples/s, {r['tokens'] / r['t']:.0f} answer tokens/s, "
+              f"{r['examples'] / args.steps:.1f} examples/step, mean loss {statistics.mean(r['losses']):.3f}")
+    e = {n: r["examples"] / r["t"] for n, r in runs.items()}
+    print(f"packed / padded examples per second = {e['packed'] / e['padded']:.2f}x")
 
 
 @torch.no_grad()
@@ -286,7 +332,7 @@ def ttft(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("memory", "speed", "quality", "compare", "ttft"))
+    p.add_argument("what", choices=("memory", "speed", "quality", "compare", "ttft", "pack"))
     p.add_argument("--preset", default="small")
     p.add_argument("--block-size", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=2)
@@ -299,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", default=sft.EMBEDDED)
     p.add_argument("--data-dir", default="data")
     p.add_argument("--n-generate", type=int, default=65)
+    p.add_argument("--vocab", type=int, default=1024, help="pack: BPE vocabulary trained for the benchmark")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--prefix-tokens", type=int, default=16, help="memory, compare, ttft: the prefix's rows")
@@ -312,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    {"memory": memory, "speed": speed, "quality": quality, "compare": compare, "ttft": ttft}[args.what](args)
+    {"memory": memory, "speed": speed, "quality": quality, "compare": compare, "ttft": ttft,
+     "pack": pack}[args.what](args)
     return 0
 
 

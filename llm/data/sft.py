@@ -38,6 +38,7 @@ import torch
 from llm.chat import ROLES, ChatError, encode_chat
 from llm.config import DataConfig
 from llm.data.corpus import DataError, _in_val, pystdlib_files
+from llm.data.mixture import MixtureLoader
 from llm.data.shards import MANIFEST, Loader, Split, load_manifest, tokenizer_slug
 from llm.tokenizer import Tokenizer
 
@@ -256,6 +257,7 @@ class SFTLoader(Split):
     batch(i) depends only on (seed, rank, i, split)."""
 
     fixed: bool = False
+    pack: bool = False
 
     def __post_init__(self) -> None:
         m = load_manifest(self.path)
@@ -278,6 +280,8 @@ class SFTLoader(Split):
         return rng.integers(0, self.n, size=self.batch_size)
 
     def batch(self, step: int, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pack:
+            return self.packed_batch(step, device)
         spans = [(int(self.offsets[i]), int(self.offsets[i + 1])) for i in self.picks(step)]
         L = self.block_size if self.fixed else max(b - a for a, b in spans) - 1
         x = torch.zeros(self.batch_size, L, dtype=torch.long)
@@ -290,9 +294,50 @@ class SFTLoader(Split):
         return x.to(device), y.to(device)
 
 
-def open_loader(path: Path, split: str, batch_size: int, block_size: int, seed: int, fixed: bool = False):
+    def packed_batch(self, step: int, device: str | torch.device = "cpu") -> PackedBatch:
+        """batch_size rows of block_size tokens, each packing whole examples one after another (drawn in order
+        from a generator seeded by (seed, rank, step, split); an example that does not fit in what is left of a
+        row starts the next row; the last one that fits nowhere is dropped). `segments` (B, block_size) numbers
+        the examples of each row (the padding tail is one more segment, unscored), for document-masked attention."""
+        T, B = self.block_size, self.batch_size
+        rng = np.random.default_rng([self.seed, self.rank, step, 2 if self.split == "train" else 3])
+        x = torch.zeros(B, T, dtype=torch.long)
+        y = torch.full((B, T), IGNORE, dtype=torch.long)
+        seg = torch.zeros(B, T, dtype=torch.long)
+        r = fill = n_seg = 0
+        while r < B:
+            i = int(rng.integers(0, self.n))
+            a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+            n = b - a - 1
+            if fill + n > T:  # close this row: the rest is padding, its own segment
+                seg[r, fill:] = n_seg
+                r, fill, n_seg = r + 1, 0, 0
+                if r == B or n > T:
+                    continue
+            ids = torch.from_numpy(self.ids[a:b].astype(np.int64))
+            keep = torch.from_numpy(self.mask[a + 1: b].astype(bool))
+            x[r, fill: fill + n] = ids[:-1]
+            y[r, fill: fill + n] = torch.where(keep, ids[1:], IGNORE)
+            seg[r, fill: fill + n] = n_seg
+            fill, n_seg = fill + n, n_seg + 1
+        out = PackedBatch((x.to(device), y.to(device)))
+        out.segments = seg.to(device)
+        return out
+
+
+class PackedBatch(tuple):
+    """(x, y) of packed fine-tuning rows, plus `segments` (B, T): the example index of every token in its row."""
+
+    segments: torch.Tensor
+
+
+def open_loader(path: Path, split: str, batch_size: int, block_size: int, seed: int, fixed: bool = False,
+                pack: bool = False):
     """The loader for a prepared dataset: SFTLoader for fine-tuning data (`fixed`: every batch block_size long),
     shards.Loader for pretraining data (always block_size long)."""
-    if load_manifest(path).get("kind") == "sft":
-        return SFTLoader(path, split, batch_size, block_size, seed, fixed=fixed)
+    kind = load_manifest(path).get("kind")
+    if kind == "sft":
+        return SFTLoader(path, split, batch_size, block_size, seed, fixed=fixed, pack=pack)
+    if kind == "mixture":
+        return MixtureLoader(path, split, batch_size, block_size, seed)
     return Loader(path, split, batch_size, block_size, seed)

@@ -25,6 +25,7 @@ from llm import checkpoint as ckpt_io
 from llm.chat import chat_tokenizer
 from llm.config import ConfigError, DataConfig, TrainConfig
 from llm.data import preference, prompts, sft
+from llm.data.mixture import parse_mixture, prepare_mixture
 from llm.data.shards import prepare as prepare_shards
 from llm.model import Transformer
 from llm.tokenizer import Tokenizer
@@ -98,6 +99,8 @@ def tokenizer(tok: Tokenizer, dcfg: DataConfig) -> tuple[Tokenizer, list[str]]:
 
 
 def prepare(dcfg: DataConfig, tok: Tokenizer | None, block_size: int, say: Say) -> Path:
+    if parse_mixture(dcfg.dataset):
+        return prepare_mixture(dcfg, say, tokenizer=tok)
     if sft.is_sft(dcfg):
         return sft.prepare(dcfg, tok, block_size, say)
     return prepare_shards(dcfg, say, tokenizer=tok)

@@ -28,7 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from llm.config import DataConfig, TrainConfig
-from llm.data.sft import open_loader
+from llm.data.mixture import mixture_metrics
+from llm.data.sft import PackedBatch, open_loader
 from llm.tokenizer import Tokenizer
 from llm.train import finetune
 
@@ -65,7 +66,7 @@ class Objective:
 
     def open_loader(self, path: Path, split: str, batch_size: int, block_size: int, seed: int,
                     fixed: bool = False):
-        return open_loader(path, split, batch_size, block_size, seed, fixed)
+        return open_loader(path, split, batch_size, block_size, seed, fixed, pack=self.dcfg.sft_pack)
 
     def setup(self, ctx: Context) -> None:
         """Load extra models here (frozen, in eval mode)."""
@@ -74,8 +75,9 @@ class Objective:
         """(mean loss of the micro-batch, metrics). `fwd` is the model as trained (DDP / FSDP2 / compiled) in
         training, the bare model in validation; call it, not its submodules, so the wrappers' hooks run."""
         x, y = batch
-        _, loss = fwd(x, y)
-        return loss, {}
+        kw = {"segments": batch.segments} if isinstance(batch, PackedBatch) else {}  # --sft-pack: one mask per example
+        _, loss = fwd(x, y, **kw)
+        return loss, mixture_metrics(batch, x.device)  # {} unless the data is a weighted mixture
 
     def tokens(self, batch) -> Tensor:
         return batch[0]
