@@ -19,8 +19,8 @@ IGNORE = -100
 def prepared(tmp_path_factory):
     d = tmp_path_factory.mktemp("pack")
     tok = chat.chat_tokenizer(Tokenizer.train(["def f(x):\n    return x + 1\n" * 50, "A pear. Hello there"], 300))[0]
-    rows = [{"instruction": f"Add {i}." + " Be quick." * (i % 4), "input": f"x = {i}", "output": f"x + {i}" * (1 + i % 3)}
-            for i in range(40)]
+    rows = [{"instruction": f"Add {i}." + " Be quick." * (i % 4), "input": f"x = {i}",
+             "output": f"x + {i}" * (1 + i % 3)} for i in range(40)]
     (d / "ex.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     path = sft.prepare(DataConfig(dataset=str(d / "ex.jsonl"), data_dir=str(d / "data"), val_fraction=0.0), tok, 128,
                        log=lambda *a: None)
@@ -45,7 +45,8 @@ def test_packed_rows_hold_whole_examples_with_their_answer_masks(prepared):
     packed = sft.SFTLoader(path, "train", 4, 128, seed=1, pack=True).batch(3)
     x, y, seg = packed[0], packed[1], packed.segments
     assert x.shape == y.shape == seg.shape == (4, 128)
-    assert all(int(((seg[r][:, None] == seg[r].unique()) & (y[r] != IGNORE)[:, None]).any(0).sum()) >= 2 for r in range(4))  # 2+ examples a row
+    per_row = [int(((seg[r][:, None] == seg[r].unique()) & (y[r] != IGNORE)[:, None]).any(0).sum()) for r in range(4)]
+    assert min(per_row) >= 2  # every row packs at least two scored examples
     scored = int((y != IGNORE).sum())
     plain = sft.SFTLoader(path, "train", 4, 128, seed=1)
     assert scored > 1.3 * int((plain.batch(3)[1] != IGNORE).sum())  # more answer tokens per batch than padded rows
