@@ -146,3 +146,22 @@ def test_bad_teacher_settings_are_one_line_before_any_work(runs, capsys, case):
             "objective": "--teacher applies to distillation", "no-teacher": "needs --teacher"}[case]
     assert err.startswith("error: ") and want in err and "\n" not in err, err
     assert not (runs / "fresh-data").exists()  # refused before the data was prepared
+
+
+@pytest.mark.slow
+def test_distill_under_ddp_and_fsdp_matches_one_process(runs):
+    """2 gloo ranks (DDP, then FSDP2) with a teacher against one process with the same global batch: the same
+    per-step losses (the student's head gradient reaches the wrappers' reductions through the objective)."""
+    from conftest import run_two_ranks
+
+    kd = ["--teacher", str(runs / "teacher")]
+    assert main(train_argv(runs, "kd-one", grad_accum=2, max_steps=4) + kd) == 0
+    ddp = train_argv(runs, "kd-ddp", grad_accum=1, max_steps=4) + kd
+    fsdp = train_argv(runs, "kd-fsdp", grad_accum=1, max_steps=4) + kd + ["--fsdp"]
+    r = run_two_ranks(runs, [(ddp, -1), (fsdp, -1)])
+    assert "DDP" in r.stdout and "FSDP2" in r.stdout
+    one = step_losses(runs / "kd-one")
+    for out in ("kd-ddp", "kd-fsdp"):
+        two = step_losses(runs / out)
+        assert sorted(two) == [1, 2, 3, 4]
+        assert all(abs(two[s] - one[s]) <= 1e-5 * abs(one[s]) for s in one), (out, two, one)
