@@ -73,7 +73,8 @@ class ModelConfig:
                       choices=("auto", "triton", "torch"), runtime=True)
     # Mixture of Experts (n_experts = 0 means dense).
     n_experts: int = _f(0, "routed experts per MoE layer (0 = dense model)")
-    top_k: int = _f(2, "experts each token is routed to")
+    top_k: int = _f(2, "experts each token is routed to (MoE routing; sampling's top-k is llm sample --top-k)",
+                    cli="--moe-top-k")
     n_shared_experts: int = _f(0, "always-active shared experts per MoE layer")
     expert_hidden: int | None = _f(None, "hidden width of each expert (default intermediate_size)")
     first_dense_layers: int = _f(0, "the first N blocks keep a dense MLP")
@@ -324,21 +325,45 @@ def _base_type(tp):
     return tp, False
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default once: "(default: X)" is added only where it says something (not on a
+    required flag, an unset None, an off switch, or a help text that already names its default)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.required or action.default in (None, False, argparse.SUPPRESS) or "default" in text
+                or action.default == []):
+            return text
+        return super()._get_help_string(action)
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: str, base: dict | None = None,
-                       base_name: str = "") -> None:
-    """One flag per field of `cls`; defaults are SUPPRESSed so only explicit flags override.
+                       base_name: str = "", group_of: typing.Callable[[str], str] | None = None) -> None:
+    """One flag per field of `cls` (--field-name, or the field's metadata "cli"); defaults are SUPPRESSed so
+    only explicit flags override.
 
     base: values that replace the field defaults when no flag is given (a preset); --help shows
-    them as the default, naming `base_name`.
+    them as the default, naming `base_name`. group_of: field name -> the --help section it is listed
+    under (default: all under `title`).
     """
-    group = parser.add_argument_group(title)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+
+    def group_for(name: str) -> argparse._ArgumentGroup:
+        t = group_of(name) if group_of else title
+        if t not in groups:
+            groups[t] = parser.add_argument_group(t)
+        return groups[t]
+
     hints = typing.get_type_hints(cls)
     base = base or {}
     for f in fields(cls):
         tp, optional = _base_type(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
+        flag = f.metadata.get("cli") or "--" + f.name.replace("_", "-")
+        group = group_for(f.name)
         shown = f"{base[f.name]}, from {base_name}" if f.name in base else f.default
-        help_ = f"{f.metadata.get('help', '')} (default: {shown})"
+        help_ = f.metadata.get("help", "")
+        if shown is not None and "default" not in help_:  # None: unset; a help text may name its own default
+            help_ += f" (default: {shown})"
         kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help_)
         if not f.metadata.get("flag", True):
             continue

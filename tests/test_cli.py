@@ -1,5 +1,6 @@
 """End to end through the command lines: train -> checkpoint -> sample, and clear errors on bad input."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -173,3 +174,44 @@ def test_train_help_lists_flags_with_defaults():
     for flag in ("--n-layer", "--max-steps", "--batch-size", "--lr", "--preset", "--config", "--resume",
                  "--kernels", "--dataset", "--compile", "--wandb", "--device", "--dtype", "--seed", "(default: 4)"):
         assert flag in r.stdout, flag
+
+
+def _help_entries(text: str) -> dict[str, str]:
+    """{first flag: its help text} of an argparse --help."""
+    out, flag = {}, None
+    for line in text.splitlines():
+        m = re.match(r"  (-[-\w]+)", line)
+        if m:
+            flag = m.group(1)
+            out[flag] = line
+        elif flag and line.startswith("   "):
+            out[flag] += " " + line.strip()
+        else:
+            flag = None
+    return out
+
+
+def test_help_is_grouped_and_shows_each_default_once(tmp_path):
+    """sample.py and train.py --help: sections, no '(default: None)', no flag naming its default twice, and
+    --top-k only means sampling (MoE routing is train.py --moe-top-k; the config field stays top_k)."""
+    from llm.train.cli import resolve_configs
+
+    s, t = run("sample.py", "--help"), run("train.py", "--help")
+    assert s.returncode == 0 and t.returncode == 0
+    for section in ("model and checkpoint:", "prompt:", "sampling:", "beam search:", "speculative decoding:",
+                    "decoding speed:", "output:"):
+        assert f"\n{section}\n" in s.stdout, section
+    for section in ("training: optimizer and schedule:", "training: fine-tuning", "training: µP:", "training: Muon:",
+                    "training: health and loss spikes:", "training: checkpoints:"):
+        assert f"\n{section}" in t.stdout, section
+    for text in (s.stdout, t.stdout):
+        entries = _help_entries(text)
+        assert "(default: None)" not in text
+        doubled = [f for f, h in entries.items() if h.count("default") > 1]
+        assert not doubled, doubled
+    assert "(default" not in _help_entries(s.stdout)["--checkpoint"]  # required
+    assert "--moe-top-k" in t.stdout and "--top-k" not in _help_entries(t.stdout) and "--top-k" in s.stdout
+    (tmp_path / "moe.toml").write_text("n_experts = 4\ntop_k = 1\n")  # saved configs keep the field name
+    mcfg = resolve_configs(["--config", str(tmp_path / "moe.toml"), "--moe-top-k", "3"])[0]
+    assert (mcfg.n_experts, mcfg.top_k) == (4, 3)
+    assert resolve_configs(["--config", str(tmp_path / "moe.toml")])[0].top_k == 1

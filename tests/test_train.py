@@ -59,7 +59,7 @@ def test_toml_config_with_cli_override_and_the_resolved_config_is_printed_and_sa
     (["--lr", "fast"], "error: argument --lr: invalid float value: 'fast'"),
     (["--n-embd", "100", "--n-head", "3"], "error: n_embd (100) must be divisible by n_head (3)"),
     (["--n-head", "6", "--n-kv-head", "4", "--n-embd", "96"], "error: n_head (6) must be divisible by n_kv_head (4)"),
-    (["--n-experts", "4", "--top-k", "5"], "error: top_k (5) must be between 1 and n_experts (4)"),
+    (["--n-experts", "4", "--moe-top-k", "5"], "error: top_k (5) must be between 1 and n_experts (4)"),
     (["--preset", "huge"], "error: unknown preset 'huge'"),
     (["--max-steps", "0"], "error: max_steps must be >= 1"),
     (["--config", "/nonexistent.toml"], "error: config file not found: /nonexistent.toml"),

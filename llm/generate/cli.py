@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from llm.chat import prompt_ids
+from llm.config import HelpFormatter
 from llm.generate.api import complete, encode_prompts, prompt_ids_of, stream_text
 from llm.generate.decode import CPU_CHUNK, DEFAULT_NEW_TOKENS, fit_prompts, room_for_new
 from llm.generate.sampling import SamplingError, SamplingParams
@@ -19,62 +20,69 @@ from llm.runtime import pick_device, pick_dtype, set_threads
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llm sample", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = argparse.ArgumentParser(prog="llm sample", formatter_class=HelpFormatter,
                                 description="Generate text from a checkpoint directory (or a training out dir).")
-    p.add_argument("--checkpoint", required=True, help="checkpoint dir, or a training --out-dir (uses its latest)")
-    p.add_argument("--prompt", action="append", default=None,
-                   help="text to continue (empty: start from end-of-text); repeat for a batch of prompts")
-    p.add_argument("--prompt-file", action="append", default=[], help="a file whose text is one more prompt")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help=f"tokens to generate per row (default: up to {DEFAULT_NEW_TOKENS}, fewer when the context "
-                        "leaves less room after the prompt; the timing line says how many)")
-    p.add_argument("--temperature", type=float, default=None, help="softmax temperature; 0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=None, help="keep only the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with mass >= p")
-    p.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x the top probability")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="divide logits of seen tokens (1 = off)")
-    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt (with beams: best beams shown)")
-    p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (1 = sampling)")
-    p.add_argument("--length-penalty", type=float, default=1.0, help="beam score = log-prob sum / length^this")
-    p.add_argument("--seed", type=int, default=None, help="random seed; the same seed gives the same text")
-    p.add_argument("--stop", action="append", default=[],
-                   help=r"stop a row at this string (repeatable; \n \t \r \\ are understood)")
-    p.add_argument("--stream", action="store_true", help="print the text as it is generated (one row)")
-    p.add_argument("--truncate-prompt", action="store_true",
-                   help="keep only the last prompt tokens that fit the context instead of refusing")
-    p.add_argument("--prefill-chunk", type=int, default=None,
-                   help=f"prompt tokens per prefill pass; 0 = one pass (default: one pass on CUDA, {CPU_CHUNK} on CPU)")
-    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
-                   help="on CUDA, replay each decode step as one captured CUDA graph")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (static shapes; seconds to minutes to compile once per "
-                        "batch and length, then the fastest CPU path)")
-    p.add_argument("--draft-checkpoint", default=None,
-                   help="speculative decoding: a small model with the same tokenizer drafts, the target verifies")
-    p.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
-                   help="speculative decoding without a second model: draft what followed the last <= N tokens "
-                        "where they occur earlier in the prompt or output")
-    p.add_argument("--speculate", type=int, default=None, metavar="K",
-                   help="tokens drafted per target pass (default 4 with --draft-checkpoint / --prompt-lookup)")
-    p.add_argument("--compare-plain", action="store_true",
-                   help="with speculative decoding: also run plain decoding and print both speeds")
-    p.add_argument("--peft", "--lora", dest="lora", default=None, metavar="DIR",
+    g = p.add_argument_group("model and checkpoint")
+    g.add_argument("--checkpoint", required=True, help="checkpoint dir, or a training --out-dir (uses its latest)")
+    g.add_argument("--peft", "--lora", dest="lora", default=None, metavar="DIR",
                    help="apply the PEFT adapter in DIR (a LoRA, prefix-tuning or bottleneck-adapter run's checkpoint "
                         "or out dir) to --checkpoint, unmerged (a prefix fills the first rows of the KV cache)")
-    p.add_argument("--chat", action="store_true",
+    g.add_argument("--quantize", default=None, metavar="{int8,int4}",
+                   help="quantize the weights at load (weight-only; see llm quantize)")
+    g.add_argument("--group-size", type=int, default=64,
+                   help=f"with --quantize int4: inputs per scale group, one of {', '.join(map(str, GROUP_SIZES))}")
+    g.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="weights and compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--kernels", default=None, choices=("auto", "triton", "torch"), help="override the op backend")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    g = p.add_argument_group("prompt")
+    g.add_argument("--prompt", action="append", default=None,
+                   help="text to continue (empty: start from end-of-text); repeat for a batch of prompts")
+    g.add_argument("--prompt-file", action="append", default=[], help="a file whose text is one more prompt")
+    g.add_argument("--chat", action="store_true",
                    help="chat with the model through its chat template: each --prompt is one user turn; without "
                         "--prompt, an interactive multi-turn session (streamed; an empty line or Ctrl-D ends it)")
-    p.add_argument("--system", default=None, help="with --chat: a system message opening the conversation")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="weights and compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--kernels", default=None, choices=("auto", "triton", "torch"), help="override the op backend")
-    p.add_argument("--quantize", default=None, metavar="{int8,int4}",
-                   help="quantize the weights at load (weight-only; see llm quantize)")
-    p.add_argument("--group-size", type=int, default=64,
-                   help=f"with --quantize int4: inputs per scale group, one of {', '.join(map(str, GROUP_SIZES))}")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--quiet", action="store_true", help="print only the generated text (no timing line)")
+    g.add_argument("--system", default=None, help="with --chat: a system message opening the conversation")
+    g.add_argument("--truncate-prompt", action="store_true",
+                   help="keep only the last prompt tokens that fit the context instead of refusing")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"tokens to generate per row (default: up to {DEFAULT_NEW_TOKENS}, fewer when the context "
+                        "leaves less room after the prompt; the timing line says how many)")
+    g.add_argument("--temperature", type=float, default=None, help="softmax temperature; 0 = greedy (default: 0.8)")
+    g.add_argument("--top-k", type=int, default=None, help="keep only the k most likely tokens")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with mass >= p")
+    g.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x the top probability")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="divide logits of seen tokens (1 = off)")
+    g.add_argument("--num-samples", type=int, default=1, help="samples per prompt (with beams: best beams shown)")
+    g.add_argument("--seed", type=int, default=None, help="random seed; the same seed gives the same text")
+    g.add_argument("--stop", action="append", default=[],
+                   help=r"stop a row at this string (repeatable; \n \t \r \\ are understood)")
+    g = p.add_argument_group("beam search")
+    g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (1 = sampling)")
+    g.add_argument("--length-penalty", type=float, default=1.0, help="beam score = log-prob sum / length^this")
+    g = p.add_argument_group("speculative decoding")
+    g.add_argument("--draft-checkpoint", default=None,
+                   help="speculative decoding: a small model with the same tokenizer drafts, the target verifies")
+    g.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
+                   help="speculative decoding without a second model: draft what followed the last <= N tokens "
+                        "where they occur earlier in the prompt or output")
+    g.add_argument("--speculate", type=int, default=None, metavar="K",
+                   help="tokens drafted per target pass (default 4 with --draft-checkpoint / --prompt-lookup)")
+    g.add_argument("--compare-plain", action="store_true",
+                   help="with speculative decoding: also run plain decoding and print both speeds")
+    g = p.add_argument_group("decoding speed")
+    g.add_argument("--prefill-chunk", type=int, default=None,
+                   help=f"prompt tokens per prefill pass; 0 = one pass (default: one pass on CUDA, {CPU_CHUNK} on CPU)")
+    g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CUDA, replay each decode step as one captured CUDA graph")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (static shapes; seconds to minutes to compile once per "
+                        "batch and length, then the fastest CPU path)")
+    g = p.add_argument_group("output")
+    g.add_argument("--stream", action="store_true", help="print the text as it is generated (one row)")
+    g.add_argument("--quiet", action="store_true", help="print only the generated text (no timing line)")
     return p
 
 

@@ -18,6 +18,7 @@ from llm.config import (
     PRESETS,
     ConfigError,
     DataConfig,
+    HelpFormatter,
     ModelConfig,
     TrainConfig,
     add_dataclass_args,
@@ -45,7 +46,7 @@ class _Parser(argparse.ArgumentParser):
 
 def parser() -> argparse.ArgumentParser:
     p = _Parser(
-        prog="llm train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="llm train", formatter_class=HelpFormatter,
         description="Pretrain a decoder-only Transformer. Precedence: defaults < --preset < (the checkpoint's "
                     "settings with --resume) < --config < flags. Under torchrun it trains data-parallel.")
     # "%(default).0s" prints nothing; it only stops the formatter appending "(default: None)".
@@ -59,8 +60,33 @@ def parser() -> argparse.ArgumentParser:
     add_dataclass_args(p, ModelConfig, "model", base=preset(DEFAULT_PRESET),
                        base_name=f"--preset {DEFAULT_PRESET}")
     add_dataclass_args(p, DataConfig, "data")
-    add_dataclass_args(p, TrainConfig, "training")
+    add_dataclass_args(p, TrainConfig, "training", group_of=_training_section)
     return p
+
+
+# TrainConfig's flags in --help sections: the first section whose names or name prefixes match a field.
+TRAINING_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("training: optimizer and schedule", ("max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "beta1",
+                                          "beta2", "grad_clip", "optimizer")),
+    ("training: Muon", ("muon_",)),
+    ("training: µP", ("mup", "mup_")),
+    ("training: fine-tuning (LoRA, prefix, adapters)", ("init_from", "lora_", "peft", "prefix_", "adapter_")),
+    ("training: objectives (distillation, DPO, GRPO)", ("objective", "teacher", "distill_", "ref", "dpo_", "reward_",
+                                                        "reward", "grpo_")),
+    ("training: evaluation", ("eval_",)),
+    ("training: checkpoints", ("save_interval", "keep_last", "checkpoint_", "async_checkpoint")),
+    ("training: health and loss spikes", ("health_", "spike_", "max_bad_steps")),
+    ("training: parallelism and memory", ("fsdp", "tp", "global_batch_tokens", "activation_checkpointing")),
+    ("training: logging", ("log_interval", "wandb", "wandb_")),
+)
+
+
+def _training_section(name: str) -> str:
+    """The --help section of a TrainConfig field (exact name, or a prefix ending in '_'); else 'training'."""
+    for title, keys in TRAINING_SECTIONS:
+        if any(name == k or (k.endswith("_") and name.startswith(k)) for k in keys):
+            return title
+    return "training"
 
 
 def resolve_configs(argv: list[str] | None) -> tuple[ModelConfig, DataConfig, TrainConfig, argparse.Namespace]:
