@@ -124,6 +124,7 @@ def test_sample_cli_batch_of_prompts_stops_and_beams(ckpt, tmp_path):
             "--num-samples", "2", "--threads", "1")
     assert q.returncode == 0, q.stderr
     assert "--- prompt 1, sample 2" in q.stdout and q.stdout.count("def") >= 2
+    assert "--- 2 row(s), " in q.stderr and "beam search: 3 beam(s) x " in q.stderr, q.stderr  # what was returned
 
 
 def test_context_overflow_names_both_numbers_unless_truncated(ckpt):

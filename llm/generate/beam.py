@@ -76,10 +76,13 @@ def beam_search(model, prompts: list[list[int]], max_new_tokens: int, num_beams:
         if stats is not None and step == 0:
             stats.ttft = time.perf_counter() - t0
     book.finish(scores.tolist(), steps)
-    if stats is not None:
-        stats.record(prompt_tokens=sum(map(len, prompts)), rows=B * K, new_tokens=steps * B * K,
-                     total=time.perf_counter() - t0)
-    return [h[:num_return] for h in book.hyps]
+    out = [h[:num_return] for h in book.hyps]
+    if stats is not None:  # the line counts what is returned; the search's own size goes in the note
+        stats.record(prompt_tokens=sum(map(len, prompts)), rows=sum(map(len, out)),
+                     new_tokens=sum(len(h.tokens) for row in out for h in row), total=time.perf_counter() - t0)
+        searched = f"beam search: {K} beam(s) x {steps} step(s) per prompt"
+        stats.note = f"{stats.note}; {searched}" if stats.note else searched
+    return out
 
 
 def _check(K: int, num_return: int, repetition_penalty: float, stop: Sequence[bytes],
