@@ -479,13 +479,21 @@ def check_configs(d: DataConfig, t: TrainConfig) -> None:
             raise ConfigError(msg)
 
 
-def describe_config(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig) -> str:
-    """The resolved settings, one `section: key=value ...` line per config."""
-    lines = []
-    for name, cfg in (("model", mcfg), ("data", dcfg), ("train", tcfg)):
-        lines.append(f"{name}: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()
-                                            if not (name == "model" and k == "vocab_size")))  # from the tokenizer
-    return "\n".join(lines)
+def describe_config(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, shown: int = 10) -> str:
+    """One short line for the console: the settings that differ from the dataclass defaults (the first `shown`
+    of them) and where all of them are written (`<out-dir>/config.toml`, see to_toml)."""
+    changed = []
+    for cfg in (mcfg, dcfg, tcfg):
+        for f in fields(cfg):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            v = getattr(cfg, f.name)
+            if f.name != "vocab_size" and v != default:  # vocab_size comes from the tokenizer
+                changed.append(f"{f.name}={v}")
+    more = f", +{len(changed) - shown} more" if len(changed) > shown else ""
+    listed = f" ({', '.join(changed[:shown])}{more})" if changed else ""
+    return (f"config: {len(changed)} setting(s) differ from the defaults{listed}; every setting: "
+            f"{Path(tcfg.out_dir) / 'config.toml'}")
 
 
 def to_toml(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig) -> str:

@@ -35,6 +35,11 @@ def test_train_cli_writes_checkpoints_metrics_and_summary(trained):
     assert (out / "ckpt-0000004" / "model.safetensors").is_file()
     assert (out / "metrics.jsonl").is_file() and (out / "loss.png").is_file()
     assert "val loss" in stdout and "unigram entropy" in stdout
+    # one short config line naming the file with every setting (was three ~600-character lines)
+    config = [ln for ln in stdout.splitlines() if ln.startswith("config: ")]
+    assert len(config) == 1 and len(config[0]) < 400 and config[0].endswith(str(out / "config.toml")), config
+    assert "n_layer=1" in config[0] and (out / "config.toml").is_file()
+    assert not any(ln.startswith(("model: block_size=", "train: out_dir=")) for ln in stdout.splitlines())
 
 
 @pytest.mark.slow
