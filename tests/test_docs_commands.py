@@ -154,10 +154,11 @@ RUN = [p for p in PAGES if blocks(p)]  # pages without a ```bash block have noth
 
 
 @pytest.fixture(scope="session")
-def ran(tmp_path_factory) -> dict[Path, tuple[str | None, list[str]]]:
+def ran(tmp_path_factory, request) -> dict[Path, tuple[str | None, list[str]]]:
     """Every page's result. The README's blocks run first in a copy of the repository, as a person starts: its
     `make train` writes the `out/` (and prepares the `data/`) that the docs pages' commands read. Then each docs
-    page runs in its own copy of that, PAGES_AT_ONCE pages at a time (they share nothing)."""
+    page runs in its own copy of that, PAGES_AT_ONCE pages at a time (they share nothing). Only the pages this
+    pytest run selected (`-k inference` runs the README and docs/inference.md)."""
     top = tmp_path_factory.mktemp("docs")
     base = top / "README"
     base.mkdir()
@@ -174,7 +175,8 @@ def ran(tmp_path_factory) -> dict[Path, tuple[str | None, list[str]]]:
         copy_repo(base, root)
         return run_page(page, root)
 
-    pages = [p for p in RUN if p != README]
+    selected = {item.callspec.params.get("page") for item in request.session.items if hasattr(item, "callspec")}
+    pages = [p for p in RUN if p != README and p in selected]
     with ThreadPoolExecutor(PAGES_AT_ONCE) as pool:
         results.update(zip(pages, pool.map(one, pages)))
     return results
