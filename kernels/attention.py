@@ -19,6 +19,7 @@ blocks cut by the causal diagonal or the sequence end. Backward recomputes P fro
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 import triton
@@ -31,6 +32,9 @@ from kernels.common import (
     LOG2E,
     AotCase,
     check_gpu_dtype,
+    doc_bounds,
+    doc_key_block_query_range,
+    doc_query_tile_key_range,
     interpreting,
     key_block_query_range,
     query_tile_key_range,
@@ -39,14 +43,15 @@ from kernels.common import (
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base_ptr, v_base_ptr, stride_ks, stride_vs, pos, lo, hi, S, W,
+def _fwd_inner(acc, l_i, m_i, q, k_base_ptr, v_base_ptr, stride_ks, stride_vs, pos, starts, lo, hi, S, W,
                qk_scale,
                HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-               CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK: tl.constexpr):
+               CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK: tl.constexpr, DOC: tl.constexpr):
     # acc (BLOCK_M, BLOCK_D) fp32 unnormalised output; l_i, m_i (BLOCK_M,) running sum and max (base 2)
     # q (BLOCK_M, BLOCK_D) this tile's queries; k_base_ptr/v_base_ptr: this (batch, kv head)'s K/V
-    # pos (BLOCK_M,) absolute query positions; [lo, hi) key range to visit, step BLOCK_N
-    # MASK: apply bounds/causal/window masks (False only for blocks every query fully sees)
+    # pos (BLOCK_M,) absolute query positions; starts (BLOCK_M,) first key of each query's document (read
+    # only when DOC); [lo, hi) key range to visit, step BLOCK_N
+    # MASK: apply bounds/causal/window/document masks (False only for blocks every query fully sees)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_D  # padded head dims (80, 96) load as 0 and do not change q.k
@@ -66,6 +71,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base_ptr, v_base_ptr, stride_ks, stride_vs, p
                 keep = keep & (cols[None, :] <= pos[:, None])
             if WINDOW:
                 keep = keep & ((pos[:, None] - cols[None, :]) < W)
+            if DOC:
+                keep = keep & (cols[None, :] >= starts[:, None])
             qk = tl.where(keep, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         # A row that has seen no key yet has m_new = -inf; shift by 0 so exp2 gives 0, not NaN.
@@ -82,6 +89,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base_ptr, v_base_ptr, stride_ks, stride_vs, p
 
 @triton.jit
 def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+                     start_ptr, end_ptr,  # (B, T) int32 document bounds of each token (read only when DOC)
                      stride_qb, stride_qt, stride_qh,  # q (B, T, H, D), last dim contiguous
                      stride_kb, stride_ks, stride_kh,  # k (B, S, Hkv, D)
                      stride_vb, stride_vs, stride_vh,  # v (B, S, Hkv, D)
@@ -91,7 +99,8 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
                      seq_bucket,  # unused in the body: autotune key (power-of-two bucket of max(T, S))
                      HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,  # head dim and its power-of-two pad
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # query / key tile sizes
-                     CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+                     CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                     DOC: tl.constexpr):  # document mask (packed rows; S == T, causal)
     # Causal tiles near the end have the most keys: launch them first so the tail of the grid is short.
     n_m = tl.cdiv(T, BLOCK_M)
     pid_m = n_m - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
@@ -111,16 +120,20 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
 
     # Key range any row of the tile sees, and the sub-range every row fully sees (no mask needed).
     lo, a, z, hi = query_tile_key_range(m0, off, S, W, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    starts = pos
+    if DOC:  # key tiles before the tile's first document are never visited
+        starts = tl.load(start_ptr + b * T + offs_m, mask=offs_m < T, other=0)
+        lo, a, z = doc_query_tile_key_range(start_ptr + b * T, m0, T, lo, a, z, hi, BLOCK_M, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, pos, lo, a, S, W,
-                               qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, True)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, pos, a, z, S, W,
-                               qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, False)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, pos, z, hi, S, W,
-                               qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, True)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, pos, starts, lo, a, S, W,
+                               qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, True, DOC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, pos, starts, a, z, S, W,
+                               qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, False, DOC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, pos, starts, z, hi, S, W,
+                               qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, True, DOC)
 
     empty = l_i == 0.0  # rows that see no key (T > S with causal, or a window): output 0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -155,12 +168,12 @@ def _attn_bwd_preprocess_kernel(o_ptr, do_ptr, delta_ptr,
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, q_base_ptr, do_base_ptr, lse_base_ptr, delta_base_ptr,
+def _bwd_dkdv_inner(dk, dv, k, v, q_base_ptr, do_base_ptr, lse_base_ptr, delta_base_ptr, start_base_ptr,
                     stride_qt, stride_dot, cols, lo, hi, T, off, W, qk_scale,
                     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK: tl.constexpr):
+                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK: tl.constexpr, DOC: tl.constexpr):
     # dk, dv (BLOCK_N, BLOCK_D) fp32 accumulators; k, v (BLOCK_N, BLOCK_D) this program's key block
-    # *_base_ptr: one query head's Q, dO, lse, delta; cols (BLOCK_N,) key indices
+    # *_base_ptr: one query head's Q, dO, lse, delta; the row's document starts (DOC); cols (BLOCK_N,) keys
     # [lo, hi) query range, step BLOCK_M; MASK False only for query blocks that fully see the key block
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_D
@@ -183,6 +196,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base_ptr, do_base_ptr, lse_base_ptr, delta_b
                 keep = keep & (cols[:, None] <= pos[None, :])
             if WINDOW:
                 keep = keep & ((pos[None, :] - cols[:, None]) < W)
+            if DOC:
+                keep = keep & (cols[:, None] >= tl.load(start_base_ptr + rows, mask=r_ok, other=0)[None, :])
             pT = tl.where(keep, pT, 0.0)
         do = tl.load(do_base_ptr + rows[:, None] * stride_dot + offs_d[None, :],
                      mask=r_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
@@ -196,6 +211,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base_ptr, do_base_ptr, lse_base_ptr, delta_b
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+                          start_ptr, end_ptr,  # (B, T) int32 document bounds (DOC only)
                           stride_qb, stride_qt, stride_qh,  # q (B, T, H, D)
                           stride_kb, stride_ks, stride_kh,  # k (B, S, Hkv, D)
                           stride_vb, stride_vs, stride_vh,  # v (B, S, Hkv, D)
@@ -206,7 +222,7 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
                           seq_bucket,  # autotune key only
                           HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+                          CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOC: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bk = tl.program_id(1)
     Hkv = H // G
@@ -224,6 +240,8 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
 
     # Query rows that see any key of this block, and the sub-range whose blocks see all of them.
     lo, a, z, hi = key_block_query_range(n0, off, T, W, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    if DOC:  # query blocks past the block's last document are never visited
+        a, z, hi = doc_key_block_query_range(end_ptr + b * T, n0, S, lo, a, z, hi, BLOCK_M, BLOCK_N)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -234,25 +252,25 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
         do_base = do_ptr + b * stride_dob + h * stride_doh
         lse_base = lse_ptr + bh * T
         delta_base = delta_ptr + bh * T
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                                 cols, lo, a, T, off, W, qk_scale, HEAD_D, BLOCK_D, BLOCK_M,
-                                 CAUSAL, WINDOW, True)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                                 cols, a, z, T, off, W, qk_scale, HEAD_D, BLOCK_D, BLOCK_M,
-                                 CAUSAL, WINDOW, False)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                                 cols, z, hi, T, off, W, qk_scale, HEAD_D, BLOCK_D, BLOCK_M,
-                                 CAUSAL, WINDOW, True)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_ptr + b * T,
+                                 stride_qt, stride_dot, cols, lo, a, T, off, W, qk_scale, HEAD_D, BLOCK_D,
+                                 BLOCK_M, CAUSAL, WINDOW, True, DOC)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_ptr + b * T,
+                                 stride_qt, stride_dot, cols, a, z, T, off, W, qk_scale, HEAD_D, BLOCK_D,
+                                 BLOCK_M, CAUSAL, WINDOW, False, DOC)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_ptr + b * T,
+                                 stride_qt, stride_dot, cols, z, hi, T, off, W, qk_scale, HEAD_D, BLOCK_D,
+                                 BLOCK_M, CAUSAL, WINDOW, True, DOC)
     out_off = b * stride_dkb + hk * stride_dkh + cols[:, None] * stride_dks + offs_d[None, :]
     tl.store(dk_ptr + out_off, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + out_off, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse, delta, k_base_ptr, v_base_ptr, stride_ks, stride_vs, pos, lo, hi, S, W,
+def _bwd_dq_inner(dq, q, do, lse, delta, k_base_ptr, v_base_ptr, stride_ks, stride_vs, pos, starts, lo, hi, S, W,
                   qk_scale,
                   HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK: tl.constexpr):
+                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK: tl.constexpr, DOC: tl.constexpr):
     # dq (BLOCK_M, BLOCK_D) fp32 accumulator; q, do this tile's rows; lse, delta (BLOCK_M,)
     # [lo, hi) key range, step BLOCK_N; MASK as in the forward
     offs_n = tl.arange(0, BLOCK_N)
@@ -277,6 +295,8 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base_ptr, v_base_ptr, stride_ks, stri
                 keep = keep & (cols[None, :] <= pos[:, None])
             if WINDOW:
                 keep = keep & ((pos[:, None] - cols[None, :]) < W)
+            if DOC:
+                keep = keep & (cols[None, :] >= starts[:, None])
             p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, vT)
         ds = p * (dp - delta[:, None])
@@ -286,6 +306,7 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base_ptr, v_base_ptr, stride_ks, stri
 
 @triton.jit
 def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+                        start_ptr, end_ptr,  # (B, T) int32 document bounds (DOC only)
                         stride_qb, stride_qt, stride_qh,  # q (B, T, H, D)
                         stride_kb, stride_ks, stride_kh,  # k (B, S, Hkv, D)
                         stride_vb, stride_vs, stride_vh,  # v (B, S, Hkv, D)
@@ -295,7 +316,7 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
                         seq_bucket,  # autotune key only
                         HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+                        CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOC: tl.constexpr):
     n_m = tl.cdiv(T, BLOCK_M)
     pid_m = n_m - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -319,14 +340,18 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     v_base = v_ptr + b * stride_vb + hk * stride_vh
 
     lo, a, z, hi = query_tile_key_range(m0, off, S, W, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)  # as the forward
+    starts = pos
+    if DOC:
+        starts = tl.load(start_ptr + b * T + offs_m, mask=m_ok, other=0)
+        lo, a, z = doc_query_tile_key_range(start_ptr + b * T, m0, T, lo, a, z, hi, BLOCK_M, BLOCK_N)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, pos, lo, a, S, W,
-                       qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, True)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, pos, a, z, S, W,
-                       qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, False)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, pos, z, hi, S, W,
-                       qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, True)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, pos, starts, lo, a, S, W,
+                       qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, True, DOC)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, pos, starts, a, z, S, W,
+                       qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, False, DOC)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, pos, starts, z, hi, S, W,
+                       qk_scale, HEAD_D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, True, DOC)
     tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
              (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=mask)
 
@@ -342,19 +367,19 @@ _MAX_HEAD_DIM = 256
 # Interpreter tiles: small, and BLOCK_M != BLOCK_N, so CPU tests on short sequences cross tile edges and
 # reach every masking phase (window-cut, full, causal/end-cut) with tiles misaligned to each other.
 _INTERP_TILES = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
-_TUNE_KEY = ["seq_bucket", "HEAD_D", "CAUSAL", "WINDOW"]
+_TUNE_KEY = ["seq_bucket", "HEAD_D", "CAUSAL", "WINDOW", "DOC"]
 _PRE_M = 64  # rows per program of the backward's delta preprocess
 _AOT_HEAD_DIMS = (16, 32, 64, 96, 128, 256)
 
 
 @functools.cache
-def _tuned(kind: str, block_d: int, major: int, dtype: torch.dtype, smem_limit: int):
+def _tuned(kind: str, block_d: int, major: int, dtype: torch.dtype, smem_limit: int, doc: bool = False):
     """The autotuned kernel for (kind, head-dim pad, arch, dtype), its configurations pruned to the device's shared
     memory; built once, CUDA only. Keys bucket the length to a power of two: a new length re-tunes only per bucket."""
     kernel = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}[kind]
     elem = torch.empty((), dtype=dtype).element_size()
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-               for m, n, w, s in fitting(kind, block_d, major, elem, smem_limit)]
+               for m, n, w, s in fitting(kind, block_d, major, elem, smem_limit, doc)]
     # Kernels only write their own outputs, so re-running candidates during tuning is harmless.
     return triton.autotune(configs=configs, key=_TUNE_KEY)(kernel)
 
@@ -364,7 +389,7 @@ def _launch(kind: str, kernel, grid, args: tuple, consts: dict, device: torch.de
     if device.type == "cuda" and not interpreting():
         props = torch.cuda.get_device_properties(device)
         limit = getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
-        _tuned(kind, consts["BLOCK_D"], props.major, args[0].dtype, limit)[grid](*args, **consts)
+        _tuned(kind, consts["BLOCK_D"], props.major, args[0].dtype, limit, consts["DOC"])[grid](*args, **consts)
     else:
         bm, bn = _INTERP_TILES[kind]
         kernel[grid](*args, **consts, BLOCK_M=bm, BLOCK_N=bn)
@@ -390,13 +415,15 @@ def _check(q: Tensor, k: Tensor, v: Tensor, window: int | None) -> None:
         raise ValueError(f"window must be >= 1 or None, got {window}")
 
 
-def _consts(D: int, causal: bool, window: bool) -> dict:
-    return dict(HEAD_D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=bool(causal), WINDOW=bool(window))
+def _consts(D: int, causal: bool, window: bool, doc: bool = False) -> dict:
+    return dict(HEAD_D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=bool(causal), WINDOW=bool(window),
+                DOC=bool(doc))
 
 
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
-                  window: int | None) -> tuple[Tensor, Tensor]:
-    """Forward: returns o (B, T, H, D) in q's dtype and lse (B, H, T) fp32, base 2 (+inf: no key seen)."""
+                  window: int | None, bounds: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Forward: returns o (B, T, H, D) in q's dtype and lse (B, H, T) fp32, base 2 (+inf: no key seen).
+    bounds: `doc_bounds` of a document mask (None: no document mask)."""
     _check(q, k, v, window)
     q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
     B, T, H, D = q.shape
@@ -406,15 +433,18 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
     if o.numel() == 0:
         return o, lse
     W = 0 if window is None else int(window)
+    start, end = bounds or doc_bounds(None, q, k, causal)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
-    args = (q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+    args = (q, k, v, o, lse, start, end, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
             T, S, H, H // Hkv, W, scale * LOG2E, triton.next_power_of_2(max(T, S, 16)))
-    _launch("fwd", _attn_fwd_kernel, grid, args, _consts(q.shape[3], causal, window is not None), q.device)
+    _launch("fwd", _attn_fwd_kernel, grid, args, _consts(q.shape[3], causal, window is not None, bounds is not None),
+            q.device)
     return o, lse
 
 
 def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool,
-                  scale: float, window: int | None) -> tuple[Tensor, Tensor, Tensor]:
+                  scale: float, window: int | None,
+                  bounds: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Backward from the forward's o and lse: returns dq (like q), dk and dv (like k), input dtypes."""
     q, k, v, o, do = (rows_contiguous(x) for x in (q, k, v, o, do))
     B, T, H, D = q.shape
@@ -424,7 +454,8 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: T
     dv = torch.empty_like(dk)
     if dq.numel() == 0 or dk.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    c = _consts(q.shape[3], causal, window is not None)
+    c = _consts(q.shape[3], causal, window is not None, bounds is not None)
+    start, end = bounds or doc_bounds(None, q, k, causal)
     W = 0 if window is None else int(window)
     G = H // Hkv
     bucket = triton.next_power_of_2(max(T, S, 16))
@@ -434,11 +465,11 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: T
         HEAD_D=D, BLOCK_D=c["BLOCK_D"], BLOCK_M=_PRE_M)
     qkv_strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
     grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)
-    args = (q, k, v, do, lse, delta, dk, dv, *qkv_strides, *dk.stride()[:3],
+    args = (q, k, v, do, lse, delta, dk, dv, start, end, *qkv_strides, *dk.stride()[:3],
             T, S, H, G, W, scale * LOG2E, scale, bucket)
     _launch("dkdv", _attn_bwd_dkdv_kernel, grid, args, c, q.device)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
-    args = (q, k, v, do, lse, delta, dq, *qkv_strides, *dq.stride()[:3],
+    args = (q, k, v, do, lse, delta, dq, start, end, *qkv_strides, *dq.stride()[:3],
             T, S, H, G, W, scale * LOG2E, scale, bucket)
     _launch("dq", _attn_bwd_dq_kernel, grid, args, c, q.device)
     return dq, dk, dv
@@ -446,26 +477,27 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: T
 
 def aot_cases() -> list[AotCase]:
     """Every compile the launchers and autotuners can pick, for `python -m kernels.aot`: each dtype, one
-    head dim per BLOCK_D pad (plus 96, a padded one), causal with a window (every mask term live)."""
+    head dim per BLOCK_D pad (plus 96, a padded one), causal with a window (every mask term live), with and
+    without the document mask."""
     f32 = torch.float32
-    ptrs = {"lse_ptr": f32, "delta_ptr": f32}
+    ptrs = {"lse_ptr": f32, "delta_ptr": f32, "start_ptr": torch.int32, "end_ptr": torch.int32}
     scalars = {"qk_scale": 0.18, "sm_scale": 0.125}
     kernels = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
     cases = []
-    for dtype in _GPU_DTYPES:
-        for D in _AOT_HEAD_DIMS:
-            c = _consts(D, causal=True, window=True)
-            label = f"{DTYPE_NAMES[dtype]} D={D}"
-            cases.append(AotCase(_attn_bwd_preprocess_kernel, dict(HEAD_D=D, BLOCK_D=c["BLOCK_D"], BLOCK_M=_PRE_M),
-                                 4, 3, dtype, label, ptrs=ptrs))
-            for kind, kernel in kernels.items():
-                archs: dict[tuple, list[int]] = {}
-                for major in (8, 9):
-                    for shape in tile_shapes(kind, c["BLOCK_D"], major):
-                        archs.setdefault(shape, []).append(major)
-                for (m, n, w, st), majors in archs.items():
-                    cases.append(AotCase(kernel, dict(c, BLOCK_M=m, BLOCK_N=n), w, st, dtype, label, tuple(majors),
-                                         ptrs=ptrs, scalars=scalars))
+    for dtype, D, doc in itertools.product(_GPU_DTYPES, _AOT_HEAD_DIMS, (False, True)):
+        c = _consts(D, causal=True, window=True, doc=doc)
+        label = f"{DTYPE_NAMES[dtype]} D={D}" + (" doc" if doc else "")
+        if not doc:
+            cases.append(AotCase(_attn_bwd_preprocess_kernel, dict(HEAD_D=D, BLOCK_D=c["BLOCK_D"],
+                                                                   BLOCK_M=_PRE_M), 4, 3, dtype, label, ptrs=ptrs))
+        for kind, kernel in kernels.items():
+            archs: dict[tuple, list[int]] = {}
+            for major in (8, 9):
+                for shape in tile_shapes(kind, c["BLOCK_D"], major, doc):
+                    archs.setdefault(shape, []).append(major)
+            for (m, n, w, st), majors in archs.items():
+                cases.append(AotCase(kernel, dict(c, BLOCK_M=m, BLOCK_N=n), w, st, dtype, label, tuple(majors),
+                                     ptrs=ptrs, scalars=scalars))
     return cases
 
 
@@ -475,17 +507,18 @@ def aot_cases() -> list[AotCase]:
 class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
-                window: int | None) -> Tensor:
-        o, lse = attention_fwd(q, k, v, causal, scale, window)
-        ctx.save_for_backward(q, k, v, o, lse)
+                window: int | None, segments: Tensor | None = None) -> Tensor:
+        bounds = None if segments is None else doc_bounds(segments, q, k, causal)
+        o, lse = attention_fwd(q, k, v, causal, scale, window, bounds)
+        ctx.save_for_backward(q, k, v, o, lse, *(bounds or ()))
         ctx.causal, ctx.scale, ctx.window = causal, scale, window
         return o
 
     @staticmethod
     def backward(ctx, do: Tensor):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.window)
-        return dq, dk, dv, None, None, None
+        q, k, v, o, lse, *bounds = ctx.saved_tensors
+        dq, dk, dv = attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.window, tuple(bounds) or None)
+        return dq, dk, dv, None, None, None, None
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None,
@@ -498,3 +531,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return AttentionFunction.apply(q, k, v, causal, scale, window)
+
+
+def doc_attention(q: Tensor, k: Tensor, v: Tensor, segments: Tensor, causal: bool = True,
+                  scale: float | None = None, window: int | None = None) -> Tensor:
+    """Document-masked causal attention over packed rows (`kernels.reference.doc_attention_ref`); differentiable.
+
+    q (B, T, H, D), k/v (B, T, Hkv, D); segments (B, T) ints, one value per contiguous document (a new
+    document wherever the id changes). Query i sees key j iff j <= i in the same document (and i - j < window).
+    Key tiles before a query tile's first document, and query blocks after a key block's last document, are
+    skipped, so the work falls with the documents' lengths.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return AttentionFunction.apply(q, k, v, causal, scale, window, segments)

@@ -37,18 +37,27 @@ _TILES: dict[int, dict[str, dict[str, dict[str, list[Tile]]]]] = {
                       "256": [(32, 32, 4, 2)]}},
     },
 }
+# Entries that spill with the document mask on (DOC=True keeps each query's document start live through the
+# loop): (arch major, kernel, head-dim bucket) -> tiles dropped for document-masked attention, from the AOT report.
+_DOC_SPILLS: dict[tuple[int, str, str], set[Tile]] = {
+    (9, "dq", "256"): {(64, 32, 8, 2)},
+}
+
+
 def _bucket(block_d: int) -> str:
     return "64" if block_d <= 64 else ("128" if block_d <= 128 else "256")
 
 
-def tile_shapes(kind: str, block_d: int, major: int) -> list[Tile]:
-    """Candidates for one kernel ("fwd", "dkdv", "dq"), head-dim pad and arch major (fp16/bf16).
+def tile_shapes(kind: str, block_d: int, major: int, doc: bool = False) -> list[Tile]:
+    """Candidates for one kernel ("fwd", "dkdv", "dq"), head-dim pad and arch major (fp16/bf16); `doc`: for the
+    document-masked kernels (the entries that spill there dropped).
 
     Archs other than sm_80 / sm_90 take the table of the nearest checked one (major >= 9: Hopper's);
     the launcher then drops entries whose estimated shared memory exceeds the device's limit.
     """
     arch = 9 if major >= 9 else 8
-    return list(_TILES[arch][kind]["lp"][_bucket(block_d)])
+    drop = _DOC_SPILLS.get((arch, kind, _bucket(block_d)), set()) if doc else set()
+    return [t for t in _TILES[arch][kind]["lp"][_bucket(block_d)] if t not in drop]
 
 
 def smem_estimate(kind: str, tile: Tile, block_d: int, elem: int) -> int:
@@ -63,8 +72,8 @@ def smem_estimate(kind: str, tile: Tile, block_d: int, elem: int) -> int:
     return (max(stages, 1) + (kind != "fwd")) * streamed + resident
 
 
-def fitting(kind: str, block_d: int, major: int, elem: int, smem_limit: int) -> list[Tile]:
+def fitting(kind: str, block_d: int, major: int, elem: int, smem_limit: int, doc: bool = False) -> list[Tile]:
     """tile_shapes pruned to the device's shared memory per block; the smallest entry is always kept."""
-    shapes = tile_shapes(kind, block_d, major)
+    shapes = tile_shapes(kind, block_d, major, doc)
     fit = [t for t in shapes if smem_estimate(kind, t, block_d, elem) <= smem_limit]
     return fit or [min(shapes, key=lambda t: smem_estimate(kind, t, block_d, elem))]

@@ -84,6 +84,34 @@ def key_block_query_range(n0, off, T, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.cons
 
 
 @triton.jit
+def doc_query_tile_key_range(start_row_ptr, m0, T, lo, a, z, hi, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # query_tile_key_range narrowed by a document mask (packed rows, S == T, causal): start_row_ptr holds
+    # each token's document start (non-decreasing along the row), so the tile's first query bounds what any
+    # row sees (key tiles before its document start are skipped: the FLOPs saved) and its last query what
+    # every row fully sees. Returns lo <= a <= z (hi unchanged); keys in [lo, a) and [z, hi) are masked.
+    first = tl.load(start_row_ptr + m0)
+    last = tl.load(start_row_ptr + tl.minimum(m0 + BLOCK_M, T) - 1)
+    lo = tl.minimum(tl.maximum(lo, (first // BLOCK_N) * BLOCK_N), hi)
+    a = tl.maximum(tl.minimum(tl.maximum(a, tl.cdiv(last, BLOCK_N) * BLOCK_N), hi), lo)
+    z = tl.maximum(z, a)
+    return lo, a, z
+
+
+@triton.jit
+def doc_key_block_query_range(end_row_ptr, n0, S, lo, a, z, hi, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # The transpose, for a key block [n0, n0 + BLOCK_N): end_row_ptr holds each token's document end
+    # (exclusive). Only queries before the end of the block's last key's document see it (query blocks past
+    # it are skipped); query blocks before the end of its first key's document see all of it.
+    # Returns a <= z <= hi (lo unchanged).
+    end_first = tl.load(end_row_ptr + n0)
+    end_last = tl.load(end_row_ptr + tl.minimum(n0 + BLOCK_N, S) - 1)
+    hi = tl.minimum(hi, end_last)
+    z = tl.maximum(tl.minimum(z, (end_first // BLOCK_M) * BLOCK_M), lo)
+    a = tl.minimum(a, z)
+    return a, z, hi
+
+
+@triton.jit
 def decode_query_tile(q_ptr, len_ptr, stride_qb, stride_qt, stride_qh, Tq, G, S_max, n_gc, n_qc,
                       HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, G_BLOCK: tl.constexpr, TQ_BLOCK: tl.constexpr,
                       BLOCK_M: tl.constexpr):
@@ -231,6 +259,29 @@ def check_gpu_dtype(op: str, x: Tensor, gpu_dtypes: tuple[torch.dtype, ...]) -> 
         names = ", ".join(DTYPE_NAMES.get(d, str(d)) for d in gpu_dtypes)
         raise ValueError(f"{op}: the Triton kernel does not run {DTYPE_NAMES.get(x.dtype, x.dtype)} on a GPU "
                          f"(only {names}); use kernels.reference (llm.ops does so for kernels='auto')")
+
+
+def doc_bounds(segments: Tensor | None, q: Tensor, k: Tensor, causal: bool) -> tuple[Tensor, Tensor]:
+    """Each token's document [start, end) from segment ids (B, T): int32 (B, T) each, on the device with no
+    host sync (a new document wherever the id changes, as `kernels.reference.doc_runs_ref`). Without
+    segments: two one-element placeholders the kernels never read (DOC=False)."""
+    if segments is None:
+        none = torch.zeros(1, dtype=torch.int32, device=q.device)
+        return none, none
+    B, T = q.shape[:2]
+    if k.shape[1] != T or tuple(segments.shape) != (B, T) or segments.device != q.device:
+        raise ValueError(f"document masking needs self-attention (S == T) and segments (B, T) = {(B, T)} on "
+                         f"{q.device}, got S={k.shape[1]} and segments {tuple(segments.shape)} on {segments.device}")
+    if not causal:
+        raise ValueError("document masking is causal (each token sees the earlier tokens of its document)")
+    idx = torch.arange(T, device=q.device)
+    new = torch.ones((B, T), dtype=torch.bool, device=q.device)
+    new[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    start = torch.where(new, idx, 0).cummax(1).values
+    last = torch.ones((B, T), dtype=torch.bool, device=q.device)
+    last[:, :-1] = new[:, 1:]
+    end = torch.where(last, idx + 1, T).flip(1).cummin(1).values.flip(1)
+    return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
 
 
 def rows_contiguous(x: Tensor) -> Tensor:

@@ -192,6 +192,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float
 def doc_attention(q: Tensor, k: Tensor, v: Tensor, segments: Tensor, causal: bool = True,
                   scale: float | None = None, window: int | None = None, kernels: str = "auto") -> Tensor:
     """Document-masked causal attention over packed rows (segments (B, T): one id per contiguous document)."""
+    if _attention_triton(kernels, q):
+        from kernels.attention import doc_attention as kernel
+
+        return kernel(q, k, v, segments, causal, scale, window)
     return ref.doc_attention_ref(q, k, v, segments, causal, scale, window)
 
 
