@@ -38,6 +38,7 @@ COMMANDS: dict[str, Command] = {
     "prune": Command("llm.prune.__main__", "write a pruned copy of a checkpoint (structured: smaller; or sparse)"),
     "export": Command("llm.interop.__main__", "write a checkpoint as a Hugging Face model directory",
                       ("export",)),
+    "export-gguf": Command("llm.interop.export_gguf", "write a Llama checkpoint as a llama.cpp GGUF file"),
     "serve": Command("llm.serve.__main__", "OpenAI-compatible HTTP server (needs the serve extra)"),
     "checkpoint": Command("llm.checkpoint", "consolidate a sharded (multi-rank) checkpoint into one file"),
     "score": Command("llm.train.score", "score answers with a reward model (trained with --objective reward)"),

@@ -17,7 +17,7 @@ from llm.loading import load_model
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m llm.interop.export_gguf", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="llm export-gguf", description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", help="our checkpoint dir, a training out-dir, or a Hugging Face Llama dir")
     p.add_argument("out", help="the .gguf file to write")
     p.add_argument("--type", default="f32", choices=TYPES, help="tensor type of the matrices (norms stay f32)")
