@@ -45,7 +45,8 @@ SAME_AS = {"train": ("llm.train.cli", []), "sample": ("llm.generate.cli", []),
            "quantize": ("llm.quantize.__main__", []), "prune": ("llm.prune.__main__", []),
            "export": ("llm.interop.__main__", ["export"]),
            "serve": ("llm.serve.__main__", []), "data": ("llm.data.__main__", []),
-           "checkpoint": ("llm.checkpoint", []), "plan": ("llm.train.plan", []), "score": ("llm.train.score", [])}
+           "checkpoint": ("llm.checkpoint", []), "plan": ("llm.train.plan", []), "score": ("llm.train.score", []),
+           "export-gguf": ("llm.interop.export_gguf", [])}
 
 
 def help_text(main, argv: list[str], capsys) -> str:
