@@ -156,7 +156,8 @@ class DataConfig:
     text_field: str = _f("text", "JSON field holding the document text (.jsonl files, Hugging Face datasets)")
     max_tokens: int | None = _f(None, "stop preparing the train split after this many tokens (streamed "
                                       "datasets are large; default: all)")
-    prep_workers: int = _f(4, "threads tokenizing documents during preparation")
+    prep_workers: int = _f(4, "processes tokenizing documents during preparation (the shards are the same "
+                              "bytes for any number)")
     score_prompt: bool = _f(False, "fine-tuning data: score every token, the prompt too (default: only the answers)")
     sft_pack: bool = _f(False, "fine-tuning data: pack several examples into each block_size row, kept apart by "
                                "document-masked attention (positions restart per example), instead of one padded "

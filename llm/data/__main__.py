@@ -8,6 +8,7 @@ import sys
 from llm.config import DataConfig, add_dataclass_args, build
 from llm.data.corpus import DataError
 from llm.data.shards import prepare, verify
+from llm.tokenizer import TokenizerError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verify:
             verify(path)
             print(f"{path}: every shard matches its checksum")
-    except DataError as e:
+    except (DataError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

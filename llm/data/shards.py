@@ -11,7 +11,9 @@
 Work happens in `<dir>.partial/`: every COMMIT_TOKENS tokens the shards are fsynced and
 progress.json records their lengths and the documents consumed, so an interrupted preparation
 resumes where it stopped and gives the same bytes; the folder is renamed into place at the end.
-Documents are tokenized in batches on `prep_workers` threads (tiktoken's batch encoder).
+Documents are tokenized in chunks on `prep_workers` processes (llm.data.encode), written in document
+order: the bytes do not depend on the number of workers. A progress line (MB/s, tokens/s) comes every
+few seconds through `log`, and a summary at the end.
 
 `Loader` draws random windows from a split's shards; batch number i depends only on
 (seed, rank, i), so a resumed run continues at the same place by knowing its step.
@@ -26,6 +28,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,12 +37,14 @@ import torch
 
 from llm.config import DataConfig
 from llm.data.corpus import DataError, Source, open_source, read_text
+from llm.data.encode import Encoder, Meter
 from llm.tokenizer import Tokenizer
 
 MANIFEST, PROGRESS, MANIFEST_VERSION = "manifest.json", "progress.json", 2
 SHARD_TOKENS = 100_000_000  # tokens per shard file (windows never cross shards)
 COMMIT_TOKENS = 10_000_000  # tokens between progress records of a preparation
-BATCH_DOCS = 512  # documents per tokenizer batch
+BATCH_DOCS = 512  # documents per tokenizer chunk at most
+CHUNK_CHARS = 1 << 20  # characters that close a chunk early (chunks of ~1 MB keep the workers balanced)
 TOKENIZER_SAMPLE_CHARS = 100_000_000  # text a BPE is trained on at most (streamed datasets are huge)
 
 
@@ -89,7 +94,7 @@ def prepare(cfg: DataConfig, log: Callable[[str], None] = print, tokenizer: Toke
     if not prog["done"]:
         log(f"preparing {cfg.dataset} with {prog['tokenizer'].get('name', prog['tokenizer']['kind'])} "
             f"tokens into {work}")
-        _encode_all(src, cfg, tok, prog, writers, work)
+        _encode_all(src, cfg, tok, prog, writers, work, log)
     manifest = _finish(cfg, src, tok, prog, work, dtype)
     try:
         os.replace(work, out)
@@ -135,7 +140,7 @@ class _ShardWriter:
             with open(work / state["files"][-1], "r+b") as f:
                 f.truncate(state["length"] * dtype.itemsize)
 
-    def add(self, ids: list[int]) -> None:
+    def add(self, ids: np.ndarray) -> None:
         self.pending.append(np.asarray(ids, dtype=self.dtype))
         self.state["docs"] += 1
 
@@ -160,7 +165,29 @@ class _ShardWriter:
         self.pending = []
 
 
-def _encode_all(src: Source, cfg: DataConfig, tok: Tokenizer, prog: dict, writers: dict, work: Path) -> None:
+def _chunks(docs: Iterator[tuple[str, str, str]]) -> Iterator[tuple[list[str], list[str]]]:
+    """(splits, texts) of consecutive documents: BATCH_DOCS of them, or fewer holding CHUNK_CHARS characters."""
+    splits: list[str] = []
+    texts: list[str] = []
+    chars = 0
+    for split, _, text in docs:
+        splits.append(split)
+        texts.append(text)
+        chars += len(text)
+        if len(texts) >= BATCH_DOCS or chars >= CHUNK_CHARS:
+            yield splits, texts
+            splits, texts, chars = [], [], 0
+    if texts:
+        yield splits, texts
+
+
+def _encode_all(src: Source, cfg: DataConfig, tok: Tokenizer, prog: dict, writers: dict, work: Path,
+                log: Callable[[str], None]) -> None:
+    """Tokenize the documents not yet done into the writers, committing every COMMIT_TOKENS tokens.
+
+    Chunks are tokenized on cfg.prep_workers processes (llm.data.encode) and written in document order;
+    prog["docs"] only counts documents whose tokens were committed with it.
+    """
     def commit() -> None:
         for w in writers.values():
             w.commit()
@@ -168,28 +195,44 @@ def _encode_all(src: Source, cfg: DataConfig, tok: Tokenizer, prog: dict, writer
         tmp.write_text(json.dumps(prog))
         os.replace(tmp, work / PROGRESS)
 
-    if src.single is not None:  # one document: split its tokens
-        text = read_text(src.single)
-        if not text.strip():
-            raise DataError(f"dataset {cfg.dataset!r} is empty: {src.single} holds no text")
-        ids = tok.encode_batch([text], num_threads=cfg.prep_workers)[0] + [tok.eot_id]
-        cut = int(len(ids) * (1 - cfg.val_fraction))
-        writers["train"].add(ids[:cut][: cfg.max_tokens])
-        writers["val"].add(ids[cut:])
-        prog["docs"] = 1
-    else:
-        docs = itertools.islice(src.docs(), prog["docs"], None)
-        while writers["train"].state["tokens"] + writers["train"].pending_tokens() < (cfg.max_tokens or 1 << 62):
-            batch = list(itertools.islice(docs, BATCH_DOCS))
-            if not batch:
-                break
-            for (split, _, _), ids in zip(batch, tok.encode_batch([t for _, _, t in batch], cfg.prep_workers)):
-                writers[split].add(ids + [tok.eot_id])
-            prog["docs"] += len(batch)
-            if sum(w.pending_tokens() for w in writers.values()) >= COMMIT_TOKENS:
-                commit()
+    meter = Meter(log)
+    try:
+        workers = _encode_docs(src, cfg, tok, prog, writers, meter, commit)
+    except BrokenProcessPool:
+        raise DataError("a tokenizing worker process died (killed, or out of memory?); run the same command again "
+                        "to resume from the last commit, with fewer --prep-workers if memory is short") from None
     prog["done"] = True
     commit()
+    log(meter.summary(workers))
+
+
+def _encode_docs(src: Source, cfg: DataConfig, tok: Tokenizer, prog: dict, writers: dict, meter: Meter,
+                 commit: Callable[[], None]) -> int:
+    """The encoding loop of `_encode_all`; returns the number of processes that tokenized."""
+    dtype = writers["train"].dtype
+    with Encoder(tok, dtype, cfg.prep_workers) as enc:
+        if src.single is not None:  # one document: split its tokens
+            text = read_text(src.single)
+            if not text.strip():
+                raise DataError(f"dataset {cfg.dataset!r} is empty: {src.single} holds no text")
+            [(_, e)] = enc.map([(None, [text])])
+            cut = int(e.ids.size * (1 - cfg.val_fraction))
+            writers["train"].add(e.ids[:cut][: cfg.max_tokens])
+            writers["val"].add(e.ids[cut:])
+            prog["docs"] = 1
+            meter.add(e.n_bytes, e.ids.size, 1)
+        else:
+            cap = cfg.max_tokens or 1 << 62
+            for splits, e in enc.map(_chunks(itertools.islice(src.docs(), prog["docs"], None))):
+                for split, ids in zip(splits, np.split(e.ids, np.cumsum(e.lengths)[:-1])):
+                    writers[split].add(ids)
+                prog["docs"] += len(splits)
+                meter.add(e.n_bytes, e.ids.size, len(splits))
+                if sum(w.pending_tokens() for w in writers.values()) >= COMMIT_TOKENS:
+                    commit()
+                if writers["train"].state["tokens"] + writers["train"].pending_tokens() >= cap:
+                    break
+        return enc.used
 
 
 def _finish(cfg: DataConfig, src: Source, tok: Tokenizer, prog: dict, work: Path, dtype: np.dtype) -> dict:
