@@ -158,7 +158,8 @@ def main() -> None:
                 torch.cuda.empty_cache()
     kind = "causal" if causal else "full"
     write_results(f"attention_{kind}", rows, x="T", y="tflops", panels="panel",
-                  title=f"attention bf16 {kind}, B*T={args.tokens}, model dim {args.model_dim}")
+                  title=f"attention bf16 {kind}, B*T={args.tokens}, model dim {args.model_dim}",
+                  xlabel="sequence length T (tokens)", ylabel="TFLOP/s")
 
 
 if __name__ == "__main__":

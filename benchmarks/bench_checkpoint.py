@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {device_name(torch.device('cuda' if torch.cuda.is_available() else 'cpu'))}, "
           f"{os.cpu_count()} CPU cores")
     write_results("bench_checkpoint", summary, x="ranks", y="blocked_s", series="mode",
-                  title=f"checkpoint save, {args.preset}: seconds the loop is blocked per save")
+                  title=f"checkpoint save, {args.preset}: seconds the loop is blocked per save", kind="bars",
+                  xlabel="ranks (processes)", ylabel="training loop blocked per save (s)", legend="checkpoint mode")
     return 0
 
 

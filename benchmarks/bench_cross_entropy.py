@@ -114,9 +114,11 @@ def main() -> None:
             x = w = t = None
             torch.cuda.empty_cache()
     title = f"linear + cross-entropy, bf16, d={d}"
-    write_results("cross_entropy", rows, x="N", y="ms", panels="panel", title=title)
+    write_results("cross_entropy", rows, x="N", y="ms", panels="panel", title=title, xlabel="rows N (tokens)",
+                  ylabel="time (ms)")
     mem = [r for r in rows if r["mode"] == "fwd+bwd"]
-    write_results("cross_entropy_memory", mem, x="N", y="peak_mib", panels="V", title=f"{title}: peak memory")
+    write_results("cross_entropy_memory", mem, x="N", y="peak_mib", panels="V", title=f"{title}: peak memory",
+                  xlabel="rows N (tokens)", ylabel="peak memory (MiB)")
 
 
 if __name__ == "__main__":

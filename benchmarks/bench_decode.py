@@ -50,7 +50,7 @@ from types import SimpleNamespace
 import gguf
 import torch
 
-from benchmarks.common import cpu_read_bandwidth, device_name, measure_ceilings, write_results
+from benchmarks.common import cpu_read_bandwidth, device_name, measure_ceilings, short_name, write_results
 from llm.config import ModelConfig, preset
 from llm.generate import Stats, stream_tokens
 from llm.generate.api import complete
@@ -272,7 +272,7 @@ def bench_speculative(args: argparse.Namespace, device: torch.device, dtype: tor
     rows = []
     for k, rs in res.items():
         tps, (st, toks) = statistics.median(st.decode_tok_s for st, _ in rs), rs[0]
-        row = dict(case=f"{args.checkpoint}", provider=k, prompt=len(ids), new=len(toks), tok_s=tps,
+        row = dict(case=short_name(args.checkpoint), provider=k, prompt=len(ids), new=len(toks), tok_s=tps,
                    vs_plain=tps / base, same=toks == res["plain"][0][1], acceptance=st.acceptance,
                    tokens_per_pass=1 + st.accepted / st.row_passes if st.row_passes else 1.0,
                    target_passes=st.target_passes if st.target_passes else st.new_tokens - 1)
@@ -280,7 +280,8 @@ def bench_speculative(args: argparse.Namespace, device: torch.device, dtype: tor
         acc = "" if row["acceptance"] is None else f"  acceptance {100 * row['acceptance']:.0f}%"
         print(f"{k:18s} {tps:8.1f} tok/s  x{row['vs_plain']:.2f} vs plain  {row['tokens_per_pass']:.2f} tok/pass  "
               f"{row['target_passes']} passes{acc}  same={row['same']}", flush=True)
-    write_results(args.name, rows, x="provider", y="tok_s", panels="case", title=f"speculative decoding, {where}")
+    write_results(args.name, rows, x="provider", y="tok_s", panels="case", title=f"speculative decoding, {where}",
+                  xlabel="decoding", ylabel="decode throughput (tokens/s)")
     return 0 if all(r["same"] for r in rows) else 1
 
 
@@ -354,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         del model, hf
     if rows:
         write_results(args.name, rows, x="prompt", y="tok_s", panels="case",
-                      title=f"decode tok/s, {where}" + (f", {skipped} config(s) skipped" if skipped else ""))
+                      title=f"decode tok/s, {where}" + (f", {skipped} config(s) skipped" if skipped else ""),
+                      xlabel="prompt (tokens)", ylabel="decode throughput (tokens/s)")
     return 0
 
 

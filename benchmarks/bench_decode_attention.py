@@ -130,8 +130,10 @@ def main() -> None:
             q = k = v = None
             torch.cuda.empty_cache()
     title = f"decode attention bf16, H={H} Hkv={Hkv} D={D} Tq={Tq}"
-    write_results("decode_attention", rows, x="L", y="gbps", panels="panel", title=title)
-    write_results("decode_attention_latency", rows, x="L", y="us", panels="panel", title=f"{title}: latency")
+    write_results("decode_attention", rows, x="L", y="gbps", panels="panel", title=title,
+                  xlabel="KV length L (tokens)", ylabel="bandwidth (GB/s)")
+    write_results("decode_attention_latency", rows, x="L", y="us", panels="panel", title=f"{title}: latency",
+                  xlabel="KV length L (tokens)", ylabel="latency (us)")
 
 
 if __name__ == "__main__":

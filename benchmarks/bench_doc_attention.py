@@ -109,12 +109,14 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=16)
     args = p.parse_args()
     if args.tiles:
-        write_results("doc_attention_tiles", tiles(), x="visible", y="fwd_work", series="T",
+        write_results("doc_attention_tiles", tiles(), x="documents", y="fwd_work", series="T", legend="T (tokens)",
+                      xlabel="document length", ylabel="forward work vs causal (tl.dot calls)",
                       title="document-masked attention: work (tl.dot calls) vs causal")
         return
     require_cuda("bench_doc_attention")
     write_results("doc_attention", timings(args.seqlens, args.tokens, args.head_dim, args.heads), x="T",
-                  y="speedup", series="mode", title="document-masked (mean length T/8) vs causal attention, bf16")
+                  y="speedup", series="mode", title="document-masked (mean length T/8) vs causal attention, bf16",
+                  xlabel="sequence length T (tokens)", ylabel="speedup vs causal (x)")
 
 
 if __name__ == "__main__":

@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         r["vs_hf"] = round(r["requests_per_s"] / base, 3)
     write_results("bench_eval", rows, x="provider", y="requests_per_s", series="provider",
-                  title="lm-eval requests/s: ours vs hf backend")
+                  title="lm-eval requests/s: ours vs hf backend", xlabel="backend",
+                  ylabel="lm-eval requests/s")
     return 0
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import device_name
+from benchmarks.common import device_name, short_name
 from llm import bottleneck, lora, peft, prefix
 from llm.chat import chat_tokenizer, prompt_ids
 from llm.config import DataConfig, ModelConfig, preset
@@ -292,7 +292,8 @@ def compare(args) -> None:
             print(f"{m} seed {seed}: answer loss {loss:.4f}, end-of-turn {100 * eot:.1f}%, {dt:.0f} s", flush=True)
     lora.grow_vocab(base, tok.n_vocab)  # the base scored with the fine-tunes' tokens (mean-initialised rows)
     lb = _answer_loss(base, path, block)
-    print(f"base {args.base}: held-out answer loss {lb:.4f}; {args.steps} steps x batch {args.batch_size}, lr "
+    print(f"base {short_name(args.base)}: held-out answer loss {lb:.4f}; {args.steps} steps x batch "
+          f"{args.batch_size}, lr "
           f"{args.lr:g}, {args.seeds} seeds; threads {torch.get_num_threads()}")
     print("| method | config | trainable | saved | answer loss (mean ± sd, per seed) | end-of-turn % | s/run |")
     print("|---|---|---|---|---|---|---|")
@@ -323,8 +324,8 @@ def ttft(args) -> None:
                 times[name].append(time.perf_counter() - t)
     q = {n: statistics.quantiles(t, n=10) for n, t in times.items()}
     med = {n: statistics.median(t) for n, t in times.items()}
-    print(f"{args.base}: prompt {ids.shape[1]} tokens, prefix {args.prefix_tokens} rows, {args.repeats} interleaved "
-          f"repeats, threads {torch.get_num_threads()}")
+    print(f"{short_name(args.base)}: prompt {ids.shape[1]} tokens, prefix {args.prefix_tokens} rows, {args.repeats} "
+          f"interleaved repeats, threads {torch.get_num_threads()}")
     for n in times:
         print(f"{n}: TTFT median {med[n] * 1e3:.2f} ms (p20 {q[n][1] * 1e3:.2f}, p80 {q[n][7] * 1e3:.2f})")
     print(f"prefix / base = {med['prefix'] / med['base']:.3f}")

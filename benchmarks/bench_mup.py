@@ -61,8 +61,10 @@ def main() -> None:
                     rows.append({"parametrisation": param, "width": width, "lr": lr, "log2_lr": math.log2(lr),
                                  "val_loss": val, "run": f"{param} width {width}"})
                     print(f"RESULT {param} width={width} lr={lr:g}: val {val:.4f}", flush=True)
-    write_results("mup", rows, x="log2_lr", y="val_loss", series="run",
-                  title=f"final val loss after {args.steps} steps vs LR")
+    write_results("mup", rows, x="lr", y="val_loss", series="run",
+                  title=f"final val loss after {args.steps} steps vs LR", zero=False,
+                  xlabel="AdamW learning rate (log scale)", ylabel=f"val loss after {args.steps} steps (nats/token)",
+                  legend="parametrisation, width")
     for param in args.parametrisations:
         best = {w: min((r for r in rows if r["parametrisation"] == param and r["width"] == w),
                        key=lambda r: r["val_loss"]) for w in args.widths}

@@ -106,7 +106,8 @@ def main() -> None:
         runs = from_logs(args.from_logs)
         seeds = sorted({r["seed"] for r in runs if r["optimizer"] == "muon"})
         rows, lines = summarise(runs, seeds, max(max(r["val"]) for r in runs))
-        write_results("optim", rows, x="step", y="val_loss", series="run", title="validation loss, best LR each")
+        write_results("optim", rows, x="step", y="val_loss", series="run", title="validation loss, best LR each",
+                      zero=False, ylabel="val loss (nats/token)", legend="optimizer, LR, seed")
         print("\n".join(lines))
         return
     runs = []
@@ -122,7 +123,8 @@ def main() -> None:
         return  # a partial sweep: the RESULT lines are the output
     rows, lines = summarise(runs, args.seeds, args.steps)
     write_results("optim", rows, x="step", y="val_loss", series="run",
-                  title=f"{args.preset}: validation loss, each optimizer at its best LR")
+                  title=f"{args.preset}: validation loss, each optimizer at its best LR", zero=False,
+                  ylabel="val loss (nats/token)", legend="optimizer, LR, seed")
     print("\n".join(lines))
 
 

@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
           f"(of {got}); eval {len(ids)} tokens")
     for r in out:
         print(" | ".join(f"{k} {v}" for k, v in r.items()))
-    write_results("bench_prune", out, x="variant", y="perplexity", series="variant")
+    write_results("bench_prune", out, x="variant", y="perplexity", series="variant",
+                  title="pruning without retraining: perplexity", ylabel="perplexity (lower is better)")
     return 0
 
 

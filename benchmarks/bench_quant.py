@@ -22,7 +22,7 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import device_name, write_results
+from benchmarks.common import device_name, short_name, write_results
 from llm import quant
 from llm.checkpoint import model_tensors
 from llm.config import DataConfig, ModelConfig, preset
@@ -123,10 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:14s} ppl {row['perplexity']:8.3f} ({row['ppl_change_pct']:+6.2f}%)  top-1 "
               f"{100 * row['top1_agreement']:6.2f}%  bytes x{row['bytes_vs_fp32']:.3f} (small x"
               f"{row['small_bytes_vs_fp32']:.3f})", flush=True)
-    for i, r in enumerate(rows):
-        r["x"] = i
-    write_results(args.name, rows, x="x", y="ppl_change_pct", series="variant",
-                  title=f"weight-only quantization, {args.checkpoint} ({asdict(base.cfg)['n_layer']} layers)")
+    write_results(args.name, rows, x="variant", y="ppl_change_pct", series="variant",
+                  title=f"weight-only quantization, {short_name(args.checkpoint)} ({asdict(base.cfg)['n_layer']} "
+                  "layers)", xlabel="weights", ylabel="perplexity change vs fp32 (%)")
     return 0
 
 

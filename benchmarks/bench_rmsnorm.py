@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
                                        shape={"N": N, "C": C}, panel=f"C={C}")
                 inputs = upstream = x = w = r = None
                 torch.cuda.empty_cache()
-        write_results(op, rows, x="N", y="GB/s", panels="panel", title=f"{op}, {args.dtype}, fp32 weight")
+        write_results(op, rows, x="N", y="GB/s", panels="panel", title=f"{op}, {args.dtype}, fp32 weight",
+                      xlabel="rows N", ylabel="bandwidth (GB/s)")
 
 
 if __name__ == "__main__":

@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
                                    shape={"tokens": tokens, "H": H, "Hkv": Hkv, "D": D}, panel=f"H={H} Hkv={Hkv}")
             inputs = upstream = None
             torch.cuda.empty_cache()
-    write_results("rope", rows, x="tokens", y="GB/s", panels="panel", title=f"RoPE on q and k, {args.dtype}, D={D}")
+    write_results("rope", rows, x="tokens", y="GB/s", panels="panel", title=f"RoPE on q and k, {args.dtype}, D={D}",
+                  xlabel="tokens", ylabel="bandwidth (GB/s)")
 
 
 if __name__ == "__main__":

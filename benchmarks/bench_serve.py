@@ -205,7 +205,8 @@ def main() -> None:
     goals(rows)
     write_results(f"serve_{args.preset}", rows, x="clients", y="tok_s",
                   title=f"Serving, {args.preset}, greedy, max_tokens {args.max_tokens}, max_batch {args.max_batch}, "
-                  f"max_step_tokens {args.max_step_tokens}")
+                  f"max_step_tokens {args.max_step_tokens}", xlabel="concurrent clients",
+                  ylabel="generated tokens/s (all clients)", legend="scenario")
 
 
 if __name__ == "__main__":

@@ -91,7 +91,8 @@ def main() -> None:
     rows.append({"provider": f"telemetry per step at interval {args.interval}", "ms": med["telemetry"] / args.interval,
                  "vs_adamw_step": med["telemetry"] / args.interval / med["adamw"]})
     write_results("step_overhead", rows, x="provider", y="ms", series="provider",
-                  title=f"{args.preset} B={args.batch_size} on {device.type}: step time, Muon and telemetry")
+                  title=f"{args.preset} B={args.batch_size} on {device.type}: step time, Muon and telemetry",
+                  xlabel="what is timed", ylabel="time (ms)")
 
 
 if __name__ == "__main__":

@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> None:
                                    rep=args.rep, label=f"N={N:>5} F={F:>5}", shape={"N": N, "F": F}, panel=f"F={F}")
             inputs = upstream = None
             torch.cuda.empty_cache()
-    write_results("swiglu", rows, x="N", y="GB/s", panels="panel", title=f"SwiGLU, {args.dtype}")
+    write_results("swiglu", rows, x="N", y="GB/s", panels="panel", title=f"SwiGLU, {args.dtype}", xlabel="rows N",
+                  ylabel="bandwidth (GB/s)")
 
 
 if __name__ == "__main__":

@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         same = [b for b in rows if b["preset"] == r["preset"] and b["provider"] == "torch+compile"]
         base = same[0]["tokens_per_s"] if same else None
         r["vs_torch_compile"] = r["tokens_per_s"] / base if base else None
-    write_results("bench_train", rows, x="preset", y="tokens_per_s", title="training step throughput")
+    write_results("bench_train", rows, x="preset", y="tokens_per_s", title="training step throughput",
+                  ylabel="training throughput (tokens/s)")
     return 0
 
 

@@ -4,7 +4,8 @@ Every kernel benchmark:
   * exits non-zero with one line when there is no CUDA device (`require_cuda`);
   * times providers side by side in one process with `bench` (triton.testing.do_bench:
     median, p20, p80 in ms);
-  * writes CSV + PNG + markdown under benchmarks/results/<device>/ with `write_results`.
+  * writes CSV + markdown + PNG (and the PNG's spec) under benchmarks/results/<device>/ with `write_results`;
+    `python -m benchmarks.replot` redraws every PNG from the committed CSVs.
 Memory-bound ops (RMSNorm, RoPE, SwiGLU) time their providers in the modes fwd / bwd / fwd+bwd
 with `bandwidth_rows`.
 """
@@ -21,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from llm.plotting import PlotSpec, draw
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -124,11 +127,14 @@ def versions() -> str:
 
 
 def write_results(name: str, rows: list[dict], x: str, y: str, series: str = "provider",
-                  panels: str | None = None, title: str = "") -> Path:
-    """Write rows as <name>.csv, <name>.md (markdown table) and <name>.png under results/<device>/.
+                  panels: str | None = None, title: str = "", **plot) -> Path:
+    """Write rows as <name>.csv, <name>.md (markdown table), <name>.plot.json and <name>.png under
+    results/<device>/.
 
-    The plot draws `y` against `x`, one line per value of `series`, one subplot per value of
-    `panels` (e.g. mode fwd/bwd). Returns the output folder.
+    The plot (llm/plotting.py `draw`) draws `y` against `x`, one mark per value of `series`, one panel per
+    value of `panels` (e.g. mode fwd/bwd); `plot` holds the other PlotSpec fields: xlabel / ylabel (with the
+    unit), legend, kind, zero, logx, logy. <name>.plot.json keeps that spec, so `python -m benchmarks.replot`
+    redraws the PNG from the committed CSV without re-running the benchmark. Returns the output folder.
     """
     out = RESULTS / device_slug()
     out.mkdir(parents=True, exist_ok=True)
@@ -142,40 +148,25 @@ def write_results(name: str, rows: list[dict], x: str, y: str, series: str = "pr
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
-    _plot(out / f"{name}.png", rows, x, y, series, panels, title or name)
+    spec = PlotSpec(x=x, y=y, series=series, panels=panels, title=title or name, **plot)
+    (out / f"{name}.plot.json").write_text(spec.to_json())
+    draw(out / f"{name}.png", rows, spec)
     print("\n".join(lines))
-    print(f"\nwrote {out}/{name}.{{csv,md,png}}")
+    print(f"\nwrote {out}/{name}.{{csv,md,plot.json,png}}")
     return out
+
+
+def short_name(path: str | Path) -> str:
+    """A checkpoint or data path as it may appear in committed results: its last part (its last two for a
+    ckpt-NNNNNNN folder), never the machine's absolute path ("/work/main/out" -> "out")."""
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}" if p.name.startswith("ckpt-") and p.parent.name else p.name or str(path)
 
 
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
-
-
-def _plot(path: Path, rows: list[dict], x: str, y: str, series: str, panels: str | None, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panel_vals = sorted({r[panels] for r in rows}, key=str) if panels else [None]
-    fig, axes = plt.subplots(1, len(panel_vals), figsize=(5 * len(panel_vals), 4), squeeze=False)
-    for ax, pv in zip(axes[0], panel_vals):
-        sub = [r for r in rows if panels is None or r[panels] == pv]
-        for s in sorted({r[series] for r in sub}, key=str):
-            pts = [(r[x], r[y]) for r in sub if r[series] == s and r[y] is not None]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=str(s))
-        ax.set_xlabel(x)
-        ax.set_ylabel(y)
-        ax.set_title(f"{title} {pv}" if pv is not None else title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- memory-bound ops: providers side by side

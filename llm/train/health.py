@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from llm import ops
+from llm.plotting import figure, finish, panel_title, style
 from llm.train import distributed as dd
 
 PROBE_ROWS = 16  # query rows whose attention scores the probe recomputes
@@ -163,32 +164,53 @@ class SpikeDetector:
         self.losses.extend(losses[-self.losses.maxlen:])
 
 
+# health.png: (statistic, panel title, y label, log scale) per panel; the series of each panel, in legend order
+HEALTH_PANELS = [
+    ("grad_rms", "gradient RMS", "gradient RMS (log scale)", True),
+    ("update_ratio", "update size / weight size", "update RMS / weight RMS (log scale)", True),
+    ("act_rms", "activation RMS (each block's output)", "activation RMS", False),
+    ("attn_max_logit", "max attention logit (head 0, probe rows)", "max attention logit", False),
+    ("attn_entropy", "attention entropy (head 0, probe rows)", "attention entropy (nats)", False),
+    ("logit_max", "max output logit", "max output logit", False),
+]
+
+
+def _health_series(name: str) -> str:
+    """A health key's tail as a legend entry: "0" -> "layer 0", "emb" -> "embedding", "head" -> "output head"."""
+    return {"emb": "embedding", "head": "output head", "": "output head"}.get(name, f"layer {name}")
+
+
 def plot_health(metrics_path: Path, out_png: Path) -> Path | None:
-    """The health/* series of metrics.jsonl against step, one panel per statistic, one line per layer."""
+    """The health/* series of metrics.jsonl against step (llm/plotting.py's rules): one panel per statistic,
+    one line per layer (plus the embedding and output head where measured), one legend under the panels."""
     if not metrics_path.is_file():
         return None
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if any(k.startswith("health/") for k in r)]
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    stats = ["grad_rms", "update_ratio", "act_rms", "attn_max_logit", "attn_entropy", "logit_max"]
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
-    for ax, stat in zip(axes.flat, stats):
-        keys = sorted({k for r in rows for k in r if k.startswith(f"health/{stat}")})
-        for k in keys:
-            pts = [(r["step"], r[k]) for r in rows if k in r]
-            ax.plot(*zip(*pts), label=k.removeprefix(f"health/{stat}").lstrip("/") or stat)
-        ax.set_title(stat)
-        ax.set_xlabel("step")
-        ax.set_yscale("log" if stat in ("grad_rms", "update_ratio") else "linear")
+    tails = sorted({k.split("/", 2)[2] if k.count("/") == 2 else "" for r in rows for k in r
+                    if k.startswith("health/")}, key=lambda t: (int(t) if t.isdigit() else 1 << 30, t != "emb"))
+    names = _distinct_in_order([_health_series(t) for t in tails])
+    fig, axes = figure(len(HEALTH_PANELS), f"training health ({metrics_path.parent.name})")
+    for ax, (stat, title, ylabel, log) in zip(axes, HEALTH_PANELS):
+        for key in sorted({k for r in rows for k in r if k == f"health/{stat}" or k.startswith(f"health/{stat}/")},
+                          key=lambda k: names.index(_health_series(k.removeprefix(f"health/{stat}").lstrip("/")))):
+            name = _health_series(key.removeprefix(f"health/{stat}").lstrip("/"))
+            i = names.index(name)
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            ax.plot(*zip(*pts), label=name, color=f"C{i % 10}", **style(i, len(pts)))
+        panel_title(ax, title)
+        ax.set_xlabel("step", fontsize=9)
+        ax.set_ylabel(ylabel, fontsize=9)
+        ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return out_png
+        if log:
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(bottom=0)
+    return finish(fig, axes, out_png, "")
+
+
+def _distinct_in_order(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))

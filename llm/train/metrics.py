@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from llm.plotting import PlotSpec, draw
+
 # Dense (no sparsity) bf16/fp16 peak TFLOP/s by device-name fragment (datasheets). Checked in
 # order, so a name that contains another (GH200 > H200 > H20, L40S > L40 > L4) comes first.
 PEAK_TFLOPS: list[tuple[str, float]] = [
@@ -159,28 +161,15 @@ class Progress:
 
 
 def plot_losses(metrics_path: Path, out_png: Path) -> Path | None:
-    """Train/val loss against step from metrics.jsonl, as a PNG."""
+    """Train and validation loss against step from metrics.jsonl, as a PNG (llm/plotting.py's rules)."""
     if not metrics_path.is_file():
         return None
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    train = [{"step": r["step"], "loss": r["loss"], "split": "train"} for r in rows if r.get("loss") is not None]
+    val = [{"step": r["step"], "loss": r["val_loss"], "split": "val"} for r in rows if "val_loss" in r]
     if not train:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(*zip(*train), label="train")
-    if val:
-        ax.plot(*zip(*val), marker="o", label="val")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return out_png
+    spec = PlotSpec(x="step", y="loss", series="split", kind="lines", zero=False, logx=False,
+                    title=f"training and validation loss ({metrics_path.parent.name})", ylabel="loss (nats/token)",
+                    legend="loss on")
+    return draw(out_png, train + val, spec)
