@@ -43,6 +43,8 @@ from llm.data.shards import load_manifest, prepare
 from llm.tokenizer import Tokenizer
 
 SAMPLE_BPE_CHARS = 4_000_000  # text the benchmark's BPE is trained on
+PLOT = dict(xlabel="threads (encode_batch) or worker processes (prepare)", ylabel="text tokenized (MB/s)",
+            legend="what ran", kind="bars")
 
 
 def stdlib_texts() -> list[str]:
@@ -196,7 +198,8 @@ def run(a: argparse.Namespace, work: Path) -> int:
                 print(f"  CPU: {cpu[k]:.1f} s vs {cpu[1]:.1f} s on 1 worker; on {min(k, cores)} free cores the "
                       f"bound is {min(k, cores) * cpu[1] / cpu[k]:.2f}x")
     write_results(a.name, rows, x="n", y="MB/s", series="what",
-                  title=f"tokenization MB/s, {mb:.0f} MB stdlib corpus, {name}, {os.cpu_count()} cores")
+                  title=f"tokenization MB/s, {mb:.0f} MB stdlib corpus, {name}, {os.cpu_count()} cores",
+                  **PLOT)
     return 0
 
 
