@@ -3,9 +3,8 @@
 The flags live in llm/train/cli.py, the loop in llm/train/trainer.py.
 """
 
-import sys
-
+from llm.config import run_main
 from llm.train.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -48,7 +48,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
 
-from llm.config import ModelConfig, model_config_from_dict
+from llm.config import ModelConfig, model_config_from_dict, run_main
 from llm.model import Transformer
 from llm.quant import check_scheme, prepare_quantized
 from llm.runtime import first_line
@@ -409,4 +409,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

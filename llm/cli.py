@@ -16,6 +16,8 @@ import importlib
 import sys
 from typing import NamedTuple
 
+from llm.config import guard_pipe
+
 
 class Command(NamedTuple):
     """A subcommand: the module whose `main(argv: list[str]) -> int` runs it, a one-line summary, and
@@ -56,8 +58,12 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch `llm COMMAND ARGS...` to the command's module; returns its exit code."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """Dispatch `llm COMMAND ARGS...` to the command's module; returns its exit code (141 when a reader of
+    its output stopped early, as in `llm train --help | head -3`: no traceback)."""
+    return guard_pipe(_dispatch, sys.argv[1:] if argv is None else list(argv))
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
+import select
 import sys
 import types
 import typing
@@ -514,3 +516,40 @@ def to_toml(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig) -> str:
         out += [f"{k} = {val(v)}" for k, v in asdict(cfg).items()
                 if v is not None and not (name == "model" and k == "vocab_size")]
     return "\n".join(out) + "\n"
+
+
+PIPE_CLOSED = 141  # 128 + SIGPIPE: the status a shell reports for a command that a closed pipe ended
+
+
+def _stdout_pipe_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll reports POLLERR on its write end)."""
+    try:
+        fd = sys.stdout.fileno()
+        p = select.poll()
+        p.register(fd, 0)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in p.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows) or no real stdout: take the error as it
+        return True
+
+
+def guard_pipe(main: typing.Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """main(argv)'s exit status, except that when stdout is a pipe whose reader stopped early
+    (`llm train --help | head -3`) the command ends quietly with PIPE_CLOSED instead of a BrokenPipeError
+    traceback, as Unix tools do. (Resetting SIGPIPE to its default would do the same, but would also kill the
+    server when a client closes its socket.) The rest of stdout goes to /dev/null, so the interpreter's
+    last flush has nowhere to fail; a BrokenPipeError from anything but stdout is raised as it is."""
+    try:
+        try:
+            return main(argv)
+        finally:  # also after SystemExit (argparse's --help): flush here, where a closed pipe can be caught
+            sys.stdout.flush()
+    except BrokenPipeError:
+        if not _stdout_pipe_closed():
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return PIPE_CLOSED
+
+
+def run_main(main: typing.Callable[[list[str] | None], int]) -> typing.NoReturn:
+    """The body of a command line's `if __name__ == "__main__":` block: exit with guard_pipe(main)'s status."""
+    sys.exit(guard_pipe(main))

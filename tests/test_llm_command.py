@@ -4,6 +4,7 @@ lists them without importing torch, and an unknown subcommand is one error line.
 from __future__ import annotations
 
 import importlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -81,3 +82,38 @@ def test_unknown_subcommand_is_one_error_line():
 def test_no_subcommand_prints_usage_and_fails():
     r = run("-m", "llm")
     assert r.returncode == 2 and r.stderr.startswith("usage: llm COMMAND")
+
+
+@pytest.mark.parametrize("args", [("-m", "llm", "--help"), ("-m", "llm", "data", "--help")],
+                         ids=["llm", "llm-data"])
+def test_output_into_a_pipe_whose_reader_stopped_ends_quietly(args):
+    """`llm data --help | head -3`: the reader goes away before the command writes; no BrokenPipeError traceback,
+    status 141 (128 + SIGPIPE) as a shell reports for Unix tools. The run_main path of `python -m` entries
+    is the same guard (the next test checks every entry uses it)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a user's default: stdout buffered
+    p = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    p.stdout.close()  # the reader is gone before the first write
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_every_command_line_entry_exits_through_the_pipe_guard():
+    """Every `if __name__ == "__main__":` block that runs a main (llm/, train.py, sample.py) is run_main(main)
+    (llm.config.guard_pipe), and the `llm` command's main goes through guard_pipe too."""
+    files = [*sorted((ROOT / "llm").rglob("*.py")), ROOT / "train.py", ROOT / "sample.py"]
+    guarded = {"llm/cli.py", "llm/__main__.py"}  # the `llm` command: its main is guard_pipe(_dispatch, ...)
+    bare = [str(f.relative_to(ROOT)) for f in files if "sys.exit(main())" in f.read_text()
+            and str(f.relative_to(ROOT)) not in guarded]
+    assert not bare, f"entries that print a traceback on a closed pipe (use run_main(main)): {bare}"
+    assert "guard_pipe(_dispatch" in (ROOT / "llm" / "cli.py").read_text()
+
+
+def test_a_broken_pipe_other_than_stdout_is_not_swallowed():
+    from llm.config import guard_pipe
+
+    def main(argv):
+        raise BrokenPipeError("a socket, not stdout")
+
+    with pytest.raises(BrokenPipeError):
+        guard_pipe(main)

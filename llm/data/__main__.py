@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llm.config import DataConfig, add_dataclass_args, build
+from llm.config import DataConfig, add_dataclass_args, build, run_main
 from llm.data.corpus import DataError
 from llm.data.shards import prepare, verify
 from llm.tokenizer import TokenizerError
@@ -29,4 +29,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

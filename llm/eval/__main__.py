@@ -7,7 +7,7 @@ import json
 import sys
 from dataclasses import asdict
 
-from llm.config import DataConfig
+from llm.config import DataConfig, run_main
 from llm.eval.perplexity import EvalError, check_windows, dataset_stream, evaluate
 from llm.loading import load_model
 from llm.quant import GROUP_SIZES, make_scheme
@@ -106,4 +106,4 @@ def _split_name(args: argparse.Namespace) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

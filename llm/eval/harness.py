@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from llm.config import run_main
 from llm.eval.perplexity import EvalError
 from llm.generate.api import complete
 from llm.generate.decode import prefill
@@ -272,4 +273,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -20,7 +20,7 @@ from llm import checkpoint as ckpt_io
 from llm import lora as lora_io
 from llm import peft
 from llm.checkpoint import CheckpointError
-from llm.config import ConfigError
+from llm.config import ConfigError, run_main
 from llm.interop.adapters import export_peft, import_peft, merge_to
 from llm.interop.hf import is_hf_dir
 from llm.interop.hf_export import export_model
@@ -101,4 +101,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

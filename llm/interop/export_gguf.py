@@ -12,6 +12,7 @@ import sys
 import torch
 
 from llm.checkpoint import CheckpointError
+from llm.config import run_main
 from llm.interop.gguf import TYPES, export_gguf
 from llm.loading import load_model
 
@@ -33,4 +34,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

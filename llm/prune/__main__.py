@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from llm import checkpoint as ckpt_io
-from llm.config import ConfigError
+from llm.config import ConfigError, run_main
 from llm.loading import load_model
 from llm.prune import calibrate, structured, unstructured
 
@@ -151,4 +151,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

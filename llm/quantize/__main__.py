@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from llm import checkpoint as ckpt_io
+from llm.config import run_main
 from llm.loading import load_model
 from llm.quant import GROUP_SIZES, MODES, QuantError, describe, make_scheme, quantize_model, storage_state
 
@@ -62,4 +63,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -1,8 +1,7 @@
 """`python -m llm.serve --checkpoint DIR`: see llm/serve/launch.py."""
 
-import sys
-
+from llm.config import run_main
 from llm.serve.launch import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

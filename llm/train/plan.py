@@ -23,7 +23,7 @@ from dataclasses import asdict
 
 import torch
 
-from llm.config import PRESETS, ConfigError, ModelConfig, build, check_types, load_toml, preset
+from llm.config import PRESETS, ConfigError, ModelConfig, build, check_types, load_toml, preset, run_main
 from llm.model import Transformer
 from llm.train.distributed import fmt_bytes, memory_estimate
 
@@ -121,4 +121,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 
 from llm.checkpoint import CheckpointError
-from llm.config import ConfigError
+from llm.config import ConfigError, run_main
 from llm.data.corpus import DataError
 from llm.data.preference import read_jsonl
 from llm.loading import load_model
@@ -75,4 +75,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)
