@@ -2,7 +2,8 @@
 
 Each subcommand is exactly the module it names in `COMMANDS` (same flags, same --help, same exit code):
 the rest of the command line goes to that module's `main(argv)`, after the subcommand's fixed leading
-arguments (`llm chat ...` = `llm sample --chat ...`, `llm export ...` = `python -m llm.interop export ...`).
+arguments (`llm chat ...` = `llm sample --chat ...`; `llm export|merge|import-peft ...` = `python -m llm.interop
+export|merge|import-peft ...`).
 
 A new stage adds one line to `COMMANDS`. The module is imported only when its subcommand runs, so
 `llm --help` starts in well under a second (no torch import). This is the one place in `llm/` that
@@ -40,6 +41,10 @@ COMMANDS: dict[str, Command] = {
     "prune": Command("llm.prune.__main__", "write a pruned copy of a checkpoint (structured: smaller; or sparse)"),
     "export": Command("llm.interop.__main__", "write a checkpoint as a Hugging Face model directory",
                       ("export",)),
+    "merge": Command("llm.interop.__main__", "fold a LoRA adapter into its base: a plain checkpoint of ours",
+                     ("merge",)),
+    "import-peft": Command("llm.interop.__main__", "read a Hugging Face PEFT LoRA / prefix adapter as ours",
+                           ("import-peft",)),
     "export-gguf": Command("llm.interop.export_gguf", "write a Llama checkpoint as a llama.cpp GGUF file"),
     "serve": Command("llm.serve.__main__", "OpenAI-compatible HTTP server (needs the serve extra)"),
     "checkpoint": Command("llm.checkpoint", "consolidate a sharded (multi-rank) checkpoint into one file"),

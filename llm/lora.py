@@ -312,7 +312,7 @@ def read_adapter_config(directory: str | Path) -> dict:
     cfg = json.loads(p.read_text())
     if cfg.get("format") != FORMAT:
         raise CheckpointError(f"{p} is not an llm LoRA adapter config (format {cfg.get('format')!r}); a PEFT adapter "
-                              "is imported with python -m llm.interop import-peft")
+                              "is imported with llm import-peft")
     return cfg
 
 

@@ -112,7 +112,7 @@ def read_config(directory: str | Path) -> dict:
                               f"({', '.join(METHODS)})")
     what = f"a Hugging Face PEFT adapter ({cfg['peft_type']})" if "peft_type" in cfg else \
         f"not one of our adapter configs (format {cfg.get('format')!r})"
-    raise CheckpointError(f"{p} is {what}: import it with python -m llm.interop import-peft")
+    raise CheckpointError(f"{p} is {what}: import it with llm import-peft")
 
 
 def load_adapter(model: Transformer, directory: str | Path) -> Transformer:

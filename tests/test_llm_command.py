@@ -44,7 +44,8 @@ def test_llm_help_lists_every_subcommand_without_importing_torch():
 SAME_AS = {"train": ("llm.train.cli", []), "sample": ("llm.generate.cli", []),
            "chat": ("llm.generate.cli", ["--chat"]), "eval": ("llm.eval.__main__", []),
            "quantize": ("llm.quantize.__main__", []), "prune": ("llm.prune.__main__", []),
-           "export": ("llm.interop.__main__", ["export"]),
+           "export": ("llm.interop.__main__", ["export"]), "merge": ("llm.interop.__main__", ["merge"]),
+           "import-peft": ("llm.interop.__main__", ["import-peft"]),
            "serve": ("llm.serve.__main__", []), "data": ("llm.data.__main__", []),
            "checkpoint": ("llm.checkpoint", []), "plan": ("llm.train.plan", []), "score": ("llm.train.score", []),
            "export-gguf": ("llm.interop.export_gguf", [])}

@@ -60,7 +60,7 @@ COMMANDS_FOUND = suggested()
 def test_the_scan_finds_the_known_suggestions():
     """The scan is not empty-handed: the trainer's hint and the interop commands are among what it finds."""
     assert ("-m", "llm", "sample") in COMMANDS_FOUND and "--checkpoint" in COMMANDS_FOUND["-m", "llm", "sample"]
-    assert ("-m", "llm.interop", "import-peft") in COMMANDS_FOUND
+    assert ("-m", "llm", "import-peft") in COMMANDS_FOUND and ("-m", "llm.interop", "merge") in COMMANDS_FOUND
 
 
 def _main_of(argv: tuple[str, ...]):

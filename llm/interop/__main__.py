@@ -1,4 +1,4 @@
-"""`python -m llm.interop` (= `llm export ...` for its export command): every way a model leaves or enters here.
+"""`python -m llm.interop` (= `llm export|merge|import-peft ...`): every way a model leaves or enters here.
 
   export CKPT OUT_DIR                      our checkpoint (or a training out dir) as a transformers model dir
   export CKPT OUT_DIR --lora DIR           CKPT + a LoRA adapter merged, as a transformers model dir (a LoRA run's
@@ -7,7 +7,8 @@
   merge --checkpoint BASE --lora DIR --out OUT      BASE + LoRA folded into a plain checkpoint of ours
   import-peft --peft DIR --base BASE --out OUT      a PEFT LoRA / prefix adapter as ours
 
-The argv parsing lives here, self-contained: `llm export` (llm/cli.py) calls main(["export", ...]).
+The argv parsing lives here, self-contained: `llm export` (llm/cli.py) calls main(["export", ...]), `llm merge`
+main(["merge", ...]), `llm import-peft` main(["import-peft", ...]).
 """
 
 from __future__ import annotations
@@ -46,14 +47,14 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--format", choices=("hf", "peft"), default="hf",
                    help="hf: one transformers model, any adapter merged in; peft: the adapter as a PEFT adapter "
                         "for the exported base (loads with peft.PeftModel.from_pretrained)")
-    m = sub.add_parser("merge", help="fold a LoRA adapter into its base: a plain checkpoint of ours",
+    m = sub.add_parser("merge", prog="llm merge", help="fold a LoRA adapter into its base: a plain checkpoint of ours",
                        description="BASE + LoRA adapter folded into the weights: OUT/merged (OUT/latest points at it).")
     m.add_argument("--checkpoint", required=True, help="the base checkpoint")
     m.add_argument("--lora", required=True, help="the adapter (a LoRA run's checkpoint or out dir)")
     m.add_argument("--out", required=True, help="output directory")
-    i = sub.add_parser("import-peft", help="a PEFT LoRA or prefix-tuning adapter as ours",
+    i = sub.add_parser("import-peft", prog="llm import-peft", help="a PEFT LoRA or prefix-tuning adapter as ours",
                        description="A PEFT adapter of a Llama-style model as our adapter dir "
-                                   "(then: sample.py --checkpoint BASE --peft OUT).")
+                                   "(then: llm sample --checkpoint BASE --peft OUT).")
     i.add_argument("--peft", required=True, help="the PEFT adapter dir (adapter_config.json + safetensors)")
     i.add_argument("--base", required=True, help="the base model it was trained on (ours or a transformers dir)")
     i.add_argument("--out", required=True, help="output directory")

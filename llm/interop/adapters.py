@@ -1,17 +1,17 @@
 """Adapters in and out: merge LoRA into a plain checkpoint; export to / import from the PEFT format (LoRA and
 prefix tuning).
 
-The command line is `python -m llm.interop` (llm/interop/__main__.py):
+The command lines are `llm merge | export | import-peft` (= `python -m llm.interop ...`, llm/interop/__main__.py):
 
-  python -m llm.interop merge --checkpoint BASE --lora DIR --out OUT
+  llm merge --checkpoint BASE --lora DIR --out OUT
       BASE + adapter folded into the weights: a plain checkpoint OUT/merged (OUT/latest points at it)
-  python -m llm.interop export DIR OUT --format peft          (export_peft)
+  llm export DIR OUT --format peft   (export_peft)
       OUT/base: the base as a transformers model (llm/interop/hf_export.py; an HF base is referenced as it is)
       OUT/adapter: adapter_config.json + adapter_model.safetensors, loadable with
       peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(OUT/base), OUT/adapter)
-  python -m llm.interop import-peft --peft DIR --base BASE --out OUT
+  llm import-peft --peft DIR --base BASE --out OUT
       a PEFT LoRA or prefix-tuning adapter of a Llama-style model as our adapter dir
-      (sample.py --checkpoint BASE --peft OUT)
+      (llm sample --checkpoint BASE --peft OUT)
 
 PEFT names: q/k/v/o -> self_attn.{q,k,v,o}_proj, gate/up/down -> mlp.{gate,up,down}_proj, under
 base_model.model.model.layers.N.; lora_A.weight (r, in), lora_B.weight (out, r), scale lora_alpha / r.
@@ -194,5 +194,5 @@ def _write_adapter(model, tok, cfg, base: str, src: Path, o: Path) -> Path:
 
 
 if __name__ == "__main__":  # a library module: say where its command line is instead of exiting 0 silently
-    sys.exit("error: llm.interop.adapters is a library module; its commands are python -m llm.interop merge | "
-             "export --format peft | import-peft (python -m llm.interop --help)")
+    sys.exit("error: llm.interop.adapters is a library module; its commands are llm merge | llm export "
+             "--format peft | llm import-peft (= python -m llm.interop merge | export | import-peft; llm --help)")
