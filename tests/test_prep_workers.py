@@ -159,3 +159,15 @@ def test_llm_data_reports_a_tokenizer_it_cannot_load_in_one_line(tmp_path, capsy
     assert main(["--tokenizer", "nope", "--data-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown tokenizer 'nope'; named encodings: gpt2") and err.count("\n") == 1
+
+
+def test_llm_data_after_ctrl_c_says_how_to_resume_in_one_line(tmp_path, capsys, monkeypatch):
+    from llm.data import __main__ as cli
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "prepare", interrupted)
+    assert cli.main(["--data-dir", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == ("error: interrupted (Ctrl-C); run the same command again to resume from the "
+                                       "last commit\n")

@@ -12,7 +12,9 @@ from llm.tokenizer import TokenizerError
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m llm.data --dataset NAME|PATH [--verify]`: prepare ahead of training (e.g. where there is network)."""
+    """`python -m llm.data --dataset NAME|PATH [--verify]`: prepare ahead of training (e.g. where there is network).
+
+    0 when prepared, 2 for bad input, 130 after Ctrl-C (the same command resumes)."""
     p = argparse.ArgumentParser(prog="llm data", description=main.__doc__)
     add_dataclass_args(p, DataConfig, "data")
     p.add_argument("--verify", action="store_true", help="recompute and check every shard's sha256")
@@ -25,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C); run the same command again to resume from the last commit",
+              file=sys.stderr)
+        return 130
     return 0
 
 
