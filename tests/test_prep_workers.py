@@ -171,3 +171,24 @@ def test_llm_data_after_ctrl_c_says_how_to_resume_in_one_line(tmp_path, capsys, 
     assert cli.main(["--data-dir", str(tmp_path)]) == 130
     assert capsys.readouterr().err == ("error: interrupted (Ctrl-C); run the same command again to resume from the "
                                        "last commit\n")
+
+
+def test_a_run_stopped_before_its_first_commit_keeps_its_trained_tokenizer(tmp_path, corpus, monkeypatch):
+    cfg = DataConfig(dataset=str(corpus), data_dir=str(tmp_path), prep_workers=2, vocab_size=300, val_fraction=0.2)
+    chunks = shards._chunks
+
+    def broken(docs):
+        yield next(chunks(docs))
+        raise shards.DataError("the disk went away")
+
+    monkeypatch.setattr(shards, "_chunks", broken)
+    logs: list[str] = []
+    with pytest.raises(shards.DataError, match="the disk went away"):
+        prepare(cfg, log=logs.append)
+    assert any(line.startswith("training a 300-token BPE") for line in logs)
+    monkeypatch.setattr(shards, "_chunks", chunks)
+    logs.clear()
+    out = prepare(cfg, log=logs.append)
+    assert not any(line.startswith("training") for line in logs), logs  # the BPE was not trained again
+    assert any("0 documents already done" in line for line in logs)
+    verify(out)

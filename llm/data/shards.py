@@ -8,9 +8,10 @@
     tokenizer.tiktoken   the trained BPE (if one was trained)
     manifest.json        token and document counts, dtype, sha256 of every shard, tokenizer, unigram entropy
 
-Work happens in `<dir>.partial/`: every COMMIT_TOKENS tokens the shards are fsynced and
-progress.json records their lengths and the documents consumed, so an interrupted preparation
-resumes where it stopped and gives the same bytes; the folder is renamed into place at the end.
+Work happens in `<dir>.partial/`: progress.json records the tokenizer once it is trained, then every
+COMMIT_TOKENS tokens the shards are fsynced and progress.json records their lengths and the documents
+consumed, so an interrupted preparation resumes where it stopped and gives the same bytes; the folder is
+renamed into place at the end.
 Documents are tokenized in chunks on `prep_workers` processes (llm.data.encode), written in document
 order: the bytes do not depend on the number of workers. A progress line (MB/s, tokens/s) comes every
 few seconds through `log`, and a summary at the end.
@@ -89,6 +90,7 @@ def prepare(cfg: DataConfig, log: Callable[[str], None] = print, tokenizer: Toke
         tok = tokenizer or _make_tokenizer(src, cfg, log)
         prog = {"tokenizer": tok.save(work), "docs": 0, "done": False,
                 "splits": {s: {"files": [], "length": 0, "tokens": 0, "docs": 0} for s in ("train", "val")}}
+        _record(work, prog)  # a run stopped before its first commit keeps the tokenizer it trained
     dtype = np.dtype(np.uint16 if tok.n_vocab <= 65536 else np.uint32)
     writers = {s: _ShardWriter(work, s, dtype, st, shard_tokens) for s, st in prog["splits"].items()}
     if not prog["done"]:
@@ -191,9 +193,7 @@ def _encode_all(src: Source, cfg: DataConfig, tok: Tokenizer, prog: dict, writer
     def commit() -> None:
         for w in writers.values():
             w.commit()
-        tmp = work / (PROGRESS + ".tmp")
-        tmp.write_text(json.dumps(prog))
-        os.replace(tmp, work / PROGRESS)
+        _record(work, prog)
 
     meter = Meter(log)
     try:
@@ -233,6 +233,13 @@ def _encode_docs(src: Source, cfg: DataConfig, tok: Tokenizer, prog: dict, write
                 if writers["train"].state["tokens"] + writers["train"].pending_tokens() >= cap:
                     break
         return enc.used
+
+
+def _record(work: Path, prog: dict) -> None:
+    """Write progress.json atomically (after the shards it describes are fsynced)."""
+    tmp = work / (PROGRESS + ".tmp")
+    tmp.write_text(json.dumps(prog))
+    os.replace(tmp, work / PROGRESS)
 
 
 def _finish(cfg: DataConfig, src: Source, tok: Tokenizer, prog: dict, work: Path, dtype: np.dtype) -> dict:
