@@ -179,7 +179,7 @@ class Transformer(nn.Module):
                 cache = self.prefix.as_cache(B, self.cfg.block_size)
             elif getattr(cache, "start", 0) != self.prefix.n_tokens:
                 raise ValueError("this model carries a prefix (prefix tuning): its KV cache must hold the prefix's "
-                                 "rows first (model.new_cache); a paged cache is not supported")
+                                 "rows first (model.new_cache, or a paged cache with start=P: llm/serve/engine.py)")
         if cache is not None:
             cache.check_room(T)
             positions = cache.positions(T)  # (B, T)

@@ -5,7 +5,8 @@
   block_hash        the prefix cache's key of a full block: a hash chaining its parent's hash and its token ids
   PagedKVCache      one forward pass's view of the pool: a block table (B, max_blocks) and per-row
                     lengths, with the interface the model calls on a cache (check_room, positions,
-                    update, advance); `block_table` tells `llm.ops.kv_attention` to read through it
+                    update, advance); `block_table` tells `llm.ops.kv_attention` to read through it;
+                    `start` > 0: every row's first positions hold a shared region (a prefix), as in KVCache
 
 Memory follows each sequence's actual length (a block at a time), and a new sequence needs no
 contiguous region: its blocks may lie anywhere in the pool, in any order. The store only moves
@@ -17,6 +18,11 @@ ref-counted: a sequence whose prompt starts with registered blocks takes them (r
 computing them; a block nobody references keeps its K/V and its name, and is evicted (least recently
 released first) only when a new block is needed and the plain free list is empty. Shared blocks are
 full, so no sequence ever writes into one.
+
+A prefix-tuning prefix (llm/prefix.py) lives in the pool as blocks its holder (the server's engine) allocates and
+never releases: unnamed, so never cached or evicted. Every sequence's block table starts with its full blocks
+(`share`: one more reference each, dropped by `release` like any other); the rows of a last, partial block are
+copied into each sequence's own first block (`copy_rows`), since the sequence writes its tokens after them.
 """
 
 from __future__ import annotations
@@ -118,6 +124,20 @@ class BlockPool:
         if name not in self._named and block not in self._name_of:
             self._named[name], self._name_of[block] = block, name
 
+    def share(self, blocks: list[int]) -> list[int]:
+        """One more reference to each of blocks that someone already holds (a region every sequence starts with)."""
+        for b in blocks:
+            if self.ref[b] < 1:
+                raise ValueError(f"block {b} is shared but nobody holds it")
+            self.ref[b] += 1
+        return list(blocks)
+
+    @torch.no_grad()
+    def copy_rows(self, src: int, dst: int, n: int) -> None:
+        """Slots 0..n-1 of block `src` -> the same slots of block `dst`, every layer's K and V."""
+        for kv in (*self.k, *self.v):
+            kv[dst, :n] = kv[src, :n]
+
     def grow(self, blocks: list[int], length: int) -> None:
         """Append blocks to a sequence's list (in place) until it holds `length` tokens."""
         need = self.blocks_for(length) - len(blocks)
@@ -131,12 +151,15 @@ class PagedKVCache:
     tables: each row's block ids (enough for its length plus the tokens of the coming forward, see
     `BlockPool.grow`); lengths: tokens already stored per row. A forward pass with T new tokens per
     row writes them at positions lengths[b] .. lengths[b] + T - 1, then `advance(T)` counts them.
+    start > 0 (`llm.kvcache.KVCache`'s meaning): positions 0..start-1 of every row hold a region its tables'
+    blocks already carry (a prefix); lengths count the tokens after it, token i sits at position start + i,
+    and attention sees start + length keys.
     """
 
     static = False  # never compiled or captured: the server's steps change shape as rows come and go
     segments: list[tuple[int, int]] | None = None  # ragged: (first row, tokens) of each sequence
 
-    def __init__(self, pool: BlockPool, tables: list[list[int]], lengths: list[int]) -> None:
+    def __init__(self, pool: BlockPool, tables: list[list[int]], lengths: list[int], start: int = 0) -> None:
         if len(tables) != len(lengths) or not tables:
             raise ValueError(f"{len(tables)} block tables for {len(lengths)} rows")
         self.pool = pool
@@ -145,11 +168,13 @@ class PagedKVCache:
         self.block_table = torch.tensor(rows, dtype=torch.int32, device=pool.device)  # (B, max_blocks)
         self.host_lengths = [int(n) for n in lengths]
         self.lengths = torch.tensor(self.host_lengths, dtype=torch.long, device=pool.device)
-        self._capacity = [len(t) * pool.block_size for t in tables]
+        self._capacity = [len(t) * pool.block_size - start for t in tables]
+        self.start = start
         self._slots: Tensor | None = None
 
     @classmethod
-    def ragged(cls, pool: BlockPool, tables: list[list[int]], lengths: list[int], n_new: list[int]) -> PagedKVCache:
+    def ragged(cls, pool: BlockPool, tables: list[list[int]], lengths: list[int], n_new: list[int],
+               start: int = 0) -> PagedKVCache:
         """One forward over sequences that add different numbers of tokens (decodes and prefill chunks together):
         each new token is its own row (B = sum(n_new), T = 1) with its sequence's block table and the length
         before it, so it is written at its position and attends its sequence's keys up to itself (the earlier
@@ -162,7 +187,7 @@ class PagedKVCache:
             segs.append((len(rows_n), k))
             rows_t += [t] * k
             rows_n += range(n, n + k)
-        cache = cls(pool, rows_t, rows_n)
+        cache = cls(pool, rows_t, rows_n, start)
         cache.segments = segs
         return cache
 
@@ -178,7 +203,7 @@ class PagedKVCache:
 
     def positions(self, T: int) -> Tensor:
         """(B, T) absolute positions of the next T tokens; also fixes where they are written in the pool."""
-        pos = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)[None, :]
+        pos = self.start + self.lengths[:, None] + torch.arange(T, device=self.lengths.device)[None, :]
         bs = self.pool.block_size
         blk = self.block_table.long().gather(1, pos // bs)
         self._slots = (blk * bs + pos % bs).reshape(-1)  # (B * T,) flat slot index into (n_blocks * bs)
@@ -186,7 +211,8 @@ class PagedKVCache:
 
     def update(self, layer: int, k: Tensor, v: Tensor,
                positions: Tensor) -> tuple[Tensor, Tensor, Tensor, list[int]]:
-        """Write k, v (B, T, Hkv, D) into the pool -> (k_pool, v_pool, lengths, host_lengths), new ones counted."""
+        """Write k, v (B, T, Hkv, D) into the pool -> (k_pool, v_pool, lengths, host_lengths): the keys each row
+        attends, the new ones and the `start` region counted."""
         B, T, Hkv, D = k.shape
         slots = self._slots
         if slots is None or slots.numel() != B * T:
@@ -194,7 +220,8 @@ class PagedKVCache:
         kp, vp = self.pool.k[layer], self.pool.v[layer]
         kp.view(-1, Hkv, D)[slots] = k.reshape(B * T, Hkv, D).to(kp.dtype)
         vp.view(-1, Hkv, D)[slots] = v.reshape(B * T, Hkv, D).to(vp.dtype)
-        return kp, vp, self.lengths + T, [n + T for n in self.host_lengths]
+        S = self.start
+        return kp, vp, self.lengths + (S + T), [S + n + T for n in self.host_lengths]
 
     def advance(self, T: int) -> None:
         self.lengths += T

@@ -6,6 +6,9 @@ tokens are spent on it. Training sees it the same way: an uncached forward reads
 a read-only cache holding only those rows (so training and decoding run the one attention path,
 `ops.kv_attention`, keys longer than queries).
 
+Serving (llm/serve/engine.py): the engine writes the rows into blocks of its paged pool once (`fill_blocks`) and
+every sequence's block table starts with them; its tokens start at position P there too (`PagedKVCache(start=P)`).
+
 Positions. The rows are keys and values as attention sees them (after RoPE): they have no positions of their
 own. The real tokens start at position P, where the cache's next row is, in training and in decoding alike;
 Hugging Face PEFT does the same (it offsets position ids by num_virtual_tokens). So a prefix model holds
@@ -92,6 +95,19 @@ class Prefix(nn.Module):
         for layer in range(rows.shape[1]):
             cache.k[layer][:, : self.n_tokens] = rows[0, layer].to(cache.k[layer].dtype)
             cache.v[layer][:, : self.n_tokens] = rows[1, layer].to(cache.v[layer].dtype)
+
+    @torch.no_grad()
+    def fill_blocks(self, pool, blocks: list[int]) -> None:
+        """Write the rows at positions 0..P-1 of a paged sequence whose first blocks are `blocks` (a
+        `llm.paged_cache.BlockPool`'s ids, ceil(P / block_size) of them): row p in blocks[p // bs], slot p % bs."""
+        rows, P, bs = self.rows(), self.n_tokens, pool.block_size
+        if len(blocks) * bs < P:
+            raise ValueError(f"{len(blocks)} blocks of {bs} slots cannot hold the prefix's {P} rows")
+        pos = torch.arange(P)
+        slots = (torch.tensor(blocks)[pos // bs] * bs + pos % bs).to(pool.device)  # (P,) flat slot ids
+        for layer in range(rows.shape[1]):
+            for store, r in ((pool.k[layer], rows[0, layer]), (pool.v[layer], rows[1, layer])):
+                store.view(-1, *store.shape[2:])[slots] = r.to(store.dtype)
 
 
 class PrefixView:

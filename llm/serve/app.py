@@ -126,7 +126,7 @@ class Server:
                    grammar=None if grammar is None else self.grammars.matcher(grammar),
                    adapter=self.check_model(body.model))
                for i, p in enumerate(prompts) for j in range(body.n)]
-        if self.sched.worst_case_blocks(out) > self.sched.pool.n_blocks:
+        if self.sched.worst_case_blocks(out) > self.sched.engine.usable_blocks:
             raise APIError(400, "the request needs more KV cache than the server has; lower n or max_tokens",
                            param="max_tokens")
         return out

@@ -16,6 +16,14 @@ is preempted: its blocks are released and it is recomputed later from its known 
 neither loses nor repeats a token. The oldest seq can always progress (a request whose worst case does
 not fit the pool is refused up front).
 
+A prefix-tuned model (llm/prefix.py) is served with its prefix as a region of the pool every sequence shares:
+the engine writes the P rows into ceil(P / bs) blocks once and holds them for its lifetime (never released, so
+never freed or evicted). Each sequence's block table starts with the full ones (shared, ref-counted); the rows of
+a partial last block are copied into the sequence's own first block (the tokens follow them there). A sequence's
+`length` counts its tokens; the cache is built with start=P, so token i sits at position P + i, as in
+`sample.py --peft`. Prefix-cache names cover the token part of each block (the first named block holds the
+prefix's tail and the first bs - P % bs tokens); the full prefix blocks are never named.
+
 Sampling is batched: rows with the same parameters go through one `llm.generate.sampling.sample` call
 (every operation in it is per row), each row with its own uniforms (drawn as `stream_tokens` draws them:
 row_uniforms([seed]), token i takes u[:, i]) and repetition mask, so a greedy or seeded row gives the
@@ -111,6 +119,9 @@ class Engine:
         (`llm.loading.adapter_on_shared_base`); a step runs one forward per adapter in it."""
         if max_step_tokens < 1:
             raise ValueError(f"max_step_tokens must be >= 1, got {max_step_tokens}")
+        if model.prefix is not None and adapters:
+            raise ValueError("LoRA adapters over a prefix-tuned base are not served (one prefix per server, on the "
+                             "base model): serve the prefix checkpoint alone")
         self.model, self.tok, self.pool = model.decode_layout(), tok, pool
         self.models = {None: self.model} | {k: m.decode_layout() for k, m in (adapters or {}).items()}
         self.max_step_tokens, self.prefix_cache = max_step_tokens, prefix_cache
@@ -119,6 +130,30 @@ class Engine:
         self.prefix_queried = self.prefix_hits = 0  # prompt tokens looked up in / found in the prefix cache
         self.preemptions = 0
         self.masker = Masker()
+        self.prefix_rows, self.head, self.shared, self.tail = 0, [], [], None  # a prefix's region (none: no prefix)
+        if model.prefix is not None:
+            self._place_prefix(model)
+
+    def _place_prefix(self, model: Transformer) -> None:
+        """Write the prefix's rows into blocks the engine holds for good: `shared` (the full ones, at the head of
+        every sequence's table) and `tail` (a partial last block, copied into each sequence's first own block)."""
+        P, bs = model.prefix.n_tokens, self.pool.block_size
+        if self.pool.blocks_for(P) >= self.pool.n_blocks:
+            raise ValueError(f"the prefix's {P} rows take {self.pool.blocks_for(P)} KV blocks of {bs}; the pool has "
+                             f"{self.pool.n_blocks}: give more (--num-blocks)")
+        self.head = self.pool.alloc(self.pool.blocks_for(P))
+        model.prefix.fill_blocks(self.pool, self.head)
+        self.prefix_rows, self.shared = P, self.head[: P // bs]
+        self.tail = self.head[-1] if P % bs else None
+
+    def own_blocks(self, tokens: int) -> int:
+        """Blocks a sequence of `tokens` tokens takes from the pool (the shared prefix blocks not counted)."""
+        return self.pool.blocks_for(self.prefix_rows + tokens) - len(self.shared)
+
+    @property
+    def usable_blocks(self) -> int:
+        """Blocks sequences can take: the pool less the prefix's."""
+        return self.pool.n_blocks - len(self.head)
 
     def start(self, s: Seq) -> None:
         """Per-seq state drawn up front: uniforms, the repetition-penalty mask, the text stream."""
@@ -143,10 +178,17 @@ class Engine:
 
     # ------------------------------------------------------------------ planning
 
+    def _attach(self, s: Seq) -> None:
+        """A seq without blocks starts with the shared prefix blocks (nothing without a prefix)."""
+        if not s.blocks and self.shared:
+            s.blocks = self.pool.share(self.shared)
+
     def _grow(self, s: Seq, length: int, live: list[Seq], planned: set[int]) -> int:
         """Blocks for s up to `length` tokens, preempting the newest seqs after s that are not in this step while
         the pool is short; returns the tokens its blocks now hold (less than asked when nothing is left)."""
-        need = self.pool.blocks_for(length) - len(s.blocks)
+        self._attach(s)
+        bs = self.pool.block_size
+        need = self.pool.blocks_for(self.prefix_rows + length) - len(s.blocks)
         if need > self.pool.free:
             after = live[live.index(s) + 1:]
             for v in reversed(after):
@@ -156,8 +198,11 @@ class Engine:
                     self.preempt(v)
         take = min(need, self.pool.free)
         if take > 0:
-            s.blocks.extend(self.pool.alloc(take))
-        return min(length, len(s.blocks) * self.pool.block_size)
+            new = self.pool.alloc(take)
+            if self.tail is not None and len(s.blocks) == len(self.shared):  # its first own block: the prefix's tail
+                self.pool.copy_rows(self.tail, new[0], self.prefix_rows % bs)
+            s.blocks.extend(new)
+        return min(length, max(0, len(s.blocks) * bs - self.prefix_rows))
 
     def plan(self, live: list[Seq]) -> list[tuple[Seq, int]]:
         """(seq, tokens to feed) for this step: decodes first, then prefill chunks in the remaining budget."""
@@ -187,30 +232,39 @@ class Engine:
     def _take_cached(self, s: Seq) -> None:
         """Extend a prefilling seq with the cached blocks its known tokens continue into (never its last token:
         the step needs that position's logits). Only at a block boundary."""
-        bs = self.pool.block_size
+        self._attach(s)
         if s.length == 0 and s.preemptions == 0:
             self.prefix_queried += len(s.prompt)
-        limit = (s.known - 1) // bs
-        while len(s.names) < limit and len(s.names) * bs == s.length == len(s.blocks) * bs:
-            i = len(s.names)
-            name = block_hash(s.names[-1] if s.names else _root(s), s.tokens(i * bs, (i + 1) * bs))
+        while True:
+            j = len(s.blocks)  # the next block of its table
+            lo, hi = self._token_range(j)
+            if not (j - len(self.shared) == len(s.names) and s.length == lo and hi <= s.known - 1):
+                return
+            name = block_hash(s.names[-1] if s.names else _root(s), s.tokens(lo, hi))
             b = self.pool.lookup(name)
             if b is None:
                 return
             s.blocks.append(b)
             s.names.append(name)
-            s.length += bs
+            s.length = hi
             if s.preemptions == 0:
-                s.cached += bs
-                self.prefix_hits += bs
+                s.cached += hi - lo
+                self.prefix_hits += hi - lo
+
+    def _token_range(self, j: int) -> tuple[int, int]:
+        """The tokens [lo, hi) that block j of a sequence's table holds (a prefix's rows take the first positions)."""
+        bs = self.pool.block_size
+        return max(0, j * bs - self.prefix_rows), (j + 1) * bs - self.prefix_rows
 
     def _name_full_blocks(self, s: Seq) -> None:
         """Register the seq's blocks that became full (prompt or generated tokens) in the prefix cache."""
-        bs = self.pool.block_size
-        while len(s.names) < s.length // bs:
-            i = len(s.names)
-            name = block_hash(s.names[-1] if s.names else _root(s), s.tokens(i * bs, (i + 1) * bs))
-            self.pool.register(name, s.blocks[i])
+        while True:
+            j = len(self.shared) + len(s.names)
+            lo, hi = self._token_range(j)
+            if hi > s.length:
+                return
+            name = block_hash(s.names[-1] if s.names else _root(s), s.tokens(lo, hi))
+            self.pool.register(name, s.blocks[j])
             s.names.append(name)
 
     # ------------------------------------------------------------------ the step
@@ -236,7 +290,7 @@ class Engine:
                 n_rows += 1
             r0 += n
         cache = PagedKVCache.ragged(self.pool, [s.blocks for s, _ in plan], [s.length for s, _ in plan],
-                                    [n for _, n in plan])
+                                    [n for _, n in plan], start=self.prefix_rows)
         at = torch.tensor([a + j for _, _, k, a in rows for j in range(k)], dtype=torch.long, device=self.device)
         logits = model(torch.tensor(ids, device=self.device)[:, None], cache=cache, logits_rows=at)[0]
         logits = logits[:, 0, : self.vocab]  # (K, V): one row per token that needs logits

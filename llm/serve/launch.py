@@ -35,9 +35,11 @@ def build(model: Transformer, tok, model_name: str = "llm", max_batch: int = 16,
           chat: ChatFormat | None = None, prefix_cache: bool = True, ui: bool = True,
           adapters: dict[str, Transformer] | None = None) -> tuple[FastAPI, Scheduler]:
     """(app, scheduler) over a block pool of num_blocks (default: every row of a full batch at full context);
-    chat: how chat requests are rendered (default: the tokenizer's template, else the plain one)."""
-    ctx = model.cfg.block_size
-    n_blocks = num_blocks or max_batch * -(-ctx // block_size)
+    chat: how chat requests are rendered (default: the tokenizer's template, else the plain one). A prefix-tuned
+    model's prefix takes ceil(P / block_size) blocks of the pool (the default adds them) and P of its positions."""
+    ctx = model.n_positions  # the context less a prefix's rows
+    P = model.cfg.block_size - ctx
+    n_blocks = num_blocks or max_batch * -(-model.cfg.block_size // block_size) + -(-P // block_size)
     pool = model.new_pool(n_blocks, block_size)
     if max_step_tokens < max_batch:
         raise ValueError(f"--max-step-tokens ({max_step_tokens}) must be >= --max-batch ({max_batch}): every "
@@ -191,9 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         device = pick_device(args.device)
         overrides = {"kernels": args.kernels} if args.kernels else {}
         model, tok, _ = load_model(args.checkpoint, device, pick_dtype(args.dtype, device), **overrides)
-        if model.prefix is not None:  # the paged pool has no shared prefix region yet
-            raise ValueError(f"{args.checkpoint} is prefix-tuned: the server does not serve a prefix yet; use "
-                             "sample.py --peft or llm.eval (LoRA and bottleneck-adapter checkpoints serve as they are)")
+        if model.prefix is not None and loras:
+            raise ValueError(f"{args.checkpoint} is prefix-tuned: --lora adapters are served over a plain base only "
+                             "(the server holds one prefix, the checkpoint's)")
         chat = ChatFormat(tok, template, f"the chat template from {args.chat_template}" if template else "")
         adapters = {n: adapter_on_shared_base(model, d) for n, d in loras.items()}
     except (ValueError, OSError) as e:
@@ -203,9 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     if name in adapters:
         print(f"error: --lora {name}=...: the name is the base model's id; pick another", file=sys.stderr)
         return 2
-    app, sched = build(model, tok, name, args.max_batch, args.max_queue, args.kv_block_size, args.num_blocks,
-                       args.max_step_tokens, args.api_key, args.drain_timeout, chat, not args.no_prefix_cache,
-                       not args.no_ui, adapters)
+    try:
+        app, sched = build(model, tok, name, args.max_batch, args.max_queue, args.kv_block_size, args.num_blocks,
+                           args.max_step_tokens, args.api_key, args.drain_timeout, chat, not args.no_prefix_cache,
+                           not args.no_ui, adapters)
+    except ValueError as e:
+        print(f"error: {first_line(e)}", file=sys.stderr)
+        return 2
     cfg = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                          timeout_graceful_shutdown=int(args.drain_timeout))
     for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn re-raises the signal it caught once it has stopped:
@@ -215,7 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"serving model id '{name}' on http://{args.host}:{args.port}/v1{ui} (max batch {args.max_batch}, "
           f"{sched.pool.n_blocks} KV blocks of {args.kv_block_size}, prefix cache "
           f"{'off' if args.no_prefix_cache else 'on'})\n{chat.describe()}"
-          + "".join(f"\nLoRA adapter '{n}' from {d}" for n, d in loras.items()), file=sys.stderr, flush=True)
+          + "".join(f"\nLoRA adapter '{n}' from {d}" for n, d in loras.items())
+          + (f"\nprefix-tuned: {sched.engine.prefix_rows} prefix rows in {len(sched.engine.head)} KV block(s) "
+             f"every request starts with; context {model.n_positions} tokens" if sched.engine.prefix_rows else ""),
+          file=sys.stderr, flush=True)
     DrainingServer(cfg, sched, args.drain_timeout).run()
     sched.shutdown(args.drain_timeout)
     return 0

@@ -97,7 +97,9 @@ class Scheduler:
                 self._cond.notify()
 
     def worst_case_blocks(self, seqs: list[Seq]) -> int:
-        return sum(self.pool.blocks_for(s.worst_case_tokens()) for s in seqs)
+        """Pool blocks the seqs take at most (a prefix's shared blocks not counted: `engine.usable_blocks` is the
+        most there are)."""
+        return sum(self.engine.own_blocks(s.worst_case_tokens()) for s in seqs)
 
     def idle(self) -> bool:
         with self._cond:
@@ -174,7 +176,7 @@ class Scheduler:
         rows, spare = sum(len(j.seqs) for j in self.running), self.pool.free - len(live)
         while self.waiting:  # queued jobs are still admitted while draining after SIGTERM
             job = self.waiting[0]
-            need = sum(self.pool.blocks_for(len(s.prompt) + 1) for s in job.seqs)
+            need = sum(self.engine.own_blocks(len(s.prompt) + 1) for s in job.seqs)
             if rows + len(job.seqs) > self.max_batch or (need > spare and rows > 0):
                 break
             self.waiting.popleft()
