@@ -175,7 +175,8 @@ class TrainConfig:
     batch_size: int = _f(16, "sequences per micro-batch")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     lr: float = _f(3e-3, "peak learning rate")
-    min_lr: float = _f(3e-4, "learning rate at the end of the cosine decay")
+    min_lr: float = _f(3e-4, "learning rate at the end of the cosine decay (lr / 10 when --lr is below 3e-4 and "
+                                 "this is not given)")
     warmup_steps: int = _f(50, "linear warmup steps")
     weight_decay: float = _f(0.1, "AdamW weight decay (matrices only)")
     beta1: float = _f(0.9, "AdamW beta1")

@@ -70,6 +70,33 @@ def test_embedded_pairs_share_the_prompt_and_differ_in_the_answer():
         assert name.split(".")[-1] in chosen[0]["content"]
 
 
+def test_embedded_pairs_take_wrong_answers_from_their_own_split():
+    """A held-out pair never pits an unseen answer against one that fine-tuning on stdlib-qa has taught."""
+    rows = list(preference.pairs(DataConfig(dataset=preference.EMBEDDED)))
+    answers = {s: {c[-1]["content"] for t, _, c, _ in rows if t == s} for s in ("train", "val")}
+    per_question: dict[str, set] = {}
+    for split, name, _, rejected in rows:
+        assert rejected[-1]["content"] in answers[split]
+        per_question.setdefault(name, set()).add(rejected[-1]["content"])
+    assert {len(v) for v in per_question.values()} == {preference.NEGATIVES}  # distinct wrong answers
+
+
+def test_an_edited_preference_file_is_prepared_again(runs, tmp_path):
+    """Prepared pairs are named by the file's path, size and modification time: an edited file is not served
+    from the old preparation."""
+    _, tok, _ = load_model(runs / "sft")
+    f = tmp_path / "p.jsonl"
+    line = json.dumps({"prompt": "Double 1.", "chosen": "2", "rejected": "3"}) + "\n"
+    f.write_text(line * 2)
+    cfg = DataConfig(dataset=str(f), data_dir=str(tmp_path / "data"), val_fraction=0.0)
+    first = preference.prepare(cfg, tok, 32, log=lambda _: None)
+    f.write_text(line * 3)
+    second = preference.prepare(cfg, tok, 32, log=lambda _: None)
+    manifest = [json.loads((d / "manifest.json").read_text()) for d in (first, second)]
+    assert first != second
+    assert [sum(m["splits"][s]["pairs"] for s in m["splits"]) for m in manifest] == [2, 3]
+
+
 @pytest.mark.parametrize("line,msg", [
     ({"prompt": "Hi", "chosen": "Hello"}, "expected an object with \"chosen\" and \"rejected\""),
     ({"prompt": "Hi", "chosen": "Hello", "rejected": 3}, "field 'rejected' must be a string"),
@@ -239,3 +266,31 @@ def test_grpo_reward_settings_are_one_line(runs, capsys):
         assert main(align_argv(runs, "bad-grpo", **kw, **flags)) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and msg in err and "\n" not in err, (flags, err)
+
+
+# ----------------------------------------------------------------------------- data-parallel
+
+
+@pytest.mark.slow
+def test_preference_objectives_under_ddp_and_fsdp_match_one_process(runs):
+    """2 gloo ranks (DDP, then FSDP2) against one process with the same global batch (2 micro-batches): the same
+    per-step losses for the reward model, DPO and GRPO (under FSDP2 the ranks sample in lockstep: every forward
+    gathers the weights, so each rank makes the same number of calls)."""
+    from conftest import run_two_ranks, step_losses
+
+    grpo = dict(objective="grpo", dataset=runs / "sft.jsonl", reward="prefix_match", grpo_group=3, grpo_max_new=4,
+                batch_size=2)
+    cases = {"rm": dict(objective="reward"), "dpo": dict(objective="dpo"), "grpo": grpo}
+    jobs = []
+    for name, kw in cases.items():
+        assert main(align_argv(runs, f"{name}-one", max_steps=3, grad_accum=2, **kw)) == 0
+        jobs += [(align_argv(runs, f"{name}-ddp", max_steps=3, **kw), -1),
+                 (align_argv(runs, f"{name}-fsdp", max_steps=3, **kw) + ["--fsdp"], -1)]
+    r = run_two_ranks(runs, jobs)
+    assert "DDP" in r.stdout and "FSDP2" in r.stdout
+    for name in cases:
+        one = step_losses(runs / f"{name}-one")
+        for kind in ("ddp", "fsdp"):
+            two = step_losses(runs / f"{name}-{kind}")
+            assert sorted(two) == [1, 2, 3], (name, kind, two)
+            assert all(abs(two[s] - one[s]) <= 1e-5 * abs(one[s]) + 1e-7 for s in one), (name, kind, two, one)

@@ -51,3 +51,13 @@ def test_train_help_shows_the_defaults_that_actually_apply():
     for name in PRESETS:
         assert name in preset_help, name
     assert "(default: tiny)" in preset_help and "(default: None)" not in preset_help
+
+
+@pytest.mark.parametrize("flags,want", [([], 3e-4), (["--lr", "1e-4"], 1e-5), (["--lr", "1e-4", "--min-lr", "0"], 0.0),
+                                        (["--lr", "1e-3"], 3e-4)])
+def test_min_lr_default_follows_a_peak_below_it(flags, want):
+    """--lr under the default floor (3e-4) without --min-lr decays to lr / 10 instead of failing the check."""
+    from llm.train.cli import resolve_configs
+
+    _, _, tcfg, _ = resolve_configs(flags)
+    assert tcfg.min_lr == pytest.approx(want, rel=1e-12, abs=0)

@@ -39,6 +39,7 @@ from llm.tokenizer import Tokenizer
 
 EMBEDDED = "stdlib-prefs"
 STRIDE = 101  # the rejected answer of pair i is the chosen answer of pair (i + STRIDE) mod n
+NEGATIVES = 4  # pairs per question, each with another wrong answer: more pairs to rank, less to memorise
 SIDES = ("chosen", "rejected")
 
 
@@ -53,17 +54,27 @@ def is_preference(cfg: DataConfig) -> bool:
 # ----------------------------------------------------------------------------- pairs
 
 
-def stdlib_prefs() -> Iterator[tuple[str, list[dict], list[dict]]]:
+def stdlib_prefs(val_fraction: float, negatives: int = NEGATIVES) -> Iterator[tuple[str, list[dict], list[dict]]]:
     """(name, chosen conversation, rejected conversation): the stdlib-qa question answered by its own docstring
-    summary (chosen) and by another name's (rejected; never the same text)."""
+    summary (chosen) and by another question's (rejected; never the same text), `negatives` pairs per question,
+    each with a different wrong answer. Wrong answers come from the same split (held-out questions by the rule
+    that holds them out of stdlib-qa fine-tuning): a held-out pair never pits an unseen answer against one that
+    an SFT model has learned, and neither split's pairs teach the other's answers."""
     rows = list(stdlib_qa())
-    n = len(rows)
-    for i, (name, msgs) in enumerate(rows):
-        answer = msgs[-1]["content"]
-        j = (i + STRIDE) % n
-        while rows[j][1][-1]["content"] == answer:
-            j = (j + 1) % n
-        yield name, msgs, msgs[:-1] + [{"role": "assistant", "content": rows[j][1][-1]["content"]}]
+    groups: dict[bool, list] = {}
+    for name, msgs in rows:
+        groups.setdefault(_in_val(name, val_fraction), []).append((name, msgs))
+    for group in groups.values():
+        m, texts = len(group), {msgs[-1]["content"] for _, msgs in group}
+        for i, (name, msgs) in enumerate(group):
+            answer, used = msgs[-1]["content"], set()
+            for k in range(1, min(negatives, len(texts) - 1) + 1):
+                j = (i + k * STRIDE) % m
+                while group[j][1][-1]["content"] in used | {answer}:
+                    j = (j + 1) % m
+                wrong = group[j][1][-1]["content"]
+                used.add(wrong)
+                yield name, msgs, msgs[:-1] + [{"role": "assistant", "content": wrong}]
 
 
 def _side(prompt: list[dict], answer, where: str, key: str) -> list[dict]:
@@ -105,7 +116,7 @@ def read_jsonl(path: Path) -> Iterator[tuple[str, list[dict], list[dict]]]:
 
 def pairs(cfg: DataConfig) -> Iterator[tuple[str, str, list[dict], list[dict]]]:
     """(split, name, chosen, rejected) of the dataset; val by a hash of the name (at least one held out)."""
-    rows = list(stdlib_prefs() if cfg.dataset == EMBEDDED else read_jsonl(Path(cfg.dataset)))
+    rows = list(stdlib_prefs(cfg.val_fraction) if cfg.dataset == EMBEDDED else read_jsonl(Path(cfg.dataset)))
     if not rows:
         raise DataError(f"dataset {cfg.dataset!r} holds no preference pairs")
     val = {r[0] for r in rows if _in_val(r[0], cfg.val_fraction)} or {rows[-1][0]}
@@ -117,8 +128,15 @@ def pairs(cfg: DataConfig) -> Iterator[tuple[str, str, list[dict], list[dict]]]:
 
 
 def dataset_dir(cfg: DataConfig, tok: Tokenizer, block_size: int) -> Path:
-    src = cfg.dataset if cfg.dataset == EMBEDDED else \
-        f"{Path(cfg.dataset).stem[:40]}-{hashlib.sha1(str(Path(cfg.dataset).resolve()).encode()).hexdigest()[:8]}"
+    """Where the prepared pairs live: named by the source (for a file: its path, size and modification time, so an
+    edited file is prepared again), the block size and the tokenizer."""
+    if cfg.dataset == EMBEDDED:
+        src = f"{EMBEDDED}-x{NEGATIVES}-val{cfg.val_fraction:g}"  # the pairs depend on both
+    else:
+        f = Path(cfg.dataset).resolve()
+        st = f.stat()
+        key = f"{f}:{st.st_size}:{st.st_mtime_ns}"
+        src = f"{f.stem[:40]}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
     return Path(cfg.data_dir) / f"{src}-pref-T{block_size}-{tokenizer_slug(tok)}"
 
 
@@ -202,7 +220,10 @@ class PreferenceLoader(Split):
         return rng.integers(0, self.n, size=self.batch_size)
 
     def batch(self, step: int, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        picks = self.picks(step)
+        return self.rows(self.picks(step), device)
+
+    def rows(self, picks, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """x, y (2 len(picks), L) of the pairs numbered `picks` in this split: chosen rows first."""
         spans = [(side, int(self.sides[side]["offsets"][i]), int(self.sides[side]["offsets"][i + 1]))
                  for side in SIDES for i in picks]
         L = self.block_size if self.fixed else max(b - a for _, a, b in spans) - 1

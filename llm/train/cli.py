@@ -117,6 +117,9 @@ def resolve_configs(argv: list[str] | None) -> tuple[ModelConfig, DataConfig, Tr
         base.pop("path", None)
     args.explicit = set(values)
     merged = base | values
+    lr = merged.get("lr", TrainConfig.lr)
+    if "min_lr" not in merged and lr < TrainConfig.min_lr:  # the default floor would sit above the peak
+        merged["min_lr"] = lr / 10
     mcfg, dcfg, tcfg = build(ModelConfig, merged), build(DataConfig, merged), build(TrainConfig, merged)
     check_configs(dcfg, tcfg)
     return mcfg, dcfg, tcfg, args

@@ -44,8 +44,6 @@ class DPO(PairObjective):
         if not self.tcfg.dpo_beta > 0:
             raise ConfigError(f"--dpo-beta must be > 0 (got {self.tcfg.dpo_beta:g}): it scales the log-ratios; 0 "
                               "would make every pair's loss log 2 with no gradient")
-        if self.tcfg.fsdp:
-            raise ConfigError("--objective dpo reads the LM head outside the sharded forward: use DDP (drop --fsdp)")
 
     def setup(self, ctx: Context) -> None:
         self.model, self.ref = ctx.model, None

@@ -74,8 +74,6 @@ class GRPO(Objective):
             raise ConfigError(f"--grpo-group must be >= 2 (got {t.grpo_group}): advantages are relative to the group")
         if t.grpo_beta < 0 or t.grpo_max_new < 1 or not t.grpo_temperature > 0:
             raise ConfigError("--grpo-beta must be >= 0, --grpo-max-new >= 1 and --grpo-temperature > 0")
-        if t.fsdp:
-            raise ConfigError("--objective grpo samples with the whole model on each rank: use DDP (drop --fsdp)")
         self.reward_fn = rewards.load(t.reward) if t.reward else None
 
     def prepare(self, dcfg: DataConfig, tok: Tokenizer | None, block_size: int, say: Say) -> Path:
@@ -118,12 +116,20 @@ class GRPO(Objective):
         was = self.model.training
         self.model.eval()
         params = SamplingParams(temperature=t.grpo_temperature)
-        for step in stream_tokens(self.model, rows, t.grpo_max_new, params, seed=seed, eos_ids=[self.tok.eot_id],
-                                  vocab_limit=self.tok.n_vocab):
+        # Under FSDP2 every forward is a collective (the weights are gathered), so every rank must make the same
+        # number of calls: one prefill pass and all grpo_max_new steps, each row cut after its end-of-turn token
+        # afterwards (the same ids as stopping there: rows are seeded one by one and computed independently).
+        lockstep = t.fsdp
+        eot = self.tok.eot_id
+        for step in stream_tokens(self.model, rows, t.grpo_max_new, params, seed=seed,
+                                  eos_ids=[] if lockstep else [eot], vocab_limit=self.tok.n_vocab,
+                                  prefill_chunk=0 if lockstep else None, training=True):
             for b, i in enumerate(step):
                 if i is not None:
                     new[b].append(i)
         self.model.train(was)
+        if lockstep:
+            new = [ids[: ids.index(eot) + 1] if eot in ids else ids for ids in new]
         return new
 
     def rewards(self, prompts: list[list[int]], answers: list[str], new: list[list[int]]) -> Tensor:
