@@ -153,16 +153,23 @@ def _bars(ax, rows: list[dict], spec: PlotSpec, cats_key: str, groups_key: str |
     and legend entry each; None: one bar per group, no legend entry)."""
     cats = _distinct(r[cats_key] for r in rows)
     groups = _distinct(r[groups_key] for r in rows) if groups_key else [None]
-    width = 0.8 / len(groups)
+
+    def value(c, g):
+        vals = [r[spec.y] for r in rows if r[cats_key] == c and (g is None or r[groups_key] == g)
+                and is_number(r[spec.y])]
+        return vals[0] if vals else None
+
+    # each category's bars side by side, only for the groups it has (no empty slots), centred on its tick
+    present = {c: [g for g in groups if value(c, g) is not None] for c in cats}
+    width = 0.8 / max([len(p) for p in present.values()] + [1])
     drawn = []
     for gi, g in enumerate(groups):
         xs, ys = [], []
         for ci, c in enumerate(cats):
-            vals = [r[spec.y] for r in rows if r[cats_key] == c and (g is None or r[groups_key] == g)
-                    and is_number(r[spec.y])]
-            if vals:
-                xs.append(ci + (gi - (len(groups) - 1) / 2) * width)
-                ys.append(vals[0])
+            if g in present[c]:
+                k, n = present[c].index(g), len(present[c])
+                xs.append(ci + (k - (n - 1) / 2) * width)
+                ys.append(value(c, g))
         if not xs:
             continue
         color = f"C{gi % 10}" if g is not None else "C0"

@@ -49,6 +49,11 @@ def test_categories_are_bars_even_when_numeric_and_losses_may_leave_zero():
     fig, (ax,) = render(seeds, PlotSpec(x="seed", y="gap", series="seed", kind="bars"))
     assert len(bars(ax)) == 2 and [list(line.get_ydata()) for line in ax.lines] == [[0, 0]]  # the y=0 rule only
     plt.close(fig)
+    uneven = [{"n": 1, "what": "a", "v": 1.0}, {"n": 1, "what": "b", "v": 2.0}, {"n": 2, "what": "c", "v": 3.0}]
+    fig, (ax,) = render(uneven, PlotSpec(x="n", y="v", series="what", kind="bars"))
+    lone = [b for b in bars(ax) if b.get_height() == 3.0][0]
+    assert abs(lone.get_x() + lone.get_width() / 2 - 1) < 1e-9  # centred on its tick: no slots for a, b
+    plt.close(fig)
     steps = [{"step": s, "loss": 7.0 - s / 300, "split": "train"} for s in range(10, 610, 10)]
     fig, (ax,) = render(steps, PlotSpec(x="step", y="loss", series="split", zero=False))
     assert ax.get_xscale() == "linear" and ax.get_ylim()[0] > 4  # steps are not geometric; a loss need not show 0
