@@ -205,8 +205,9 @@ def _lines(ax, rows: list[dict], spec: PlotSpec) -> None:
             b / a >= 1.9 for a, b in zip(xs_all, xs_all[1:]))
     if logx:
         ax.set_xscale("log", base=2)
-    if logx or len(xs_all) <= 8:
-        ax.set_xticks(xs_all, [_number_label(v) for v in xs_all], fontsize=8)
+    if logx or len(xs_all) <= 8:  # ticks at the measured x values, at most 8 of them (no overlapping labels)
+        ticks = xs_all[:: math.ceil(len(xs_all) / 8)]
+        ax.set_xticks(ticks, [_number_label(v) for v in ticks], fontsize=8)
         ax.minorticks_off()
     ax.grid(alpha=0.3)
 
