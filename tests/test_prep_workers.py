@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from llm.config import DataConfig
-from llm.data import shards
+from llm.data import encode, shards
 from llm.data.corpus import open_source
 from llm.data.encode import Encoder, encode_docs
 from llm.data.shards import fingerprint, load_manifest, prepare, verify
@@ -151,6 +151,25 @@ def test_a_kill_during_a_multi_process_preparation_resumes_to_the_same_bytes(tmp
     assert load_manifest(again)["splits"] == load_manifest(ref)["splits"]  # same shards, same checksums
     assert {k: v for k, v in files(again).items() if k.endswith(".bin")} == \
         {k: v for k, v in files(ref).items() if k.endswith(".bin")}
+
+
+def _die(texts: list[str]) -> None:  # a worker killed while tokenizing (out of memory, kill -9)
+    os._exit(1)
+
+
+def test_a_worker_that_dies_is_one_error_line_and_the_run_resumes(tmp_path, corpus, tok, small_chunks, monkeypatch):
+    cfg = DataConfig(dataset=str(corpus), data_dir=str(tmp_path), prep_workers=2, val_fraction=0.2)
+    monkeypatch.setattr(encode, "START_METHOD", "fork")  # the test's _die reaches the workers through fork
+    work = encode._encode_in_worker
+    monkeypatch.setattr(encode, "_encode_in_worker", _die)
+    with pytest.raises(shards.DataError, match=r"^a tokenizing worker process died \(killed, or out of memory\?\); "
+                                               r"run the same command again to resume"):
+        prepare(cfg, tokenizer=tok, **QUIET)
+    monkeypatch.setattr(encode, "_encode_in_worker", work)
+    logs: list[str] = []
+    out = prepare(cfg, tokenizer=tok, log=logs.append)
+    assert any("documents already done" in line for line in logs) and logs[-2].endswith("on 2 worker processes")
+    verify(out)
 
 
 def test_llm_data_reports_a_tokenizer_it_cannot_load_in_one_line(tmp_path, capsys):
