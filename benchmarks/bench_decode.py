@@ -281,7 +281,7 @@ def bench_speculative(args: argparse.Namespace, device: torch.device, dtype: tor
         print(f"{k:18s} {tps:8.1f} tok/s  x{row['vs_plain']:.2f} vs plain  {row['tokens_per_pass']:.2f} tok/pass  "
               f"{row['target_passes']} passes{acc}  same={row['same']}", flush=True)
     write_results(args.name, rows, x="provider", y="tok_s", panels="case", title=f"speculative decoding, {where}",
-                  xlabel="decoding", ylabel="decode throughput (tokens/s)")
+                  xlabel="decoding", ylabel="decode throughput (tokens/s)", panel_label="checkpoint")
     return 0 if all(r["same"] for r in rows) else 1
 
 

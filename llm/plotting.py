@@ -36,7 +36,8 @@ class PlotSpec:
     """What to draw from result rows: `y` against `x`, one mark per value of `series`, one panel per value of
     `panels`. kind: "auto" (lines when x is numeric with two or more values in a panel, else bars), "bars" or
     "lines". zero: the y axis includes 0 (False for losses). logx: None = automatic (positive numeric x spaced
-    geometrically over 16x or more: log2 axis). legend: the legend's title (default: the series column's name)."""
+    geometrically over 16x or more: log2 axis). legend: the legend's title (default: the series column's name).
+    panel_label: words before each panel's value in its title ("checkpoint" -> "checkpoint out")."""
 
     x: str
     y: str
@@ -50,6 +51,7 @@ class PlotSpec:
     zero: bool = True
     logx: bool | None = None
     logy: bool = False
+    panel_label: str = ""
 
     def to_json(self) -> str:
         return json.dumps({k: v for k, v in asdict(self).items() if v != PlotSpec.default(k)}, indent=1) + "\n"
@@ -252,7 +254,7 @@ def render(rows: list[dict], spec: PlotSpec):
     """(fig, axes): the panels of `draw`, before the legend and saving."""
     panel_vals = _distinct(r[spec.panels] for r in rows) if spec.panels else [None]
     panels = [_panel([r for r in rows if spec.panels is None or r[spec.panels] == pv],
-                     "" if pv is None else str(pv), spec) for pv in panel_vals]
+                     "" if pv is None else f"{spec.panel_label} {pv}".strip(), spec) for pv in panel_vals]
     # a bar panel gets at least 1.1 inch per category, so its tick labels fit side by side
     n_cats = max([len(_distinct(r[p.cats] for r in p.rows)) for p in panels if p.kind == "bars"] or [0])
     fig, axes = figure(len(panels), spec.title, panel_w=max(PANEL_W, 1.1 * n_cats))
