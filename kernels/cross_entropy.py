@@ -213,18 +213,18 @@ def cross_entropy_bwd(logits: Tensor, targets: Tensor, lse: Tensor, scale: Tenso
     return dlogits
 
 
-def chunk_rows(n_rows: int, d: int, vocab: int) -> int:
+def chunk_rows(n_rows: int, d: int, vocab: int, min_rows: int = MIN_CHUNK_ROWS) -> int:
     """Rows per chunk of the fused op.
 
     Liger's rule sizes a chunk's logits (rows x V) like x itself (n_rows x d), so the loss adds
-    about one activation's worth of memory. We take that, but never fewer than MIN_CHUNK_ROWS
-    rows: each chunk re-reads W twice and reads + writes the (V, d) fp32 grad_W accumulator
-    once, and with fewer rows those GEMMs stop being compute-bound. The rows are then spread
-    evenly over the chunks (no small tail chunk) and rounded up to a multiple of 128 (whole
+    about one activation's worth of memory. We take that, but never fewer than `min_rows` rows
+    (MIN_CHUNK_ROWS for the GPU kernels): each chunk re-reads W twice and reads + writes the
+    (V, d) fp32 grad_W accumulator once, and with fewer rows those GEMMs stop being compute-bound.
+    The rows are then spread evenly over the chunks (no small tail chunk) and rounded up to a multiple of 128 (whole
     GEMM tiles). At d=4096 and 16k tokens: V=128256 gives 1024 rows (263 MB of bf16 logits,
     where the full logits would be 4.2 GB), V=32000 gives 2048 rows (131 MB, the size of x).
     """
-    target = max(MIN_CHUNK_ROWS, -(-n_rows * d // vocab))
+    target = max(min_rows, -(-n_rows * d // vocab))
     n_chunks = max(1, -(-n_rows // target))
     rows = -(-n_rows // n_chunks)
     return max(1, min(n_rows, -(-rows // 128) * 128))

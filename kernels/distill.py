@@ -15,9 +15,15 @@ term, (3) ds written in place over s. The launcher walks the rows in chunks, as 
 linear CE does (and reuses its chunk size, target checks and fp32 grad_W accumulation): logits of a chunk from two
 torch GEMMs into two reused buffers, the kernel, then grad_x_c = ds_c @ W and grad_W += ds_c^T @ x_c. Gradients are
 computed in the forward (upstream gradient 1) and scaled in the backward. Anchor: Liger-Kernel's fused linear JSD.
+
+row_math="torch" (the CPU route of ops.linear_distill) keeps this chunk loop and replaces the row kernel by
+`distill_rows_torch`: the same closed forms in PyTorch on one chunk's logits, so a few (C, V) fp32 temporaries
+exist at once instead of (N, V) ones; "torch-compiled" is that function under torch.compile (fused passes).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -25,9 +31,14 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.common import DTYPE_NAMES, AotCase
-from kernels.cross_entropy import _addmm_fp32_, _check_targets, _count, chunk_rows
+from kernels.cross_entropy import MIN_CHUNK_ROWS, _addmm_fp32_, _check_targets, _count, chunk_rows
 
 KINDS = {"kl": 0, "reverse-kl": 1, "jsd": 2}
+ROW_MATH = ("triton", "torch", "torch-compiled")
+# Fewest rows per chunk of the torch row math (CPU). Eager, it holds ~8 fp32 (C, V) temporaries per chunk (the
+# Triton kernel: none beyond the two logits buffers), so it takes smaller chunks than the GPU's MIN_CHUNK_ROWS; a
+# 256-row GEMM is still compute-bound on a CPU (its register blocks are a few rows tall).
+TORCH_MIN_CHUNK_ROWS = 256
 
 
 @triton.jit
@@ -180,12 +191,65 @@ def aot_cases() -> list[AotCase]:
     return cases
 
 
+def distill_rows_torch(s: Tensor, t: Tensor, targets: Tensor, scale: Tensor, alpha: float, temperature: float,
+                       kind: str, ignore_index: int, write_grad: bool
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """What `_distill_fwd_kernel` computes for a chunk, in PyTorch (a pure function: torch.compile fuses it).
+
+    s, t (C, V) logits, targets (C,), scale () = 1 / n. Returns per-row fp32 (loss_i, ce_i, D_i, agree_i), 0 on
+    ignored rows, and ds (C, V) fp32 (zeros on ignored rows; None unless write_grad) by the module docstring's
+    closed forms: ds = scale * (alpha * (softmax(s) - onehot(y)) + (1 - alpha) * T * dD/du)."""
+    acc = torch.promote_types(s.dtype, torch.float32)
+    keep = targets != ignore_index
+    sf, tf = s.to(acc), t.to(acc)
+    lse = torch.logsumexp(sf, -1)
+    ce = (lse - sf.gather(-1, torch.where(keep, targets, 0)[:, None]).squeeze(-1)) * keep
+    log_q, log_p = torch.log_softmax(sf / temperature, -1), torch.log_softmax(tf / temperature, -1)
+    q = log_q.exp()
+    if kind == "kl":
+        div = (log_p.exp() * (log_p - log_q)).sum(-1)
+        g = q - log_p.exp() if write_grad else None
+    elif kind == "reverse-kl":
+        div = (q * (log_q - log_p)).sum(-1)
+        g = q * (log_q - log_p - div[:, None]) if write_grad else None
+    else:  # jsd
+        log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
+        a = q * (log_q - log_m)
+        half_kl_qm = 0.5 * a.sum(-1)
+        div = 0.5 * (log_p.exp() * (log_p - log_m)).sum(-1) + half_kl_qm
+        g = 0.5 * a - q * half_kl_qm[:, None] if write_grad else None
+    div = div * keep
+    loss = alpha * ce + (1.0 - alpha) * temperature ** 2 * div
+    agree = ((sf.argmax(-1) == tf.argmax(-1)) & keep).to(acc)
+    ds = None
+    if write_grad:
+        p_s = torch.exp(sf - lse[:, None])
+        ds = alpha * p_s + ((1.0 - alpha) * temperature) * g
+        ds.scatter_add_(-1, torch.where(keep, targets, 0)[:, None], torch.full_like(ce, -alpha)[:, None])
+        ds = ds * (keep * scale)[:, None]
+    return loss, ce, div, agree, ds
+
+
+_ROWS = {"torch": distill_rows_torch}
+
+
+def _rows_fn(row_math: str):
+    """The row function of a non-Triton row_math; "torch-compiled" is compiled on first use (one graph per chunk
+    height: the full chunks and the last one)."""
+    if row_math not in _ROWS:
+        _ROWS[row_math] = torch.compile(distill_rows_torch, dynamic=False)
+    return _ROWS[row_math]
+
+
 def linear_distill_fwd(x: Tensor, weight: Tensor, teacher_x: Tensor, teacher_weight: Tensor, targets: Tensor,
                        alpha: float = 0.5, temperature: float = 1.0, kind: str = "kl", ignore_index: int = -100,
-                       need_grad_x: bool = True, need_grad_w: bool = True, chunk: int | None = None
-                       ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+                       need_grad_x: bool = True, need_grad_w: bool = True, chunk: int | None = None,
+                       row_math: str = "triton") -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """(mean loss fp32 scalar, stats (3,) fp32 = mean [ce, divergence, top-1 agreement], grad_x, grad_W) for an
-    upstream gradient of 1, chunk by chunk of `chunk` rows (default `chunk_rows`)."""
+    upstream gradient of 1, chunk by chunk of `chunk` rows (default `chunk_rows`); each chunk's rows by the Triton
+    kernel (row_math="triton") or by `distill_rows_torch` ("torch", the CPU route; "torch-compiled")."""
+    if row_math not in ROW_MATH:
+        raise ValueError(f"row_math must be one of {ROW_MATH}, got {row_math!r}")
     if kind not in KINDS:
         raise ValueError(f"unknown distillation loss {kind!r}; choose one of: {', '.join(KINDS)}")
     if not temperature > 0:
@@ -217,7 +281,8 @@ def linear_distill_fwd(x: Tensor, weight: Tensor, teacher_x: Tensor, teacher_wei
     grad_x = torch.empty_like(x) if need_grad_x else None
     grad_w = torch.zeros((V, d), dtype=torch.float32, device=dev) if need_grad_w else None
     write_grad = need_grad_x or need_grad_w
-    C = min(chunk or chunk_rows(N, max(d, teacher_x.shape[1]), V), max(N, 1))
+    min_rows = MIN_CHUNK_ROWS if row_math == "triton" else TORCH_MIN_CHUNK_ROWS
+    C = min(chunk or chunk_rows(N, max(d, teacher_x.shape[1]), V, min_rows), max(N, 1))
     s_buf = torch.empty((C, V), dtype=x.dtype, device=dev)  # student logits, then ds, reused by every chunk
     t_buf = torch.empty((C, V), dtype=teacher_x.dtype, device=dev)
     for r0 in range(0, N, C):
@@ -225,10 +290,18 @@ def linear_distill_fwd(x: Tensor, weight: Tensor, teacher_x: Tensor, teacher_wei
         xc, sc, tc = x[r0:r1], s_buf[: r1 - r0], t_buf[: r1 - r0]
         torch.mm(xc, weight.t(), out=sc)  # logits rounded to the input dtype, like the reference's matmul
         torch.mm(teacher_x[r0:r1], teacher_weight.t(), out=tc)
-        _distill_fwd_kernel[(r1 - r0,)](sc, sc.stride(0), tc, tc.stride(0), t[r0:r1], rows[0, r0:r1],
-                                        rows[1, r0:r1], rows[2, r0:r1], rows[3, r0:r1], scale, V, ignore_index,
-                                        float(alpha), float(temperature), KIND=KINDS[kind], BLOCK_V=BLOCK_V,
-                                        WRITE_GRAD=write_grad, num_warps=NUM_WARPS)
+        if row_math != "triton":
+            *per_row, ds = _rows_fn(row_math)(sc, tc, t[r0:r1], scale, alpha, temperature, kind, ignore_index,
+                                             write_grad)
+            for i, v in enumerate(per_row):
+                rows[i, r0:r1] = v
+            if ds is not None:
+                sc.copy_(ds)
+        else:
+            _distill_fwd_kernel[(r1 - r0,)](sc, sc.stride(0), tc, tc.stride(0), t[r0:r1], rows[0, r0:r1],
+                                            rows[1, r0:r1], rows[2, r0:r1], rows[3, r0:r1], scale, V, ignore_index,
+                                            float(alpha), float(temperature), KIND=KINDS[kind], BLOCK_V=BLOCK_V,
+                                            WRITE_GRAD=write_grad, num_warps=NUM_WARPS)
         if grad_x is not None:
             torch.mm(sc, weight, out=grad_x[r0:r1])  # sc now holds ds
         if grad_w is not None:
@@ -247,11 +320,11 @@ class LinearDistillFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, teacher_x: Tensor, teacher_weight: Tensor, targets: Tensor,
                 alpha: float, temperature: float, kind: str, ignore_index: int, need_grad_x: bool,
-                need_grad_w: bool, chunk: int | None) -> tuple[Tensor, Tensor]:
+                need_grad_w: bool, chunk: int | None, row_math: str) -> tuple[Tensor, Tensor]:
         with torch.autocast(x.device.type, enabled=False):  # the GEMMs run in the inputs' dtypes
             loss, stats, ctx.grad_x, ctx.grad_w = linear_distill_fwd(
                 x, weight, teacher_x, teacher_weight, targets, alpha, temperature, kind, ignore_index,
-                need_grad_x, need_grad_w, chunk)
+                need_grad_x, need_grad_w, chunk, row_math)
         ctx.mark_non_differentiable(stats)
         ctx.used = False
         return loss, stats
@@ -265,7 +338,7 @@ class LinearDistillFunction(torch.autograd.Function):
         grad_x = ctx.grad_x.mul_(grad_out) if ctx.grad_x is not None else None
         grad_w = ctx.grad_w.mul_(grad_out) if ctx.grad_w is not None else None
         ctx.grad_x = ctx.grad_w = None
-        return grad_x, grad_w, None, None, None, None, None, None, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- public
@@ -273,12 +346,14 @@ class LinearDistillFunction(torch.autograd.Function):
 
 def linear_distill(x: Tensor, weight: Tensor, teacher_x: Tensor, teacher_weight: Tensor, targets: Tensor,
                    alpha: float = 0.5, temperature: float = 1.0, kind: str = "kl", ignore_index: int = -100, *,
-                   chunk: int | None = None) -> tuple[Tensor, Tensor]:
+                   chunk: int | None = None, row_math: str = "triton") -> tuple[Tensor, Tensor]:
     """`linear_distill_ref` (kernels/reference.py) without materializing either (N, V) logits tensor.
 
     x (N, d), weight (V, d), teacher_x (N, dt), teacher_weight (V, dt), targets (N,). Returns (loss fp32 scalar,
     stats (3,) fp32 = [ce, divergence, top-1 agreement], no gradient). Only x and weight get gradients (the
     teacher is frozen). Under autocast all four are cast to the autocast dtype first, as the reference's matmuls.
+    row_math="torch" runs each chunk's rows in PyTorch instead of the Triton kernel (any device; ops' CPU route),
+    "torch-compiled" the same under torch.compile.
     """
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
@@ -287,4 +362,4 @@ def linear_distill(x: Tensor, weight: Tensor, teacher_x: Tensor, teacher_weight:
     grad_on = torch.is_grad_enabled()
     need_x, need_w = grad_on and x.requires_grad, grad_on and weight.requires_grad
     return LinearDistillFunction.apply(x, weight, teacher_x, teacher_weight, targets, alpha, temperature, kind,
-                                       ignore_index, need_x, need_w, chunk)
+                                       ignore_index, need_x, need_w, chunk, row_math)

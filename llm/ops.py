@@ -157,12 +157,18 @@ def linear_distill(x: Tensor, weight: Tensor, teacher_x: Tensor, teacher_weight:
                    alpha: float = 0.5, temperature: float = 1.0, kind: str = "kl", ignore_index: int = -100,
                    kernels: str = "auto") -> tuple[Tensor, Tensor]:
     """(loss, [ce, divergence, top-1 agreement]) of a student head against a teacher head, from both hidden
-    states (kernels/reference.py `linear_distill_ref` has the math); the Triton path never holds either (N, V)
-    logits tensor (kernels/distill.py)."""
+    states (kernels/reference.py `linear_distill_ref` has the math). Neither (N, V) logits tensor is held in full:
+    on CUDA the Triton kernel (kernels/distill.py); elsewhere, kernels="auto", the same chunk loop with each chunk's
+    rows in PyTorch (row_math="torch"). kernels="torch" takes the reference itself (materialized)."""
     if use_triton(kernels, x):
         from kernels.distill import linear_distill as kernel
 
         return kernel(x, weight, teacher_x, teacher_weight, targets, alpha, temperature, kind, ignore_index)
+    if kernels == "auto" and triton_available():  # kernels/distill.py imports triton (a Linux dependency)
+        from kernels.distill import linear_distill as chunked
+
+        return chunked(x, weight, teacher_x, teacher_weight, targets, alpha, temperature, kind, ignore_index,
+                       row_math="torch")
     return ref.linear_distill_ref(x, weight, teacher_x, teacher_weight, targets, alpha, temperature, kind,
                                   ignore_index)
 

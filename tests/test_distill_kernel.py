@@ -39,13 +39,15 @@ def _run(fn, x, w, tx, tw, y, g, *args):
     return loss.detach(), stats, xl.grad, wl.grad
 
 
+@pytest.mark.parametrize("row_math", ["triton", "torch"])
 @pytest.mark.parametrize("kind, T", [("kl", 1.0), ("kl", 2.5), ("reverse-kl", 2.5), ("jsd", 0.7)])
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")])
 @pytest.mark.parametrize("N, d, dt, V, chunk", SHAPES)
-def test_linear_distill_matches_reference(N, d, dt, V, chunk, dtype, kind, T):
+def test_linear_distill_matches_reference(N, d, dt, V, chunk, dtype, kind, T, row_math):
+    """The Triton row kernel (interpreter) and the PyTorch row math (the CPU route) in the same chunk loop."""
     (x, w, tx, tw), y, g = _inputs(N, d, dt, V, dtype, seed=N * 31 + V + len(kind))
     args = (0.3, T, kind, -100)
-    out = _run(lambda *a: linear_distill(*a, chunk=chunk), x, w, tx, tw, y, g, *args)
+    out = _run(lambda *a: linear_distill(*a, chunk=chunk, row_math=row_math), x, w, tx, tw, y, g, *args)
     hp = _run(linear_distill_ref, x.float(), w.float(), tx.float(), tw.float(), y, g, *args)
     loss, stats, gx, gw = out
     assert loss.dtype == torch.float32 and loss.dim() == 0 and stats.shape == (3,)
@@ -75,6 +77,34 @@ def test_alpha_one_is_the_fused_cross_entropy_and_teacher_equal_student_is_zero(
         assert abs(float(st[1])) < 1e-5 and float(st[2]) == 1.0
 
 
+def test_compiled_torch_row_math_matches_reference():
+    """row_math="torch-compiled" (distill_rows_torch under torch.compile): one shape with a partial last chunk,
+    JSD (the longest closed form), fp32, against the reference."""
+    (x, w, tx, tw), y, g = _inputs(19, 16, 20, 3001, torch.float32, seed=11)
+    args = (0.3, 0.7, "jsd", -100)
+    out = _run(lambda *a: linear_distill(*a, chunk=8, row_math="torch-compiled"), x, w, tx, tw, y, g, *args)
+    ref = _run(linear_distill_ref, x, w, tx, tw, y, g, *args)
+    for a, b, name in zip(out, ref, ["loss", "stats", "grad_x", "grad_weight"]):
+        assert_close(a, b, name=name)
+
+
+def test_cpu_route_is_the_chunked_torch_row_math():
+    """ops.linear_distill on CPU (kernels="auto") runs the chunk loop with row_math="torch": the reference's loss,
+    stats and gradients; kernels="torch" is the reference itself; no grad mode leaves the logits buffers alone."""
+    from llm import ops
+
+    (x, w, tx, tw), y, g = _inputs(700, 24, 16, 1500, torch.float32, seed=5)  # 3 chunks of 256: last partial
+    args = (0.4, 1.5, "jsd", -100)
+    out = _run(lambda *a: ops.linear_distill(*a), x, w, tx, tw, y, g, *args)
+    ref = _run(lambda *a: ops.linear_distill(*a, kernels="torch"), x, w, tx, tw, y, g, *args)
+    for a, b, name in zip(out, ref, ["loss", "stats", "grad_x", "grad_weight"]):
+        assert_close(a, b, name=name)
+    with torch.no_grad():
+        loss, stats = ops.linear_distill(x, w, tx, tw, y, *args)
+    assert_close(loss, ref[0], name="no-grad loss")
+    assert_close(stats, ref[1], name="no-grad stats")
+
+
 def test_no_full_logits_and_bad_input_is_refused():
     (x, w, tx, tw), y, _ = _inputs(40, 16, 16, 1000, torch.float32, seed=4)
     loss, stats, gx, gw = linear_distill_fwd(x, w, tx, tw, y, chunk=8)
@@ -88,3 +118,5 @@ def test_no_full_logits_and_bad_input_is_refused():
         linear_distill(x, w, tx, tw, torch.full_like(y, 1000))
     with pytest.raises(ValueError, match="temperature"):
         linear_distill(x, w, tx, tw, y, temperature=0.0)
+    with pytest.raises(ValueError, match="row_math"):
+        linear_distill(x, w, tx, tw, y, row_math="numpy")
