@@ -5,7 +5,9 @@
 Rows: the original; unstructured 50% by magnitude and by Wanda; 2:4 by both; structured to half the parameters
 (llm.prune's --target-params path, before any recovery training). Perplexity is llm.eval's over --eval-dataset
 (default pystdlib, the first --eval-tokens tokens); calibration reads the training split of --calib-dataset.
-Decode: greedy, batch 1, --decode-tokens new tokens after a 16-token prompt, the median ms/step of 3 runs.
+Decode: greedy, batch 1, --decode-tokens new tokens after a 16-token prompt, the median ms/step of --rounds
+interleaved rounds (the masked unstructured variants compute exactly what the original does: their spread is the
+timing noise). Threads and load average are printed with the results.
 Writes benchmarks/results/<device>/bench_prune.{csv,md}.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import tempfile
 import time
@@ -27,13 +30,17 @@ from llm.loading import load_model
 from llm.prune import calibrate, structured, unstructured
 
 
-def decode_ms(model, prompt: torch.Tensor, n: int) -> float:
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        generate(model, prompt, n, temperature=0.0)
-        times.append((time.perf_counter() - t0) * 1000 / n)
-    return statistics.median(times)
+def decode_ms(models: dict[str, torch.nn.Module], prompt: torch.Tensor, n: int, rounds: int) -> dict[str, float]:
+    """Median ms per new token of each model, `rounds` rounds that each time every model once (interleaved, so a
+    change of machine load hits every model alike), after one warm-up call each."""
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for r in range(rounds + 1):
+        for k, m in models.items():
+            t0 = time.perf_counter()
+            generate(m, prompt, n, temperature=0.0)
+            if r:
+                times[k].append((time.perf_counter() - t0) * 1000 / n)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def file_mib(model, tok) -> float:
@@ -48,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-dataset", default="pystdlib")
     p.add_argument("--calib-tokens", type=int, default=8192)
     p.add_argument("--eval-dataset", default="pystdlib")
-    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--eval-tokens", type=int, default=65536)
     p.add_argument("--decode-tokens", type=int, default=48)
+    p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args(argv)
     torch.manual_seed(0)
     model, tok, _ = load_model(args.checkpoint, "cpu", torch.float32)
@@ -70,17 +78,21 @@ def main(argv: list[str] | None = None) -> int:
     for name, m in variants.items():
         m.eval()
         r = evaluate(m, ids)
-        ms = decode_ms(m, prompt, args.decode_tokens)
         out.append({"variant": name, "params": m.num_params(), "perplexity": round(r.perplexity, 3),
-                    "weights_MiB": round(file_mib(m, tok), 3), "decode_ms_per_step": round(ms, 3)})
+                    "weights_MiB": round(file_mib(m, tok), 3)})
         print(out[-1], flush=True)
+    load0 = os.getloadavg()[0]
+    ms = decode_ms(variants, prompt, args.decode_tokens, args.rounds)
+    for r in out:
+        r["decode_ms_per_step"] = round(ms[r["variant"]], 3)
     base = out[0]
     for r in out:
         r["ppl_vs_original"] = round(r["perplexity"] / base["perplexity"], 3)
         r["size_vs_original"] = round(r["weights_MiB"] / base["weights_MiB"], 3)
         r["decode_vs_original"] = round(r["decode_ms_per_step"] / base["decode_ms_per_step"], 3)
     print(f"# {device_name()}; {versions()}; checkpoint {args.checkpoint}; calibration {rows.numel()} tokens "
-          f"(of {got}); eval {len(ids)} tokens")
+          f"(of {got}); eval {len(ids)} tokens; decode {torch.get_num_threads()} thread(s), load average "
+          f"{load0:.1f} -> {os.getloadavg()[0]:.1f}")
     for r in out:
         print(" | ".join(f"{k} {v}" for k, v in r.items()))
     write_results("bench_prune", out, x="variant", y="perplexity", series="variant",
