@@ -10,7 +10,8 @@
            share of greedy answers that end with the end-of-turn token
   compare  LoRA, prefix tuning and adapters fine-tuned from --base at an equal trainable-parameter budget (LoRA's
            at --lora-rank), --seeds seeds each: held-out answer loss and end-of-turn rate, mean and spread
-  ttft     time to first token of --base alone and with a prefix of --prefix-tokens rows (interleaved, median)
+  ttft     time to first token of --base alone and with a prefix of --prefix-tokens rows (interleaved, median), in
+           the sampler and through the server's engine, and of the base given P more prompt tokens instead
 
   python benchmarks/bench_finetune.py memory --preset small --lora-rank 16 --lora-targets q,k,v,o,gate,up,down
   python benchmarks/bench_finetune.py speed --preset small --batch-size 2 --block-size 256
@@ -307,28 +308,74 @@ def compare(args) -> None:
 
 @torch.no_grad()
 def ttft(args) -> None:
-    """Prefill + first token of one prompt: the base alone vs the base with a prefix (its rows pre-filled in the
-    cache, as sample.py --peft runs it), interleaved so machine load hits both alike."""
+    """Time to first token of one prompt (prefill + the first token), every variant interleaved in each round so
+    machine load hits them alike, medians and p20/p80 over --repeats rounds:
+      sample base          the base through `complete`'s path (new_cache, prefill, first token)
+      sample prefix        the base with a prefix of P rows, pre-filled in its cache (sample.py --peft)
+      sample base +P       the base with P more prompt tokens: what spending the prefix as prompt would cost
+      serve base / prefix  one request through the server's engine (paged pool, prefix cache off), the prefix in
+                           its shared blocks
+    The load average (os.getloadavg) is printed before and after."""
+    import os
+
+    from llm.serve.engine import Engine, Seq
+
     base, tok, _ = load_model(args.base)
     pre = peft.apply(copy.deepcopy(base), prefix.PrefixConfig(args.prefix_tokens, 0), vocab=tok.n_vocab, train=False)
-    ids = tok.encode("def read_config(path):\n    \"\"\"Read the settings file and return a dict.\"\"\"\n" * 3)
-    ids = torch.tensor([ids[: args.prompt_tokens]])
-    times: dict[str, list[float]] = {"base": [], "prefix": []}
-    for i in range(args.repeats + 1):
-        for name, m in (("base", base), ("prefix", pre)):
-            t = time.perf_counter()
-            cache = m.new_cache(1, ids.shape[1] + 1)
-            logits, _ = m(ids, cache=cache, logits_at=torch.tensor([ids.shape[1] - 1]))
+    P = args.prefix_tokens
+    text = tok.encode("def read_config(path):\n    \"\"\"Read the settings file and return a dict.\"\"\"\n" * 8)
+    ids = text[: args.prompt_tokens]
+    longer = text[: args.prompt_tokens + P]
+    if len(longer) < args.prompt_tokens + P or args.prompt_tokens + P > base.cfg.block_size:
+        raise SystemExit(f"error: --prompt-tokens {args.prompt_tokens} + --prefix-tokens {P} must fit the context "
+                         f"{base.cfg.block_size}")
+
+    def sampler(m, x):
+        def run():
+            t = torch.tensor([x])
+            cache = m.new_cache(1, len(x) + 1)
+            logits, _ = m(t, cache=cache, logits_at=torch.tensor([len(x) - 1]))
             m(logits[:, -1].argmax(-1, keepdim=True), cache=cache)
+        return run
+
+    def server(m):
+        eng = Engine(m, tok, m.new_pool(2 * base.cfg.block_size // 16 + 2, 16), max_step_tokens=256,
+                     prefix_cache=False)
+
+        def run():
+            s = Seq(prompt=list(ids), params=SamplingParams(0.0), max_tokens=2, seed=0, emit=lambda ev: None)
+            eng.start(s)
+            while not s.out and s.finish is None:  # the first token
+                eng.step([s])
+            eng.release(s)
+        return run
+
+    cases = {"sample base": sampler(base, ids), "sample prefix": sampler(pre, ids),
+             "sample base +P": sampler(base, longer), "serve base": server(base), "serve prefix": server(pre)}
+    load0 = os.getloadavg()
+    times: dict[str, list[float]] = {n: [] for n in cases}
+    for i in range(args.repeats + 1):
+        for name, run in cases.items():
+            t = time.perf_counter()
+            run()
             if i:  # the first round warms up
                 times[name].append(time.perf_counter() - t)
+    load1 = os.getloadavg()
     q = {n: statistics.quantiles(t, n=10) for n, t in times.items()}
     med = {n: statistics.median(t) for n, t in times.items()}
-    print(f"{short_name(args.base)}: prompt {ids.shape[1]} tokens, prefix {args.prefix_tokens} rows, {args.repeats} "
-          f"interleaved repeats, threads {torch.get_num_threads()}")
+    print(f"{args.base}: prompt {len(ids)} tokens, prefix {P} rows, {args.repeats} interleaved repeats, threads "
+          f"{torch.get_num_threads()}, {device_name()}; load average (1/5/15 min) before "
+          f"{'/'.join(f'{x:.1f}' for x in load0)}, after {'/'.join(f'{x:.1f}' for x in load1)}")
+    print("| case | TTFT median ms | p20 | p80 | / base (same path) |")
+    print("|---|---|---|---|---|")
     for n in times:
-        print(f"{n}: TTFT median {med[n] * 1e3:.2f} ms (p20 {q[n][1] * 1e3:.2f}, p80 {q[n][7] * 1e3:.2f})")
-    print(f"prefix / base = {med['prefix'] / med['base']:.3f}")
+        ref = med["serve base" if n.startswith("serve") else "sample base"]
+        print(f"| {n} | {med[n] * 1e3:.2f} | {q[n][1] * 1e3:.2f} | {q[n][7] * 1e3:.2f} | {med[n] / ref:.3f} |")
+    # paired per round: the ratio of each round's times, so slow spells of the machine cancel out
+    for a, b in (("sample prefix", "sample base"), ("serve prefix", "serve base"), ("sample base +P", "sample base")):
+        r = sorted(x / y for x, y in zip(times[a], times[b]))
+        rq = statistics.quantiles(r, n=10)
+        print(f"{a} / {b}, paired per round: median {statistics.median(r):.3f} (p20 {rq[1]:.3f}, p80 {rq[7]:.3f})")
 
 
 def main(argv: list[str] | None = None) -> int:
