@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -75,16 +76,6 @@ def run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - t
 
 
-def prepared(out_dir: Path) -> Path:
-    """The prepared preference data a run used (its config.toml's data_dir + the manifest it wrote)."""
-    cfg = json.loads((out_dir / "latest" / "config.json").read_text()) if (out_dir / "latest").exists() else None
-    data_dir = Path((cfg or {}).get("data", {}).get("data_dir", "data"))
-    found = sorted(data_dir.glob("stdlib-prefs-pref-*"))
-    if not found:
-        sys.exit(f"error: no prepared stdlib-prefs data under {data_dir}")
-    return found[-1]
-
-
 def grpo_curve(out_dir: Path) -> list[tuple[int, float]]:
     rows = []
     for line in (out_dir / "metrics.jsonl").read_text().splitlines():
@@ -94,15 +85,143 @@ def grpo_curve(out_dir: Path) -> list[tuple[int, float]]:
     return rows
 
 
+def modules_sft_file(path: Path, val_fraction: float = 0.05) -> Path:
+    """The training split of the embedded `stdlib-modules` task as SFT jsonl: a few SFT steps on it teach the
+    answer's format (a bare module name), so GRPO starts with some groups that score (exact match on a format
+    never seen gives every answer 0: no advantage, no gradient). GRPO then trains on the same prompts and is
+    also scored on the held-out ones."""
+    from llm.data.corpus import _in_val
+    from llm.data.prompts import stdlib_modules
+
+    with open(path, "w") as f:
+        for name, msgs in stdlib_modules():
+            if not _in_val(name, val_fraction):
+                f.write(json.dumps({"messages": msgs}) + "\n")
+    return path
+
+
+def pipeline(args) -> None:
+    w = Path(args.work)
+    w.mkdir(parents=True, exist_ok=True)
+    common = ["--data-dir", str(w / "data"), "--warmup-steps", "10", "--eval-interval", "50", "--eval-iters", "8",
+              "--batch-size", "16"]
+    cmds, secs = [], {}
+
+    def stage(name: str, cmd: list[str]) -> Path:
+        out = w / name
+        if not (out / "latest").exists() or args.again:
+            cmds.append("llm " + " ".join(cmd + ["--out-dir", name]))
+            secs[name] = run(cmd + ["--out-dir", str(out)], w / f"{name}.log")
+        return out
+
+    sft = stage("sft", ["train", "--init-from", args.base, "--dataset", "stdlib-qa", "--max-steps",
+                        str(args.sft_steps), "--lr", "1e-3", *common])
+    rm = stage("rm", ["train", "--objective", "reward", "--init-from", str(sft), "--dataset", "stdlib-prefs",
+                      "--max-steps", str(args.rm_steps), "--lr", "3e-4", *common])
+    dpo = stage("dpo", ["train", "--objective", "dpo", "--init-from", str(sft), "--dataset", "stdlib-prefs",
+                        "--max-steps", str(args.dpo_steps), "--lr", str(args.dpo_lr), "--dpo-beta",
+                        str(args.dpo_beta), *common])
+    data = prepared_pairs(w / "data")
+    ev = {k: eval_pairs(p, data) for k, p in (("sft", sft), ("rm", rm), ("dpo", dpo))}
+    mods = modules_sft_file(w / "modules.jsonl")
+    fmt = stage("sft-modules", ["train", "--init-from", str(sft), "--dataset", str(mods), "--max-steps",
+                                str(args.format_steps), "--lr", "1e-3", *common])
+    curves = {}
+    for seed in range(args.seeds):
+        g = stage(f"grpo-seed{seed}", ["train", "--objective", "grpo", "--init-from", str(fmt), "--dataset",
+                                       "stdlib-modules", "--reward", "exact_match", "--max-steps",
+                                       str(args.grpo_steps), "--batch-size", "8", "--grpo-group", "8",
+                                       "--grpo-max-new", "8", "--lr", str(args.grpo_lr), "--seed", str(seed),
+                                       "--data-dir", str(w / "data"), "--warmup-steps", "5", "--eval-interval",
+                                       str(args.grpo_steps), "--eval-iters", "8", "--log-interval", "1"])
+        curves[seed] = grpo_curve(g)
+    report(args, ev, curves, cmds, secs)
+
+
+def prepared_pairs(data_dir: Path) -> Path:
+    found = sorted(data_dir.glob("stdlib-prefs-*-pref-*"))
+    if not found:
+        sys.exit(f"error: no prepared stdlib-prefs data under {data_dir}")
+    return found[-1]
+
+
+def smooth(ys: list[float], k: int) -> list[float]:
+    return [statistics.fmean(ys[max(0, i - k + 1): i + 1]) for i in range(len(ys))]
+
+
+def report(args, ev: dict, curves: dict, cmds: list[str], secs: dict) -> None:
+    from benchmarks.common import write_results
+
+    k = args.window
+    rows = []
+    for seed, pts in curves.items():
+        steps, rs = [s for s, _ in pts], [r for _, r in pts]
+        for s, r in zip(steps, smooth(rs, k)):
+            rows.append({"seed": f"seed {seed}", "step": s, "reward": round(r, 4)})
+    out = write_results("bench_align_grpo", rows, x="step", y="reward", series="seed",
+                        title=f"GRPO on stdlib-modules (exact match): mean reward per step, {k}-step moving "
+                              "average, 3 seeds", xlabel="optimizer step", ylabel="mean reward (exact match)",
+                        kind="lines", zero=True)
+    first = [statistics.fmean([r for _, r in pts[:k]]) for pts in curves.values()]
+    last = [statistics.fmean([r for _, r in pts[-k:]]) for pts in curves.values()]
+    sft, rm, dpo = ev["sft"], ev["rm"], ev["dpo"]
+    lines = [
+        "# Preference tuning on the `make train` model (benchmarks/bench_align.py)", "",
+        f"{RESULT_DEVICE}; base: {args.base_name}; every held-out pair of stdlib-prefs ({sft['pairs']} pairs: "
+        "65 held-out stdlib-qa questions x 4 wrong answers from the held-out split).", "",
+        "| model | held-out reward accuracy | held-out preference accuracy (log pi) "
+        "| chosen-answer loss (nats/token) |",
+        "|---|---|---|---|",
+        f"| SFT | - | {sft['pref_acc']:.1%} | {sft['chosen_nll']:.4f} |",
+        f"| reward model (from SFT) | {rm['reward_acc']:.1%} | - | - |",
+        f"| DPO (from SFT, beta {args.dpo_beta}) | - | {dpo['pref_acc']:.1%} | {dpo['chosen_nll']:.4f} "
+        f"({dpo['chosen_nll'] / sft['chosen_nll'] - 1:+.1%} vs SFT) |", "",
+        f"GRPO, exact-match reward on stdlib-modules training prompts, {args.seeds} seeds, mean reward over the first "
+        f"/ last {k} steps: " + "; ".join(f"seed {s}: {a:.3f} -> {b:.3f}" for s, a, b in
+                                          zip(curves, first, last)),
+        f"(mean {statistics.fmean(first):.3f} -> {statistics.fmean(last):.3f}, spread of the last "
+        f"{statistics.pstdev(last):.3f}).", "", "Commands (in the work folder; `out` is the base):", "", "```console",
+        *cmds, "```", "",
+        "Seconds per stage (1 thread each, shared machine): " + ", ".join(f"{k} {v:.0f}" for k, v in secs.items()),
+    ]
+    text = "\n".join(lines) + "\n"
+    (out / "bench_align.md").write_text(text)
+    (out / "bench_align.json").write_text(json.dumps({"eval": ev, "grpo": {str(k): v for k, v in curves.items()}},
+                                                     indent=1))
+    print(text)
+
+
+RESULT_DEVICE = "device: this project's 2-core CPU VM (torch CPU build, 1 thread per run)"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     ev = sub.add_parser("eval", help="one checkpoint on the held-out pairs")
     ev.add_argument("--checkpoint", required=True)
-    ev.add_argument("--data", required=True, help="prepared preference data (data/stdlib-prefs-pref-...)")
+    ev.add_argument("--data", required=True, help="prepared preference data (data/stdlib-prefs-...)")
+    al = sub.add_parser("all", help="SFT, reward model, DPO, GRPO x seeds; measure and write the results")
+    al.add_argument("--base", default="out", help="the pretrained model (make train's out)")
+    al.add_argument("--work", default="/tmp/bench_align", help="where the runs go (reused when present)")
+    al.add_argument("--again", action="store_true", help="re-run stages whose output exists")
+    al.add_argument("--sft-steps", type=int, default=150)
+    al.add_argument("--rm-steps", type=int, default=500)
+    al.add_argument("--dpo-steps", type=int, default=300)
+    al.add_argument("--dpo-lr", type=float, default=1e-4)
+    al.add_argument("--dpo-beta", type=float, default=0.1)
+    al.add_argument("--format-steps", type=int, default=30)
+    al.add_argument("--grpo-steps", type=int, default=60)
+    al.add_argument("--grpo-lr", type=float, default=3e-4)
+    al.add_argument("--seeds", type=int, default=3)
+    al.add_argument("--window", type=int, default=10, help="steps per moving-average point")
     args = ap.parse_args(argv)
     if args.cmd == "eval":
         print(json.dumps(eval_pairs(args.checkpoint, args.data)))
+    else:
+        from benchmarks.common import short_name
+
+        args.base_name = short_name(args.base)
+        pipeline(args)
 
 
 if __name__ == "__main__":

@@ -521,14 +521,15 @@ def _finish(run: Run, stop: _StopFlag, t0: float) -> dict:
         say(f"interrupted at step {step}: saved {path}; continue with --resume")
     else:
         msg = f"done: {step - run.start_step} steps in {fmt_duration(elapsed)}"
-        msg += f", val loss {val_loss:.4f} nats/token" if val_loss is not None else f" (already at step {step})"
+        msg += (f", val loss {val_loss:.4f} {run.objective.unit}" if val_loss is not None
+                else f" (already at step {step})")
         if manifest.get("unigram_entropy") and val_loss is not None:
             msg += f" (unigram entropy of the corpus: {manifest['unigram_entropy']:.4f})"
         say(msg)
         best = ckpt_io.pointed(out, ckpt_io.BEST)
         say(f"checkpoint: {path}" + (f"; best (val {run.best_val:.4f}): {out / best}" if best else "")
             + (f"; loss curve: {png}" if png else ""))
-        say(f"sample with: llm sample --checkpoint {out}")
+        say(run.objective.next_command(out))
     return summary
 
 

@@ -54,6 +54,7 @@ class Objective:
     targets are -100 outside the answers). Subclasses override what differs."""
 
     name = "ce"
+    unit = "nats/token"  # what the loss is measured in (the run's last line says it)
 
     def __init__(self, tcfg: TrainConfig, dcfg: DataConfig) -> None:
         self.tcfg, self.dcfg = tcfg, dcfg
@@ -81,6 +82,10 @@ class Objective:
 
     def tokens(self, batch) -> Tensor:
         return batch[0]
+
+    def next_command(self, out: Path) -> str:
+        """The line that ends a finished run: what to do with its checkpoint."""
+        return f"sample with: llm sample --checkpoint {out}"
 
     def state_dict(self) -> dict:
         return {}

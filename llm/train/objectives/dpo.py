@@ -38,6 +38,7 @@ def dpo_loss(pi_c: Tensor, pi_r: Tensor, ref_c: Tensor, ref_r: Tensor, beta: flo
 
 class DPO(PairObjective):
     name = "dpo"
+    unit = "nats/pair"
 
     def check(self) -> None:
         super().check()

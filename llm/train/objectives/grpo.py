@@ -62,6 +62,7 @@ def grpo_loss(logp: Tensor, ref_logp: Tensor, adv: Tensor, mask: Tensor, beta: f
 
 class GRPO(Objective):
     name = "grpo"
+    unit = "(policy-gradient loss; the reward is grpo/reward)"
 
     def check(self) -> None:
         t = self.tcfg

@@ -37,6 +37,10 @@ def scores(fwd: nn.Module, head: nn.Module, x: Tensor, y: Tensor) -> Tensor:
 
 class Reward(PairObjective):
     name = "reward"
+    unit = "nats/pair"
+
+    def next_command(self, out) -> str:
+        return f"score with: llm score --checkpoint {out} --prompt QUESTION --answer ANSWER [--answer ANSWER ...]"
 
     def check(self) -> None:
         super().check()
