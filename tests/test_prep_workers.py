@@ -18,7 +18,7 @@ import pytest
 from llm.config import DataConfig
 from llm.data import encode, shards
 from llm.data.corpus import open_source
-from llm.data.encode import Encoder, encode_docs
+from llm.data.encode import Encoder, Meter, encode_docs
 from llm.data.shards import fingerprint, load_manifest, prepare, verify
 from llm.tokenizer import Tokenizer
 
@@ -151,6 +151,17 @@ def test_a_kill_during_a_multi_process_preparation_resumes_to_the_same_bytes(tmp
     assert load_manifest(again)["splits"] == load_manifest(ref)["splits"]  # same shards, same checksums
     assert {k: v for k, v in files(again).items() if k.endswith(".bin")} == \
         {k: v for k, v in files(ref).items() if k.endswith(".bin")}
+
+
+def test_the_progress_line_counts_earlier_runs_in_its_share_and_this_run_in_its_rates():
+    lines: list[str] = []
+    m = Meter(lines.append, total=4_000_000, done=1_000_000, every=0)
+    m.add(1_000_000, 300, 2)
+    assert lines[0].startswith("tokenizing: 2.0 of 4.0 MB (50%, ETA ") and ", 300 tokens, 2 documents | " in lines[0]
+    assert m.summary(3).startswith("tokenized 1.0 MB (2 documents) into 300 tokens in ")
+    assert m.summary(3).endswith(" on 3 worker processes") and m.summary(1).endswith(" on 1 process")
+    Meter(lines.append, every=0).add(2_500_000, 7, 1)
+    assert lines[1].startswith("tokenizing: 2.5 MB, 7 tokens, 1 documents | ")  # no total: no share
 
 
 def _die(texts: list[str]) -> None:  # a worker killed while tokenizing (out of memory, kill -9)

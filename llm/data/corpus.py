@@ -58,6 +58,7 @@ class Source:
     slug: str  # directory-safe identity
     docs: Callable[[], Iterator[tuple[str, str, str]]]
     single: Path | None = None  # a one-document corpus: its tokens are split between train and val
+    size: int | None = None  # bytes of all the text when known beforehand (plain text files): progress in %
 
 
 def pystdlib_files() -> list[Path]:
@@ -170,7 +171,8 @@ def _file_source(name: str, slug: str, files: list[Path], cfg: DataConfig) -> So
             if text.strip():
                 yield ("val" if f in val else "train"), str(f), text
 
-    return Source(name, slug, docs, single)
+    size = sum(f.stat().st_size for f in files) if not any(record_kind(f) for f in files) else None
+    return Source(name, slug, docs, single, size)
 
 
 def _hf_docs(name: str, cfg: DataConfig) -> Iterator[tuple[str, str, str]]:

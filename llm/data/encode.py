@@ -150,10 +150,15 @@ class Encoder:
 
 
 class Meter:
-    """Throughput of a preparation: a progress line through `log` at most every PROGRESS_S seconds, and a summary."""
+    """Throughput of a preparation: a progress line through `log` at most every PROGRESS_S seconds, and a summary.
 
-    def __init__(self, log: Callable[[str], None], every: float = PROGRESS_S) -> None:
-        self.log, self.every = log, every
+    `total` (bytes of all the text, when the source knows it) adds the share done and an ETA to the line; `done`
+    is what earlier runs of a resumed preparation did (it counts in the share, not in the rates).
+    """
+
+    def __init__(self, log: Callable[[str], None], total: int | None = None, done: int = 0,
+                 every: float = PROGRESS_S) -> None:
+        self.log, self.total, self.done, self.every = log, total, done, every
         self.t0 = self.last = time.perf_counter()
         self.n_bytes = self.tokens = self.docs = 0
 
@@ -162,8 +167,15 @@ class Meter:
         now = time.perf_counter()
         if now - self.last >= self.every:
             self.last = now
-            self.log(f"tokenizing: {self.n_bytes / 1e6:,.1f} MB, {self.tokens:,} tokens, {self.docs:,} documents "
-                     f"| {self._rates(now - self.t0)} | {now - self.t0:.0f} s")
+            dt = now - self.t0
+            where = f"{self.n_bytes / 1e6:,.1f} MB"
+            if self.total:  # counting earlier runs' part too
+                done = min(self.done + self.n_bytes, self.total)
+                eta = (self.total - done) / max(self.n_bytes / dt, 1e-9)
+                where = (f"{done / 1e6:,.1f} of {self.total / 1e6:,.1f} MB ({done / self.total:.0%}, "
+                         f"ETA {_duration(eta)})")
+            self.log(f"tokenizing: {where}, {self.tokens:,} tokens, {self.docs:,} documents | {self._rates(dt)} "
+                     f"| {dt:.0f} s")
 
     def _rates(self, dt: float) -> str:
         dt = max(dt, 1e-9)
@@ -175,3 +187,9 @@ class Meter:
         how = f"{workers} worker processes" if workers > 1 else "1 process"
         return (f"tokenized {self.n_bytes / 1e6:,.1f} MB ({self.docs:,} documents) into {self.tokens:,} tokens "
                 f"in {dt:.1f} s: {self._rates(dt)} on {how}")
+
+
+def _duration(s: float) -> str:
+    """'42 s', '3m05s', '2h07m'."""
+    s = int(s)
+    return f"{s} s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"

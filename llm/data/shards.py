@@ -195,7 +195,7 @@ def _encode_all(src: Source, cfg: DataConfig, tok: Tokenizer, prog: dict, writer
             w.commit()
         _record(work, prog)
 
-    meter = Meter(log)
+    meter = Meter(log, src.size, prog.get("bytes", 0))
     try:
         workers = _encode_docs(src, cfg, tok, prog, writers, meter, commit)
     except BrokenProcessPool:
@@ -227,6 +227,7 @@ def _encode_docs(src: Source, cfg: DataConfig, tok: Tokenizer, prog: dict, write
                 for split, ids in zip(splits, np.split(e.ids, np.cumsum(e.lengths)[:-1])):
                     writers[split].add(ids)
                 prog["docs"] += len(splits)
+                prog["bytes"] = prog.get("bytes", 0) + e.n_bytes  # text done: the progress line's share
                 meter.add(e.n_bytes, e.ids.size, len(splits))
                 if sum(w.pending_tokens() for w in writers.values()) >= COMMIT_TOKENS:
                     commit()
