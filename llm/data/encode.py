@@ -12,8 +12,8 @@ turning the ids into Python ints and then into arrays happens under the GIL, one
 (benchmarks/bench_tokenize.py measures both). A worker process does all of that on its own core.
 
 Workers import only this module, numpy, tiktoken and llm.tokenizer, never torch (so nothing here imports
-llm.runtime or llm.data.sources). They start by fork where the platform has it (Linux: nothing is
-re-imported, the tokenizer is inherited) and by spawn elsewhere (the tokenizer is pickled once per worker).
+llm.runtime or llm.data.sources). They start by fork on Linux (nothing is re-imported, the tokenizer is
+inherited) and by spawn elsewhere (the tokenizer is pickled once per worker).
 They ignore SIGINT (Ctrl-C stops the main process, which shuts the pool down) and exit within PARENT_POLL_S
 when the main process is gone (after a kill -9 they would otherwise wait on its pipes forever). One worker,
 or a corpus of one chunk, encodes in the calling process with no pool.
@@ -24,6 +24,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -38,7 +39,8 @@ from llm.tokenizer import Tokenizer
 
 PROGRESS_S = 5.0  # seconds between progress lines of a preparation
 PARENT_POLL_S = 0.5  # how often a worker checks that its main process is alive
-START_METHOD = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+# fork on Linux (no re-import, nothing pickled); spawn elsewhere (macOS offers fork, but it is unsafe there)
+START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
 Meta = TypeVar("Meta")
 
 
