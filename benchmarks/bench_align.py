@@ -120,7 +120,7 @@ def pipeline(args) -> None:
                       "--max-steps", str(args.rm_steps), "--lr", "3e-4", *common])
     dpo = stage("dpo", ["train", "--objective", "dpo", "--init-from", str(sft), "--dataset", "stdlib-prefs",
                         "--max-steps", str(args.dpo_steps), "--lr", str(args.dpo_lr), "--dpo-beta",
-                        str(args.dpo_beta), *common])
+                        str(args.dpo_beta), "--dpo-nll", str(args.dpo_nll), *common])
     data = prepared_pairs(w / "data")
     ev = {k: eval_pairs(p, data) for k, p in (("sft", sft), ("rm", rm), ("dpo", dpo))}
     mods = modules_sft_file(w / "modules.jsonl")
@@ -174,7 +174,7 @@ def report(args, ev: dict, curves: dict, cmds: list[str], secs: dict) -> None:
         "|---|---|---|---|",
         f"| SFT | - | {sft['pref_acc']:.1%} | {sft['chosen_nll']:.4f} |",
         f"| reward model (from SFT) | {rm['reward_acc']:.1%} | - | - |",
-        f"| DPO (from SFT, beta {args.dpo_beta}) | - | {dpo['pref_acc']:.1%} | {dpo['chosen_nll']:.4f} "
+        f"| DPO (from SFT, beta {args.dpo_beta}, --dpo-nll {args.dpo_nll}) | - | {dpo['pref_acc']:.1%} | {dpo['chosen_nll']:.4f} "
         f"({dpo['chosen_nll'] / sft['chosen_nll'] - 1:+.1%} vs SFT) |", "",
         f"GRPO, exact-match reward on stdlib-modules training prompts, {args.seeds} seeds, mean reward over the first "
         f"/ last {k} steps: " + "; ".join(f"seed {s}: {a:.3f} -> {b:.3f}" for s, a, b in
@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     al.add_argument("--dpo-steps", type=int, default=300)
     al.add_argument("--dpo-lr", type=float, default=1e-4)
     al.add_argument("--dpo-beta", type=float, default=0.1)
+    al.add_argument("--dpo-nll", type=float, default=0.0, help="RPO weight of the chosen answers' NLL")
     al.add_argument("--format-steps", type=int, default=30)
     al.add_argument("--grpo-steps", type=int, default=60)
     al.add_argument("--grpo-lr", type=float, default=3e-4)

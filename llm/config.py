@@ -232,6 +232,8 @@ class TrainConfig:
     ref: str | None = _f(None, "--objective dpo: the frozen reference model (default: a frozen copy of the starting "
                                "policy; with LoRA, the base with the adapters off, no second copy)")
     dpo_beta: float = _f(0.1, "--objective dpo: beta, the strength of the implicit KL penalty to the reference")
+    dpo_nll: float = _f(0.0, "--objective dpo: weight of the chosen answers' per-token NLL added to the DPO loss "
+                             "(RPO, Pang et al. 2024; TRL's rpo_alpha): keeps the chosen answers likely")
     reward: str | None = _f(None, "--objective grpo: the reward function, a built-in (exact_match, prefix_match) or "
                                   "module:function taking (prompt, answer, reference) -> float")
     reward_model: str | None = _f(None, "--objective grpo: score answers with this reward model (a checkpoint "

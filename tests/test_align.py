@@ -3,6 +3,7 @@
 (the formulas of TRL's DPOTrainer / RewardTrainer), runs through train.py, exact resume, and bad input."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -174,6 +175,14 @@ def test_dpo_full_finetune_resumes_exactly(runs):
     assert abs(a[0]["loss"] - 0.6931) < 1e-3 and a[0]["dpo/margin"] == 0.0  # policy == reference at step 0
 
 
+def test_dpo_nll_adds_the_chosen_answers_nll(runs):
+    """--dpo-nll alpha (RPO): at step 0 the policy is its reference (DPO loss log 2), so the loss is log 2 + alpha *
+    the chosen answers' per-token NLL, which the run logs as dpo/chosen_nll."""
+    assert main(align_argv(runs, "rpo", objective="dpo", dpo_nll=0.5, max_steps=1)) == 0
+    r = [r for r in metrics_records(runs / "rpo") if "loss" in r][0]
+    assert r["loss"] == pytest.approx(math.log(2) + 0.5 * r["dpo/chosen_nll"], rel=1e-5)
+
+
 def test_dpo_with_lora_uses_the_base_as_reference(runs):
     """LoRA DPO needs no second model: its reference (adapters off) equals the --init-from model's log-probs, so
     the first step's loss is log 2 and the margin 0, and a run with --ref pointing at that model gives the same."""
@@ -196,9 +205,10 @@ def test_dpo_with_lora_uses_the_base_as_reference(runs):
 
 @pytest.mark.parametrize("flags,msg", [
     (dict(objective="dpo", dpo_beta=0), "--dpo-beta must be > 0"),
+    (dict(objective="dpo", dpo_nll=-1), "--dpo-nll must be >= 0"),
     (dict(objective="reward", dataset="SFT"), "trains on preference pairs"),
     (dict(objective="dpo", ref="OTHER"), "another tokenizer"),
-], ids=["beta-0", "not-preference-data", "ref-other-tokenizer"])
+], ids=["beta-0", "nll-negative", "not-preference-data", "ref-other-tokenizer"])
 def test_bad_preference_settings_are_one_line(runs, capsys, flags, msg):
     if flags.get("dataset") == "SFT":
         flags = flags | {"dataset": runs / "sft.jsonl"}

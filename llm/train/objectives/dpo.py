@@ -9,6 +9,8 @@ frozen model, no graph), not precomputed: nothing to cache or invalidate, and re
 reference is deterministic. The reference is --ref, or by default a frozen copy of the starting policy (the --init-from
 model); with LoRA it is the same model with the adapters switched off (lora.disabled), so no second copy is
 held (start from an SFT model: chat-token rows a run adds are trained with the adapters and stay on).
+--dpo-nll alpha adds alpha * the chosen answers' per-token NLL (RPO; TRL's rpo_alpha), which keeps the chosen
+answers' likelihood from falling while the margin grows.
 Metrics: dpo/acc (implicit reward ranks chosen first), dpo/margin (beta * the log-ratio difference),
 dpo/chosen_logp and dpo/rejected_logp (the policy's, summed over the answer), pref/acc (the policy's own
 log-prob ranks chosen first), dpo/chosen_nll (per-token NLL of the chosen answers: SFT quality kept?).
@@ -42,6 +44,8 @@ class DPO(PairObjective):
 
     def check(self) -> None:
         super().check()
+        if self.tcfg.dpo_nll < 0:
+            raise ConfigError(f"--dpo-nll must be >= 0 (got {self.tcfg.dpo_nll:g}): it weighs the chosen answers' NLL")
         if not self.tcfg.dpo_beta > 0:
             raise ConfigError(f"--dpo-beta must be > 0 (got {self.tcfg.dpo_beta:g}): it scales the log-ratios; 0 "
                               "would make every pair's loss log 2 with no gradient")
@@ -76,8 +80,10 @@ class DPO(PairObjective):
         pi_c, pi_r = logps.chunk(2)
         ref_c, ref_r = ref_logps.chunk(2)
         loss, margin = dpo_loss(pi_c, pi_r, ref_c, ref_r, self.tcfg.dpo_beta)
-        margin, pi_c, pi_r = margin.detach(), pi_c.detach(), pi_r.detach()
         n_c = counts.chunk(2)[0]
+        if self.tcfg.dpo_nll:  # RPO: + alpha * the chosen answers' per-token NLL
+            loss = loss + self.tcfg.dpo_nll * (-pi_c.sum() / n_c.sum())
+        margin, pi_c, pi_r = margin.detach(), pi_c.detach(), pi_r.detach()
         return loss, {"dpo/acc": (margin > 0).float().mean(), "dpo/margin": margin.mean(),
                       "dpo/chosen_logp": pi_c.mean(), "dpo/rejected_logp": pi_r.mean(),
                       "pref/acc": (pi_c > pi_r).float().mean(), "dpo/chosen_nll": -pi_c.sum() / n_c.sum()}
