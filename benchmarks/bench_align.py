@@ -174,7 +174,8 @@ def report(args, ev: dict, curves: dict, cmds: list[str], secs: dict) -> None:
         "|---|---|---|---|",
         f"| SFT | - | {sft['pref_acc']:.1%} | {sft['chosen_nll']:.4f} |",
         f"| reward model (from SFT) | {rm['reward_acc']:.1%} | - | - |",
-        f"| DPO (from SFT, beta {args.dpo_beta}, --dpo-nll {args.dpo_nll}) | - | {dpo['pref_acc']:.1%} | {dpo['chosen_nll']:.4f} "
+        f"| DPO (from SFT, beta {args.dpo_beta}, --dpo-nll {args.dpo_nll}) "
+        f"| - | {dpo['pref_acc']:.1%} | {dpo['chosen_nll']:.4f} "
         f"({dpo['chosen_nll'] / sft['chosen_nll'] - 1:+.1%} vs SFT) |", "",
         f"GRPO, exact-match reward on stdlib-modules training prompts, {args.seeds} seeds, mean reward over the first "
         f"/ last {k} steps: " + "; ".join(f"seed {s}: {a:.3f} -> {b:.3f}" for s, a, b in
