@@ -194,7 +194,7 @@ class Engine:
             for v in reversed(after):
                 if need <= self.pool.free:
                     break
-                if v.blocks and id(v) not in planned:
+                if len(v.blocks) > len(self.shared) and id(v) not in planned:  # it holds blocks of its own
                     self.preempt(v)
         take = min(need, self.pool.free)
         if take > 0:
