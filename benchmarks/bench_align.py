@@ -108,10 +108,12 @@ def pipeline(args) -> None:
     cmds, secs = [], {}
 
     def stage(name: str, cmd: list[str]) -> Path:
-        out = w / name
-        if not (out / "latest").exists() or args.again:
-            cmds.append("llm " + " ".join(cmd + ["--out-dir", name]))
-            secs[name] = run(cmd + ["--out-dir", str(out)], w / f"{name}.log")
+        """Run one stage unless its log says it finished (a run stopped halfway is run again)."""
+        out, log = w / name, w / f"{name}.log"
+        shown = [args.base_name if a == args.base else a.replace(f"{w}/", "").replace(str(w), ".") for a in cmd]
+        cmds.append("llm " + " ".join(shown + ["--out-dir", name]))  # no machine paths in committed results
+        if args.again or not log.is_file() or "\ndone: " not in log.read_text():
+            secs[name] = run(cmd + ["--out-dir", str(out)], log)
         return out
 
     sft = stage("sft", ["train", "--init-from", args.base, "--dataset", "stdlib-qa", "--max-steps",
@@ -181,7 +183,8 @@ def report(args, ev: dict, curves: dict, cmds: list[str], secs: dict) -> None:
         f"/ last {k} steps: " + "; ".join(f"seed {s}: {a:.3f} -> {b:.3f}" for s, a, b in
                                           zip(curves, first, last)),
         f"(mean {statistics.fmean(first):.3f} -> {statistics.fmean(last):.3f}, spread of the last "
-        f"{statistics.pstdev(last):.3f}).", "", "Commands (in the work folder; `out` is the base):", "", "```console",
+        f"{statistics.pstdev(last):.3f}).", "",
+        "Commands (`--base` is the pretrained model; stage folders relative to the work folder):", "", "```console",
         *cmds, "```", "",
         "Seconds per stage (1 thread each, shared machine): " + ", ".join(f"{k} {v:.0f}" for k, v in secs.items()),
     ]
