@@ -120,7 +120,7 @@ def recover(args: argparse.Namespace, extra: list[str]) -> None:
                f"{args.eval_interval} steps)")
     out = write_results("bench_distill_recover", rows, x="step", y="val_ce", series="run",
                         title="pruned + distilled from the original vs the same shape from scratch",
-                        xlabel="optimizer step", ylabel="validation CE (nats/token)", legend="run")
+                        xlabel="optimizer step", ylabel="validation CE (nats/token)", legend="run", zero=False)
     _append(out / "bench_distill_recover.md", summary)
 
 
