@@ -155,11 +155,12 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, ignore_inde
 
 def linear_distill(x: Tensor, weight: Tensor, teacher_x: Tensor, teacher_weight: Tensor, targets: Tensor,
                    alpha: float = 0.5, temperature: float = 1.0, kind: str = "kl", ignore_index: int = -100,
-                   kernels: str = "auto") -> tuple[Tensor, Tensor]:
+                   kernels: str = "auto", compiled: bool = False) -> tuple[Tensor, Tensor]:
     """(loss, [ce, divergence, top-1 agreement]) of a student head against a teacher head, from both hidden
     states (kernels/reference.py `linear_distill_ref` has the math). Neither (N, V) logits tensor is held in full:
     on CUDA the Triton kernel (kernels/distill.py); elsewhere, kernels="auto", the same chunk loop with each chunk's
-    rows in PyTorch (row_math="torch"). kernels="torch" takes the reference itself (materialized)."""
+    rows in PyTorch (row_math="torch"; compiled=True: that row math under torch.compile, as `--compile` runs take
+    it). kernels="torch" takes the reference itself (materialized)."""
     if use_triton(kernels, x):
         from kernels.distill import linear_distill as kernel
 
@@ -168,7 +169,7 @@ def linear_distill(x: Tensor, weight: Tensor, teacher_x: Tensor, teacher_weight:
         from kernels.distill import linear_distill as chunked
 
         return chunked(x, weight, teacher_x, teacher_weight, targets, alpha, temperature, kind, ignore_index,
-                       row_math="torch")
+                       row_math="torch-compiled" if compiled else "torch")
     return ref.linear_distill_ref(x, weight, teacher_x, teacher_weight, targets, alpha, temperature, kind,
                                   ignore_index)
 

@@ -78,11 +78,14 @@ def test_alpha_one_is_the_fused_cross_entropy_and_teacher_equal_student_is_zero(
 
 
 def test_compiled_torch_row_math_matches_reference():
-    """row_math="torch-compiled" (distill_rows_torch under torch.compile): one shape with a partial last chunk,
-    JSD (the longest closed form), fp32, against the reference."""
-    (x, w, tx, tw), y, g = _inputs(19, 16, 20, 3001, torch.float32, seed=11)
+    """ops.linear_distill(compiled=True) on CPU (what --compile runs take): row_math="torch-compiled"
+    (distill_rows_torch under torch.compile), 600 rows = 3 chunks of 256 with a partial last one, JSD (the longest
+    closed form), fp32, against the reference."""
+    from llm import ops
+
+    (x, w, tx, tw), y, g = _inputs(600, 16, 20, 3001, torch.float32, seed=11)
     args = (0.3, 0.7, "jsd", -100)
-    out = _run(lambda *a: linear_distill(*a, chunk=8, row_math="torch-compiled"), x, w, tx, tw, y, g, *args)
+    out = _run(lambda *a: ops.linear_distill(*a, compiled=True), x, w, tx, tw, y, g, *args)
     ref = _run(linear_distill_ref, x, w, tx, tw, y, g, *args)
     for a, b, name in zip(out, ref, ["loss", "stats", "grad_x", "grad_weight"]):
         assert_close(a, b, name=name)

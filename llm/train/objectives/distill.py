@@ -114,7 +114,7 @@ class Distill(Objective):
         w = self.student.lm_head.weight[: self.vocab]  # (V, C)
         loss, stats = ops.linear_distill(h.flatten(0, 1), w, th.flatten(0, 1), self.teacher_head.to(th.dtype),
                                          y.flatten(), t.distill_alpha, t.distill_temperature, t.distill_loss,
-                                         kernels=self.student.cfg.kernels)
+                                         kernels=self.student.cfg.kernels, compiled=self.tcfg.compile)
         loss = loss + self.student.aux_loss()  # an MoE student's balance losses, as in its own CE forward
         return loss, {"distill/ce": stats[0], "distill/kl": stats[1], "distill/top1_agree": stats[2]}
 
