@@ -201,6 +201,10 @@ class TrainConfig:
     activation_checkpointing: bool = _f(False, "recompute each block's activations in the backward (less memory)")
     fsdp: bool = _f(False, "under torchrun, shard parameters, gradients and optimizer state (FSDP2 fully_shard) "
                            "instead of replicating them (DDP)")
+    tp: int = _f(1, "under torchrun, tensor parallel degree: each block's attention heads and MLP columns split "
+                    "over N ranks (DTensor: q/k/v, gate, up column-wise; o, down row-wise); the ranks form a "
+                    "(world/N data-parallel x N) mesh, and more than one data-parallel group needs --fsdp; --resume "
+                    "does not inherit it (a TP checkpoint resumes at any --tp)")
     checkpoint_format: str = _f("auto", "single: one model.safetensors + optimizer.safetensors (gathered on rank 0); "
                                         "sharded: torch.distributed.checkpoint, every rank writes its own part, "
                                         "resumable at any world size (python -m llm.checkpoint consolidate makes a "
@@ -461,7 +465,7 @@ def check_configs(d: DataConfig, t: TrainConfig) -> None:
              (0 <= t.muon_momentum < 1, "muon_momentum must be in [0, 1)"),
              (t.muon_ns_steps >= 1, "muon_ns_steps must be >= 1"),
              (t.mup_base_width >= 1, "mup_base_width must be >= 1"),
-             (t.health_interval >= 0, "health_interval must be >= 0"),
+             (t.health_interval >= 0, "health_interval must be >= 0"), (t.tp >= 1, "tp must be >= 1"),
              (t.spike_zscore >= 0, "spike_zscore must be >= 0"), (t.spike_window >= 2, "spike_window must be >= 2"),
              (t.spike_rollback >= 0, "spike_rollback must be >= 0"),
              (t.max_bad_steps >= 1, "max_bad_steps must be >= 1"),

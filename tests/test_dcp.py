@@ -153,8 +153,12 @@ def slow_write(self, plan, planner):  # the step-4 save's shards take a minute t
         time.sleep(60)
     return real(self, plan, planner)
 
-def kill_at_5(step, rec):  # training went on while the save was written; now die in the middle of it
+def kill_at_5(step, rec):  # training went on while the save was in flight; die in the middle of its write
     if step == 5:
+        for _ in range(600):  # the background thread plans on its own group first: on a loaded machine step 5
+            if flag.with_suffix(".writing").exists():  # can end before the write begins (a race, not a failure)
+                break
+            time.sleep(0.1)
         flag.write_text(str(flag.with_suffix(".writing").exists()))
         os.kill(os.getpid(), signal.SIGKILL)
 

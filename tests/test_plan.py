@@ -1,8 +1,10 @@
 """`python -m llm.train.plan`: the trainer's memory estimate for clusters and model sizes this machine cannot run."""
 
 import pytest
+import torch
 
 from llm.config import ModelConfig, preset
+from llm.model import Transformer
 from llm.train.distributed import memory_estimate
 from llm.train.plan import count_params, main
 
@@ -13,6 +15,15 @@ def test_8b_fits_8_gpus_of_80_gib_with_fsdp_and_activation_checkpointing(capsys)
     assert "model: 8.03B parameters, 32 layers" in out
     assert "plan: FSDP2 over 8 data-parallel rank(s) x TP 1" in out and out.split("\n")[2].endswith(": fits")
     assert "  DDP x 8            1  off" in out and "  FSDP2 x 1          8  on" in out  # every layout listed
+
+
+def test_plan_refuses_what_the_trainer_refuses(capsys):
+    assert main(["--preset", "8b", "--tp", "2", "--no-fsdp"]) == 2
+    assert "needs FSDP2 (the trainer refuses DDP x TP)" in capsys.readouterr().err
+    assert main(["--preset", "8b", "--gpus", "4", "--gpu-mem", "1000"]) == 0
+    out = capsys.readouterr().out
+    assert "  DDP x 2            2" not in out and "  FSDP2 x 2          2  off" in out  # no DDP x TP rows
+    assert "  DDP x 1            4  off" in out and "  DDP x 4            1  off" in out  # pure TP, pure DDP
 
 
 def test_a_layout_that_does_not_fit_exits_1(capsys):
@@ -34,5 +45,9 @@ def test_tensor_and_fully_sharded_data_parallelism_divide_the_estimate():
     n = count_params(cfg)
     one = memory_estimate(cfg, n, 1, True, True, True, True)
     fsdp4_tp2 = memory_estimate(cfg, n, 1, True, True, True, True, world=4, fsdp=True, tp=2)
-    assert fsdp4_tp2[1] == pytest.approx(one[1] / 2)  # sequence parallel: activations / tp
-    assert fsdp4_tp2[0] == pytest.approx((16 * n / 4 + 2 * n) / 2)  # states / (dp x tp), bf16 copies / tp
+    # TP as built (llm/train/tp.py): attention / MLP matrices split, embedding, head and norms replicated
+    with torch.device("meta"):
+        names = Transformer(cfg).named_parameters()
+        rep = sum(p.numel() for k, p in names if not any(m in k for m in ("attn.wqkv", "attn.wo", "mlp.w")))
+    assert fsdp4_tp2[0] == pytest.approx((16 / 4 + 2) * (rep + (n - rep) / 2), rel=1e-6)  # states / dp, bf16 copies
+    assert one[1] / 2 < fsdp4_tp2[1] < one[1]  # no sequence parallelism: the residual stream is replicated

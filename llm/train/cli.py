@@ -115,6 +115,7 @@ def resolve_configs(argv: list[str] | None) -> tuple[ModelConfig, DataConfig, Tr
         base = {**saved.get("model", {}), **saved.get("data", {}), **saved.get("train", {}),
                 "out_dir": str(src.parent)} | ({} if args.preset is None else preset(args.preset))
         base.pop("path", None)
+        base.pop("tp", None)  # the tensor-parallel degree belongs to the launch, like the world size: not inherited
     args.explicit = set(values)
     merged = base | values
     lr = merged.get("lr", TrainConfig.lr)

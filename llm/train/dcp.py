@@ -140,10 +140,10 @@ def read_rank_state(src: Path, rank: int) -> dict | None:
 
 def writer_for(tcfg, d: dd.Dist, lora: bool, out: Path) -> ShardedWriter | None:
     """The run's checkpoint writer, chosen once: a ShardedWriter for --checkpoint-format sharded, for
-    --async-checkpoint, and (auto) under torchrun with more than one rank unless LoRA; None: the single-file
+    --async-checkpoint, and (auto) under torchrun with more than one rank unless LoRA or --tp; None: the single-file
     writer (llm.checkpoint.save, the full state gathered on rank 0). `tcfg` is the TrainConfig."""
     fmt = tcfg.checkpoint_format
-    if fmt == "sharded" or tcfg.async_checkpoint or (fmt == "auto" and d.enabled and not lora):
+    if fmt == "sharded" or tcfg.async_checkpoint or (fmt == "auto" and d.enabled and not lora and d.tp == 1):
         return ShardedWriter(out, d, tcfg.async_checkpoint)
     return None
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,18 +24,34 @@ from torch import nn
 from llm.config import ConfigError, ModelConfig
 from llm.model import Block
 from llm.runtime import pick_device
+from llm.train import tp as tp_
 
 # ----------------------------------------------------------------------------- process group
 
 
 @dataclass
 class Dist:
-    """This process's place in the job: rank among world_size, local_rank on its node, its device."""
+    """This process's place in the job: rank among world_size, local_rank on its node, its device, and its
+    place on the (data-parallel x tensor-parallel) mesh: ranks r with the same r // tp form one TP group and
+    read the same batches (llm/train/tp.py); without --tp every rank is its own data-parallel rank."""
 
     rank: int = 0
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    tp: int = 1
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp
+
+    @property
+    def dp_world(self) -> int:
+        return self.world // self.tp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
 
     @property
     def main(self) -> bool:
@@ -45,8 +62,9 @@ class Dist:
         return self.world > 1
 
 
-def setup(device: str = "auto") -> Dist:
-    """Join the torchrun process group when launched by torchrun; pick this rank's device."""
+def setup(device: str = "auto", tp: int = 1) -> Dist:
+    """Join the torchrun process group when launched by torchrun; pick this rank's device. `tp`: the
+    tensor-parallel degree (checked by llm.train.tp.check before any work)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     picked = pick_device(device)  # a ConfigError for CUDA without CUDA
@@ -57,7 +75,7 @@ def setup(device: str = "auto") -> Dist:
             torch.cuda.set_device(dev)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
-        return Dist(rank, world, local, dev)
+        return Dist(rank, world, local, dev, tp)
     return Dist(0, 1, 0, picked)
 
 
@@ -95,10 +113,17 @@ def all_gather_objects(obj, d: Dist) -> list:
 
 
 def wrap(model: nn.Module, d: Dist, fsdp: bool, activation_checkpointing: bool, compile: bool) -> nn.Module:
-    """The module to call in the training step: AC on each block -> FSDP2 / DDP -> torch.compile.
+    """The module to call in the training step: TP (d.tp > 1) -> AC on each block -> FSDP2 / DDP -> torch.compile.
 
-    `model` itself stays usable for evaluation and saving (FSDP2 shards it in place; DDP wraps it).
+    `model` itself stays usable for evaluation and saving (TP and FSDP2 shard it in place; DDP wraps it). With
+    TP, FSDP2 shards over the mesh's "dp" dimension (2-D: each TP shard is sharded again across dp).
     """
+    mesh = None
+    if d.tp > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(d.device.type, (d.dp_world, d.tp), mesh_dim_names=("dp", "tp"))
+        tp_.apply(model, mesh["tp"])
     if activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
             apply_activation_checkpointing,
@@ -108,15 +133,15 @@ def wrap(model: nn.Module, d: Dist, fsdp: bool, activation_checkpointing: bool, 
         apply_activation_checkpointing(model, checkpoint_wrapper_fn=checkpoint_wrapper,
                                        check_fn=lambda m: isinstance(m, Block))
     fwd = model
-    if d.enabled and fsdp:
+    if d.enabled and fsdp and d.dp_world > 1:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh(d.device.type, (d.world,))
+        dp = mesh["dp"] if mesh is not None else init_device_mesh(d.device.type, (d.world,))
         for block in model.blocks:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-    elif d.enabled:
+            fully_shard(block, mesh=dp)
+        fully_shard(model, mesh=dp)
+    elif d.enabled and d.tp == 1:
         fwd = nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
     return torch.compile(fwd) if compile else fwd
 
@@ -125,12 +150,37 @@ def grad_sync(fwd: nn.Module, model: nn.Module, sync: bool, d: Dist, fsdp: bool)
     """Context for one micro-batch's backward: gradient all-reduce only on the last micro-batch."""
     import contextlib
 
-    if d.enabled and fsdp:
+    if d.enabled and fsdp and d.dp_world > 1:
         model.set_requires_gradient_sync(sync)
-    elif d.enabled and not sync:
+    elif d.enabled and d.tp == 1 and not sync:
         ddp = getattr(fwd, "_orig_mod", fwd)
         return ddp.no_sync()
     return contextlib.nullcontext()
+
+
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """torch's clip_grad_norm_ for parameters that mix DTensors (TP shards, possibly on several meshes) and plain
+    replicated tensors: the global L2 norm sqrt(sum over groups |g|^2), each DTensor group's norm reduced by
+    DTensor itself (full_tensor), then every gradient scaled by min(1, max_norm / (norm + 1e-6)). Returns the
+    pre-clip norm (a 0-dim fp32 tensor, equal on every rank)."""
+    from torch.distributed.tensor import DTensor
+
+    groups: dict[object, list[torch.Tensor]] = {}
+    grads = [p.grad for p in params if p.grad is not None]
+    for g in grads:
+        key = (id(g.device_mesh), tuple(g.placements)) if isinstance(g, DTensor) else None
+        groups.setdefault(key, []).append(g)
+    sq = 0.0
+    for gs in groups.values():
+        n = torch.nn.utils.get_total_norm(gs)
+        sq += float(n.full_tensor() if isinstance(n, DTensor) else n) ** 2
+    norm = sq ** 0.5
+    coef = min(1.0, max_norm / (norm + 1e-6))
+    if coef < 1.0:
+        with torch.no_grad():
+            for g in grads:
+                g.mul_(coef)
+    return torch.tensor(norm, dtype=torch.float32)
 
 
 def _clean(name: str) -> str:
@@ -143,10 +193,15 @@ def _param_index(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str
     return {_clean(n): ids[id(p)] for n, p in model.named_parameters(remove_duplicate=False) if id(p) in ids}
 
 
-def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> tuple[dict | None, dict]:
+Layout = Callable[[str, torch.Tensor], torch.Tensor]  # (state-dict name, full tensor) -> the same in another layout
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool,
+               to_saved: Layout | None = None) -> tuple[dict | None, dict]:
     """(full model state dict or None = use the module, optimizer state dict with integer ids).
 
-    Under FSDP every rank must call this (it gathers shards); the full dicts land on rank 0.
+    Under FSDP or TP (`fsdp` True: the parameters are DTensors) every rank must call this (it gathers shards); the
+    full dicts land on rank 0, each full tensor passed through `to_saved` (TP: wqkv rows back in checkpoint order).
     """
     if not fsdp or not dist.is_initialized():
         return None, optimizer.state_dict()
@@ -157,21 +212,29 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -
     osd = get_optimizer_state_dict(model, optimizer, options=opts)
     if not osd:  # ranks > 0 receive empty dicts
         return msd, {"state": {}, "param_groups": []}
+    if to_saved is not None:
+        msd = {k: to_saved(k, v) for k, v in msd.items()}
+        osd = {**osd, "state": {k: {n: to_saved(k, v) if torch.is_tensor(v) and v.dim() else v for n, v in st.items()}
+                                for k, st in osd["state"].items()}}
     index = _param_index(model, optimizer)
     state = {index[k]: v for k, v in osd["state"].items()}
     groups = [{**g, "params": [index[k] for k in g["params"]]} for g in osd["param_groups"]]
     return msd, {"state": state, "param_groups": groups}
 
 
-def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, osd: dict, fsdp: bool) -> None:
-    """Load a full optimizer state dict (integer ids, as saved) into a plain or FSDP-sharded optimizer."""
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, osd: dict, fsdp: bool,
+                         to_live: Layout | None = None) -> None:
+    """Load a full optimizer state dict (integer ids, as saved) into a plain or FSDP / TP-sharded (`fsdp` True)
+    optimizer; `to_live` maps each saved full tensor into the run's layout first (TP: wqkv rows regrouped)."""
     if not fsdp or not dist.is_initialized():
         optimizer.load_state_dict(osd)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     name = {i: k for k, i in _param_index(model, optimizer).items()}
-    full = {"state": {name[int(i)]: v for i, v in osd["state"].items()},
+    fix = to_live or (lambda k, v: v)
+    full = {"state": {name[int(i)]: {n: fix(name[int(i)], v) if torch.is_tensor(v) and v.dim() else v
+                                     for n, v in st.items()} for i, st in osd["state"].items()},
             "param_groups": [{**g, "params": [name[int(i)] for i in g["params"]]} for g in osd["param_groups"]]}
     set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
 
@@ -235,14 +298,15 @@ def memory_estimate(cfg: ModelConfig, n_params: int, batch: int, amp: bool, flas
                     act_ckpt: bool, world: int = 1, fsdp: bool = False, tp: int = 1) -> tuple[float, float]:
     """(fixed bytes, activation bytes) per rank of one training micro-batch of `batch` sequences.
 
-    fixed = N * (4 weights + 4 grads + 8 AdamW moments) [/ W under FSDP] + 2N autocast copies, all / tp.
-    `world` counts the data-parallel ranks; tp > 1 (the planner only: the trainer has no tensor parallelism
-    yet) is Megatron-style TP with sequence parallelism, which divides every weight and every activation
-    below by tp (Korthikanti et al. 2022; norms, replicated, are ignored).
+    fixed = N * (4 weights + 4 grads + 8 AdamW moments) [/ W under FSDP] + 2N autocast copies.
+    `world` counts the data-parallel ranks. Tensor parallelism (tp > 1, llm/train/tp.py as built: no sequence
+    parallelism) divides the block matrices (N_tp = N less the embedding, head and norm weights) and the
+    activations inside attention and the MLP by tp; the embedding, norms, head and the residual stream stay
+    replicated.
     Activations per token per layer (s = 2 under autocast, else 4): fp32 residual stream,
-    norm outputs 16C; s * (2C linear inputs + Cq + 2Ckv qkv + Cq + Ckv after RoPE + Cq attention
-    output + 3I MLP); attention without a fused kernel adds fp32 q/k/v and 2 * H * T scores.
-    Activation checkpointing keeps only the 4C block input per layer plus one layer's worth.
+    norm outputs 16C; s * 2C linear inputs (replicated under TP); s * (Cq + 2Ckv qkv + Cq + Ckv after RoPE + Cq
+    attention output + 3I MLP) (split by TP); attention without a fused kernel adds fp32 q/k/v and 2 * H * T
+    scores (split). Activation checkpointing keeps only the 4C block input per layer plus one layer's worth.
     The LM head holds (4 + 4 + s) * V per token unless the fused linear cross-entropy runs.
     """
     s = 2 if amp else 4
@@ -250,13 +314,18 @@ def memory_estimate(cfg: ModelConfig, n_params: int, batch: int, amp: bool, flas
     Cq, Ckv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
     inner = cfg.expert_hidden * (cfg.top_k + cfg.n_shared_experts) if cfg.n_experts else cfg.intermediate_size
     mlp = (3 if cfg.mlp == "swiglu" else 2) * inner
-    layer = 16 * C + s * (2 * C + 2 * Cq + 2 * Ckv + Cq + Ckv + Cq + mlp)
+    split = s * (2 * Cq + 2 * Ckv + Cq + Ckv + Cq + mlp)
     if not flash:
-        layer += 4 * (Cq + 2 * Ckv) + 8 * H * T
+        split += 4 * (Cq + 2 * Ckv) + 8 * H * T
+    layer = 16 * C + s * 2 * C + split / tp
     per_token = (4 * C * L + layer) if act_ckpt else layer * L
     per_token += 8 * C + (4 * C if fused_ce else (8 + s) * cfg.padded_vocab_size)
-    fixed = n_params * 16 / (world if fsdp else 1) + (2 * n_params if amp else 0)
-    return float(fixed / tp), float(per_token * batch * T / tp)
+    replicated = (n_params if tp == 1 else
+                  min(n_params, cfg.padded_vocab_size * C * (1 if cfg.tie_embeddings else 2) + (2 * L + 1) * C
+                      + (cfg.block_size * C if cfg.pos_emb == "learned" else 0)))
+    per_rank = replicated + (n_params - replicated) / tp
+    fixed = per_rank * 16 / (world if fsdp else 1) + (2 * per_rank if amp else 0)
+    return float(fixed), float(per_token * batch * T)
 
 
 def memory_budget(device: torch.device) -> float | None:
@@ -278,7 +347,7 @@ def plan_batch(cfg: ModelConfig, n_params: int, batch_size: int, grad_accum: int
     Without global_tokens: the given batch_size x grad_accum per rank. With it: sequences per
     rank = global_tokens / (block_size * world) must be whole; the micro-batch is batch_size when
     given explicitly (it must divide them), else the largest divisor whose estimate fits `budget`.
-    `est` are memory_estimate's keyword arguments (amp, flash, fused_ce, act_ckpt, fsdp).
+    `est` are memory_estimate's keyword arguments (amp, flash, fused_ce, act_ckpt, fsdp, tp).
     """
     T = cfg.block_size
 

@@ -11,8 +11,10 @@ degree (dividing a node's GPUs and n_kv_head) x activation checkpointing. The mo
 Triton kernels (flash attention, fused linear cross-entropy) and AdamW, as on a GPU. Exit code: 0 when the
 layout asked for fits, 1 when it does not, 2 for bad input.
 
-Tensor parallelism exists here only as an estimate (Megatron-style with sequence parallelism: weights and
-activations / tp); the trainer itself runs DDP or FSDP2.
+Tensor parallelism is estimated as the trainer builds it (`llm train --tp N`, llm/train/tp.py): the block
+matrices and the activations inside attention and the MLP / tp; the embedding, norms, LM head and residual
+stream replicated (no sequence parallelism yet). Layouts the trainer refuses are refused here too: DDP x TP
+(more than one data-parallel group needs FSDP2), TP of a Mixture-of-Experts model.
 """
 
 from __future__ import annotations
@@ -77,6 +79,8 @@ def check_tp(cfg: ModelConfig, tp: int, gpus: int) -> str | None:
         return f"--tp {tp} must divide the {gpus} GPUs of a node (TP stays inside a node)"
     if cfg.n_kv_head % tp or cfg.n_head % tp:
         return f"--tp {tp} must divide n_kv_head {cfg.n_kv_head} and n_head {cfg.n_head} (whole heads per rank)"
+    if tp > 1 and cfg.n_experts:
+        return "--tp does not shard Mixture-of-Experts layers yet (the trainer refuses it too)"
     return None
 
 
@@ -94,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--gpus, --nodes and --batch-size must be >= 1 and --gpu-mem > 0")
         if why := check_tp(cfg, args.tp, args.gpus):
             raise ConfigError(why)
+        if args.tp > 1 and not args.fsdp and args.gpus * args.nodes > args.tp:
+            raise ConfigError(f"--tp {args.tp} with more than one data-parallel group needs FSDP2 (the trainer "
+                              "refuses DDP x TP): drop --no-fsdp")
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -111,12 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {'data parallel':<16}{'TP':>4}  {'act. ckpt':<10}{'per GPU':>12}  fits")
     for fsdp in (False, True):
         for tp in (t for t in (1, 2, 4, 8) if check_tp(cfg, t, args.gpus) is None):
+            if tp > 1 and not fsdp and world > tp:
+                continue  # DDP x TP: the trainer refuses it
             for ckpt in (False, True):
                 f, a = estimate(cfg, n, b, world // tp, fsdp, tp, ckpt)
                 name = f"{'FSDP2' if fsdp else 'DDP'} x {world // tp}"
                 print(f"  {name:<16}{tp:>4}  {'on' if ckpt else 'off':<10}{fmt_bytes(f + a):>12}  "
                       f"{'yes' if f + a <= budget else 'no'}")
-    print("note: TP is an estimate here; the trainer runs DDP or FSDP2 (no --tp yet)")
+    print("note: TP as llm train --tp builds it: attention and MLP weights and activations split, embedding, "
+          "norms, head and residual stream replicated (no sequence parallelism yet)")
     return 0 if fixed + act <= budget else 1
 
 

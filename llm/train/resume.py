@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import fields
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from llm import lora, peft
 from llm.config import ConfigError, ModelConfig, TrainConfig
 from llm.train import dcp as dcp_io
 from llm.train import distributed as dd
+from llm.train import tp
 
 
 def check_resume(src: Path, state: dict, mcfg: ModelConfig, tcfg: TrainConfig, world: int, data_id: str,
@@ -49,6 +51,9 @@ def check_resume(src: Path, state: dict, mcfg: ModelConfig, tcfg: TrainConfig, w
         if was_kind != now_kind:
             say(f"resume: sharded checkpoint written by {was_kind}, read resharded by torch.distributed.checkpoint "
                 f"for {now_kind}")
+    if state.get("tp", 1) != tcfg.tp:
+        say(f"resume: tensor parallel {state.get('tp', 1)} -> {tcfg.tp} (the checkpoint holds full tensors in the "
+            "one-process layout)")
     if was_world != W:
         extra = "; ranks beyond the saved ones get fresh RNG streams" if W > was_world else ""
         say(f"resume: remapped from {was_world} to {W} rank(s) with grad_accum {was['grad_accum']} -> "
@@ -65,15 +70,17 @@ def restore(src: Path, state: dict, model: torch.nn.Module, optimizer: torch.opt
         dcp_io.load_live(src, model, optimizer, d, state.get("optimizer_groups", []))
         rng = (dcp_io.read_rank_state(src, d.rank) or {}).get("rng")
     else:
-        dd.load_optimizer_state(model, optimizer, ckpt_io.read_optimizer_state(src), tcfg.fsdp)
-        rngs = state.get("rng") or []
-        rng = rngs[d.rank] if d.rank < len(rngs) else None
+        to_live = partial(tp.to_live, cfg=model.cfg, tp=d.tp) if d.tp > 1 else None
+        dd.load_optimizer_state(model, optimizer, ckpt_io.read_optimizer_state(src), tcfg.fsdp or d.tp > 1, to_live)
+        rngs = state.get("rng") or []  # one per saved rank; the ranks of a saved TP group hold the same state
+        first = d.dp_rank * state.get("tp", 1)  # the first saved rank of this data-parallel rank's group
+        rng = rngs[first] if d.dp_rank < state.get("world", 1) and first < len(rngs) else None
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     if rng is not None:
         dd.set_rng_state(rng, d.device)
     else:
-        torch.manual_seed(tcfg.seed + d.rank)
+        torch.manual_seed(tcfg.seed + d.dp_rank)
     return state["step"], state.get("wandb_run_id"), state.get("best_val") or math.inf, state.get("skipped", 0)
 
 
@@ -92,7 +99,7 @@ def rollback(src: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
         for k, v in model.state_dict().items():
             name = k if full else peft.tensor_name(k)  # state-dict name -> the name it was saved under
             if name in tensors:
-                t = tensors[name].to(v.dtype)
+                t = tp.to_live(name, tensors[name], model.cfg, d.tp).to(v.dtype)
                 v.copy_(distribute_tensor(t, v.device_mesh, v.placements, src_data_rank=None)
                         if hasattr(v, "device_mesh") else t)
     state = ckpt_io.read_trainer_state(src)

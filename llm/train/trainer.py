@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -39,7 +40,7 @@ from llm.runtime import pick_dtype
 from llm.tokenizer import Tokenizer
 from llm.train import dcp as dcp_io
 from llm.train import distributed as dd
-from llm.train import finetune, mup, objectives, tasks
+from llm.train import finetune, mup, objectives, tasks, tp
 from llm.train.distributed import fmt_bytes
 from llm.train.health import Health, SpikeDetector, plot_health
 from llm.train.metrics import MetricsLogger, Progress, device_name, fmt_duration, mfu, peak_flops, plot_losses
@@ -133,7 +134,8 @@ class Run:
         loss_sum = torch.zeros((), device=device)
         metric_sums: dict[str, torch.Tensor] = {}
         for m in range(A):
-            batch = self.train_loader.batch(((self.step + self.data_skip) * A + m) * W + d.rank, device)  # global
+            batch = self.train_loader.batch(((self.step + self.data_skip) * A + m) * d.dp_world + d.dp_rank,  # global
+                                             device)
             with dd.grad_sync(self.fwd, self.model, m == A - 1, d, self.tcfg.fsdp):
                 with self.autocast():
                     loss, metrics = self.objective.loss(self.fwd, batch)
@@ -142,8 +144,11 @@ class Run:
             _accumulate(metric_sums, metrics)
         self.scaler.unscale_(self.optimizer)
         snap = self.health.before_update() if self.health.due(self.step + 1) else None
-        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.grad_clip or math.inf)  # pre-clip
-        loss_val = dd.all_reduce(loss_sum, d).item() / (A * W)
+        if d.tp > 1:  # DTensor shards next to replicated plain tensors: torch's clip does not mix them
+            gnorm = dd.clip_grad_norm(self.model.parameters(), self.tcfg.grad_clip or math.inf)
+        else:
+            gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.grad_clip or math.inf)  # pre-clip
+        loss_val = dd.all_reduce(loss_sum, d).item() / (A * W)  # TP ranks hold equal losses: the mean is the same
         self.metrics = _reduce(metric_sums, A * W, d)
         gnorm_val = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
         bad = not math.isfinite(loss_val) or (not math.isfinite(gnorm_val) and not self.scaler.is_enabled())
@@ -167,14 +172,14 @@ class Run:
         self.model.eval()
         losses = torch.zeros(iters, device=d.device)
         metric_sums: dict[str, torch.Tensor] = {}
-        for j in range(-(-iters // d.world)):
-            i = j * d.world + d.rank
+        for j in range(-(-iters // d.dp_world)):  # a TP group reads one batch together; its rank 0 records it
+            i = j * d.dp_world + d.dp_rank
             batch = self.val_loader.batch(min(i, iters - 1), d.device)
             with self.autocast():
                 loss, metrics = self.objective.loss(self.model, batch)
-            if i < iters:
+            if i < iters and d.tp_rank == 0:
                 losses[i] = loss.float()
-            _accumulate(metric_sums, metrics, float(i < iters))  # every rank reduces the same keys
+            _accumulate(metric_sums, metrics, float(i < iters and d.tp_rank == 0))  # every rank reduces the same keys
         dd.all_reduce(losses, d)
         self.model.train()
         return losses.sum().item() / iters, _reduce(metric_sums, iters, d)
@@ -187,13 +192,13 @@ class Run:
         """
         d, A = self.d, self.tcfg.grad_accum
         name = f"ckpt-{self.step:07d}"
-        st = {"step": self.step, "world": d.world, "train": asdict(self.tcfg),
+        st = {"step": self.step, "world": d.dp_world, "tp": d.tp, "train": asdict(self.tcfg),
               "scaler": self.scaler.state_dict(), "wandb_run_id": self.logger.run_id,
               "best_val": None if math.isinf(self.best_val) else self.best_val, "skipped": self.skipped,
               "spikes": self.spikes.state_dict(), "rollbacks": self.rollbacks,
               "objective": {"name": self.objective.name, **self.objective.state_dict()},
               "data": {"path": str(self.data_path), "fingerprint": self.data_id,
-                       "micro_batches": (self.step + self.data_skip) * A * d.world, "skip_steps": self.data_skip}}
+                       "micro_batches": (self.step + self.data_skip) * A * d.dp_world, "skip_steps": self.data_skip}}
         if self.sharded is not None:
             if name != self.saved_name:
                 rank = {"rank": d.rank, "world": d.world, "rng": dd.rng_state(d.device),
@@ -210,7 +215,8 @@ class Run:
             if final:
                 self.sharded.close()
             return self.out / name
-        msd, osd = dd.full_state(self.model, self.optimizer, self.tcfg.fsdp)
+        to_saved = partial(tp.to_saved, cfg=self.model.cfg, tp=d.tp) if d.tp > 1 else None
+        msd, osd = dd.full_state(self.model, self.optimizer, self.tcfg.fsdp or d.tp > 1, to_saved)
         rngs = dd.all_gather_objects(dd.rng_state(d.device), d)
         if d.main:
             st["rng"] = rngs
@@ -288,10 +294,10 @@ def _plan(mcfg: ModelConfig, n_params: int, tcfg: TrainConfig, d: dd.Dist, dtype
           explicit: set[str] | frozenset) -> dd.Plan:
     """The planner's micro-batch and accumulation for this model, world size and device memory."""
     kernel_path = ops.resolve(mcfg.kernels, d.device)
-    return dd.plan_batch(mcfg, n_params, tcfg.batch_size, tcfg.grad_accum, d.world,
+    return dd.plan_batch(mcfg, n_params, tcfg.batch_size, tcfg.grad_accum, d.dp_world,
                          tcfg.global_batch_tokens, "batch_size" in explicit, dd.memory_budget(d.device),
                          amp=dtype != torch.float32, flash=kernel_path, fused_ce=kernel_path,
-                         act_ckpt=tcfg.activation_checkpointing, fsdp=tcfg.fsdp)
+                         act_ckpt=tcfg.activation_checkpointing, fsdp=tcfg.fsdp, tp=d.tp)
 
 
 def _announce(run: Run, mcfg: ModelConfig, dcfg: DataConfig, init: bool, resumed: bool) -> None:
@@ -303,7 +309,8 @@ def _announce(run: Run, mcfg: ModelConfig, dcfg: DataConfig, init: bool, resumed
     say(f"data: {run.data_path} ({run.manifest['splits']['train']['tokens']:,} train tokens)")
     say(f"plan: {run.plan.describe()}")
     say(f"device: {device_name(device)} x {W}, {str(run.dtype).replace('torch.', '')}, kernels={mcfg.kernels}"
-        f"{', FSDP2' if tcfg.fsdp and W > 1 else ', DDP' if W > 1 else ''}"
+        f"{', FSDP2' if tcfg.fsdp and run.d.dp_world > 1 else ', DDP' if run.d.dp_world > 1 else ''}"
+        f"{f', tensor parallel {run.d.tp} x {run.d.dp_world} data-parallel' if run.d.tp > 1 else ''}"
         f"{', compiled' if tcfg.compile else ''}{', activation checkpointing' if tcfg.activation_checkpointing else ''}"
         f"{', ' + ('async ' if tcfg.async_checkpoint else '') + 'sharded checkpoints' if run.sharded else ''}"
         f"; MFU against {f'{run.peak / 1e12:.0f} TFLOP/s' if run.peak else 'unknown peak (not reported)'}")
@@ -321,7 +328,8 @@ def _setup(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str |
     if tcfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before CUDA starts
         torch.use_deterministic_algorithms(True, warn_only=True)
-    d = dd.setup(tcfg.device)
+    d = dd.setup(tcfg.device, tcfg.tp)
+    tp.check(mcfg, tcfg, d.world)
     device = d.device
     dtype = pick_dtype(tcfg.dtype, device)
     say = print if d.main else (lambda *a, **k: None)
@@ -341,12 +349,13 @@ def _setup(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str |
         mup.scale_init(model, mcfg, tcfg)  # µP's init (nothing without --mup)
     objective.setup(objectives.Context(tcfg, dcfg, tok, model, device, dtype, say))  # may add a head: before resume
     mcfg = model.cfg
+    tp.check(mcfg, tcfg, d.world)  # again: --init-from brings its own heads and widths
     n_params = model.num_params()
     plan = _plan(mcfg, n_params, tcfg, d, dtype, explicit)
     tcfg = replace(tcfg, batch_size=plan.batch_size, grad_accum=plan.grad_accum)
     data_id = fingerprint(manifest)
     if src is not None:
-        check_resume(src, state, mcfg, tcfg, d.world, data_id, say)
+        check_resume(src, state, mcfg, tcfg, d.dp_world, data_id, say)
         if not ckpt_io.is_sharded(src):  # a sharded one is read after wrapping, resharded (resume.restore)
             finetune.load_weights(model, src, adapter, device)
     model.train()
@@ -359,7 +368,7 @@ def _setup(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str |
         start_step, run_id, best_val, skipped = restore(src, state, model, optimizer, scaler, d, tcfg)
         say(f"resumed from {src} at step {start_step}")
     else:
-        torch.manual_seed(tcfg.seed + d.rank)  # dropout streams differ per rank
+        torch.manual_seed(tcfg.seed + d.dp_rank)  # dropout streams differ per data-parallel rank (equal across TP)
     T = finetune.token_block(mcfg.block_size, tcfg)
     run = Run(d=d, tcfg=tcfg, dtype=dtype, model=model, n_params=n_params, fwd=fwd, objective=objective,
               optimizer=optimizer, scaler=scaler,
