@@ -3,7 +3,8 @@
   python -m benchmarks.bench_prune --checkpoint out [--calib-tokens 8192] [--eval-tokens 8192]
 
 Rows: the original; unstructured 50% by magnitude and by Wanda; 2:4 by both; structured to half the parameters
-(llm.prune's --target-params path, before any recovery training). Perplexity is llm.eval's over --eval-dataset
+(llm.prune's --target-params path: width and MLP, before any recovery training); structured to half the layers
+(--layers n_layer/2: fewer ops per decode step). Perplexity is llm.eval's over --eval-dataset
 (default pystdlib, the first --eval-tokens tokens); calibration reads the training split of --calib-dataset.
 Decode: greedy, batch 1, --decode-tokens new tokens after a 16-token prompt, the median ms/step of --rounds
 interleaved rounds (the masked unstructured variants compute exactly what the original does: their spread is the
@@ -22,7 +23,7 @@ import time
 
 import torch
 
-from benchmarks.common import device_name, versions, write_results
+from benchmarks.common import device_name, short_name, versions, write_results
 from llm import checkpoint as ckpt_io
 from llm.eval.perplexity import dataset_stream, evaluate
 from llm.generate.api import generate
@@ -74,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             variants[f"{method} {label}"] = m
     half = structured.shape_for_target(cfg, model.num_params() // 2)
     variants[f"structured 1/2 ({half.describe(cfg)})"] = structured.prune(model, stats, half)
+    if cfg.n_layer > 1:  # depth: what shortens a dispatch-bound decode step (fewer layers, fewer ops)
+        depth = structured.check_shape(cfg, cfg.n_layer // 2, None, None, None, None)
+        variants[f"structured depth ({depth.describe(cfg)})"] = structured.prune(model, stats, depth)
     out = []
     for name, m in variants.items():
         m.eval()
@@ -90,13 +94,16 @@ def main(argv: list[str] | None = None) -> int:
         r["ppl_vs_original"] = round(r["perplexity"] / base["perplexity"], 3)
         r["size_vs_original"] = round(r["weights_MiB"] / base["weights_MiB"], 3)
         r["decode_vs_original"] = round(r["decode_ms_per_step"] / base["decode_ms_per_step"], 3)
-    print(f"# {device_name()}; {versions()}; checkpoint {args.checkpoint}; calibration {rows.numel()} tokens "
-          f"(of {got}); eval {len(ids)} tokens; decode {torch.get_num_threads()} thread(s), load average "
-          f"{load0:.1f} -> {os.getloadavg()[0]:.1f}")
+    summary = (f"{device_name()}; checkpoint {short_name(args.checkpoint)}; calibration {rows.numel()} tokens (of "
+               f"{got}); eval {len(ids)} tokens; decode {torch.get_num_threads()} thread(s), load average "
+               f"{load0:.1f} -> {os.getloadavg()[0]:.1f}")
+    print(f"# {versions()}; {summary}")
     for r in out:
         print(" | ".join(f"{k} {v}" for k, v in r.items()))
-    write_results("bench_prune", out, x="variant", y="perplexity", series="variant",
-                  title="pruning without retraining: perplexity", ylabel="perplexity (lower is better)")
+    res = write_results("bench_prune", out, x="variant", y="perplexity", series="variant",
+                        title="pruning without retraining: perplexity", ylabel="perplexity (lower is better)")
+    with (res / "bench_prune.md").open("a") as f:
+        f.write(f"\n{summary}\n")
     return 0
 
 
