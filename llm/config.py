@@ -201,6 +201,9 @@ class TrainConfig:
     activation_checkpointing: bool = _f(False, "recompute each block's activations in the backward (less memory)")
     fsdp: bool = _f(False, "under torchrun, shard parameters, gradients and optimizer state (FSDP2 fully_shard) "
                            "instead of replicating them (DDP)")
+    sequence_parallel: bool = _f(False, "with --tp: the residual stream, norms and dropout hold 1/N of the "
+                                        "sequence per TP rank (all-gathered before attention / MLP, reduce-scattered "
+                                        "after), the loss computed on each rank's tokens")
     tp: int = _f(1, "under torchrun, tensor parallel degree: each block's attention heads and MLP columns split "
                     "over N ranks (DTensor: q/k/v, gate, up column-wise; o, down row-wise); the ranks form a "
                     "(world/N data-parallel x N) mesh, and more than one data-parallel group needs --fsdp; --resume "

@@ -63,9 +63,10 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, rope: ops.Rotary | None, positions: Tensor,
                 cache: KVCache | PagedKVCache | None = None, segments: Tensor | None = None) -> Tensor:
         """segments (B, T): document ids of a packed row (document-masked attention), or None."""
-        B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, D)  # heads [q; k; v]
+        qkv = self.wqkv(x)  # (B, T, (H + 2 Hkv) D); T from here: under sequence parallelism x holds T / tp rows
+        B, T = qkv.shape[:2]
+        qkv = qkv.view(B, T, H + 2 * Hkv, D)  # heads [q; k; v]
         q, k, v = qkv.split_with_sizes([H, Hkv, Hkv], dim=2)
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -213,7 +214,7 @@ class Transformer(nn.Module):
             return x, None
         if targets is None:
             return self.lm_head(x).float(), None
-        loss = ops.linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+        loss = ops.linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
                                         z_loss=z_loss, kernels=self.cfg.kernels)
         return None, loss + self.aux_loss()
 

@@ -51,3 +51,6 @@ def test_tensor_and_fully_sharded_data_parallelism_divide_the_estimate():
         rep = sum(p.numel() for k, p in names if not any(m in k for m in ("attn.wqkv", "attn.wo", "mlp.w")))
     assert fsdp4_tp2[0] == pytest.approx((16 / 4 + 2) * (rep + (n - rep) / 2), rel=1e-6)  # states / dp, bf16 copies
     assert one[1] / 2 < fsdp4_tp2[1] < one[1]  # no sequence parallelism: the residual stream is replicated
+    sp = memory_estimate(cfg, n, 1, True, True, True, True, world=4, fsdp=True, tp=2, sp=True)
+    assert sp == (fsdp4_tp2[0], pytest.approx(one[1] / 2))  # sequence parallel: every activation / tp
+    assert main(["--preset", "8b", "--tp", "2", "--sequence-parallel"]) == 0

@@ -1,9 +1,10 @@
 """Tensor parallelism (--tp, llm/train/tp.py) on CPU with gloo.
 
 Fast: the wqkv row regrouping and its inverse, and the one-line refusals. Slow (torchrun launches): the sharded
-block computes the one-process loss and gradients with each rank holding half of every TP weight; TP=2 (2 ranks)
-and TP=2 x FSDP2 over DP=2 (4 ranks) train with the one-process run's losses; their single-file checkpoints hold
-today's layout, load in one process and resume at another TP degree (2 -> 1, 1 -> 2) with the same losses.
+block computes the one-process loss and gradients with each rank holding half of every TP weight (and, sequence
+parallel, half of the residual stream); TP=2 (2 ranks) and TP=2 x FSDP2 over DP=2 (4 ranks), with and without
+--sequence-parallel, train with the one-process run's losses; their single-file checkpoints hold today's layout,
+load in one process and resume at another TP degree (2 -> 1, 1 -> 2) with the same losses.
 """
 
 import os
@@ -44,6 +45,9 @@ def test_qkv_order_gives_each_rank_whole_heads_of_q_k_and_v():
     (4, {}, {}, "needs --fsdp over the data-parallel dimension"),
     (2, {"optimizer": "muon"}, {}, "--tp trains with AdamW"),
     (2, {"checkpoint_format": "sharded"}, {}, "--tp saves single-file checkpoints"),
+    (1, {"tp": 1, "sequence_parallel": True}, {}, "--sequence-parallel splits the sequence over the TP ranks"),
+    (2, {"sequence_parallel": True}, {"block_size": 33}, "--tp 2 must divide the context length (33)"),
+    (2, {"sequence_parallel": True, "objective": "dpo"}, {}, "computes the cross-entropy objective only"),
 ])
 def test_tp_refusals_are_one_line(world, kw, mkw, want):
     t = replace(TrainConfig(), **({"tp": 2} | kw))
@@ -55,12 +59,14 @@ def test_tp_refusals_are_one_line(world, kw, mkw, want):
 
 
 SHARDED_BLOCK = """
+import sys
 import torch
 from llm.config import ModelConfig
 from llm.model import Transformer
 from llm.train import distributed as dd, tp
 
-d = dd.setup("cpu", 2)
+sp = sys.argv[1] == "sp"
+d = dd.setup("cpu", 2, sp)
 cfg = ModelConfig(vocab_size=300, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, block_size=32, kernels="torch")
 torch.manual_seed(0)
 ref = Transformer(cfg)
@@ -70,11 +76,19 @@ dd.wrap(model, d, False, False, False)
 a = model.blocks[0].attn
 assert a.wqkv.weight.to_local().shape == (32, 32) and a.wo.weight.to_local().shape == (32, 16), "not sharded"
 assert model.blocks[1].mlp.w2.weight.to_local().shape == (32, 64) and a.n_head == 2 and a.n_kv_head == 1
+rows = []
+model.blocks[1].norm1.register_forward_hook(lambda m, args, out: rows.append(out.shape[1]))
 idx, tgt = torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))
+tgt[0, 3:12] = -100  # ignored targets, unevenly over the two halves of the sequence
 _, l0 = ref(idx, tgt)
 _, l1 = model(idx, tgt)
+assert rows == [8 if sp else 16], rows  # sequence parallel: the residual stream holds this rank's half
 l0.backward()
 l1.backward()
+if sp:  # each rank's loss is its part of the mean; the replicated weights' gradients are partial
+    l1 = l1.detach().clone()
+    torch.distributed.all_reduce(l1)
+    tp.sync_replicated_grads(model, d.tp_group)
 assert abs(l0.item() - l1.item()) <= 1e-6 * abs(l0.item()), (l0.item(), l1.item())
 for (n, p0), p1 in zip(ref.named_parameters(), model.parameters()):
     g1 = p1.grad.full_tensor() if hasattr(p1.grad, "full_tensor") else p1.grad
@@ -86,12 +100,14 @@ dd.cleanup()
 
 
 @pytest.mark.slow
-def test_sharded_blocks_compute_the_one_process_loss_and_gradients(tmp_path):
+@pytest.mark.parametrize("mode", ["tp", "sp"])
+def test_sharded_blocks_compute_the_one_process_loss_and_gradients(tmp_path, mode):
     script = tmp_path / "sharded_block.py"
     script.write_text(SHARDED_BLOCK)
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(script)], cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)},
+                        str(script), mode], cwd=root,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)},
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.count("sharded block ok") == 2, r.stderr[-3000:]
 
@@ -115,20 +131,25 @@ def runs(tmp_path_factory):
     assert main(args(tmp, "one")) == 0  # the one-process reference: 6 steps
     one3 = str(tmp / "one" / "ckpt-0000003")
     out2 = run_two_ranks(tmp, [(args(tmp, "tp2", "--tp", "2"), -1),
-                               (args(tmp, "one_to_tp2", "--tp", "2", "--resume", one3), -1)]).stdout
-    out4 = run_two_ranks(tmp, [(args(tmp, "dp2tp2", "--tp", "2", "--fsdp"), -1)], nproc=4).stdout
+                               (args(tmp, "one_to_tp2", "--tp", "2", "--resume", one3), -1),
+                               (args(tmp, "tp2sp", "--tp", "2", "--sequence-parallel"), -1)]).stdout
+    out4 = run_two_ranks(tmp, [(args(tmp, "dp2tp2", "--tp", "2", "--fsdp"), -1),
+                               (args(tmp, "dp2tp2sp", "--tp", "2", "--fsdp", "--sequence-parallel"), -1)],
+                         nproc=4).stdout
     assert main(args(tmp, "tp2_to_one", "--resume", str(tmp / "tp2" / "ckpt-0000003"))) == 0
     return tmp, out2, out4
 
 
 @pytest.mark.slow
-def test_tp_and_dp_x_tp_train_with_the_one_process_losses(runs):
+def test_tp_and_dp_x_tp_with_and_without_sequence_parallelism_train_with_the_one_process_losses(runs):
     tmp, out2, out4 = runs
     assert "tensor parallel 2 x 1 data-parallel" in out2 and "FSDP2, tensor parallel 2 x 2 data-parallel" in out4
     ref = step_losses(tmp / "one")
     assert len(ref) == 6
-    assert close(step_losses(tmp / "tp2"), ref, range(1, 7))
-    assert close(step_losses(tmp / "dp2tp2"), ref, range(1, 7))
+    assert "tensor parallel 2 x 1 data-parallel, sequence parallel" in out2
+    assert "FSDP2, tensor parallel 2 x 2 data-parallel, sequence parallel" in out4
+    for run in ("tp2", "dp2tp2", "tp2sp", "dp2tp2sp"):
+        assert close(step_losses(tmp / run), ref, range(1, 7)), run
 
 
 @pytest.mark.slow

@@ -76,7 +76,8 @@ TRAINING_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("training: evaluation", ("eval_",)),
     ("training: checkpoints", ("save_interval", "keep_last", "checkpoint_", "async_checkpoint")),
     ("training: health and loss spikes", ("health_", "spike_", "max_bad_steps")),
-    ("training: parallelism and memory", ("fsdp", "tp", "global_batch_tokens", "activation_checkpointing")),
+    ("training: parallelism and memory", ("fsdp", "tp", "sequence_parallel", "global_batch_tokens",
+                                          "activation_checkpointing")),
     ("training: logging", ("log_interval", "wandb", "wandb_")),
 )
 
@@ -115,7 +116,8 @@ def resolve_configs(argv: list[str] | None) -> tuple[ModelConfig, DataConfig, Tr
         base = {**saved.get("model", {}), **saved.get("data", {}), **saved.get("train", {}),
                 "out_dir": str(src.parent)} | ({} if args.preset is None else preset(args.preset))
         base.pop("path", None)
-        base.pop("tp", None)  # the tensor-parallel degree belongs to the launch, like the world size: not inherited
+        for k in ("tp", "sequence_parallel"):  # the tensor-parallel layout belongs to the launch, like the world size
+            base.pop(k, None)
     args.explicit = set(values)
     merged = base | values
     lr = merged.get("lr", TrainConfig.lr)

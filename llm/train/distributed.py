@@ -40,6 +40,8 @@ class Dist:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     tp: int = 1
+    sp: bool = False  # sequence parallelism over the TP ranks (llm/train/tp.py split_sequence)
+    tp_group: object = None  # the TP ranks' process group (set by `wrap` under --tp)
 
     @property
     def dp_rank(self) -> int:
@@ -62,7 +64,7 @@ class Dist:
         return self.world > 1
 
 
-def setup(device: str = "auto", tp: int = 1) -> Dist:
+def setup(device: str = "auto", tp: int = 1, sp: bool = False) -> Dist:
     """Join the torchrun process group when launched by torchrun; pick this rank's device. `tp`: the
     tensor-parallel degree (checked by llm.train.tp.check before any work)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -75,7 +77,7 @@ def setup(device: str = "auto", tp: int = 1) -> Dist:
             torch.cuda.set_device(dev)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
-        return Dist(rank, world, local, dev, tp)
+        return Dist(rank, world, local, dev, tp, sp)
     return Dist(0, 1, 0, picked)
 
 
@@ -123,7 +125,8 @@ def wrap(model: nn.Module, d: Dist, fsdp: bool, activation_checkpointing: bool, 
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(d.device.type, (d.dp_world, d.tp), mesh_dim_names=("dp", "tp"))
-        tp_.apply(model, mesh["tp"])
+        tp_.apply(model, mesh["tp"], d.sp)
+        d.tp_group = mesh["tp"].get_group()
     if activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
             apply_activation_checkpointing,
@@ -295,14 +298,15 @@ def fmt_bytes(n: float) -> str:
 
 
 def memory_estimate(cfg: ModelConfig, n_params: int, batch: int, amp: bool, flash: bool, fused_ce: bool,
-                    act_ckpt: bool, world: int = 1, fsdp: bool = False, tp: int = 1) -> tuple[float, float]:
+                    act_ckpt: bool, world: int = 1, fsdp: bool = False, tp: int = 1,
+                    sp: bool = False) -> tuple[float, float]:
     """(fixed bytes, activation bytes) per rank of one training micro-batch of `batch` sequences.
 
     fixed = N * (4 weights + 4 grads + 8 AdamW moments) [/ W under FSDP] + 2N autocast copies.
-    `world` counts the data-parallel ranks. Tensor parallelism (tp > 1, llm/train/tp.py as built: no sequence
-    parallelism) divides the block matrices (N_tp = N less the embedding, head and norm weights) and the
-    activations inside attention and the MLP by tp; the embedding, norms, head and the residual stream stay
-    replicated.
+    `world` counts the data-parallel ranks. Tensor parallelism (tp > 1, llm/train/tp.py as built) divides the
+    block matrices (N_tp = N less the embedding, head and norm weights) and the activations inside attention and
+    the MLP by tp; the embedding, norms, head and the residual stream stay replicated, unless sequence
+    parallelism (`sp`) splits those activations too: then every activation below is / tp.
     Activations per token per layer (s = 2 under autocast, else 4): fp32 residual stream,
     norm outputs 16C; s * 2C linear inputs (replicated under TP); s * (Cq + 2Ckv qkv + Cq + Ckv after RoPE + Cq
     attention output + 3I MLP) (split by TP); attention without a fused kernel adds fp32 q/k/v and 2 * H * T
@@ -317,9 +321,12 @@ def memory_estimate(cfg: ModelConfig, n_params: int, batch: int, amp: bool, flas
     split = s * (2 * Cq + 2 * Ckv + Cq + Ckv + Cq + mlp)
     if not flash:
         split += 4 * (Cq + 2 * Ckv) + 8 * H * T
-    layer = 16 * C + s * 2 * C + split / tp
-    per_token = (4 * C * L + layer) if act_ckpt else layer * L
-    per_token += 8 * C + (4 * C if fused_ce else (8 + s) * cfg.padded_vocab_size)
+    rep = 16 * C + s * 2 * C  # replicated by TP without SP
+    layer = (rep + split) / tp if sp else rep + split / tp
+    kept, head = 4 * C * L, 8 * C + (4 * C if fused_ce else (8 + s) * cfg.padded_vocab_size)
+    if sp:  # the residual stream, norms, head and loss hold 1/tp of the tokens too
+        kept, head = kept / tp, head / tp
+    per_token = (kept + layer if act_ckpt else layer * L) + head
     replicated = (n_params if tp == 1 else
                   min(n_params, cfg.padded_vocab_size * C * (1 if cfg.tie_embeddings else 2) + (2 * L + 1) * C
                       + (cfg.block_size * C if cfg.pos_emb == "learned" else 0)))

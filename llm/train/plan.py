@@ -13,8 +13,9 @@ layout asked for fits, 1 when it does not, 2 for bad input.
 
 Tensor parallelism is estimated as the trainer builds it (`llm train --tp N`, llm/train/tp.py): the block
 matrices and the activations inside attention and the MLP / tp; the embedding, norms, LM head and residual
-stream replicated (no sequence parallelism yet). Layouts the trainer refuses are refused here too: DDP x TP
-(more than one data-parallel group needs FSDP2), TP of a Mixture-of-Experts model.
+stream replicated, or with --sequence-parallel the residual stream's activations split too. Layouts the
+trainer refuses are refused here too: DDP x TP (more than one data-parallel group needs FSDP2), TP of a
+Mixture-of-Experts model.
 """
 
 from __future__ import annotations
@@ -44,7 +45,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, help="sequence length (default: the model's context)")
     p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=True,
                    help="shard weights, gradients and optimizer state over the data-parallel ranks (FSDP2)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (an estimate: see the module doc)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (llm train --tp: see the module doc)")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="with TP: the residual stream, norms and head on 1/tp of the tokens too (llm train "
+                        "--sequence-parallel); applies to the TP rows of the table as well")
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute each block's activations in the backward")
     return p
@@ -67,10 +71,11 @@ def count_params(cfg: ModelConfig) -> int:
         return Transformer(cfg).num_params()
 
 
-def estimate(cfg: ModelConfig, n: int, batch: int, dp: int, fsdp: bool, tp: int, ckpt: bool) -> tuple[float, float]:
+def estimate(cfg: ModelConfig, n: int, batch: int, dp: int, fsdp: bool, tp: int, ckpt: bool,
+             sp: bool = False) -> tuple[float, float]:
     """(fixed, activation) bytes per GPU: bf16 autocast, flash attention and the fused cross-entropy."""
     return memory_estimate(cfg, n, batch, amp=True, flash=True, fused_ce=True, act_ckpt=ckpt, world=dp,
-                           fsdp=fsdp, tp=tp)
+                           fsdp=fsdp, tp=tp, sp=sp and tp > 1)
 
 
 def check_tp(cfg: ModelConfig, tp: int, gpus: int) -> str | None:
@@ -110,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{cfg.n_kv_head} (q/kv), MLP {cfg.intermediate_size}, vocab {cfg.vocab_size}, context {T}")
     print(f"cluster: {args.nodes} node(s) x {args.gpus} GPU(s) of {args.gpu_mem:g} GiB = {world} GPU(s)")
     dp = world // args.tp
-    fixed, act = estimate(cfg, n, b, dp, args.fsdp, args.tp, args.activation_checkpointing)
-    print(f"plan: {'FSDP2' if args.fsdp else 'DDP'} over {dp} data-parallel rank(s) x TP {args.tp}, micro-batch "
+    fixed, act = estimate(cfg, n, b, dp, args.fsdp, args.tp, args.activation_checkpointing, args.sequence_parallel)
+    sp = ", sequence parallel" if args.sequence_parallel and args.tp > 1 else ""
+    print(f"plan: {'FSDP2' if args.fsdp else 'DDP'} over {dp} data-parallel rank(s) x TP {args.tp}{sp}, micro-batch "
           f"{b} x {T} tokens, activation checkpointing {'on' if args.activation_checkpointing else 'off'}; "
           + describe(fixed, act, budget))
     print(f"\nevery layout of {world} GPU(s), micro-batch {b} x {T} tokens per data-parallel rank:")
@@ -121,12 +127,12 @@ def main(argv: list[str] | None = None) -> int:
             if tp > 1 and not fsdp and world > tp:
                 continue  # DDP x TP: the trainer refuses it
             for ckpt in (False, True):
-                f, a = estimate(cfg, n, b, world // tp, fsdp, tp, ckpt)
+                f, a = estimate(cfg, n, b, world // tp, fsdp, tp, ckpt, args.sequence_parallel)
                 name = f"{'FSDP2' if fsdp else 'DDP'} x {world // tp}"
                 print(f"  {name:<16}{tp:>4}  {'on' if ckpt else 'off':<10}{fmt_bytes(f + a):>12}  "
                       f"{'yes' if f + a <= budget else 'no'}")
     print("note: TP as llm train --tp builds it: attention and MLP weights and activations split, embedding, "
-          "norms, head and residual stream replicated (no sequence parallelism yet)")
+          "norms and head replicated; their activations too unless --sequence-parallel")
     return 0 if fixed + act <= budget else 1
 
 

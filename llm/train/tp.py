@@ -10,8 +10,10 @@ applied with `parallelize_module` (ColwiseParallel / RowwiseParallel). The colum
 tensors (`use_local_output`), so attention, RoPE and SwiGLU run our ops on this rank's heads / columns, and each
 row-wise layer all-reduces its partial sums into a replicated output. Everything else (embedding, norms, the LM
 head and its fused cross-entropy) stays replicated: every TP rank of a data-parallel group reads the same batch
-and computes the same replicated activations and gradients. Not built yet: sequence parallelism of the norms and
-dropout, a row-wise embedding, a vocabulary-parallel head with loss parallelism.
+and computes the same replicated activations and gradients. With --sequence-parallel (`split_sequence`) the
+residual stream between the sharded layers holds T/tp rows per rank instead (all-gathered into the column-wise
+layers, reduce-scattered out of the row-wise ones), so norms, dropout, the head and the loss run on 1/tp of the
+tokens. Not built yet: a row-wise embedding, a vocabulary-parallel head with loss parallelism.
 
 The fused wqkv (rows [q heads; k heads; v heads], llm/model.py) is regrouped at wrap time by `qkv_order` so a
 contiguous 1/N of its rows is [q_r; k_r; v_r], this rank's heads of each, and Attention runs with the local head
@@ -34,6 +36,8 @@ QKV = re.compile(r"(^|\.)blocks\.\d+\.attn\.wqkv\.(weight|bias)$")
 def check(mcfg: ModelConfig, tcfg: TrainConfig, world: int) -> None:
     """Raise ConfigError (one line) unless --tp tcfg.tp can run this model on `world` ranks."""
     n = tcfg.tp
+    if tcfg.sequence_parallel and n == 1:
+        raise ConfigError("--sequence-parallel splits the sequence over the TP ranks: it needs --tp N > 1")
     if n == 1:
         return
     rules = [(world > 1 and world % n == 0,
@@ -52,7 +56,11 @@ def check(mcfg: ModelConfig, tcfg: TrainConfig, world: int) -> None:
               "--tp saves single-file checkpoints (gathered on rank 0, today's layout): drop --checkpoint-format "
               "sharded / --async-checkpoint"),
              (tcfg.lora_rank is None and tcfg.peft is None, "--tp is for full training, not PEFT: drop --tp"),
-             (not tcfg.eval_tasks, "--eval-tasks scores on rank 0 alone: drop it with --tp")]
+             (not tcfg.eval_tasks, "--eval-tasks scores on rank 0 alone: drop it with --tp"),
+             (not tcfg.sequence_parallel or mcfg.block_size % n == 0,
+              f"--sequence-parallel: --tp {n} must divide the context length ({mcfg.block_size})"),
+             (not tcfg.sequence_parallel or tcfg.objective == "ce",
+              f"--sequence-parallel computes the cross-entropy objective only (not --objective {tcfg.objective})")]
     for ok, msg in rules:
         if not ok:
             raise ConfigError(msg)
@@ -85,9 +93,16 @@ def to_saved(name: str, t: Tensor, cfg: ModelConfig, tp: int) -> Tensor:
     return out
 
 
-def apply(model: nn.Module, mesh) -> None:
-    """Shard every block of `model` (in place, before AC / FSDP2) over the 1-D TP mesh `mesh`."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+def apply(model: nn.Module, mesh, sp: bool = False) -> None:
+    """Shard every block of `model` (in place, before AC / FSDP2) over the 1-D TP mesh `mesh`; `sp`: sequence
+    parallelism too (`split_sequence`)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        parallelize_module,
+    )
 
     tp, cfg = mesh.size(), model.cfg
     with torch.no_grad():
@@ -95,10 +110,61 @@ def apply(model: nn.Module, mesh) -> None:
             for p in (block.attn.wqkv.weight, block.attn.wqkv.bias):
                 if p is not None:
                     p.copy_(to_live("blocks.0.attn.wqkv.weight", p.detach().clone(), cfg, tp))
-    plan = {"attn.wqkv": ColwiseParallel(), "attn.wo": RowwiseParallel(), "mlp.w1": ColwiseParallel(),
-            "mlp.w2": RowwiseParallel()}
+    seq = Shard(1) if sp else Replicate()  # the layout of the residual stream between the sharded layers
+    plan = {"attn.wqkv": ColwiseParallel(input_layouts=seq), "attn.wo": RowwiseParallel(output_layouts=seq),
+            "mlp": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),)),  # gather once
+            "mlp.w1": ColwiseParallel(), "mlp.w2": RowwiseParallel(output_layouts=seq)}
     if cfg.mlp == "swiglu":
         plan["mlp.w3"] = ColwiseParallel()
     for block in model.blocks:
         parallelize_module(block, mesh, plan)
         block.attn.n_head, block.attn.n_kv_head = cfg.n_head // tp, cfg.n_kv_head // tp  # this rank's heads
+    if sp:
+        split_sequence(model, mesh)
+
+
+def split_sequence(model: nn.Module, mesh) -> None:
+    """Sequence parallelism (Korthikanti et al. 2022) around the sharded blocks: rank r of the TP mesh keeps rows
+    [r T/tp, (r+1) T/tp) of the residual stream (B, T/tp, C) from the embedding on, so norms, dropout and the
+    residual adds run on 1/tp of the tokens; the column-wise layers all-gather it (Shard(1) -> Replicate), the
+    row-wise ones reduce-scatter back. The head and cross-entropy run on the rank's own tokens (its slice of the
+    targets), and the loss is scaled by (its counted tokens) / (the group's), so the group's losses sum to the
+    mean over all tokens; the replicated weights' gradients are partial sums, added up by `sync_replicated_grads`.
+    """
+    tp, r = mesh.size(), mesh.get_local_rank()
+
+    def local_rows(module, args, out: Tensor) -> Tensor:  # (..., T, C) -> (..., T/tp, C)
+        return out.chunk(tp, dim=-2)[r].contiguous()
+
+    def local_targets(module, args, kwargs):
+        targets = kwargs.get("targets", args[1] if len(args) > 1 else None)
+        if targets is None:
+            return None
+        assert len(args) <= 2, "sequence parallelism: pass the model's arguments after targets by keyword"
+        local = targets.chunk(tp, dim=1)[r].contiguous()
+        n = torch.stack([(local != -100).sum(), (targets != -100).sum()]).float()
+        module._sp_scale = n[0] / n[1].clamp_min(1)  # targets are the same on every TP rank: no collective needed
+        kwargs["targets"] = local
+        return args[:1], kwargs
+
+    def scale_loss(module, args, kwargs, out):
+        logits, loss = out
+        return (logits, loss * module._sp_scale) if loss is not None else out
+
+    model.tok_emb.register_forward_hook(local_rows)
+    if model.pos_emb is not None:
+        model.pos_emb.register_forward_hook(local_rows)
+    model.register_forward_pre_hook(local_targets, with_kwargs=True)
+    model.register_forward_hook(scale_loss, with_kwargs=True)
+
+
+def sync_replicated_grads(model: nn.Module, group) -> None:
+    """Sequence parallelism: sum over the TP group the gradients of the weights TP does not shard (embedding,
+    norms, head: each rank saw only its tokens). FSDP2's dp-sharded ones are summed shard by shard."""
+    import torch.distributed as dist
+
+    for p in model.parameters():
+        g = p.grad
+        if g is None or "tp" in (getattr(getattr(g, "device_mesh", None), "mesh_dim_names", None) or ()):
+            continue  # a TP-sharded weight: its gradient is complete
+        dist.all_reduce(g.to_local() if hasattr(g, "to_local") else g, group=group)

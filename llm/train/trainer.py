@@ -142,13 +142,16 @@ class Run:
                 self.scaler.scale(loss / A).backward()
             loss_sum += loss.detach().float()
             _accumulate(metric_sums, metrics)
+        if d.sp:  # the embedding, norms and head saw only this rank's tokens
+            tp.sync_replicated_grads(self.model, d.tp_group)
         self.scaler.unscale_(self.optimizer)
         snap = self.health.before_update() if self.health.due(self.step + 1) else None
         if d.tp > 1:  # DTensor shards next to replicated plain tensors: torch's clip does not mix them
             gnorm = dd.clip_grad_norm(self.model.parameters(), self.tcfg.grad_clip or math.inf)
         else:
             gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.grad_clip or math.inf)  # pre-clip
-        loss_val = dd.all_reduce(loss_sum, d).item() / (A * W)  # TP ranks hold equal losses: the mean is the same
+        # TP ranks hold equal losses (the mean over all ranks is the same), or under SP parts that sum to it
+        loss_val = dd.all_reduce(loss_sum, d).item() / (A * (d.dp_world if d.sp else W))
         self.metrics = _reduce(metric_sums, A * W, d)
         gnorm_val = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
         bad = not math.isfinite(loss_val) or (not math.isfinite(gnorm_val) and not self.scaler.is_enabled())
@@ -177,7 +180,7 @@ class Run:
             batch = self.val_loader.batch(min(i, iters - 1), d.device)
             with self.autocast():
                 loss, metrics = self.objective.loss(self.model, batch)
-            if i < iters and d.tp_rank == 0:
+            if i < iters and (d.tp_rank == 0 or d.sp):  # under SP each TP rank holds its part of the loss
                 losses[i] = loss.float()
             _accumulate(metric_sums, metrics, float(i < iters and d.tp_rank == 0))  # every rank reduces the same keys
         dd.all_reduce(losses, d)
@@ -297,7 +300,7 @@ def _plan(mcfg: ModelConfig, n_params: int, tcfg: TrainConfig, d: dd.Dist, dtype
     return dd.plan_batch(mcfg, n_params, tcfg.batch_size, tcfg.grad_accum, d.dp_world,
                          tcfg.global_batch_tokens, "batch_size" in explicit, dd.memory_budget(d.device),
                          amp=dtype != torch.float32, flash=kernel_path, fused_ce=kernel_path,
-                         act_ckpt=tcfg.activation_checkpointing, fsdp=tcfg.fsdp, tp=d.tp)
+                         act_ckpt=tcfg.activation_checkpointing, fsdp=tcfg.fsdp, tp=d.tp, sp=d.sp)
 
 
 def _announce(run: Run, mcfg: ModelConfig, dcfg: DataConfig, init: bool, resumed: bool) -> None:
@@ -311,6 +314,7 @@ def _announce(run: Run, mcfg: ModelConfig, dcfg: DataConfig, init: bool, resumed
     say(f"device: {device_name(device)} x {W}, {str(run.dtype).replace('torch.', '')}, kernels={mcfg.kernels}"
         f"{', FSDP2' if tcfg.fsdp and run.d.dp_world > 1 else ', DDP' if run.d.dp_world > 1 else ''}"
         f"{f', tensor parallel {run.d.tp} x {run.d.dp_world} data-parallel' if run.d.tp > 1 else ''}"
+        f"{', sequence parallel' if run.d.sp else ''}"
         f"{', compiled' if tcfg.compile else ''}{', activation checkpointing' if tcfg.activation_checkpointing else ''}"
         f"{', ' + ('async ' if tcfg.async_checkpoint else '') + 'sharded checkpoints' if run.sharded else ''}"
         f"; MFU against {f'{run.peak / 1e12:.0f} TFLOP/s' if run.peak else 'unknown peak (not reported)'}")
@@ -328,7 +332,7 @@ def _setup(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str |
     if tcfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before CUDA starts
         torch.use_deterministic_algorithms(True, warn_only=True)
-    d = dd.setup(tcfg.device, tcfg.tp)
+    d = dd.setup(tcfg.device, tcfg.tp, tcfg.sequence_parallel)
     tp.check(mcfg, tcfg, d.world)
     device = d.device
     dtype = pick_dtype(tcfg.dtype, device)
