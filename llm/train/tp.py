@@ -50,7 +50,6 @@ def check(mcfg: ModelConfig, tcfg: TrainConfig, world: int) -> None:
              (not mcfg.qk_norm, "--tp with qk_norm is not supported yet (its gains would see only local heads)"),
              (world == n or tcfg.fsdp, f"--tp {n} on {world} ranks ({world // n} data-parallel groups) needs --fsdp "
                                        "over the data-parallel dimension (DDP x TP is not supported)"),
-             (tcfg.optimizer == "adamw", "--tp trains with AdamW for now: drop --optimizer muon"),
              (not tcfg.compile, "--tp is not tested with --compile yet: drop one of them"),
              (tcfg.checkpoint_format != "sharded" and not tcfg.async_checkpoint,
               "--tp saves single-file checkpoints (gathered on rank 0, today's layout): drop --checkpoint-format "
