@@ -45,10 +45,11 @@ def test_tensor_and_fully_sharded_data_parallelism_divide_the_estimate():
     n = count_params(cfg)
     one = memory_estimate(cfg, n, 1, True, True, True, True)
     fsdp4_tp2 = memory_estimate(cfg, n, 1, True, True, True, True, world=4, fsdp=True, tp=2)
-    # TP as built (llm/train/tp.py): attention / MLP matrices split, embedding, head and norms replicated
+    # TP as built (llm/train/tp.py): attention / MLP matrices and the (untied) embedding split, head, norms replicated
+    assert not cfg.tie_embeddings
     with torch.device("meta"):
         names = Transformer(cfg).named_parameters()
-        rep = sum(p.numel() for k, p in names if not any(m in k for m in ("attn.wqkv", "attn.wo", "mlp.w")))
+        rep = sum(p.numel() for k, p in names if not any(m in k for m in ("attn.wqkv", "attn.wo", "mlp.w", "tok_emb")))
     assert fsdp4_tp2[0] == pytest.approx((16 / 4 + 2) * (rep + (n - rep) / 2), rel=1e-6)  # states / dp, bf16 copies
     assert one[1] / 2 < fsdp4_tp2[1] < one[1]  # no sequence parallelism: the residual stream is replicated
     sp = memory_estimate(cfg, n, 1, True, True, True, True, world=4, fsdp=True, tp=2, sp=True)

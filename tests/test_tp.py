@@ -76,6 +76,8 @@ dd.wrap(model, d, False, False, False)
 a = model.blocks[0].attn
 assert a.wqkv.weight.to_local().shape == (32, 32) and a.wo.weight.to_local().shape == (32, 16), "not sharded"
 assert model.blocks[1].mlp.w2.weight.to_local().shape == (32, 64) and a.n_head == 2 and a.n_kv_head == 1
+assert model.tok_emb.weight.to_local().shape == (cfg.padded_vocab_size // 2, 32)  # vocabulary rows split
+assert not hasattr(model.lm_head.weight, "to_local")  # the head stays whole (the fused cross-entropy reads it)
 rows = []
 model.blocks[1].norm1.register_forward_hook(lambda m, args, out: rows.append(out.shape[1]))
 idx, tgt = torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))

@@ -304,8 +304,8 @@ def memory_estimate(cfg: ModelConfig, n_params: int, batch: int, amp: bool, flas
 
     fixed = N * (4 weights + 4 grads + 8 AdamW moments) [/ W under FSDP] + 2N autocast copies.
     `world` counts the data-parallel ranks. Tensor parallelism (tp > 1, llm/train/tp.py as built) divides the
-    block matrices (N_tp = N less the embedding, head and norm weights) and the activations inside attention and
-    the MLP by tp; the embedding, norms, head and the residual stream stay replicated, unless sequence
+    block matrices and an untied token embedding (N_tp = N less the head and norm weights) and the activations
+    inside attention and the MLP by tp; the norms, head and the residual stream stay replicated, unless sequence
     parallelism (`sp`) splits those activations too: then every activation below is / tp.
     Activations per token per layer (s = 2 under autocast, else 4): fp32 residual stream,
     norm outputs 16C; s * 2C linear inputs (replicated under TP); s * (Cq + 2Ckv qkv + Cq + Ckv after RoPE + Cq
@@ -327,8 +327,9 @@ def memory_estimate(cfg: ModelConfig, n_params: int, batch: int, amp: bool, flas
     if sp:  # the residual stream, norms, head and loss hold 1/tp of the tokens too
         kept, head = kept / tp, head / tp
     per_token = (kept + layer if act_ckpt else layer * L) + head
+    tables = 1 if cfg.tie_embeddings or tp_.shards_embedding(cfg, tp) else 2  # head (+ embedding) replicated
     replicated = (n_params if tp == 1 else
-                  min(n_params, cfg.padded_vocab_size * C * (1 if cfg.tie_embeddings else 2) + (2 * L + 1) * C
+                  min(n_params, cfg.padded_vocab_size * C * tables + (2 * L + 1) * C
                       + (cfg.block_size * C if cfg.pos_emb == "learned" else 0)))
     per_rank = replicated + (n_params - replicated) / tp
     fixed = per_rank * 16 / (world if fsdp else 1) + (2 * per_rank if amp else 0)

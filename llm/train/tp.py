@@ -5,15 +5,17 @@ data-parallel rank r // N and tensor-parallel rank r % N. Within a block (Shoeyb
 
     attention:  wqkv column-wise (each TP rank: H/N query heads and Hkv/N key/value heads), wo row-wise
     MLP:        w1 (gate) and w3 (up) column-wise, w2 (down) row-wise
+    embedding:  row-wise (vocabulary rows) when untied
 
 applied with `parallelize_module` (ColwiseParallel / RowwiseParallel). The column-wise outputs come back as local
 tensors (`use_local_output`), so attention, RoPE and SwiGLU run our ops on this rank's heads / columns, and each
-row-wise layer all-reduces its partial sums into a replicated output. Everything else (embedding, norms, the LM
+row-wise layer all-reduces its partial sums into a replicated output. Everything else (norms, a tied embedding, the LM
 head and its fused cross-entropy) stays replicated: every TP rank of a data-parallel group reads the same batch
 and computes the same replicated activations and gradients. With --sequence-parallel (`split_sequence`) the
 residual stream between the sharded layers holds T/tp rows per rank instead (all-gathered into the column-wise
 layers, reduce-scattered out of the row-wise ones), so norms, dropout, the head and the loss run on 1/tp of the
-tokens. Not built yet: a row-wise embedding, a vocabulary-parallel head with loss parallelism.
+tokens. An untied token embedding is split by vocabulary rows (RowwiseParallel). Not built yet: a
+vocabulary-parallel head with loss parallelism (the fused cross-entropy reads the whole head weight).
 
 The fused wqkv (rows [q heads; k heads; v heads], llm/model.py) is regrouped at wrap time by `qkv_order` so a
 contiguous 1/N of its rows is [q_r; k_r; v_r], this rank's heads of each, and Attention runs with the local head
@@ -118,8 +120,16 @@ def apply(model: nn.Module, mesh, sp: bool = False) -> None:
     for block in model.blocks:
         parallelize_module(block, mesh, plan)
         block.attn.n_head, block.attn.n_kv_head = cfg.n_head // tp, cfg.n_kv_head // tp  # this rank's heads
+    if shards_embedding(cfg, tp):  # rows (vocabulary) split; its output all-reduced, or reduce-scattered under SP
+        parallelize_module(model.tok_emb, mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=seq))
     if sp:
         split_sequence(model, mesh)
+
+
+def shards_embedding(cfg: ModelConfig, tp: int) -> bool:
+    """Whether the token embedding is split by vocabulary rows: an untied one whose padded vocabulary divides by tp
+    (a tied one is also the LM head, whose weight the fused cross-entropy reads whole)."""
+    return tp > 1 and not cfg.tie_embeddings and cfg.padded_vocab_size % tp == 0
 
 
 def split_sequence(model: nn.Module, mesh) -> None:
@@ -150,7 +160,8 @@ def split_sequence(model: nn.Module, mesh) -> None:
         logits, loss = out
         return (logits, loss * module._sp_scale) if loss is not None else out
 
-    model.tok_emb.register_forward_hook(local_rows)
+    if not shards_embedding(model.cfg, tp):  # a row-wise embedding already returns this rank's rows
+        model.tok_emb.register_forward_hook(local_rows)
     if model.pos_emb is not None:
         model.pos_emb.register_forward_hook(local_rows)
     model.register_forward_pre_hook(local_targets, with_kwargs=True)
