@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_two_ranks, step_losses, train_argv, write_code_corpus
+from conftest import metrics_records, run_two_ranks, step_losses, train_argv, write_code_corpus
 
 from llm import checkpoint as ck
 from llm.config import ConfigError, ModelConfig, TrainConfig
@@ -117,7 +117,7 @@ def test_sharded_blocks_compute_the_one_process_loss_and_gradients(tmp_path, mod
 def args(tmp: Path, out: str, *extra, **kw) -> list[str]:
     """2 layers, 4 query / 2 kv heads, micro-batch 2, 8 sequences per step, a checkpoint at step 3 of 6."""
     kw = dict(n_layer=2, n_head=4, n_kv_head=2, global_batch_tokens=256, batch_size=2, save_interval=3,
-              eval_interval=3) | kw
+              eval_interval=3, health_interval=3) | kw
     return [str(a) for a in train_argv(tmp, out, **kw)] + list(extra)
 
 
@@ -154,6 +154,13 @@ def test_tp_and_dp_x_tp_with_and_without_sequence_parallelism_train_with_the_one
     assert "FSDP2, tensor parallel 2 x 2 data-parallel, sequence parallel" in out4
     for run in ("tp2", "dp2tp2", "tp2sp", "dp2tp2sp"):
         assert close(step_losses(tmp / run), ref, range(1, 7)), run
+    # the health records count every element once: TP shards summed over the group, replicated weights once
+    health = [{k: v for k, v in r.items() if "grad_rms" in k or "update_ratio" in k}
+              for r in metrics_records(tmp / "one") if "health/grad_rms/0" in r]
+    assert len(health) == 2
+    for run in ("tp2", "dp2tp2sp"):
+        got = [r for r in metrics_records(tmp / run) if "health/grad_rms/0" in r]
+        assert len(got) == 2 and all(abs(g[k] - h[k]) <= 1e-4 * abs(h[k]) for g, h in zip(got, health) for k in h)
     # Muon orthogonalises the gathered momentum: the regrouped wqkv rows permute it, which commutes with Newton-Schulz
     assert close(step_losses(tmp / "tp2muon"), step_losses(tmp / "one_muon"), range(1, 7))
 

@@ -47,8 +47,11 @@ class Health:
     """Per-layer gradient, update, activation and attention statistics every `interval` steps (0 = never)."""
 
     def __init__(self, model: nn.Module, interval: int, d: dd.Dist, sharded: bool) -> None:
-        self.interval, self.d, self.sharded = interval, d, sharded
+        self.interval, self.d, self.sharded = interval, d, sharded or d.tp > 1
         self.params = [(layer_of(n), p) for n, p in model.named_parameters() if p.requires_grad]
+        # Under TP each rank's sums are weighted by its share of the tensor (distinct shards / world), so the sum
+        # over all ranks counts every element once, replicated or TP / FSDP-sharded; 1 otherwise (as before).
+        self.share = {id(p): _share(p, d.world) if d.tp > 1 else 1.0 for _, p in self.params}
         self.layers = sorted({lay for lay, _ in self.params}, key=lambda s: (not s.isdigit(), int(s) if s.isdigit()
                                                                                else 0, s))
 
@@ -68,7 +71,7 @@ class Health:
         sums: dict[str, list[Tensor]] = {}
         for lay, p in self.params:
             if p.grad is not None:
-                sums.setdefault(f"g/{lay}", []).append(_local(p.grad).float().pow(2).sum().cpu())
+                sums.setdefault(f"g/{lay}", []).append(_local(p.grad).float().pow(2).sum().cpu() * self.share[id(p)])
         counts = {lay: sum(p.numel() for la, p in self.params if la == lay and p.grad is not None)
                   for lay in self.layers}
         weights = [(lay, p, _local(p).detach().clone()) for lay, p in self.params if p.dim() >= 2]
@@ -80,8 +83,9 @@ class Health:
                for lay, n in snap["counts"].items()}
         sums: dict[str, list[Tensor]] = {}
         for lay, p, w0 in snap["weights"]:
-            sums.setdefault(f"d/{lay}", []).append((_local(p).float() - w0.float()).pow(2).sum().cpu())
-            sums.setdefault(f"w/{lay}", []).append(w0.float().pow(2).sum().cpu())
+            k = self.share[id(p)]
+            sums.setdefault(f"d/{lay}", []).append((_local(p).float() - w0.float()).pow(2).sum().cpu() * k)
+            sums.setdefault(f"w/{lay}", []).append(w0.float().pow(2).sum().cpu() * k)
         red = self._reduce(sums)
         for lay in self.layers:
             if f"w/{lay}" in red:
@@ -112,6 +116,16 @@ class Health:
 
 def _local(t: Tensor) -> Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _share(p: Tensor, world: int) -> float:
+    """This rank's share of tensor p in a sum over all `world` ranks: (distinct shards) / world; a plain
+    tensor (replicated on every rank) 1 / world."""
+    if not hasattr(p, "placements"):
+        return 1.0 / world
+    shards = math.prod(p.device_mesh.size(i) for i, pl in enumerate(p.placements)  # Shard, or FSDP2's _StridedShard
+                       if not (pl.is_replicate() or pl.is_partial()))
+    return shards / world
 
 
 def _attention_stats(model: nn.Module, attn: nn.Module, x: Tensor, positions: Tensor, i: int) -> dict[str, float]:

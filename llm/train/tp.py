@@ -168,6 +168,16 @@ def split_sequence(model: nn.Module, mesh) -> None:
     model.register_forward_hook(scale_loss, with_kwargs=True)
 
 
+def reshard_grads(model: nn.Module) -> None:
+    """Lay every DTensor gradient out as its parameter (a local slice, no communication): DTensor's embedding
+    backward returns the row-wise embedding's gradient replicated, V x C on every rank; kept so, it would hold
+    tp x the memory of the shard and reach the optimizer, the clip and the health records in another layout."""
+    for p in model.parameters():
+        g = p.grad
+        if g is not None and hasattr(g, "placements") and tuple(g.placements) != tuple(p.placements):
+            p.grad = g.redistribute(p.device_mesh, p.placements)
+
+
 def sync_replicated_grads(model: nn.Module, group) -> None:
     """Sequence parallelism: sum over the TP group the gradients of the weights TP does not shard (embedding,
     norms, head: each rank saw only its tokens). FSDP2's dp-sharded ones are summed shard by shard."""

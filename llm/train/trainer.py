@@ -142,6 +142,8 @@ class Run:
                 self.scaler.scale(loss / A).backward()
             loss_sum += loss.detach().float()
             _accumulate(metric_sums, metrics)
+        if d.tp > 1:
+            tp.reshard_grads(self.model)
         if d.sp:  # the embedding, norms and head saw only this rank's tokens
             tp.sync_replicated_grads(self.model, d.tp_group)
         self.scaler.unscale_(self.optimizer)
