@@ -363,7 +363,8 @@ def ttft(args) -> None:
     load1 = os.getloadavg()
     q = {n: statistics.quantiles(t, n=10) for n, t in times.items()}
     med = {n: statistics.median(t) for n, t in times.items()}
-    print(f"{args.base}: prompt {len(ids)} tokens, prefix {P} rows, {args.repeats} interleaved repeats, threads "
+    print(f"{short_name(args.base)}: prompt {len(ids)} tokens, prefix {P} rows, {args.repeats} interleaved repeats, "
+          f"threads "
           f"{torch.get_num_threads()}, {device_name()}; load average (1/5/15 min) before "
           f"{'/'.join(f'{x:.1f}' for x in load0)}, after {'/'.join(f'{x:.1f}' for x in load1)}")
     print("| case | TTFT median ms | p20 | p80 | / base (same path) |")
