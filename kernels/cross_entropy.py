@@ -198,12 +198,16 @@ def cross_entropy_fwd(logits: Tensor, targets: Tensor, ignore_index: int = -100,
 
 
 def cross_entropy_bwd(logits: Tensor, targets: Tensor, lse: Tensor, scale: Tensor, ignore_index: int = -100,
-                      z_loss: float = 0.0) -> Tensor:
-    """dlogits (N, V) in the logits' dtype for an upstream gradient folded into scale = g / n."""
+                      z_loss: float = 0.0, out: Tensor | None = None) -> Tensor:
+    """dlogits (N, V) in the logits' dtype for an upstream gradient folded into scale = g / n; `out`: write it
+    there (may be `logits` itself, contiguous: each block is read before it is overwritten). A target outside
+    [0, V) other than ignore_index gets no one-hot term (a vocabulary slice: `cross_entropy_dlogits`)."""
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     N, V = logits.shape
-    dlogits = torch.empty((N, V), dtype=logits.dtype, device=logits.device)
+    dlogits = torch.empty((N, V), dtype=logits.dtype, device=logits.device) if out is None else out
+    if dlogits.shape != (N, V) or dlogits.stride() != (V, 1) or dlogits.dtype != logits.dtype:
+        raise ValueError(f"out must be a contiguous {N} x {V} {logits.dtype} tensor")
     if N == 0:
         return dlogits
     block, warps = _block_v(V)
@@ -211,6 +215,30 @@ def cross_entropy_bwd(logits: Tensor, targets: Tensor, lse: Tensor, scale: Tenso
                                     scale.float().reshape(()), V, ignore_index, float(z_loss),
                                     BLOCK_V=block, num_warps=warps)
     return dlogits
+
+
+def cross_entropy_lse(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+    """Per-row log-sum-exp (N,) fp32 of logits (N, V) (0 where the target is ignore_index): the forward kernel's
+    online max / sum-of-exp, the same pass the loss uses. Targets only mark rows (a vocabulary slice's rows keep
+    their label elsewhere): any label other than ignore_index computes the row."""
+    if logits.dim() != 2 or not logits.dtype.is_floating_point:
+        raise ValueError(f"logits must be a float (N, V) tensor, got {logits.dtype} {tuple(logits.shape)}")
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    rows = torch.where(targets.reshape(-1) == ignore_index, ignore_index, 0).long()  # z_t read in range, unused
+    N = logits.shape[0]
+    lse = torch.empty(N, dtype=torch.float32, device=logits.device)
+    scratch = torch.empty_like(lse)
+    _launch_rows(logits, rows, scratch, lse, scratch, ignore_index, 0.0, write_grad=False)
+    return lse
+
+
+def cross_entropy_dlogits(logits: Tensor, targets: Tensor, lse: Tensor, scale: Tensor | float,
+                          ignore_index: int = -100, z_loss: float = 0.0, out: Tensor | None = None) -> Tensor:
+    """kernels/reference.py `cross_entropy_dlogits_ref` (dz for a given lse, one-hot only for targets in [0, V)),
+    through the backward kernel; `out` may be `logits` (in place)."""
+    scale = torch.as_tensor(scale, dtype=torch.float32, device=logits.device)
+    return cross_entropy_bwd(logits, targets, lse.float().contiguous(), scale, ignore_index, z_loss, out)
 
 
 def chunk_rows(n_rows: int, d: int, vocab: int, min_rows: int = MIN_CHUNK_ROWS) -> int:

@@ -119,6 +119,27 @@ def linear_cross_entropy_ref(x: Tensor, weight: Tensor, targets: Tensor, ignore_
     return cross_entropy_ref(x @ weight.t(), targets, ignore_index, z_loss)
 
 
+def cross_entropy_lse_ref(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+    """Per-row log-sum-exp of logits (N, V) -> (N,) fp32 (fp64 for fp64 logits), 0 on rows whose target is
+    ignore_index (the vocabulary-parallel loss, llm/vocab_parallel.py, combines these over vocabulary slices)."""
+    lse = torch.logsumexp(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    return torch.where(targets != ignore_index, lse, torch.zeros_like(lse))
+
+
+def cross_entropy_dlogits_ref(logits: Tensor, targets: Tensor, lse: Tensor, scale: Tensor | float,
+                              ignore_index: int = -100, z_loss: float = 0.0) -> Tensor:
+    """Gradient of sum_i keep_i (lse_i - z_{i,t_i} + z_loss lse_i^2) w.r.t. logits (N, V), times `scale`, for a
+    given lse (N,) fp32 (which may span more columns than these: a vocabulary slice):
+        dz_ij = keep_i (exp(z_ij - lse_i) (1 + 2 z_loss lse_i) - [j == t_i]) scale
+    A target outside [0, V) other than ignore_index lies in another slice: no one-hot term. Returns logits.dtype."""
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    lf, lse = logits.to(acc), lse.to(acc)[:, None]
+    keep = (targets != ignore_index)[:, None]
+    onehot = torch.arange(logits.shape[-1], device=logits.device) == targets[:, None]
+    dz = (torch.exp(lf - lse) * (1 + 2 * z_loss * lse) - onehot.to(acc)) * scale
+    return torch.where(keep, dz, torch.zeros_like(dz)).to(logits.dtype)
+
+
 DISTILL_KINDS = ("kl", "reverse-kl", "jsd")
 
 

@@ -20,6 +20,7 @@ from llm.kvcache import KVCache
 from llm.layers import MLP, FeedForward, Norm, rope_tables
 from llm.moe import MoE
 from llm.paged_cache import BlockPool, PagedKVCache
+from llm.vocab_parallel import VocabSplit, vocab_parallel_cross_entropy
 
 
 def doc_segments(idx: Tensor, eot_id: int | None) -> Tensor:
@@ -120,6 +121,7 @@ class Transformer(nn.Module):
         self.norm_f = Norm(cfg.n_embd, cfg)
         self.lm_head = nn.Linear(cfg.n_embd, V, bias=False)
         self.prefix: nn.Module | None = None  # prefix tuning (llm/prefix.py): learned rows ahead of every sequence
+        self.vocab_split: VocabSplit | None = None  # --tp (llm/train/tp.py): each rank holds V/tp rows of the head
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         # A reward model's scalar head, r = h_last . w (--objective reward; llm/train/objectives/reward.py).
@@ -214,6 +216,11 @@ class Transformer(nn.Module):
             return x, None
         if targets is None:
             return self.lm_head(x).float(), None
+        if self.vocab_split is not None:  # loss parallel: this rank's vocabulary rows (llm/vocab_parallel.py)
+            loss = vocab_parallel_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight.to_local(),
+                                                targets.reshape(-1), self.vocab_split, z_loss=z_loss,
+                                                kernels=self.cfg.kernels)
+            return None, loss + self.aux_loss()
         loss = ops.linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
                                         z_loss=z_loss, kernels=self.cfg.kernels)
         return None, loss + self.aux_loss()

@@ -174,6 +174,36 @@ def linear_distill(x: Tensor, weight: Tensor, teacher_x: Tensor, teacher_weight:
                                   ignore_index)
 
 
+def chunk_rows(n_rows: int, d: int, vocab: int) -> int:
+    """Rows per chunk of a fused head + loss over `vocab` columns: kernels/cross_entropy.py's rule where Triton
+    imports, else all rows in one chunk."""
+    if not triton_available():
+        return max(1, n_rows)
+    from kernels.cross_entropy import chunk_rows as rule
+
+    return rule(n_rows, d, vocab)
+
+
+def cross_entropy_lse(logits: Tensor, targets: Tensor, ignore_index: int = -100, kernels: str = "auto") -> Tensor:
+    """Per-row log-sum-exp (N,) fp32 of logits (N, V), 0 on ignored rows (the vocabulary-parallel loss's first pass)."""
+    if use_triton(kernels, logits):
+        from kernels.cross_entropy import cross_entropy_lse as kernel
+
+        return kernel(logits, targets, ignore_index)
+    return ref.cross_entropy_lse_ref(logits, targets, ignore_index)
+
+
+def cross_entropy_dlogits(logits: Tensor, targets: Tensor, lse: Tensor, scale: Tensor | float,
+                          ignore_index: int = -100, z_loss: float = 0.0, kernels: str = "auto") -> Tensor:
+    """dz of the cross-entropy w.r.t. logits (N, V) for a given lse (N,), times scale; targets outside [0, V)
+    have no one-hot term (a vocabulary slice). The Triton path writes dz over the logits in place."""
+    if use_triton(kernels, logits):
+        from kernels.cross_entropy import cross_entropy_dlogits as kernel
+
+        return kernel(logits, targets, lse, scale, ignore_index, z_loss, out=logits if logits.is_contiguous() else None)
+    return ref.cross_entropy_dlogits_ref(logits, targets, lse, scale, ignore_index, z_loss)
+
+
 def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100, z_loss: float = 0.0,
                   kernels: str = "auto") -> Tensor:
     """Mean CE of logits (N, V) against targets (N,), plus z_loss * mean(lse^2)."""

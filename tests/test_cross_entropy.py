@@ -13,7 +13,12 @@ from conftest import DEVICE, assert_close, assert_fa_rule, requires_cuda
 
 import kernels.cross_entropy as ce
 from kernels.cross_entropy import chunk_rows, cross_entropy, linear_cross_entropy
-from kernels.reference import cross_entropy_ref, linear_cross_entropy_ref
+from kernels.reference import (
+    cross_entropy_dlogits_ref,
+    cross_entropy_lse_ref,
+    cross_entropy_ref,
+    linear_cross_entropy_ref,
+)
 
 FP32 = pytest.param(torch.float32, id="fp32")
 FP16 = pytest.param(torch.float16, id="fp16")
@@ -315,3 +320,26 @@ def test_cross_entropy_cuda_bf16_large_vocab() -> None:
     logits = (torch.randn(N, V, generator=gen) * 4).to("cuda", torch.bfloat16)
     t = _targets(N, V, gen)
     _compare(cross_entropy, cross_entropy_ref, [logits], ["logits"], _upstream(gen), t, -100, 1e-4)
+
+
+
+# ----------------------------------------------------------------------------- a vocabulary slice's row ops
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N, V", [(1, 17), (9, 300), (6, 5000)])
+def test_lse_and_dlogits_of_a_vocabulary_slice(N: int, V: int, dtype: torch.dtype) -> None:
+    """The vocabulary-parallel loss's row ops (llm/vocab_parallel.py): per-row lse of a slice, and dz for a given
+    (global) lse where some kept rows' labels lie in another slice (-1: no one-hot term), written in place."""
+    gen = torch.Generator().manual_seed(N * V)
+    logits = (torch.randn(N, V, generator=gen) * 3).to(DEVICE, dtype)
+    t = _targets(N, V, gen)
+    t[(torch.arange(N, device=DEVICE) % 3 == 1) & (t != -100)] = -1  # a label in another rank's slice
+    lse, want = ce.cross_entropy_lse(logits, t), cross_entropy_lse_ref(logits, t)
+    assert lse.dtype == torch.float32 and bool((lse[t == -100] == 0).all())
+    assert_close(lse, want, dtype=torch.float32, name="lse")
+    wide = want + torch.rand(N, generator=gen).to(DEVICE)  # the whole vocabulary's lse is larger than a slice's
+    buf = logits.clone()
+    dz = ce.cross_entropy_dlogits(buf, t, wide, 0.37, -100, 1e-3, out=buf)
+    assert dz.data_ptr() == buf.data_ptr() and dz.dtype == dtype
+    assert_close(dz, cross_entropy_dlogits_ref(logits, t, wide, 0.37, -100, 1e-3), name="dz")

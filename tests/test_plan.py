@@ -54,4 +54,10 @@ def test_tensor_and_fully_sharded_data_parallelism_divide_the_estimate():
     assert one[1] / 2 < fsdp4_tp2[1] < one[1]  # no sequence parallelism: the residual stream is replicated
     sp = memory_estimate(cfg, n, 1, True, True, True, True, world=4, fsdp=True, tp=2, sp=True)
     assert sp == (fsdp4_tp2[0], pytest.approx(one[1] / 2))  # sequence parallel: every activation / tp
+    # the cross-entropy objective (llm plan's case): the head split by vocabulary rows too, only the norms replicated
+    split = memory_estimate(cfg, n, 1, True, True, True, True, world=4, fsdp=True, tp=2, split_head=True)
+    with torch.device("meta"):
+        norms = sum(p.numel() for k, p in Transformer(cfg).named_parameters() if p.dim() == 1)
+    assert split == (pytest.approx((16 / 4 + 2) * (norms + (n - norms) / 2), rel=1e-6), fsdp4_tp2[1])
+    assert split[0] < fsdp4_tp2[0] - (16 / 4 + 2) * cfg.padded_vocab_size * cfg.n_embd / 2 * 0.99  # half the head
     assert main(["--preset", "8b", "--tp", "2", "--sequence-parallel"]) == 0

@@ -1,8 +1,10 @@
 """Tensor parallelism (--tp, llm/train/tp.py) on CPU with gloo.
 
-Fast: the wqkv row regrouping and its inverse, and the one-line refusals. Slow (torchrun launches): the sharded
-block computes the one-process loss and gradients with each rank holding half of every TP weight (and, sequence
-parallel, half of the residual stream); TP=2 (2 ranks) and TP=2 x FSDP2 over DP=2 (4 ranks), with and without
+Fast: the wqkv row regrouping and its inverse, and the one-line refusals. Slow (torchrun launches): the
+vocabulary-parallel cross-entropy (llm/vocab_parallel.py) equals F.cross_entropy forward and backward; the sharded
+model computes the one-process loss and gradients with each rank holding half of every TP weight, the LM head's
+vocabulary rows included, untied and tied (and, sequence parallel, half of the residual stream); TP=2 (2 ranks)
+and TP=2 x FSDP2 over DP=2 (4 ranks), with and without
 --sequence-parallel, train with the one-process run's losses; their single-file checkpoints hold today's layout,
 load in one process and resume at another TP degree (2 -> 1, 1 -> 2) with the same losses.
 """
@@ -48,6 +50,7 @@ def test_qkv_order_gives_each_rank_whole_heads_of_q_k_and_v():
     (1, {"tp": 1, "sequence_parallel": True}, {}, "--sequence-parallel splits the sequence over the TP ranks"),
     (2, {"sequence_parallel": True}, {"block_size": 33}, "--tp 2 must divide the context length (33)"),
     (2, {"sequence_parallel": True, "objective": "dpo"}, {}, "computes the cross-entropy objective only"),
+    (2, {}, {"vocab_size": 301, "pad_vocab_multiple": 1}, "--tp 2 must divide the padded vocabulary (301"),
 ])
 def test_tp_refusals_are_one_line(world, kw, mkw, want):
     t = replace(TrainConfig(), **({"tp": 2} | kw))
@@ -60,42 +63,95 @@ def test_tp_refusals_are_one_line(world, kw, mkw, want):
 
 SHARDED_BLOCK = """
 import sys
+from dataclasses import replace
 import torch
 from llm.config import ModelConfig
 from llm.model import Transformer
+import torch.distributed as dist
+import torch.nn.functional as F
 from llm.train import distributed as dd, tp
+from llm.vocab_parallel import VocabSplit, vocab_parallel_cross_entropy
+
+def check_vocab_parallel_ce(group):
+    # llm/vocab_parallel.py, each rank half of a 70-row head, fp64, vs F.cross_entropy (+ z-loss) over the whole
+    # head: loss, grad x, grad of the rank's head rows; ignored rows, the first / last vocabulary ids; replicated
+    # rows (grad x all-reduced) and each rank's own rows (gathered, grad x reduce-scattered, a different upstream
+    # gradient per rank); one chunk and several.
+    r, W = dist.get_rank(group), dist.get_world_size(group)
+    torch.manual_seed(0)
+    N, C, V = 13, 24, 70  # V/W = 35 rows per rank; odd row counts
+    x0, w0 = torch.randn(N * W, C, dtype=torch.float64), torch.randn(V, C, dtype=torch.float64)
+    t = torch.randint(0, V, (N * W,))
+    t[[1, 4, 5, 20]] = -100  # ignored rows, unevenly over the ranks' halves
+    t[2], t[3] = 0, V - 1  # the first and last rows of the vocabulary
+    g_up = torch.tensor([0.7, 1.3])
+    for gather, z_loss, chunk in [(False, 0.0, None), (False, 1e-3, 5), (True, 0.0, 4), (True, 1e-3, None)]:
+        rows = slice(r * N, (r + 1) * N) if gather else slice(None)
+        x = x0[rows].clone().requires_grad_()
+        w = w0.chunk(W)[r].clone().requires_grad_()
+        loss = vocab_parallel_cross_entropy(x, w, t[rows], VocabSplit(group, gather), z_loss=z_loss,
+                                            kernels="torch", chunk=chunk)
+        g = g_up[r] if gather else g_up[1]  # replicated rows: every rank holds the same loss and gradient
+        (loss * g).backward()
+        xr, wr = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        total = 0
+        for s in range(W if gather else 1):
+            rs = slice(s * N, (s + 1) * N) if gather else slice(None)
+            z = xr[rs] @ wr.t()
+            ce = F.cross_entropy(z, t[rs], ignore_index=-100)
+            ce = ce + z_loss * (torch.logsumexp(z, -1)[t[rs] != -100] ** 2).mean()
+            if s == r or not gather:
+                want = ce.detach()
+            total = total + ce * (g_up[s] if gather else g)
+        total.backward()
+        gw = wr.grad.chunk(W)[r]
+        assert torch.allclose(loss, want, rtol=1e-10, atol=0), (loss.item(), want.item())
+        gx = xr.grad[rows]
+        assert torch.allclose(x.grad, gx, rtol=1e-9, atol=1e-12), (gather, (x.grad - gx).abs().max())
+        assert torch.allclose(w.grad, gw, rtol=1e-9, atol=1e-12), (gather, (w.grad - gw).abs().max())
+    print("vocab-parallel ce ok")
+
 
 sp = sys.argv[1] == "sp"
 d = dd.setup("cpu", 2, sp)
-cfg = ModelConfig(vocab_size=300, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, block_size=32, kernels="torch")
-torch.manual_seed(0)
-ref = Transformer(cfg)
-torch.manual_seed(0)
-model = Transformer(cfg)
-dd.wrap(model, d, False, False, False)
-a = model.blocks[0].attn
-assert a.wqkv.weight.to_local().shape == (32, 32) and a.wo.weight.to_local().shape == (32, 16), "not sharded"
-assert model.blocks[1].mlp.w2.weight.to_local().shape == (32, 64) and a.n_head == 2 and a.n_kv_head == 1
-assert model.tok_emb.weight.to_local().shape == (cfg.padded_vocab_size // 2, 32)  # vocabulary rows split
-assert not hasattr(model.lm_head.weight, "to_local")  # the head stays whole (the fused cross-entropy reads it)
-rows = []
-model.blocks[1].norm1.register_forward_hook(lambda m, args, out: rows.append(out.shape[1]))
-idx, tgt = torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))
-tgt[0, 3:12] = -100  # ignored targets, unevenly over the two halves of the sequence
-_, l0 = ref(idx, tgt)
-_, l1 = model(idx, tgt)
-assert rows == [8 if sp else 16], rows  # sequence parallel: the residual stream holds this rank's half
-l0.backward()
-l1.backward()
-if sp:  # each rank's loss is its part of the mean; the replicated weights' gradients are partial
-    l1 = l1.detach().clone()
-    torch.distributed.all_reduce(l1)
-    tp.sync_replicated_grads(model, d.tp_group)
-assert abs(l0.item() - l1.item()) <= 1e-6 * abs(l0.item()), (l0.item(), l1.item())
-for (n, p0), p1 in zip(ref.named_parameters(), model.parameters()):
-    g1 = p1.grad.full_tensor() if hasattr(p1.grad, "full_tensor") else p1.grad
-    g1 = tp.to_saved(n, g1, cfg, 2)
-    assert (g1 - p0.grad).abs().max() <= 1e-5 * p0.grad.abs().max(), n
+check_vocab_parallel_ce(dist.new_group([0, 1]))
+base = ModelConfig(vocab_size=300, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, block_size=32, kernels="torch")
+for cfg in (base, replace(base, tie_embeddings=True)):
+    torch.manual_seed(0)
+    ref = Transformer(cfg)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    dd.wrap(model, d, False, False, False, split_head=True)
+    a = model.blocks[0].attn
+    assert a.wqkv.weight.to_local().shape == (32, 32) and a.wo.weight.to_local().shape == (32, 16), "not sharded"
+    assert model.blocks[1].mlp.w2.weight.to_local().shape == (32, 64) and a.n_head == 2 and a.n_kv_head == 1
+    V2 = cfg.padded_vocab_size // 2
+    assert model.tok_emb.weight.to_local().shape == (V2, 32)  # vocabulary rows split
+    assert model.lm_head.weight.to_local().shape == (V2, 32)  # the head too: loss parallel
+    assert (model.lm_head.weight is model.tok_emb.weight) == cfg.tie_embeddings
+    rows = []
+    model.blocks[1].norm1.register_forward_hook(lambda m, args, out: rows.append(out.shape[1]))
+    idx, tgt = torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))
+    tgt[0, 3:12] = -100  # ignored targets, unevenly over the two halves of the sequence
+    _, l0 = ref(idx, tgt, z_loss=1e-3)
+    _, l1 = model(idx, tgt, z_loss=1e-3)
+    assert rows == [8 if sp else 16], rows  # sequence parallel: the residual stream holds this rank's half
+    l0.backward()
+    l1.backward()
+    tp.reshard_grads(model)
+    if sp:  # each rank's loss is its part of the mean; the replicated weights' gradients are partial
+        l1 = l1.detach().clone()
+        torch.distributed.all_reduce(l1)
+        tp.sync_replicated_grads(model, d.tp_group)
+    assert abs(l0.item() - l1.item()) <= 1e-6 * abs(l0.item()), (l0.item(), l1.item())
+    for (n, p0), p1 in zip(ref.named_parameters(), model.parameters()):
+        g1 = p1.grad.full_tensor() if hasattr(p1.grad, "full_tensor") else p1.grad
+        g1 = tp.to_saved(n, g1, cfg, 2)
+        assert (g1 - p0.grad).abs().max() <= 1e-5 * p0.grad.abs().max(), n
+    model.eval()
+    with torch.no_grad():  # the logits path of the split head gathers the vocabulary (and under SP the rows)
+        logits, _ = model(idx)
+        assert (logits - ref.eval()(idx)[0]).abs().max() <= 1e-5, "logits"
 print("sharded block ok")
 dd.cleanup()
 """
@@ -104,6 +160,8 @@ dd.cleanup()
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["tp", "sp"])
 def test_sharded_blocks_compute_the_one_process_loss_and_gradients(tmp_path, mode):
+    """The vocabulary-parallel cross-entropy against F.cross_entropy (check_vocab_parallel_ce), then the sharded
+    model, untied and tied, against the unsharded one: local shapes, loss (z-loss on), every gradient, logits."""
     script = tmp_path / "sharded_block.py"
     script.write_text(SHARDED_BLOCK)
     root = Path(__file__).resolve().parents[1]
@@ -112,6 +170,7 @@ def test_sharded_blocks_compute_the_one_process_loss_and_gradients(tmp_path, mod
                        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)},
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.count("sharded block ok") == 2, r.stderr[-3000:]
+    assert r.stdout.count("vocab-parallel ce ok") == 2
 
 
 def args(tmp: Path, out: str, *extra, **kw) -> list[str]:
@@ -152,6 +211,7 @@ def test_tp_and_dp_x_tp_with_and_without_sequence_parallelism_train_with_the_one
     assert len(ref) == 6
     assert "tensor parallel 2 x 1 data-parallel, sequence parallel" in out2
     assert "FSDP2, tensor parallel 2 x 2 data-parallel, sequence parallel" in out4
+    assert out2.count("loss parallel") == 4 and out4.count("loss parallel") == 2  # the head split by vocabulary
     for run in ("tp2", "dp2tp2", "tp2sp", "dp2tp2sp"):
         assert close(step_losses(tmp / run), ref, range(1, 7)), run
     # the health records count every element once: TP shards summed over the group, replicated weights once

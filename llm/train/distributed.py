@@ -114,18 +114,20 @@ def all_gather_objects(obj, d: Dist) -> list:
 # ----------------------------------------------------------------------------- wrapping
 
 
-def wrap(model: nn.Module, d: Dist, fsdp: bool, activation_checkpointing: bool, compile: bool) -> nn.Module:
+def wrap(model: nn.Module, d: Dist, fsdp: bool, activation_checkpointing: bool, compile: bool,
+         split_head: bool = False) -> nn.Module:
     """The module to call in the training step: TP (d.tp > 1) -> AC on each block -> FSDP2 / DDP -> torch.compile.
 
     `model` itself stays usable for evaluation and saving (TP and FSDP2 shard it in place; DDP wraps it). With
-    TP, FSDP2 shards over the mesh's "dp" dimension (2-D: each TP shard is sharded again across dp).
+    TP, FSDP2 shards over the mesh's "dp" dimension (2-D: each TP shard is sharded again across dp); `split_head`:
+    TP splits the LM head by vocabulary rows too, loss parallel (llm.train.tp.splits_head).
     """
     mesh = None
     if d.tp > 1:
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(d.device.type, (d.dp_world, d.tp), mesh_dim_names=("dp", "tp"))
-        tp_.apply(model, mesh["tp"], d.sp)
+        tp_.apply(model, mesh["tp"], d.sp, split_head)
         d.tp_group = mesh["tp"].get_group()
     if activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
@@ -299,14 +301,17 @@ def fmt_bytes(n: float) -> str:
 
 def memory_estimate(cfg: ModelConfig, n_params: int, batch: int, amp: bool, flash: bool, fused_ce: bool,
                     act_ckpt: bool, world: int = 1, fsdp: bool = False, tp: int = 1,
-                    sp: bool = False) -> tuple[float, float]:
+                    sp: bool = False, split_head: bool = False) -> tuple[float, float]:
     """(fixed bytes, activation bytes) per rank of one training micro-batch of `batch` sequences.
 
     fixed = N * (4 weights + 4 grads + 8 AdamW moments) [/ W under FSDP] + 2N autocast copies.
     `world` counts the data-parallel ranks. Tensor parallelism (tp > 1, llm/train/tp.py as built) divides the
     block matrices and an untied token embedding (N_tp = N less the head and norm weights) and the activations
     inside attention and the MLP by tp; the norms, head and the residual stream stay replicated, unless sequence
-    parallelism (`sp`) splits those activations too: then every activation below is / tp.
+    parallelism (`sp`) splits those activations too: then every activation below is / tp. `split_head` (TP of the
+    cross-entropy objective, llm.train.tp.splits_head): the head and a tied embedding are split by vocabulary rows
+    too (only the norms replicated) and the loss's logits are V/tp wide; under SP the loss gathers the rows, so
+    its part stays whole.
     Activations per token per layer (s = 2 under autocast, else 4): fp32 residual stream,
     norm outputs 16C; s * 2C linear inputs (replicated under TP); s * (Cq + 2Ckv qkv + Cq + Ckv after RoPE + Cq
     attention output + 3I MLP) (split by TP); attention without a fused kernel adds fp32 q/k/v and 2 * H * T
@@ -323,11 +328,13 @@ def memory_estimate(cfg: ModelConfig, n_params: int, batch: int, amp: bool, flas
         split += 4 * (Cq + 2 * Ckv) + 8 * H * T
     rep = 16 * C + s * 2 * C  # replicated by TP without SP
     layer = (rep + split) / tp if sp else rep + split / tp
-    kept, head = 4 * C * L, 8 * C + (4 * C if fused_ce else (8 + s) * cfg.padded_vocab_size)
-    if sp:  # the residual stream, norms, head and loss hold 1/tp of the tokens too
-        kept, head = kept / tp, head / tp
-    per_token = (kept + layer if act_ckpt else layer * L) + head
-    tables = 1 if cfg.tie_embeddings or tp_.shards_embedding(cfg, tp) else 2  # head (+ embedding) replicated
+    split_head = split_head and tp > 1
+    vocab = cfg.padded_vocab_size / (tp if split_head else 1)  # the loss's logits columns per rank
+    kept, norm, loss = 4 * C * L, 8 * C, 4 * C if fused_ce else (8 + s) * vocab
+    if sp:  # the residual stream, norms (and a replicated head's loss) hold 1/tp of the tokens too
+        kept, norm, loss = kept / tp, norm / tp, loss if split_head else loss / tp
+    per_token = (kept + layer if act_ckpt else layer * L) + norm + loss
+    tables = 0 if split_head else 1  # the embedding is split (untied), the head replicated (a tied one whole)
     replicated = (n_params if tp == 1 else
                   min(n_params, cfg.padded_vocab_size * C * tables + (2 * L + 1) * C
                       + (cfg.block_size * C if cfg.pos_emb == "learned" else 0)))
@@ -355,7 +362,7 @@ def plan_batch(cfg: ModelConfig, n_params: int, batch_size: int, grad_accum: int
     Without global_tokens: the given batch_size x grad_accum per rank. With it: sequences per
     rank = global_tokens / (block_size * world) must be whole; the micro-batch is batch_size when
     given explicitly (it must divide them), else the largest divisor whose estimate fits `budget`.
-    `est` are memory_estimate's keyword arguments (amp, flash, fused_ce, act_ckpt, fsdp, tp).
+    `est` are memory_estimate's keyword arguments (amp, flash, fused_ce, act_ckpt, fsdp, tp, sp, split_head).
     """
     T = cfg.block_size
 

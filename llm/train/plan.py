@@ -11,9 +11,10 @@ degree (dividing a node's GPUs and n_kv_head) x activation checkpointing. The mo
 Triton kernels (flash attention, fused linear cross-entropy) and AdamW, as on a GPU. Exit code: 0 when the
 layout asked for fits, 1 when it does not, 2 for bad input.
 
-Tensor parallelism is estimated as the trainer builds it (`llm train --tp N`, llm/train/tp.py): the block
-matrices and the activations inside attention and the MLP / tp; the embedding, norms, LM head and residual
-stream replicated, or with --sequence-parallel the residual stream's activations split too. Layouts the
+Tensor parallelism is estimated as the trainer builds it (`llm train --tp N`, llm/train/tp.py, pretraining: the
+cross-entropy objective): the block matrices, the embedding and the LM head (split by vocabulary rows, the loss
+parallel) and the activations inside attention and the MLP / tp; the norms and the residual stream replicated,
+or with --sequence-parallel the residual stream's activations split too. Layouts the
 trainer refuses are refused here too: DDP x TP (more than one data-parallel group needs FSDP2), TP of a
 Mixture-of-Experts model.
 """
@@ -75,7 +76,7 @@ def estimate(cfg: ModelConfig, n: int, batch: int, dp: int, fsdp: bool, tp: int,
              sp: bool = False) -> tuple[float, float]:
     """(fixed, activation) bytes per GPU: bf16 autocast, flash attention and the fused cross-entropy."""
     return memory_estimate(cfg, n, batch, amp=True, flash=True, fused_ce=True, act_ckpt=ckpt, world=dp,
-                           fsdp=fsdp, tp=tp, sp=sp and tp > 1)
+                           fsdp=fsdp, tp=tp, sp=sp and tp > 1, split_head=True)
 
 
 def check_tp(cfg: ModelConfig, tp: int, gpus: int) -> str | None:
@@ -84,6 +85,8 @@ def check_tp(cfg: ModelConfig, tp: int, gpus: int) -> str | None:
         return f"--tp {tp} must divide the {gpus} GPUs of a node (TP stays inside a node)"
     if cfg.n_kv_head % tp or cfg.n_head % tp:
         return f"--tp {tp} must divide n_kv_head {cfg.n_kv_head} and n_head {cfg.n_head} (whole heads per rank)"
+    if cfg.padded_vocab_size % tp:
+        return f"--tp {tp} must divide the padded vocabulary {cfg.padded_vocab_size} (split by rows over the TP ranks)"
     if tp > 1 and cfg.n_experts:
         return "--tp does not shard Mixture-of-Experts layers yet (the trainer refuses it too)"
     return None
@@ -131,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                 name = f"{'FSDP2' if fsdp else 'DDP'} x {world // tp}"
                 print(f"  {name:<16}{tp:>4}  {'on' if ckpt else 'off':<10}{fmt_bytes(f + a):>12}  "
                       f"{'yes' if f + a <= budget else 'no'}")
-    print("note: TP as llm train --tp builds it: attention and MLP weights and activations split, embedding, "
-          "norms and head replicated; their activations too unless --sequence-parallel")
+    print("note: TP as llm train --tp builds it: attention and MLP weights and activations, embedding and LM head "
+          "(vocabulary rows, loss parallel) split; norms and the residual stream replicated unless --sequence-parallel")
     return 0 if fixed + act <= budget else 1
 
 

@@ -9,13 +9,16 @@ data-parallel rank r // N and tensor-parallel rank r % N. Within a block (Shoeyb
 
 applied with `parallelize_module` (ColwiseParallel / RowwiseParallel). The column-wise outputs come back as local
 tensors (`use_local_output`), so attention, RoPE and SwiGLU run our ops on this rank's heads / columns, and each
-row-wise layer all-reduces its partial sums into a replicated output. Everything else (norms, a tied embedding, the LM
-head and its fused cross-entropy) stays replicated: every TP rank of a data-parallel group reads the same batch
-and computes the same replicated activations and gradients. With --sequence-parallel (`split_sequence`) the
-residual stream between the sharded layers holds T/tp rows per rank instead (all-gathered into the column-wise
-layers, reduce-scattered out of the row-wise ones), so norms, dropout, the head and the loss run on 1/tp of the
-tokens. An untied token embedding is split by vocabulary rows (RowwiseParallel). Not built yet: a
-vocabulary-parallel head with loss parallelism (the fused cross-entropy reads the whole head weight).
+row-wise layer all-reduces its partial sums into a replicated output. The LM head is split by vocabulary rows too
+(Shard(0), ColwiseParallel for its logits) and the cross-entropy is loss-parallel (llm/vocab_parallel.py: each rank
+its V/tp rows' logits chunk by chunk, the per-row max / sum-exp / target logit all-reduced), for the cross-entropy
+objective (`splits_head`); the others (distillation, DPO, GRPO, reward) read the head weight whole, so there it
+stays replicated. The token embedding is split by vocabulary rows (RowwiseParallel) when untied, or tied to a
+split head (the same Shard(0) parameter). The norms stay replicated: every TP rank of a data-parallel group reads
+the same batch and computes the same replicated activations and gradients. With --sequence-parallel
+(`split_sequence`) the residual stream between the sharded layers holds T/tp rows per rank instead (all-gathered
+into the column-wise layers, reduce-scattered out of the row-wise ones), so norms and dropout run on 1/tp of the
+tokens; the split head gathers the rows for its vocabulary slice and reduce-scatters their gradient.
 
 The fused wqkv (rows [q heads; k heads; v heads], llm/model.py) is regrouped at wrap time by `qkv_order` so a
 contiguous 1/N of its rows is [q_r; k_r; v_r], this rank's heads of each, and Attention runs with the local head
@@ -31,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from llm.config import ConfigError, ModelConfig, TrainConfig
+from llm.vocab_parallel import VocabSplit
 
 QKV = re.compile(r"(^|\.)blocks\.\d+\.attn\.wqkv\.(weight|bias)$")
 
@@ -47,6 +51,9 @@ def check(mcfg: ModelConfig, tcfg: TrainConfig, world: int) -> None:
              (mcfg.n_head % n == 0 and mcfg.n_kv_head % n == 0,
               f"--tp {n} must divide the query heads ({mcfg.n_head}) and the key/value heads ({mcfg.n_kv_head})"),
              (mcfg.intermediate_size % n == 0, f"--tp {n} must divide the MLP width ({mcfg.intermediate_size})"),
+             (mcfg.padded_vocab_size % n == 0,
+              f"--tp {n} must divide the padded vocabulary ({mcfg.padded_vocab_size}, split by rows over the TP "
+              f"ranks): set --pad-vocab-multiple to a multiple of {n}"),
              (not mcfg.n_experts, "--tp does not shard Mixture-of-Experts layers yet: drop --tp (or use a dense "
                                   "model, n_experts 0)"),
              (not mcfg.qk_norm, "--tp with qk_norm is not supported yet (its gains would see only local heads)"),
@@ -94,9 +101,16 @@ def to_saved(name: str, t: Tensor, cfg: ModelConfig, tp: int) -> Tensor:
     return out
 
 
-def apply(model: nn.Module, mesh, sp: bool = False) -> None:
+def splits_head(tcfg: TrainConfig) -> bool:
+    """Whether --tp splits the LM head by vocabulary rows (loss parallel): for the cross-entropy objective, whose
+    loss is the model's own (the other objectives read `lm_head.weight` whole)."""
+    return tcfg.tp > 1 and tcfg.objective == "ce" and not tcfg.teacher
+
+
+def apply(model: nn.Module, mesh, sp: bool = False, head: bool = False) -> None:
     """Shard every block of `model` (in place, before AC / FSDP2) over the 1-D TP mesh `mesh`; `sp`: sequence
-    parallelism too (`split_sequence`)."""
+    parallelism too (`split_sequence`); `head`: the LM head (and a tied embedding) by vocabulary rows, the loss
+    parallel (`splits_head`)."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
@@ -120,16 +134,21 @@ def apply(model: nn.Module, mesh, sp: bool = False) -> None:
     for block in model.blocks:
         parallelize_module(block, mesh, plan)
         block.attn.n_head, block.attn.n_kv_head = cfg.n_head // tp, cfg.n_kv_head // tp  # this rank's heads
-    if shards_embedding(cfg, tp):  # rows (vocabulary) split; its output all-reduced, or reduce-scattered under SP
+    if shards_embedding(cfg, tp, head):  # rows (vocabulary) split; its output all-reduced, or reduce-scattered (SP)
         parallelize_module(model.tok_emb, mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=seq))
+    if head:  # rows (vocabulary) split: Shard(0); the logits path (no targets) gathers the logits' columns
+        parallelize_module(model.lm_head, mesh, ColwiseParallel(input_layouts=seq, output_layouts=Replicate()))
+        if cfg.tie_embeddings:  # one parameter again: the embedding's Shard(0) rows are the head's
+            model.lm_head.weight = model.tok_emb.weight
+        model.vocab_split = VocabSplit(mesh.get_group(), gather_rows=sp)
     if sp:
         split_sequence(model, mesh)
 
 
-def shards_embedding(cfg: ModelConfig, tp: int) -> bool:
-    """Whether the token embedding is split by vocabulary rows: an untied one whose padded vocabulary divides by tp
-    (a tied one is also the LM head, whose weight the fused cross-entropy reads whole)."""
-    return tp > 1 and not cfg.tie_embeddings and cfg.padded_vocab_size % tp == 0
+def shards_embedding(cfg: ModelConfig, tp: int, head: bool = True) -> bool:
+    """Whether the token embedding is split by vocabulary rows: an untied one, or a tied one when the head is split
+    (`head`; a tied embedding is the head, which the other objectives read whole)."""
+    return tp > 1 and (not cfg.tie_embeddings or head)
 
 
 def split_sequence(model: nn.Module, mesh) -> None:
@@ -137,9 +156,14 @@ def split_sequence(model: nn.Module, mesh) -> None:
     [r T/tp, (r+1) T/tp) of the residual stream (B, T/tp, C) from the embedding on, so norms, dropout and the
     residual adds run on 1/tp of the tokens; the column-wise layers all-gather it (Shard(1) -> Replicate), the
     row-wise ones reduce-scatter back. The head and cross-entropy run on the rank's own tokens (its slice of the
-    targets), and the loss is scaled by (its counted tokens) / (the group's), so the group's losses sum to the
-    mean over all tokens; the replicated weights' gradients are partial sums, added up by `sync_replicated_grads`.
+    targets; a split head gathers the group's rows for its vocabulary slice, llm/vocab_parallel.py), and the loss
+    is scaled by (its counted tokens) / (the group's), so the group's losses sum to the mean over all tokens; the
+    replicated weights' gradients are partial sums, added up by `sync_replicated_grads`.
+    Under SP the logits path (no targets) of a split head gathers the rows: it returns the whole sequence's logits
+    (B, T, V) on every rank (not used in training: SP trains the cross-entropy objective only).
     """
+    from torch.distributed.tensor import DTensor
+
     tp, r = mesh.size(), mesh.get_local_rank()
 
     def local_rows(module, args, out: Tensor) -> Tensor:  # (..., T, C) -> (..., T/tp, C)
@@ -160,7 +184,7 @@ def split_sequence(model: nn.Module, mesh) -> None:
         logits, loss = out
         return (logits, loss * module._sp_scale) if loss is not None else out
 
-    if not shards_embedding(model.cfg, tp):  # a row-wise embedding already returns this rank's rows
+    if not isinstance(model.tok_emb.weight, DTensor):  # a row-wise embedding already returns this rank's rows
         model.tok_emb.register_forward_hook(local_rows)
     if model.pos_emb is not None:
         model.pos_emb.register_forward_hook(local_rows)

@@ -302,7 +302,8 @@ def _plan(mcfg: ModelConfig, n_params: int, tcfg: TrainConfig, d: dd.Dist, dtype
     return dd.plan_batch(mcfg, n_params, tcfg.batch_size, tcfg.grad_accum, d.dp_world,
                          tcfg.global_batch_tokens, "batch_size" in explicit, dd.memory_budget(d.device),
                          amp=dtype != torch.float32, flash=kernel_path, fused_ce=kernel_path,
-                         act_ckpt=tcfg.activation_checkpointing, fsdp=tcfg.fsdp, tp=d.tp, sp=d.sp)
+                         act_ckpt=tcfg.activation_checkpointing, fsdp=tcfg.fsdp, tp=d.tp, sp=d.sp,
+                         split_head=tp.splits_head(tcfg))
 
 
 def _announce(run: Run, mcfg: ModelConfig, dcfg: DataConfig, init: bool, resumed: bool) -> None:
@@ -316,7 +317,7 @@ def _announce(run: Run, mcfg: ModelConfig, dcfg: DataConfig, init: bool, resumed
     say(f"device: {device_name(device)} x {W}, {str(run.dtype).replace('torch.', '')}, kernels={mcfg.kernels}"
         f"{', FSDP2' if tcfg.fsdp and run.d.dp_world > 1 else ', DDP' if run.d.dp_world > 1 else ''}"
         f"{f', tensor parallel {run.d.tp} x {run.d.dp_world} data-parallel' if run.d.tp > 1 else ''}"
-        f"{', sequence parallel' if run.d.sp else ''}"
+        f"{', sequence parallel' if run.d.sp else ''}{', loss parallel' if tp.splits_head(tcfg) else ''}"
         f"{', compiled' if tcfg.compile else ''}{', activation checkpointing' if tcfg.activation_checkpointing else ''}"
         f"{', ' + ('async ' if tcfg.async_checkpoint else '') + 'sharded checkpoints' if run.sharded else ''}"
         f"; MFU against {f'{run.peak / 1e12:.0f} TFLOP/s' if run.peak else 'unknown peak (not reported)'}")
@@ -366,7 +367,7 @@ def _setup(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str |
             finetune.load_weights(model, src, adapter, device)
     model.train()
     flops_per_token = model.flops_per_token()
-    fwd = dd.wrap(model, d, tcfg.fsdp, tcfg.activation_checkpointing, tcfg.compile)
+    fwd = dd.wrap(model, d, tcfg.fsdp, tcfg.activation_checkpointing, tcfg.compile, tp.splits_head(tcfg))
     optimizer = make_optimizer(model, tcfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start_step, run_id, best_val, skipped = 0, None, math.inf, 0
