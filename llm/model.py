@@ -289,11 +289,12 @@ class Transformer(nn.Module):
             self.prefix.fill(cache)
         return cache
 
-    def new_pool(self, n_blocks: int, block_size: int, device=None, dtype=None) -> BlockPool:
-        """A paged KV store (llm.paged_cache) of n_blocks blocks of block_size tokens per layer."""
+    def new_pool(self, n_blocks: int, block_size: int, device=None, dtype=None, scratch: bool = False) -> BlockPool:
+        """A paged KV store (llm.paged_cache) of n_blocks blocks of block_size tokens per layer (scratch: and one
+        block no sequence gets, for a static decode step's padding rows)."""
         p = self.lm_head.weight
         return BlockPool(self.cfg.n_layer, n_blocks, block_size, self.cfg.n_kv_head, self.cfg.head_dim,
-                         device or p.device, dtype or p.dtype)
+                         device or p.device, dtype or p.dtype, scratch=scratch)
 
     # ------------------------------------------------------------------ accounting
 

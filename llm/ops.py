@@ -298,7 +298,9 @@ def kv_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, h
     (`PagedKVCache.ragged`: T = 1, one row per new token) names its `segments`, (first row, count) of
     each sequence's consecutive tokens: the kernel takes the token rows as they are; the reference, which
     would gather a sequence's blocks once per token, runs once per segment of a prefill (its tokens as
-    one row of T queries) and once for all one-token segments together (`_segmented_paged`). With
+    one row of T queries) and once for all one-token segments together (`_segmented_paged`). A static paged
+    view (`PagedKVCache.static_rows`, host_lengths None, no segments) reads every block of its fixed-width table
+    through `paged_decode_attention` (shape-static either way: the kernel or the masked reference). With
     kernels="auto", fp32 CUDA tensors take the reference on every route (`_kernel_dtype_ok`).
     """
     if block_table is not None:

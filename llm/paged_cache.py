@@ -51,13 +51,17 @@ class BlockPool:
     """n_blocks blocks of block_size token slots per layer, at the GQA width; block ids are 0..n_blocks-1."""
 
     def __init__(self, n_layer: int, n_blocks: int, block_size: int, n_kv_head: int, head_dim: int,
-                 device: torch.device | str, dtype: torch.dtype) -> None:
+                 device: torch.device | str, dtype: torch.dtype, scratch: bool = False) -> None:
+        """scratch: one more block, id n_blocks, that no sequence ever gets (never on the free list, never counted in
+        `free` / `used`): the rows a static decode step pads its batch with write their K/V there
+        (`PagedKVCache.static_rows`)."""
         if n_blocks < 1 or block_size < 1:
             raise ValueError(f"a pool needs n_blocks >= 1 and block_size >= 1, got {n_blocks}, {block_size}")
-        shape = (n_blocks, block_size, n_kv_head, head_dim)
+        shape = (n_blocks + scratch, block_size, n_kv_head, head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.n_blocks, self.block_size = n_blocks, block_size
+        self.scratch: int | None = n_blocks if scratch else None
         self.device = torch.device(device)
         self._free = list(range(n_blocks - 1, -1, -1))  # a stack: freed blocks are reused first
         self.ref = [0] * n_blocks  # sequences holding each block
@@ -156,7 +160,7 @@ class PagedKVCache:
     and attention sees start + length keys.
     """
 
-    static = False  # never compiled or captured: the server's steps change shape as rows come and go
+    static = False  # True: a decode step's fixed-shape view (`static_rows`), compiled or captured
     segments: list[tuple[int, int]] | None = None  # ragged: (first row, tokens) of each sequence
 
     def __init__(self, pool: BlockPool, tables: list[list[int]], lengths: list[int], start: int = 0) -> None:
@@ -191,12 +195,40 @@ class PagedKVCache:
         cache.segments = segs
         return cache
 
+    @classmethod
+    def static_rows(cls, pool: BlockPool, batch: int, width: int, start: int = 0) -> PagedKVCache:
+        """A shape-static view for one decode token per row (`static` = True), built once and refilled by `load`
+        before each step: block_table (batch, width) and lengths (batch,) are buffers whose shapes never change,
+        so torch.compile traces it once and a CUDA graph can capture it. Attention then reads all `width` blocks
+        of every row (masked by length). Rows the step does not use point every table entry at the pool's scratch
+        block with length 0: they write their K/V there and attend only to it. The room checks and host lengths
+        are the caller's (the engine plans blocks before the step): inside, nothing reads host state."""
+        if pool.scratch is None:
+            raise ValueError("a static paged view needs a pool with a scratch block (BlockPool(scratch=True))")
+        cache = cls(pool, [[pool.scratch] * width] * batch, [0] * batch, start)
+        cache.static, cache.width = True, width
+        return cache
+
+    def load(self, tables: list[list[int]], lengths: list[int]) -> None:
+        """Static view: rows 0..len(tables)-1 take these block tables (padded with the scratch block to `width`) and
+        lengths; the other rows the scratch block and length 0. Copies into the buffers (their storage stays)."""
+        B, w, pad = self.block_table.shape[0], self.width, self.pool.scratch
+        if len(tables) > B or len(tables) != len(lengths) or max(map(len, tables), default=0) > w:
+            raise ValueError(f"{len(tables)} rows of up to {max(map(len, tables), default=0)} blocks do not fit a "
+                             f"static view of {B} x {w}")
+        rows = [t + [pad] * (w - len(t)) for t in tables] + [[pad] * w] * (B - len(tables))
+        self.block_table.copy_(torch.tensor(rows, dtype=torch.int32))
+        self.lengths.copy_(torch.tensor(list(lengths) + [0] * (B - len(tables)), dtype=torch.long))
+
     @property
     def batch(self) -> int:
         return len(self.host_lengths)
 
     def check_room(self, T: int, host: bool = False) -> None:
-        """Raise before a row would write past its blocks (the scheduler grows them before each forward)."""
+        """Raise before a row would write past its blocks (the scheduler grows them before each forward).
+        A static view's model call skips it (a compiled or captured step reads no host state)."""
+        if self.static:
+            return
         for b, (n, cap) in enumerate(zip(self.host_lengths, self._capacity)):
             if n + T > cap:
                 raise ValueError(f"paged KV cache: row {b} needs {n + T} slots, its blocks hold {cap}")
@@ -221,9 +253,11 @@ class PagedKVCache:
         kp.view(-1, Hkv, D)[slots] = k.reshape(B * T, Hkv, D).to(kp.dtype)
         vp.view(-1, Hkv, D)[slots] = v.reshape(B * T, Hkv, D).to(vp.dtype)
         S = self.start
-        return kp, vp, self.lengths + (S + T), [S + n + T for n in self.host_lengths]
+        host = None if self.static else [S + n + T for n in self.host_lengths]
+        return kp, vp, self.lengths + (S + T), host
 
     def advance(self, T: int) -> None:
         self.lengths += T
-        self.host_lengths = [n + T for n in self.host_lengths]
+        if not self.static:
+            self.host_lengths = [n + T for n in self.host_lengths]
         self._slots = None

@@ -110,6 +110,32 @@ def prefill(model: Transformer, cache: KVCache, prompts: list[list[int]], chunk:
     return out
 
 
+def compiled(fn: Callable, device: torch.device) -> Callable:
+    """torch.compile of a decode step: static shapes (one graph per input shape, never a dynamic one); on the CPU
+    the graph's wrapper in C++ too (8x512 import: -9% per step, +2 s compile). The server's captured step
+    (llm/serve/captured.py) compiles its per-batch-bucket steps through this too."""
+    opts = {"cpp_wrapper": True} if device.type == "cpu" else None
+    return torch.compile(fn, dynamic=False, options=opts)
+
+
+def capture(step: Callable[[], Tensor], restore: Callable[[], None]) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+    """(graph, its output buffer) of a CUDA step that reads and writes only fixed buffers: two warm-up calls on a
+    side stream (Triton JIT, cuBLAS handles, the allocator), each followed by restore() (warm-up and capture must
+    leave no trace in the state), then the capture, then restore() again. Replaying the graph reruns the step."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+            restore()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    restore()
+    return graph, out
+
+
 class Decoder:
     """The decode step of one batch, tokens (B,) -> next tokens (B,): forward + sampling, on the device.
 
@@ -166,9 +192,8 @@ class Decoder:
             self.graph.replay()
             nxt = self.out
         else:
-            if self.run is None:  # CPU: the graph's wrapper in C++ too (8x512 import: -9% per step, +2 s compile)
-                opts = {"cpp_wrapper": True} if tok.device.type == "cpu" else None
-                self.run = torch.compile(self._step, dynamic=False, options=opts)
+            if self.run is None:
+                self.run = compiled(self._step, tok.device)
             nxt = self.run(tok)
         self.cache.advance_host(1)  # the static step moved the device lengths only
         if t0 is not None:  # the first call compiled (or captured) the step: timed apart
@@ -181,23 +206,13 @@ class Decoder:
         snap, i0 = self.cache.snapshot(), self.i.clone()
         seen0 = None if self.seen is None else self.seen.clone()
 
-        def restore() -> None:  # warm-up and capture must leave no trace in the state
+        def restore() -> None:
             self.cache.restore(snap)
             self.i.copy_(i0)
             if seen0 is not None:
                 self.seen.copy_(seen0)
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture: Triton JIT, cuBLAS handles, allocator
-            for _ in range(2):
-                self._step(self.tok)
-                restore()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = self._step(self.tok)
-        restore()
+        self.graph, self.out = capture(lambda: self._step(self.tok), restore)
 
 
 def stream_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens: int,

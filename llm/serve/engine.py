@@ -24,6 +24,10 @@ a partial last block are copied into the sequence's own first block (the tokens 
 `sample.py --peft`. Prefix-cache names cover the token part of each block (the first named block holds the
 prefix's tail and the first bs - P % bs tokens); the full prefix blocks are never named.
 
+With `compile_batch` (`llm serve --compile`) a step of decode rows only runs through `llm.serve.captured`
+(torch.compile on the CPU, CUDA graphs on CUDA, at batch buckets, padded rows writing into the pool's scratch
+block); steps that carry a prefill chunk or need prompt logprobs stay the eager ragged forward.
+
 Sampling is batched: rows with the same parameters go through one `llm.generate.sampling.sample` call
 (every operation in it is per row), each row with its own uniforms (drawn as `stream_tokens` draws them:
 row_uniforms([seed]), token i takes u[:, i]) and repetition mask, so a greedy or seeded row gives the
@@ -44,6 +48,7 @@ from llm.generate.sampling import SamplingParams, row_uniforms, sample, seen_mas
 from llm.generate.text import TextStream
 from llm.model import Transformer
 from llm.paged_cache import BlockPool, PagedKVCache, block_hash
+from llm.serve.captured import CapturedDecode
 from llm.serve.grammar import Masker
 
 TopList = list[tuple[int, float]]  # (token id, logprob), most likely first
@@ -114,14 +119,22 @@ class Engine:
     """The model, its block pool, the tokenizer (for text and the end-of-text id) and the step."""
 
     def __init__(self, model: Transformer, tok, pool: BlockPool, max_step_tokens: int = 256,
-                 prefix_cache: bool = True, adapters: dict[str, Transformer] | None = None) -> None:
+                 prefix_cache: bool = True, adapters: dict[str, Transformer] | None = None,
+                 compile_batch: int = 0, compile_buckets: list[int] | None = None) -> None:
         """adapters: name -> the base with a LoRA adapter on top, sharing its weights
-        (`llm.loading.adapter_on_shared_base`); a step runs one forward per adapter in it."""
+        (`llm.loading.adapter_on_shared_base`); a step runs one forward per adapter in it.
+        compile_batch > 0: steps of decode rows only (up to that many) run through a captured step
+        (`llm.serve.captured`: torch.compile on the CPU, CUDA graphs on CUDA; the pool needs a scratch block);
+        `warmup()` compiles or captures it before the first request; compile_buckets: its batch sizes (default
+        1, 2, 4, ... compile_batch)."""
         if max_step_tokens < 1:
             raise ValueError(f"max_step_tokens must be >= 1, got {max_step_tokens}")
         if model.prefix is not None and adapters:
             raise ValueError("LoRA adapters over a prefix-tuned base are not served (one prefix per server, on the "
                              "base model): serve the prefix checkpoint alone")
+        if compile_batch and adapters:
+            raise ValueError("--compile with --lora is not supported: the captured decode step runs the base model "
+                             "only (serve adapters without --compile)")
         self.model, self.tok, self.pool = model.decode_layout(), tok, pool
         self.models = {None: self.model} | {k: m.decode_layout() for k, m in (adapters or {}).items()}
         self.max_step_tokens, self.prefix_cache = max_step_tokens, prefix_cache
@@ -133,6 +146,12 @@ class Engine:
         self.prefix_rows, self.head, self.shared, self.tail = 0, [], [], None  # a prefix's region (none: no prefix)
         if model.prefix is not None:
             self._place_prefix(model)
+        self.captured = (CapturedDecode(self.model, pool, compile_batch, self.prefix_rows, compile_buckets)
+                         if compile_batch else None)
+
+    def warmup(self) -> dict[int, float]:
+        """Compile or capture the decode step at every batch bucket -> {bucket: seconds} ({} without --compile)."""
+        return self.captured.warmup() if self.captured is not None else {}
 
     def _place_prefix(self, model: Transformer) -> None:
         """Write the prefix's rows into blocks the engine holds for good: `shared` (the full ones, at the head of
@@ -275,8 +294,21 @@ class Engine:
         for adapter in dict.fromkeys(s.adapter for s, _ in plan):  # rows of different adapters: forwards apart
             self._forward(self.models[adapter], [(s, n) for s, n in plan if s.adapter == adapter])
 
+    def _decode_only(self, model: Transformer, plan: list[tuple[Seq, int]]) -> bool:
+        """Whether the captured step can run this plan: every row feeds its one last known token (a decode), none
+        wants prompt logprobs, the base model, at most the largest bucket of rows."""
+        return (self.captured is not None and model is self.model and len(plan) <= self.captured.buckets[-1]
+                and all(n == 1 and s.length + 1 == s.known and not (s.prompt_logprobs and not s.out)
+                        for s, n in plan))
+
     def _forward(self, model: Transformer, plan: list[tuple[Seq, int]]) -> None:
-        """One ragged forward over the planned rows, then their prompt logprobs and samples."""
+        """One ragged forward over the planned rows (or the captured step, for decode rows only), then their prompt
+        logprobs and samples."""
+        if self._decode_only(model, plan):
+            logits = self.captured([s.tokens(s.length, s.known)[0] for s, _ in plan], [s.blocks for s, _ in plan],
+                                   [s.length for s, _ in plan])[:, : self.vocab]
+            self._after_forward(plan, [(s, i, 1, i) for i, (s, _) in enumerate(plan)], logits)
+            return
         ids, rows, r0 = [], [], 0  # rows: (seq, first logits row, count, at) of the seqs that need logits
         n_rows = 0
         for s, n in plan:
@@ -294,6 +326,12 @@ class Engine:
         at = torch.tensor([a + j for _, _, k, a in rows for j in range(k)], dtype=torch.long, device=self.device)
         logits = model(torch.tensor(ids, device=self.device)[:, None], cache=cache, logits_rows=at)[0]
         logits = logits[:, 0, : self.vocab]  # (K, V): one row per token that needs logits
+        self._after_forward(plan, rows, logits)
+
+    def _after_forward(self, plan: list[tuple[Seq, int]], rows: list[tuple[Seq, int, int, int]],
+                       logits: Tensor) -> None:
+        """Count the fed tokens, name the blocks that filled, then prompt logprobs and the samples of the rows
+        (seq, first logits row, count, at) from logits (K, V)."""
         c0 = {id(s): s.length for s, _ in plan}
         for s, n in plan:
             s.length += n

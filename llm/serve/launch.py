@@ -24,6 +24,7 @@ from llm.loading import adapter_on_shared_base, load_model
 from llm.model import Transformer
 from llm.runtime import first_line, pick_device, pick_dtype, set_threads
 from llm.serve.app import create_app
+from llm.serve.captured import batch_buckets
 from llm.serve.engine import Engine
 from llm.serve.scheduler import Scheduler
 from llm.serve.templates import ChatFormat, read_template
@@ -33,19 +34,25 @@ def build(model: Transformer, tok, model_name: str = "llm", max_batch: int = 16,
           block_size: int = 16, num_blocks: int | None = None, max_step_tokens: int = 256,
           api_key: str | None = None, drain_timeout: float = 30.0,
           chat: ChatFormat | None = None, prefix_cache: bool = True, ui: bool = True,
-          adapters: dict[str, Transformer] | None = None) -> tuple[FastAPI, Scheduler]:
+          adapters: dict[str, Transformer] | None = None, compile: bool = False,
+          compile_buckets: list[int] | None = None) -> tuple[FastAPI, Scheduler]:
     """(app, scheduler) over a block pool of num_blocks (default: every row of a full batch at full context);
     chat: how chat requests are rendered (default: the tokenizer's template, else the plain one). A prefix-tuned
-    model's prefix takes ceil(P / block_size) blocks of the pool (the default adds them) and P of its positions."""
+    model's prefix takes ceil(P / block_size) blocks of the pool (the default adds them) and P of its positions.
+    compile: decode-only steps run through the captured step (`llm.serve.captured`), compiled or captured for
+    every batch bucket (compile_buckets, default 1, 2, 4, ... max_batch) here, before the app exists
+    (`sched.engine.captured.describe()` says how long it took)."""
     ctx = model.n_positions  # the context less a prefix's rows
     P = model.cfg.block_size - ctx
     n_blocks = num_blocks or max_batch * -(-model.cfg.block_size // block_size) + -(-P // block_size)
-    pool = model.new_pool(n_blocks, block_size)
     if max_step_tokens < max_batch:
         raise ValueError(f"--max-step-tokens ({max_step_tokens}) must be >= --max-batch ({max_batch}): every "
                          "running decode takes one token of a step's budget")
-    sched = Scheduler(Engine(model, tok, pool, max_step_tokens, prefix_cache, adapters), max_batch=max_batch,
-                      max_queue=max_queue)
+    pool = model.new_pool(n_blocks, block_size, scratch=compile)
+    engine = Engine(model, tok, pool, max_step_tokens, prefix_cache, adapters, compile_batch=max_batch * compile,
+                    compile_buckets=compile_buckets)
+    engine.warmup()
+    sched = Scheduler(engine, max_batch=max_batch, max_queue=max_queue)
     app = create_app(sched, tok, model_name, ctx, api_key=api_key, drain_timeout=drain_timeout, chat=chat, ui=ui)
     return app, sched
 
@@ -172,6 +179,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ui", action="store_true", help="do not serve the chat page at GET /")
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="turn off automatic prefix caching (reusing the KV blocks of prompts that start alike)")
+    p.add_argument("--compile", action="store_true",
+                   help="capture the decode step: steps of decode rows only run at batch buckets 1, 2, 4, ... "
+                   "--max-batch (rows padded to the bucket) through torch.compile on the CPU, CUDA graphs on CUDA; "
+                   "every bucket is compiled at start (seconds each), never per request. Not with --lora or a "
+                   "mixture-of-experts model")
+    p.add_argument("--compile-buckets", type=int, nargs="+", default=None, metavar="N",
+                   help="with --compile: the batch sizes to compile (default 1 2 4 ... --max-batch); a decode step "
+                   "is padded to the smallest that holds it, one with more rows than the largest runs eagerly")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds running requests get after SIGTERM")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
@@ -189,6 +204,13 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--max-step-tokens ({args.max_step_tokens}) must be >= --max-batch ({args.max_batch})")
         template = read_template(args.chat_template) if args.chat_template else None  # checked before loading
         loras = parse_loras(args.lora)
+        if args.compile_buckets and not args.compile:
+            raise ValueError("--compile-buckets needs --compile")
+        if args.compile_buckets and (min(args.compile_buckets) < 1 or max(args.compile_buckets) > args.max_batch):
+            raise ValueError(f"--compile-buckets: give batch sizes from 1 to --max-batch ({args.max_batch})")
+        if args.compile and loras:
+            raise ValueError("--compile with --lora is not supported: the captured decode step runs the base model "
+                             "only (serve adapters without --compile)")
         set_threads(args.threads)
         device = pick_device(args.device)
         overrides = {"kernels": args.kernels} if args.kernels else {}
@@ -196,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         if model.prefix is not None and loras:
             raise ValueError(f"{args.checkpoint} is prefix-tuned: --lora adapters are served over a plain base only "
                              "(the server holds one prefix, the checkpoint's)")
+        if args.compile and model.cfg.n_experts:
+            raise ValueError("--compile: a mixture-of-experts model routes tokens with data-dependent shapes; its "
+                             "decode step is not compiled or captured (serve it without --compile)")
         chat = ChatFormat(tok, template, f"the chat template from {args.chat_template}" if template else "")
         adapters = {n: adapter_on_shared_base(model, d) for n, d in loras.items()}
     except (ValueError, OSError) as e:
@@ -205,10 +230,15 @@ def main(argv: list[str] | None = None) -> int:
     if name in adapters:
         print(f"error: --lora {name}=...: the name is the base model's id; pick another", file=sys.stderr)
         return 2
+    if args.compile:
+        what = "capturing CUDA graphs of" if device.type == "cuda" else "compiling"
+        buckets = sorted(set(args.compile_buckets)) if args.compile_buckets else batch_buckets(args.max_batch)
+        print(f"{what} the decode step for batch buckets {', '.join(map(str, buckets))} ...",
+              file=sys.stderr, flush=True)
     try:
         app, sched = build(model, tok, name, args.max_batch, args.max_queue, args.kv_block_size, args.num_blocks,
                            args.max_step_tokens, args.api_key, args.drain_timeout, chat, not args.no_prefix_cache,
-                           not args.no_ui, adapters)
+                           not args.no_ui, adapters, compile=args.compile, compile_buckets=args.compile_buckets)
     except ValueError as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
@@ -223,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{'off' if args.no_prefix_cache else 'on'})\n{chat.describe()}"
           + "".join(f"\nLoRA adapter '{n}' from {d}" for n, d in loras.items())
           + (f"\nprefix-tuned: {sched.engine.prefix_rows} prefix rows in {len(sched.engine.head)} KV block(s) "
-             f"every request starts with; context {model.n_positions} tokens" if sched.engine.prefix_rows else ""),
+             f"every request starts with; context {model.n_positions} tokens" if sched.engine.prefix_rows else "")
+          + (f"\n{sched.engine.captured.describe()}" if sched.engine.captured is not None else ""),
           file=sys.stderr, flush=True)
     DrainingServer(cfg, sched, args.drain_timeout).run()
     sched.shutdown(args.drain_timeout)
