@@ -191,11 +191,14 @@ def runs(tmp_path_factory):
     write_code_corpus(tmp)
     assert main(args(tmp, "one")) == 0  # the one-process reference: 6 steps
     assert main(args(tmp, "one_muon", optimizer="muon")) == 0
+    assert main(args(tmp, "one_tied", "--tie-embeddings")) == 0
     one3 = str(tmp / "one" / "ckpt-0000003")
     out2 = run_two_ranks(tmp, [(args(tmp, "tp2", "--tp", "2"), -1),
                                (args(tmp, "one_to_tp2", "--tp", "2", "--resume", one3), -1),
                                (args(tmp, "tp2sp", "--tp", "2", "--sequence-parallel"), -1),
-                               (args(tmp, "tp2muon", "--tp", "2", "--sequence-parallel", optimizer="muon"), -1)]).stdout
+                               (args(tmp, "tp2muon", "--tp", "2", "--sequence-parallel", optimizer="muon"), -1),
+                               (args(tmp, "tp2sp_tied", "--tp", "2", "--sequence-parallel", "--tie-embeddings"), -1)]
+                         ).stdout
     out4 = run_two_ranks(tmp, [(args(tmp, "dp2tp2", "--tp", "2", "--fsdp"), -1),
                                (args(tmp, "dp2tp2sp", "--tp", "2", "--fsdp", "--sequence-parallel"), -1)],
                          nproc=4).stdout
@@ -211,7 +214,7 @@ def test_tp_and_dp_x_tp_with_and_without_sequence_parallelism_train_with_the_one
     assert len(ref) == 6
     assert "tensor parallel 2 x 1 data-parallel, sequence parallel" in out2
     assert "FSDP2, tensor parallel 2 x 2 data-parallel, sequence parallel" in out4
-    assert out2.count("loss parallel") == 4 and out4.count("loss parallel") == 2  # the head split by vocabulary
+    assert out2.count("loss parallel") == 5 and out4.count("loss parallel") == 2  # the head split by vocabulary
     for run in ("tp2", "dp2tp2", "tp2sp", "dp2tp2sp"):
         assert close(step_losses(tmp / run), ref, range(1, 7)), run
     # the health records count every element once: TP shards summed over the group, replicated weights once
@@ -223,6 +226,8 @@ def test_tp_and_dp_x_tp_with_and_without_sequence_parallelism_train_with_the_one
         assert len(got) == 2 and all(abs(g[k] - h[k]) <= 1e-4 * abs(h[k]) for g, h in zip(got, health) for k in h)
     # Muon orthogonalises the gathered momentum: the regrouped wqkv rows permute it, which commutes with Newton-Schulz
     assert close(step_losses(tmp / "tp2muon"), step_losses(tmp / "one_muon"), range(1, 7))
+    # a tied embedding is the split head's Shard(0) parameter: looked up row-wise, read by the vocab-parallel loss
+    assert close(step_losses(tmp / "tp2sp_tied"), step_losses(tmp / "one_tied"), range(1, 7))
 
 
 @pytest.mark.slow
@@ -238,6 +243,6 @@ def test_tp_checkpoints_hold_the_one_process_layout_and_resume_at_another_tp_deg
         one, _, _ = ck.load_checkpoint(tmp / "one" / "ckpt-0000003")
         got, _, _ = ck.load_checkpoint(src)
         a, b = one.state_dict(), got.state_dict()
-        assert a.keys() == b.keys()
+        assert a.keys() == b.keys() and b["lm_head.weight"].shape == (320, 32)  # the split head saved whole
         for k in a:  # wqkv back in [q; k; v] order: equal to the one-process weights up to summation order
             assert (a[k] - b[k]).abs().max() <= 1e-4 * a[k].abs().max() + 1e-7, k
