@@ -18,6 +18,17 @@ max_tokens. TTFT: request sent -> first token; TPOT: (latency - TTFT) / (tokens 
 between the tokens of a stream (a chunk of k tokens counts as k gaps, its first the time since the last
 chunk, the rest 0, as vLLM counts them). --total N adds one run of N requests at the top client count
 (the 0-failures check). Prints the goals of issue 30 against the numbers.
+
+    python -m benchmarks.bench_serve --decode-step [--preset tiny] [--context 2048] [--batches 1 8]
+                                     [--prompt-tokens 64] [--steps 16] [--rounds 8] [--threads N]
+
+--decode-step: the captured decode step (`llm serve --compile`) against the eager one, side by side in this process,
+no HTTP: two engines over the same model (one with compile_batch = max(--batches), its buckets compiled first, the
+warm-up time printed), each round B fresh greedy sequences of --prompt-tokens tokens per engine, prefilled (not
+timed), then --steps decode-only steps timed per engine (the order alternates between rounds). "step" is
+`Engine.step` as the server runs it (planning, forward, sampling, emitting); "forward" is the model call alone at a
+fixed state (the eager ragged forward vs the compiled bucket), median of --steps calls. The tokenizer's
+end-of-text id is hidden from the engines so no row finishes early (an untrained model may sample it).
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
+import os
 import random
 import time
 
@@ -120,15 +132,15 @@ def make_prompts(tok: Tokenizer, scenario: str, clients: int, per_client: int, a
     return [[system + "\nQ:" + text(rng.randint(8, 32), rng) for _ in range(per_client)] for _ in range(clients)]
 
 
-def build_model(name: str, device: torch.device) -> tuple[Transformer, Tokenizer]:
+def build_model(name: str, device: torch.device, context: int = CONTEXT) -> tuple[Transformer, Tokenizer]:
     tok = Tokenizer.train([TEXT], 512)
     if name.startswith("hf-"):
         from benchmarks.bench_decode import build_imported
 
-        model, _ = build_imported(name, CONTEXT, device, torch.float32)
+        model, _ = build_imported(name, context, device, torch.float32)
         return model, tok
     torch.manual_seed(0)
-    cfg = ModelConfig(**(preset(name) | {"vocab_size": tok.n_vocab, "block_size": CONTEXT}))
+    cfg = ModelConfig(**(preset(name) | {"vocab_size": tok.n_vocab, "block_size": context}))
     return Transformer(cfg).to(device).eval(), tok
 
 
@@ -177,6 +189,72 @@ def goals(rows: list[dict]) -> None:
                   f"{a['ttft_mean_ms'] / b['ttft_mean_ms']:.3f} (goal <= 0.2)")
 
 
+class _NoEnd:
+    """The tokenizer as the engine sees it, with no end-of-text id (rows of a random model keep going)."""
+
+    def __init__(self, tok: Tokenizer) -> None:
+        self.n_vocab, self.decode_bytes, self.eot_id = tok.n_vocab, tok.decode_bytes, -1
+
+
+def decode_step(model: Transformer, tok: Tokenizer, args) -> list[dict]:
+    """Eager vs captured decode steps at each batch size -> rows of ms per step and their ratio."""
+    from statistics import median
+
+    from llm.generate import SamplingParams
+    from llm.paged_cache import PagedKVCache
+    from llm.serve.engine import Engine, Seq
+
+    top, bs = max(args.batches), 16
+    blocks = top * -(-model.cfg.block_size // bs) + 1
+    nt = _NoEnd(tok)
+    eager = Engine(model, nt, model.new_pool(blocks, bs), max_step_tokens=top * args.prompt_tokens)
+    comp = Engine(model, nt, model.new_pool(blocks, bs, scratch=True), max_step_tokens=top * args.prompt_tokens,
+                  compile_batch=top, compile_buckets=sorted(set(args.batches)))
+    comp.warmup()
+    print(comp.captured.describe(), flush=True)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for B in args.batches:
+        times: dict[str, list[float]] = {"eager": [], "compiled": []}
+        fwd: dict[str, list[float]] = {"eager": [], "compiled": []}
+        for r in range(args.rounds):
+            prompts = torch.randint(0, tok.n_vocab, (B, args.prompt_tokens), generator=g).tolist()
+            order = [("eager", eager), ("compiled", comp)][:: 1 if r % 2 == 0 else -1]
+            for name, e in order:
+                seqs = [Seq(p, SamplingParams(0.0), args.steps + 2, seed=0, emit=lambda ev: None) for p in prompts]
+                for s in seqs:
+                    e.start(s)
+                while any(s.length < len(s.prompt) for s in seqs):  # prefill (and the first token): not timed
+                    e.step(seqs)
+                steps0 = e.captured.steps if e.captured else 0
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    e.step(seqs)
+                times[name].append((time.perf_counter() - t0) / args.steps * 1e3)
+                assert all(s.finish is None for s in seqs) and len(seqs) == B
+                if e.captured:
+                    assert e.captured.steps - steps0 == args.steps, "a timed step did not take the compiled path"
+                with torch.inference_mode():  # the forward alone: the last step's again (rewrites the same slots)
+                    ids = [s.tokens(s.length - 1, s.length)[0] for s in seqs]
+                    tables, lengths = [s.blocks for s in seqs], [s.length - 1 for s in seqs]
+                    for _ in range(args.steps):
+                        t0 = time.perf_counter()
+                        if e.captured:
+                            e.captured(ids, tables, lengths)
+                        else:
+                            cache = PagedKVCache.ragged(e.pool, tables, lengths, [1] * B)
+                            model(torch.tensor(ids)[:, None], cache=cache, logits_rows=torch.arange(B))
+                        fwd[name].append((time.perf_counter() - t0) * 1e3)
+                for s in seqs:
+                    e.release(s)
+        for what, d, stat in (("step", times, median), ("forward", fwd, median)):
+            a, b = stat(d["eager"]), stat(d["compiled"])
+            rows.append({"what": what, "batch": B, "eager_ms": a, "compiled_ms": b, "speedup": a / b,
+                         "provider": f"{what} ({args.preset}, context {model.cfg.block_size}, {device_name()})"})
+            print(f"batch {B:3d} {what:8s} eager {a:8.2f} ms  compiled {b:8.2f} ms  speedup {a / b:5.2f}x", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny", help="a model preset, or hf-8x512 (a random Llama, imported)")
@@ -190,11 +268,28 @@ def main() -> None:
     ap.add_argument("--max-step-tokens", type=int, default=256)
     ap.add_argument("--total", type=int, default=0, help="one more run of this many requests at the top client count")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--decode-step", action="store_true", help="eager vs captured decode step instead (see above)")
+    ap.add_argument("--context", type=int, default=CONTEXT, help="the model's context length (tokens)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="--decode-step: rows per step")
+    ap.add_argument("--prompt-tokens", type=int, default=64, help="--decode-step: each row's prompt")
+    ap.add_argument("--steps", type=int, default=16, help="--decode-step: timed steps per round")
+    ap.add_argument("--rounds", type=int, default=8, help="--decode-step: rounds (fresh rows each)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tok = build_model(args.preset, device)
+    model, tok = build_model(args.preset, device, args.context)
+    if args.decode_step:
+        load = os.getloadavg()
+        print(f"threads {torch.get_num_threads()}, load average {load[0]:.2f} (1 min) at start", flush=True)
+        rows = decode_step(model, tok, args)
+        print(f"load average {os.getloadavg()[0]:.2f} (1 min) at the end", flush=True)
+        name = f"serve_decode_step_{args.preset}_ctx{args.context}"
+        write_results(name, rows, x="batch", y="speedup", series="what",
+                      title=f"Decode step, eager vs --compile, {args.preset}, context {args.context}, "
+                      f"{torch.get_num_threads()} thread(s), load {load[0]:.1f}", xlabel="rows per step",
+                      ylabel="eager ms / compiled ms", legend="timed")
+        return
     rows = []
     with mp.get_context("spawn").Pool(1) as pool:
         for scen in args.scenarios:

@@ -17,7 +17,9 @@ import torch
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
+from kernels import reference as ref  # noqa: E402
 from llm import checkpoint as ck  # noqa: E402
+from llm import ops  # noqa: E402
 from llm.config import ModelConfig  # noqa: E402
 from llm.generate import SamplingParams, complete  # noqa: E402
 from llm.loading import load_model  # noqa: E402
@@ -69,10 +71,24 @@ def test_static_view_padding_rows_write_only_the_scratch_block_and_logits_equal_
     assert pool.used == 2 and pool.free == 4  # the scratch block is nobody's
 
 
-def test_compiled_server_equals_sample_py_without_recompiles_and_leaks_no_block(loaded):
+@pytest.mark.parametrize("window", [None, 5])
+def test_attention_to_the_longest_row_equals_the_full_width_reference(window):
+    g = torch.Generator().manual_seed(0)
+    k_pool, v_pool = torch.randn(10, 4, 2, 8, generator=g), torch.randn(10, 4, 2, 8, generator=g)
+    q = torch.randn(3, 1, 4, 8, generator=g)
+    table = torch.tensor([[3, 1, 7, 9, 9, 9], [0, 2, 9, 9, 9, 9], [9, 9, 9, 9, 9, 9]], dtype=torch.int32)
+    lengths = torch.tensor([11, 6, 1])
+    want = ref.paged_decode_attention_ref(q, k_pool, v_pool, table, lengths, window=window)
+    got = ops.paged_attention_to_length(q, k_pool, v_pool, table, lengths, window)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_server_equals_sample_py_without_recompiles_and_leaks_no_block(loaded, monkeypatch):
     from torch._dynamo.utils import counters
 
     model, tok = loaded
+    # bucket 2 (2 rows x 64 keys) attends inside the graph, bucket 4 (4 x 64) through the opaque op: both compiled
+    monkeypatch.setattr(ops, "STATIC_INLINE_ROW_KEYS", 128)
     app, sched = build(model, tok, "tiny", max_batch=4, block_size=8, max_step_tokens=32, compile=True,
                        compile_buckets=[2, 4])
     cap = sched.engine.captured
