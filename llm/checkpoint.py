@@ -12,7 +12,8 @@
 A multi-rank run writes a sharded checkpoint instead (llm/train/dcp.py writes it; this module reads it):
 
   <out_dir>/ckpt-0000200/
-    config.json             as above, plus "sharded": {"world": W, "writer": "torch.distributed.checkpoint"}
+    config.json             as above, plus "sharded": {"world": W, "writer": "torch.distributed.checkpoint",
+                            "tp": N} (a TP run's wqkv rows are saved regrouped for N: llm/tp_layout.py)
     tokenizer.tiktoken
     trainer.json            written by rank 0: step, world, schedule, data position, optimizer hyper-parameters
     rank-0000R.json         written by rank R: its RNG state and data position
@@ -53,6 +54,7 @@ from llm.model import Transformer
 from llm.quant import check_scheme, prepare_quantized
 from llm.runtime import first_line
 from llm.tokenizer import Tokenizer
+from llm.tp_layout import to_saved
 
 FORMAT, VERSION = "llm-checkpoint", 1
 MODEL_FILE, OPTIM_FILE, CONFIG_FILE, TRAINER_FILE, LATEST, BEST = (
@@ -357,7 +359,10 @@ def read_sharded(ckpt: Path, prefix: str = "model.", verify: bool = True) -> dic
     meta = reader.read_metadata().state_dict_metadata
     state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items() if k.startswith(prefix)}
     dcp_load(state, reader, no_dist=True)
-    return {k[len(prefix):]: v for k, v in state.items()}
+    cfg = read_config(ckpt)
+    tp = cfg.get("sharded", {}).get("tp", 1)  # a TP run's shards hold wqkv's rows regrouped (llm/tp_layout.py)
+    mcfg = model_config_from_dict(cfg["model"]) if tp > 1 else None
+    return {k[len(prefix):]: to_saved(k[len(prefix):], v, mcfg, tp) for k, v in state.items()}
 
 
 def dcp_load(state: dict[str, torch.Tensor], reader: HuggingFaceStorageReader, no_dist: bool) -> None:

@@ -20,6 +20,7 @@ import torch
 from conftest import metrics_records, run_two_ranks, step_losses, train_argv, write_code_corpus
 
 from llm import checkpoint as ck
+from llm import tp_layout
 from llm.config import ConfigError, ModelConfig, TrainConfig
 from llm.train import tp
 from llm.train.cli import main
@@ -29,15 +30,15 @@ CFG = ModelConfig(vocab_size=300, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, b
 
 def test_qkv_order_gives_each_rank_whole_heads_of_q_k_and_v():
     H, Hkv, D = CFG.n_head, CFG.n_kv_head, CFG.head_dim
-    order = tp.qkv_order(CFG, 2)
+    order = tp_layout.qkv_order(CFG, 2)
     assert sorted(order.tolist()) == list(range((H + 2 * Hkv) * D))
     head = (order.view(2, -1, D)[:, :, 0] // D).tolist()  # the original head row-block each rank's rows come from
     # rows [q heads 0-3; k heads 4-5; v heads 6-7] -> rank 0: q0 q1 k0 v0, rank 1: q2 q3 k1 v1
     assert head == [[0, 1, 4, 6], [2, 3, 5, 7]]
     w = torch.randn((H + 2 * Hkv) * D, CFG.n_embd)
     name = "blocks.1.attn.wqkv.weight"
-    assert torch.equal(tp.to_saved(name, tp.to_live(name, w, CFG, 2), CFG, 2), w)
-    assert tp.to_live("blocks.1.attn.wo.weight", w, CFG, 2) is w and tp.to_live(name, w, CFG, 1) is w
+    assert torch.equal(tp_layout.to_saved(name, tp_layout.to_live(name, w, CFG, 2), CFG, 2), w)
+    assert tp_layout.to_live("blocks.1.attn.wo.weight", w, CFG, 2) is w and tp_layout.to_live(name, w, CFG, 1) is w
 
 
 @pytest.mark.parametrize("world, kw, mkw, want", [
@@ -46,7 +47,6 @@ def test_qkv_order_gives_each_rank_whole_heads_of_q_k_and_v():
     (2, {}, {"n_experts": 4}, "--tp does not shard Mixture-of-Experts layers"),
     (4, {}, {}, "needs --fsdp over the data-parallel dimension"),
     (2, {"compile": True}, {}, "--tp is not tested with --compile yet"),
-    (2, {"checkpoint_format": "sharded"}, {}, "--tp saves single-file checkpoints"),
     (1, {"tp": 1, "sequence_parallel": True}, {}, "--sequence-parallel splits the sequence over the TP ranks"),
     (2, {"sequence_parallel": True}, {"block_size": 33}, "--tp 2 must divide the context length (33)"),
     (2, {"sequence_parallel": True, "objective": "dpo"}, {}, "computes the cross-entropy objective only"),
@@ -69,6 +69,7 @@ from llm.config import ModelConfig
 from llm.model import Transformer
 import torch.distributed as dist
 import torch.nn.functional as F
+from llm import tp_layout
 from llm.train import distributed as dd, tp
 from llm.vocab_parallel import VocabSplit, vocab_parallel_cross_entropy
 
@@ -146,7 +147,7 @@ for cfg in (base, replace(base, tie_embeddings=True)):
     assert abs(l0.item() - l1.item()) <= 1e-6 * abs(l0.item()), (l0.item(), l1.item())
     for (n, p0), p1 in zip(ref.named_parameters(), model.parameters()):
         g1 = p1.grad.full_tensor() if hasattr(p1.grad, "full_tensor") else p1.grad
-        g1 = tp.to_saved(n, g1, cfg, 2)
+        g1 = tp_layout.to_saved(n, g1, cfg, 2)
         assert (g1 - p0.grad).abs().max() <= 1e-5 * p0.grad.abs().max(), n
     model.eval()
     with torch.no_grad():  # the logits path of the split head gathers the vocabulary (and under SP the rows)
@@ -197,12 +198,20 @@ def runs(tmp_path_factory):
                                (args(tmp, "one_to_tp2", "--tp", "2", "--resume", one3), -1),
                                (args(tmp, "tp2sp", "--tp", "2", "--sequence-parallel"), -1),
                                (args(tmp, "tp2muon", "--tp", "2", "--sequence-parallel", optimizer="muon"), -1),
-                               (args(tmp, "tp2sp_tied", "--tp", "2", "--sequence-parallel", "--tie-embeddings"), -1)]
+                               (args(tmp, "tp2sp_tied", "--tp", "2", "--sequence-parallel", "--tie-embeddings"), -1),
+                               # sharded (DCP) checkpoints of TP runs: async + SP, resumed at the same degree
+                               (args(tmp, "tp2s", "--tp", "2", "--sequence-parallel", "--async-checkpoint"), -1),
+                               (args(tmp, "tp2s_to_tp2", "--tp", "2", "--checkpoint-format", "sharded", "--resume",
+                                     tmp / "tp2s" / "ckpt-0000003"), -1)]
                          ).stdout
     out4 = run_two_ranks(tmp, [(args(tmp, "dp2tp2", "--tp", "2", "--fsdp"), -1),
-                               (args(tmp, "dp2tp2sp", "--tp", "2", "--fsdp", "--sequence-parallel"), -1)],
+                               (args(tmp, "dp2tp2sp", "--tp", "2", "--fsdp", "--sequence-parallel"), -1),
+                               (args(tmp, "dp2tp2s", "--tp", "2", "--fsdp", "--checkpoint-format", "sharded"), -1),
+                               (args(tmp, "dp2tp2s_to_fsdp4", "--fsdp", "--resume", tmp / "dp2tp2s" / "ckpt-0000003"),
+                                -1)],
                          nproc=4).stdout
     assert main(args(tmp, "tp2_to_one", "--resume", str(tmp / "tp2" / "ckpt-0000003"))) == 0
+    assert main(args(tmp, "tp2s_to_one", "--resume", str(tmp / "tp2s" / "ckpt-0000003"))) == 0
     return tmp, out2, out4
 
 
@@ -214,7 +223,8 @@ def test_tp_and_dp_x_tp_with_and_without_sequence_parallelism_train_with_the_one
     assert len(ref) == 6
     assert "tensor parallel 2 x 1 data-parallel, sequence parallel" in out2
     assert "FSDP2, tensor parallel 2 x 2 data-parallel, sequence parallel" in out4
-    assert out2.count("loss parallel") == 5 and out4.count("loss parallel") == 2  # the head split by vocabulary
+    devices = [line for line in (out2 + out4).splitlines() if line.startswith("device:") and "tensor parallel" in line]
+    assert len(devices) == 10 and all("loss parallel" in line for line in devices)  # the head split by vocabulary
     for run in ("tp2", "dp2tp2", "tp2sp", "dp2tp2sp"):
         assert close(step_losses(tmp / run), ref, range(1, 7)), run
     # the health records count every element once: TP shards summed over the group, replicated weights once
@@ -246,3 +256,26 @@ def test_tp_checkpoints_hold_the_one_process_layout_and_resume_at_another_tp_deg
         assert a.keys() == b.keys() and b["lm_head.weight"].shape == (320, 32)  # the split head saved whole
         for k in a:  # wqkv back in [q; k; v] order: equal to the one-process weights up to summation order
             assert (a[k] - b[k]).abs().max() <= 1e-4 * a[k].abs().max() + 1e-7, k
+
+
+@pytest.mark.slow
+def test_sharded_tp_checkpoints_reshard_to_any_tp_degree_and_consolidate(runs, tmp_path):
+    """--checkpoint-format sharded / --async-checkpoint under --tp: every rank writes its own shards (wqkv rows as
+    regrouped for the saving degree, config.json says it); resumed at the same degree (DCP straight into the
+    shards), at TP 1 in one process and under FSDP2 over 4 ranks (wqkv regrouped on the way in) with the
+    one-process losses; consolidated / read directly, it holds the single-file TP checkpoint's weights exactly."""
+    tmp, out2, out4 = runs
+    ref = step_losses(tmp / "one")
+    for run in ("tp2s", "dp2tp2s"):
+        src = tmp / run / "ckpt-0000003"
+        assert ck.is_sharded(src) and ck.read_config(src)["sharded"]["tp"] == 2
+        assert close(step_losses(tmp / run), ref, range(1, 7)), run
+    assert "async sharded checkpoints" in out2 and "resume: tensor parallel 2 -> 1 (sharded" in out4
+    for run in ("tp2s_to_tp2", "tp2s_to_one", "dp2tp2s_to_fsdp4"):
+        assert close(step_losses(tmp / run), ref, [4, 5, 6]), run
+    single, _, _ = ck.load_checkpoint(tmp / "dp2tp2" / "ckpt-0000003")  # the same run, saved gathered
+    direct, _, _ = ck.load_checkpoint(tmp / "dp2tp2s" / "ckpt-0000003")
+    merged, _, _ = ck.load_checkpoint(ck.consolidate(tmp / "dp2tp2s" / "ckpt-0000003", tmp_path / "merged"))
+    a = single.state_dict()
+    for b in (direct.state_dict(), merged.state_dict()):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -40,9 +40,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from llm import checkpoint as ckpt_io
+from llm import tp_layout
 from llm.checkpoint import CHECKSUMS, SHARD_DIR, CheckpointError
 from llm.tokenizer import Tokenizer
 from llm.train import distributed as dd
@@ -107,10 +108,30 @@ def verify(src: Path, d: dd.Dist) -> None:
         raise CheckpointError(errs[0])
 
 
+def _regroup(flat: dict[str, torch.Tensor], keys: list[str], reader: HuggingFaceStorageReader, cfg, saved_tp: int,
+             d: dd.Dist) -> None:
+    """Load the wqkv tensors `keys` of `flat` (weights and their optimizer state) saved by a run of TP degree
+    saved_tp into this run's layout (d.tp): one full tensor at a time is read on every rank, its rows put back in
+    [q; k; v] order and regrouped for d.tp (llm/tp_layout.py), and this rank's part copied into the live tensor."""
+    for k in keys:
+        v = flat[k]
+        full = torch.empty(v.shape, dtype=v.dtype)
+        ckpt_io.dcp_load({k: full}, reader, no_dist=not d.enabled)
+        name = k.split(".", 1)[1] if k.startswith("model.") else k.split(".", 1)[1].rsplit(".", 1)[0]
+        t = tp_layout.to_live(name, tp_layout.to_saved(name, full, cfg, saved_tp), cfg, d.tp).to(v.device)
+        with torch.no_grad():
+            if isinstance(v, DTensor):
+                v.to_local().copy_(distribute_tensor(t, v.device_mesh, v.placements, src_data_rank=None).to_local())
+            else:
+                v.copy_(t)
+
+
 def load_live(src: Path, model: nn.Module, optimizer: torch.optim.Optimizer, d: dd.Dist, groups: list[dict]) -> None:
     """Load sharded checkpoint `src` into the live (wrapped or not) model and optimizer of this rank, resharding
     from whatever world size and wrapper wrote it; `groups` (trainer.json) restores the optimizer's
-    hyper-parameters. Every rank calls it."""
+    hyper-parameters. Every rank calls it. A checkpoint of another TP degree (config.json "sharded": {"tp": N})
+    holds wqkv's rows regrouped for N: those tensors are regrouped on the way in (`_regroup`), all others are
+    read by DCP straight into this rank's shards."""
     verify(src, d)
     reader = HuggingFaceStorageReader(str(src / SHARD_DIR))
     saved = reader.read_metadata().state_dict_metadata
@@ -119,7 +140,11 @@ def load_live(src: Path, model: nn.Module, optimizer: torch.optim.Optimizer, d: 
     if missing := sorted(set(flat) - set(saved)):
         raise CheckpointError(f"{src / SHARD_DIR} lacks {len(missing)} tensor(s) the run has: "
                               f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
-    ckpt_io.dcp_load(flat, reader, no_dist=not d.enabled)
+    saved_tp = ckpt_io.read_config(src).get("sharded", {}).get("tp", 1)
+    regroup = [k for k in flat if saved_tp != d.tp and flat[k].dim() and tp_layout.QKV.search(
+        k.split(".", 1)[1] if k.startswith("model.") else k.split(".", 1)[1].rsplit(".", 1)[0])]
+    ckpt_io.dcp_load({k: v for k, v in flat.items() if k not in regroup}, reader, no_dist=not d.enabled)
+    _regroup(flat, regroup, reader, model.cfg, saved_tp, d)
     msd = {k[len("model."):]: v for k, v in flat.items() if k.startswith("model.")}
     msd |= {k: msd["tok_emb.weight"] for k in _tied(model)}
     if osd is None:
@@ -229,7 +254,7 @@ class ShardedWriter:
         if d.main:
             m = p["meta"]
             ckpt_io.write_config(tmp, m["model_cfg"], m["tokenizer"], m["extra"] | {
-                "sharded": {"world": d.world, "writer": "torch.distributed.checkpoint"}})
+                "sharded": {"world": d.world, "writer": "torch.distributed.checkpoint", "tp": d.tp}})
             (tmp / ckpt_io.TRAINER_FILE).write_text(json.dumps(m["trainer"], indent=2, default=str))
             for f in tmp.iterdir():
                 if f.is_file() and f.name not in crcs:

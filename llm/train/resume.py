@@ -20,11 +20,10 @@ import torch
 from torch.distributed.tensor import distribute_tensor
 
 from llm import checkpoint as ckpt_io
-from llm import lora, peft
+from llm import lora, peft, tp_layout
 from llm.config import ConfigError, ModelConfig, TrainConfig
 from llm.train import dcp as dcp_io
 from llm.train import distributed as dd
-from llm.train import tp
 
 
 def check_resume(src: Path, state: dict, mcfg: ModelConfig, tcfg: TrainConfig, world: int, data_id: str,
@@ -52,8 +51,9 @@ def check_resume(src: Path, state: dict, mcfg: ModelConfig, tcfg: TrainConfig, w
             say(f"resume: sharded checkpoint written by {was_kind}, read resharded by torch.distributed.checkpoint "
                 f"for {now_kind}")
     if state.get("tp", 1) != tcfg.tp:
-        say(f"resume: tensor parallel {state.get('tp', 1)} -> {tcfg.tp} (the checkpoint holds full tensors in the "
-            "one-process layout)")
+        say(f"resume: tensor parallel {state.get('tp', 1)} -> {tcfg.tp} " + (
+            "(sharded: wqkv's rows regrouped on the way in)" if ckpt_io.is_sharded(src) else
+            "(the checkpoint holds full tensors in the one-process layout)"))
     if was_world != W:
         extra = "; ranks beyond the saved ones get fresh RNG streams" if W > was_world else ""
         say(f"resume: remapped from {was_world} to {W} rank(s) with grad_accum {was['grad_accum']} -> "
@@ -68,9 +68,10 @@ def restore(src: Path, state: dict, model: torch.nn.Module, optimizer: torch.opt
     """
     if ckpt_io.is_sharded(src):  # the weights too: every rank reads its part of every saved shard (resharding)
         dcp_io.load_live(src, model, optimizer, d, state.get("optimizer_groups", []))
-        rng = (dcp_io.read_rank_state(src, d.rank) or {}).get("rng")
+        first = d.dp_rank * state.get("tp", 1)  # the first saved rank of this data-parallel rank's TP group
+        rng = (dcp_io.read_rank_state(src, first) or {}).get("rng")
     else:
-        to_live = partial(tp.to_live, cfg=model.cfg, tp=d.tp) if d.tp > 1 else None
+        to_live = partial(tp_layout.to_live, cfg=model.cfg, tp=d.tp) if d.tp > 1 else None
         dd.load_optimizer_state(model, optimizer, ckpt_io.read_optimizer_state(src), tcfg.fsdp or d.tp > 1, to_live)
         rngs = state.get("rng") or []  # one per saved rank; the ranks of a saved TP group hold the same state
         first = d.dp_rank * state.get("tp", 1)  # the first saved rank of this data-parallel rank's group
@@ -99,7 +100,7 @@ def rollback(src: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
         for k, v in model.state_dict().items():
             name = k if full else peft.tensor_name(k)  # state-dict name -> the name it was saved under
             if name in tensors:
-                t = tp.to_live(name, tensors[name], model.cfg, d.tp).to(v.dtype)
+                t = tp_layout.to_live(name, tensors[name], model.cfg, d.tp).to(v.dtype)
                 v.copy_(distribute_tensor(t, v.device_mesh, v.placements, src_data_rank=None)
                         if hasattr(v, "device_mesh") else t)
     state = ckpt_io.read_trainer_state(src)

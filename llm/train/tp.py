@@ -22,21 +22,19 @@ tokens; the split head gathers the rows for its vocabulary slice and reduce-scat
 
 The fused wqkv (rows [q heads; k heads; v heads], llm/model.py) is regrouped at wrap time by `qkv_order` so a
 contiguous 1/N of its rows is [q_r; k_r; v_r], this rank's heads of each, and Attention runs with the local head
-counts; checkpoints hold today's layout (`to_saved` undoes the regrouping of a gathered tensor, `to_live` redoes
-it on load), so a TP checkpoint loads in one process and resumes at another TP degree.
+counts; single-file checkpoints hold today's layout (`to_saved` undoes the regrouping of a gathered tensor,
+`to_live` redoes it on load), so a TP checkpoint loads in one process and resumes at another TP degree; sharded
+ones hold the regrouped rows and say the degree (llm/tp_layout.py, llm/train/dcp.py).
 """
 
 from __future__ import annotations
-
-import re
 
 import torch
 from torch import Tensor, nn
 
 from llm.config import ConfigError, ModelConfig, TrainConfig
+from llm.tp_layout import to_live
 from llm.vocab_parallel import VocabSplit
-
-QKV = re.compile(r"(^|\.)blocks\.\d+\.attn\.wqkv\.(weight|bias)$")
 
 
 def check(mcfg: ModelConfig, tcfg: TrainConfig, world: int) -> None:
@@ -60,9 +58,6 @@ def check(mcfg: ModelConfig, tcfg: TrainConfig, world: int) -> None:
              (world == n or tcfg.fsdp, f"--tp {n} on {world} ranks ({world // n} data-parallel groups) needs --fsdp "
                                        "over the data-parallel dimension (DDP x TP is not supported)"),
              (not tcfg.compile, "--tp is not tested with --compile yet: drop one of them"),
-             (tcfg.checkpoint_format != "sharded" and not tcfg.async_checkpoint,
-              "--tp saves single-file checkpoints (gathered on rank 0, today's layout): drop --checkpoint-format "
-              "sharded / --async-checkpoint"),
              (tcfg.lora_rank is None and tcfg.peft is None, "--tp is for full training, not PEFT: drop --tp"),
              (not tcfg.eval_tasks, "--eval-tasks scores on rank 0 alone: drop it with --tp"),
              (not tcfg.sequence_parallel or mcfg.block_size % n == 0,
@@ -72,33 +67,6 @@ def check(mcfg: ModelConfig, tcfg: TrainConfig, world: int) -> None:
     for ok, msg in rules:
         if not ok:
             raise ConfigError(msg)
-
-
-def qkv_order(cfg: ModelConfig, tp: int) -> Tensor:
-    """Row order (a permutation of range((H + 2 Hkv) D)) that regroups wqkv's rows [q; k; v] into tp contiguous
-    groups [q_r; k_r; v_r], r < tp, each with H/tp query heads and Hkv/tp key/value heads (D rows per head).
-
-    GQA stays right locally: query head h reads kv head h // (H / Hkv), and rank r's query heads r H/tp + j read
-    r Hkv/tp + j // (H / Hkv), its own kv heads."""
-    H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-    rows = torch.arange((H + 2 * Hkv) * D).view(H + 2 * Hkv, D)
-    q, k, v = rows.split_with_sizes([H, Hkv, Hkv])
-    groups = [torch.cat([q.chunk(tp)[r], k.chunk(tp)[r], v.chunk(tp)[r]]) for r in range(tp)]
-    return torch.cat(groups).reshape(-1)
-
-
-def to_live(name: str, t: Tensor, cfg: ModelConfig, tp: int) -> Tensor:
-    """A full tensor in checkpoint layout -> the TP run's layout (wqkv rows regrouped); others unchanged."""
-    return t[qkv_order(cfg, tp).to(t.device)] if tp > 1 and QKV.search(name) else t
-
-
-def to_saved(name: str, t: Tensor, cfg: ModelConfig, tp: int) -> Tensor:
-    """Inverse of to_live: a gathered full tensor of the TP run -> checkpoint layout."""
-    if tp == 1 or not QKV.search(name):
-        return t
-    out = torch.empty_like(t)
-    out[qkv_order(cfg, tp).to(t.device)] = t
-    return out
 
 
 def splits_head(tcfg: TrainConfig) -> bool:

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from llm import checkpoint as ckpt_io
-from llm import loading, lora, ops, peft
+from llm import loading, lora, ops, peft, tp_layout
 from llm.config import ConfigError, DataConfig, ModelConfig, TrainConfig, check_configs, describe_config, to_toml
 from llm.data.sft import SFTLoader
 from llm.data.shards import Loader, fingerprint, load_manifest
@@ -220,7 +220,7 @@ class Run:
             if final:
                 self.sharded.close()
             return self.out / name
-        to_saved = partial(tp.to_saved, cfg=self.model.cfg, tp=d.tp) if d.tp > 1 else None
+        to_saved = partial(tp_layout.to_saved, cfg=self.model.cfg, tp=d.tp) if d.tp > 1 else None
         msd, osd = dd.full_state(self.model, self.optimizer, self.tcfg.fsdp or d.tp > 1, to_saved)
         rngs = dd.all_gather_objects(dd.rng_state(d.device), d)
         if d.main:
