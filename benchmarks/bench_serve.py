@@ -25,10 +25,11 @@ chunk, the rest 0, as vLLM counts them). --total N adds one run of N requests at
 --decode-step: the captured decode step (`llm serve --compile`) against the eager one, side by side in this process,
 no HTTP: two engines over the same model (one with compile_batch = max(--batches), its buckets compiled first, the
 warm-up time printed), each round B fresh greedy sequences of --prompt-tokens tokens per engine, prefilled (not
-timed), then --steps decode-only steps timed per engine (the order alternates between rounds). "step" is
-`Engine.step` as the server runs it (planning, forward, sampling, emitting); "forward" is the model call alone at a
-fixed state (the eager ragged forward vs the compiled bucket), median of --steps calls. The tokenizer's
-end-of-text id is hidden from the engines so no row finishes early (an untrained model may sample it).
+timed), then --steps decode-only steps timed per engine (the order alternates between rounds; a round's ratio
+pairs the two engines' times in it, the speedup is the median of the rounds' ratios, with their range). "step" is
+`Engine.step` as the server runs it (planning, forward, sampling, emitting); "forward" is the model call alone at
+a fixed state (the eager ragged forward vs the compiled bucket), a round's time the median of --steps calls. The
+tokenizer's end-of-text id is hidden from the engines so no row finishes early (an untrained model may sample it).
 """
 
 from __future__ import annotations
@@ -237,6 +238,7 @@ def decode_step(model: Transformer, tok: Tokenizer, args) -> list[dict]:
                 with torch.inference_mode():  # the forward alone: the last step's again (rewrites the same slots)
                     ids = [s.tokens(s.length - 1, s.length)[0] for s in seqs]
                     tables, lengths = [s.blocks for s in seqs], [s.length - 1 for s in seqs]
+                    calls = []
                     for _ in range(args.steps):
                         t0 = time.perf_counter()
                         if e.captured:
@@ -244,14 +246,20 @@ def decode_step(model: Transformer, tok: Tokenizer, args) -> list[dict]:
                         else:
                             cache = PagedKVCache.ragged(e.pool, tables, lengths, [1] * B)
                             model(torch.tensor(ids)[:, None], cache=cache, logits_rows=torch.arange(B))
-                        fwd[name].append((time.perf_counter() - t0) * 1e3)
+                        calls.append((time.perf_counter() - t0) * 1e3)
+                    fwd[name].append(median(calls))
                 for s in seqs:
                     e.release(s)
-        for what, d, stat in (("step", times, median), ("forward", fwd, median)):
-            a, b = stat(d["eager"]), stat(d["compiled"])
-            rows.append({"what": what, "batch": B, "eager_ms": a, "compiled_ms": b, "speedup": a / b,
+        for what, d in (("step", times), ("forward", fwd)):  # medians over rounds; the ratio paired per round
+            a, b = median(d["eager"]), median(d["compiled"])
+            ratio = median(x / y for x, y in zip(d["eager"], d["compiled"]))
+            lo, hi = min(x / y for x, y in zip(d["eager"], d["compiled"])), max(
+                x / y for x, y in zip(d["eager"], d["compiled"]))
+            rows.append({"what": what, "batch": B, "eager_ms": a, "compiled_ms": b, "speedup": ratio,
+                         "speedup_min": lo, "speedup_max": hi,
                          "provider": f"{what} ({args.preset}, context {model.cfg.block_size}, {device_name()})"})
-            print(f"batch {B:3d} {what:8s} eager {a:8.2f} ms  compiled {b:8.2f} ms  speedup {a / b:5.2f}x", flush=True)
+            print(f"batch {B:3d} {what:8s} eager {a:8.2f} ms  compiled {b:8.2f} ms  speedup {ratio:5.2f}x "
+                  f"(rounds {lo:.2f}-{hi:.2f})", flush=True)
     return rows
 
 

@@ -14,6 +14,7 @@ kernel: torch's fused ops already run them in one launch.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from functools import cache
 
@@ -254,12 +255,14 @@ def paged_decode_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tabl
     return ref.paged_decode_attention_ref(q, k_pool, v_pool, block_table, lengths, scale, window)
 
 
-# A compiled CPU decode step (llm/serve/captured.py) of B rows whose block tables span S keys attends over all of
-# them inside the graph when B * S is at most this (masked past each row's length: fused, no op boundary); beyond
-# it, `paged_attention_to_length`, which reads only the blocks the longest row holds but is an opaque call per
-# layer. Forward ms, tiny preset, 1 thread, inline / opaque: B=8 S=128 1.45 / 2.6; B=1 S=512 0.80 / 1.68;
-# B=1 S=2048 1.30 / 1.31; B=8 S=512 3.50 / 2.63; B=8 S=2048 9.7 / 2.6 (benchmarks/NOTES.md "Captured decode step").
-STATIC_INLINE_ROW_KEYS = 2048
+# A compiled CPU decode step (llm/serve/captured.py) of B rows whose block tables span S keys of Hkv x D values
+# attends over all of them inside the graph when B * S * Hkv * D is at most this (masked past each row's length:
+# fused, no op boundary); beyond it, `paged_attention_to_length`, which reads only the blocks the longest row holds
+# but is an opaque call per layer (~0.2 ms here). Forward ms, tiny preset (Hkv x D = 96), 1 thread, inline /
+# opaque: B=8 S=128 1.45 / 2.6; B=1 S=512 0.80 / 1.68; B=1 S=2048 1.30 / 1.31; B=8 S=512 3.50 / 2.63; B=8 S=2048
+# 9.7 / 2.6: the full-width gather costs ~1 ns per value, equal to the op's overhead at 2048 x 96 values
+# (benchmarks/NOTES.md "Captured decode step").
+STATIC_INLINE_VALUES = 2048 * 96
 
 
 @torch.library.custom_op("llm::paged_attention_to_length", mutates_args=())
@@ -326,17 +329,17 @@ def kv_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, h
     would gather a sequence's blocks once per token, runs once per segment of a prefill (its tokens as
     one row of T queries) and once for all one-token segments together (`_segmented_paged`). A static paged
     view (`PagedKVCache.static_rows`, host_lengths None, no segments: a compiled or captured decode step) takes,
-    on the CPU when rows x table keys exceed STATIC_INLINE_ROW_KEYS, `paged_attention_to_length` (the reference over
-    the blocks the longest row holds, opaque to torch.compile); otherwise `paged_decode_attention` over its whole
-    fixed-width table (the kernel, or the masked reference: both shape-static and sync-free, so torch.compile
-    fuses them and a CUDA graph captures them). With
+    on the CPU when rows x table keys x Hkv x D exceed STATIC_INLINE_VALUES, `paged_attention_to_length` (the
+    reference over the blocks the longest row holds, opaque to torch.compile); otherwise `paged_decode_attention`
+    over its whole fixed-width table (the kernel, or the masked reference: both shape-static and sync-free, so
+    torch.compile fuses them and a CUDA graph captures them). With
     kernels="auto", fp32 CUDA tensors take the reference on every route (`_kernel_dtype_ok`).
     """
     if block_table is not None:
         if segments is not None and not _attention_triton(kernels, q):
             return _segmented_paged(q, k_cache, v_cache, block_table, lengths, window, segments)
         if (host_lengths is None and q.device.type == "cpu" and not _attention_triton(kernels, q)
-                and q.shape[0] * block_table.shape[1] * k_cache.shape[1] > STATIC_INLINE_ROW_KEYS):
+                and q.shape[0] * block_table.shape[1] * math.prod(k_cache.shape[1:]) > STATIC_INLINE_VALUES):
             return paged_attention_to_length(q, k_cache, v_cache, block_table, lengths, window)
         return paged_decode_attention(q, k_cache, v_cache, block_table, lengths, window=window, kernels=kernels)
     T = q.shape[1]

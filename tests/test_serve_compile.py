@@ -87,8 +87,8 @@ def test_compiled_server_equals_sample_py_without_recompiles_and_leaks_no_block(
     from torch._dynamo.utils import counters
 
     model, tok = loaded
-    # bucket 2 (2 rows x 64 keys) attends inside the graph, bucket 4 (4 x 64) through the opaque op: both compiled
-    monkeypatch.setattr(ops, "STATIC_INLINE_ROW_KEYS", 128)
+    # bucket 2 (2 rows x 64 keys x 2 KV heads x 16) attends inside the graph, bucket 4 through the opaque op
+    monkeypatch.setattr(ops, "STATIC_INLINE_VALUES", 2 * 64 * 2 * 16)
     app, sched = build(model, tok, "tiny", max_batch=4, block_size=8, max_step_tokens=32, compile=True,
                        compile_buckets=[2, 4])
     cap = sched.engine.captured

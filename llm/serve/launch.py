@@ -182,8 +182,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="capture the decode step: steps of decode rows only run at batch buckets 1, 2, 4, ... "
                    "--max-batch (rows padded to the bucket) through torch.compile on the CPU, CUDA graphs on CUDA; "
-                   "every bucket is compiled at start (seconds each), never per request. Not with --lora or a "
-                   "mixture-of-experts model")
+                   "every bucket is compiled at start (seconds to tens of seconds each on a CPU), never per request. "
+                   "Not with --lora or a mixture-of-experts model")
     p.add_argument("--compile-buckets", type=int, nargs="+", default=None, metavar="N",
                    help="with --compile: the batch sizes to compile (default 1 2 4 ... --max-batch); a decode step "
                    "is padded to the smallest that holds it, one with more rows than the largest runs eagerly")
