@@ -47,8 +47,9 @@ def prefix_run(root, P: int):
     return base, run
 
 
-@pytest.mark.parametrize("P, num_blocks", [(11, None), (5, 13)], ids=["P11-shared-block-and-tail", "P5-preempted"])
-def test_prefix_served_from_shared_blocks_gives_sample_peft_text(tmp_path, P, num_blocks):
+@pytest.mark.parametrize("P, num_blocks, compile", [(11, None, False), (5, 13, False), (11, None, True)],
+                         ids=["P11-shared-block-and-tail", "P5-preempted", "P11-compiled-decode-step"])
+def test_prefix_served_from_shared_blocks_gives_sample_peft_text(tmp_path, P, num_blocks, compile):
     base_dir, run = prefix_run(tmp_path, P)
     model, tok, _ = load_model(run, "cpu", torch.float32, kernels="torch")  # how llm serve loads the run
     ref, _, _ = load_model(base_dir, "cpu", torch.float32, kernels="torch", lora=run)  # sample.py --peft RUN
@@ -57,7 +58,8 @@ def test_prefix_served_from_shared_blocks_gives_sample_peft_text(tmp_path, P, nu
     want = [complete(ref, tok, p, n, params=SamplingParams(0.0))[0].text for p, n in jobs]
     assert sum(w != complete(plain, tok, p, n, params=SamplingParams(0.0))[0].text
                for w, (p, n) in zip(want, jobs)) >= 5  # the prefix does change the text
-    app, sched = build(model, tok, "run", max_batch=8, block_size=8, num_blocks=num_blocks, max_step_tokens=32)
+    app, sched = build(model, tok, "run", max_batch=8, block_size=8, num_blocks=num_blocks, max_step_tokens=32,
+                       compile=compile, compile_buckets=[8] if compile else None)  # one bucket: one compile
     eng, pool = sched.engine, sched.pool
     head = list(eng.head)
     assert len(head) == -(-P // 8) and len(eng.shared) == P // 8 and pool.used == len(head)
@@ -77,6 +79,7 @@ def test_prefix_served_from_shared_blocks_gives_sample_peft_text(tmp_path, P, nu
     else:  # the repeated long prompt took cached blocks (named past the prefix)
         assert eng.prefix_hits >= len(tok.encode(PROMPTS[1])) - 8
     assert pool.used == len(head) and all(pool.ref[b] == 1 for b in head)  # held by the engine alone, not freed
+    assert not compile or eng.captured.steps > 10  # decode steps ran compiled, their views starting at P
     k = pool.k[1].view(-1, *pool.k[1].shape[2:])[torch.tensor(head)[torch.arange(P) // 8] * 8 + torch.arange(P) % 8]
     torch.testing.assert_close(k, model.prefix.keys[1], atol=0, rtol=0)  # never overwritten
 
