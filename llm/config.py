@@ -205,7 +205,8 @@ class TrainConfig:
                                         "sequence per TP rank (all-gathered before attention / MLP, reduce-scattered "
                                         "after), the loss computed on each rank's tokens")
     tp: int = _f(1, "under torchrun, tensor parallel degree: each block's attention heads and MLP columns split "
-                    "over N ranks (DTensor: q/k/v, gate, up column-wise; o, down row-wise); the ranks form a "
+                    "over N ranks (DTensor: q/k/v, gate, up column-wise; o, down row-wise; embedding and, for the "
+                    "cross-entropy objective, the LM head by vocabulary rows, loss parallel); the ranks form a "
                     "(world/N data-parallel x N) mesh, and more than one data-parallel group needs --fsdp; --resume "
                     "does not inherit it (a TP checkpoint resumes at any --tp)")
     checkpoint_format: str = _f("auto", "single: one model.safetensors + optimizer.safetensors (gathered on rank 0); "

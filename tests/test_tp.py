@@ -4,9 +4,10 @@ Fast: the wqkv row regrouping and its inverse, and the one-line refusals. Slow (
 vocabulary-parallel cross-entropy (llm/vocab_parallel.py) equals F.cross_entropy forward and backward; the sharded
 model computes the one-process loss and gradients with each rank holding half of every TP weight, the LM head's
 vocabulary rows included, untied and tied (and, sequence parallel, half of the residual stream); TP=2 (2 ranks)
-and TP=2 x FSDP2 over DP=2 (4 ranks), with and without
---sequence-parallel, train with the one-process run's losses; their single-file checkpoints hold today's layout,
-load in one process and resume at another TP degree (2 -> 1, 1 -> 2) with the same losses.
+and TP=2 x FSDP2 over DP=2 (4 ranks), with and without --sequence-parallel, train with the one-process run's
+losses; their single-file checkpoints (--checkpoint-format single) hold today's layout, load in one process and
+resume at another TP degree (2 -> 1, 1 -> 2) with the same losses; their sharded ones (the default) resume at
+TP 2, TP 1 and under FSDP2 without TP with the same losses, and consolidate to the single-file weights.
 """
 
 import os
@@ -194,7 +195,7 @@ def runs(tmp_path_factory):
     assert main(args(tmp, "one_muon", optimizer="muon")) == 0
     assert main(args(tmp, "one_tied", "--tie-embeddings")) == 0
     one3 = str(tmp / "one" / "ckpt-0000003")
-    out2 = run_two_ranks(tmp, [(args(tmp, "tp2", "--tp", "2"), -1),
+    out2 = run_two_ranks(tmp, [(args(tmp, "tp2", "--tp", "2", "--checkpoint-format", "single"), -1),
                                (args(tmp, "one_to_tp2", "--tp", "2", "--resume", one3), -1),
                                (args(tmp, "tp2sp", "--tp", "2", "--sequence-parallel"), -1),
                                (args(tmp, "tp2muon", "--tp", "2", "--sequence-parallel", optimizer="muon"), -1),
@@ -204,9 +205,9 @@ def runs(tmp_path_factory):
                                (args(tmp, "tp2s_to_tp2", "--tp", "2", "--checkpoint-format", "sharded", "--resume",
                                      tmp / "tp2s" / "ckpt-0000003"), -1)]
                          ).stdout
-    out4 = run_two_ranks(tmp, [(args(tmp, "dp2tp2", "--tp", "2", "--fsdp"), -1),
+    out4 = run_two_ranks(tmp, [(args(tmp, "dp2tp2", "--tp", "2", "--fsdp", "--checkpoint-format", "single"), -1),
                                (args(tmp, "dp2tp2sp", "--tp", "2", "--fsdp", "--sequence-parallel"), -1),
-                               (args(tmp, "dp2tp2s", "--tp", "2", "--fsdp", "--checkpoint-format", "sharded"), -1),
+                               (args(tmp, "dp2tp2s", "--tp", "2", "--fsdp"), -1),  # sharded: the default
                                (args(tmp, "dp2tp2s_to_fsdp4", "--fsdp", "--resume", tmp / "dp2tp2s" / "ckpt-0000003"),
                                 -1)],
                          nproc=4).stdout
@@ -260,10 +261,11 @@ def test_tp_checkpoints_hold_the_one_process_layout_and_resume_at_another_tp_deg
 
 @pytest.mark.slow
 def test_sharded_tp_checkpoints_reshard_to_any_tp_degree_and_consolidate(runs, tmp_path):
-    """--checkpoint-format sharded / --async-checkpoint under --tp: every rank writes its own shards (wqkv rows as
-    regrouped for the saving degree, config.json says it); resumed at the same degree (DCP straight into the
-    shards), at TP 1 in one process and under FSDP2 over 4 ranks (wqkv regrouped on the way in) with the
-    one-process losses; consolidated / read directly, it holds the single-file TP checkpoint's weights exactly."""
+    """Sharded checkpoints under --tp (the default under torchrun, and --async-checkpoint): every rank writes its own
+    shards (wqkv rows as regrouped for the saving degree, config.json says it); resumed at the same degree (DCP
+    straight into the shards), at TP 1 in one process and under FSDP2 over 4 ranks (wqkv regrouped on the way in)
+    with the one-process losses; consolidated / read directly, it holds the single-file TP checkpoint's weights
+    exactly (the same run with --checkpoint-format single)."""
     tmp, out2, out4 = runs
     ref = step_losses(tmp / "one")
     for run in ("tp2s", "dp2tp2s"):

@@ -165,10 +165,11 @@ def read_rank_state(src: Path, rank: int) -> dict | None:
 
 def writer_for(tcfg, d: dd.Dist, lora: bool, out: Path) -> ShardedWriter | None:
     """The run's checkpoint writer, chosen once: a ShardedWriter for --checkpoint-format sharded, for
-    --async-checkpoint, and (auto) under torchrun with more than one rank unless LoRA or --tp; None: the single-file
-    writer (llm.checkpoint.save, the full state gathered on rank 0). `tcfg` is the TrainConfig."""
+    --async-checkpoint, and (auto) under torchrun with more than one rank unless LoRA (--tp included: wqkv saved
+    regrouped, llm/tp_layout.py); None: the single-file writer (llm.checkpoint.save, the full state gathered on
+    rank 0). `tcfg` is the TrainConfig."""
     fmt = tcfg.checkpoint_format
-    if fmt == "sharded" or tcfg.async_checkpoint or (fmt == "auto" and d.enabled and not lora and d.tp == 1):
+    if fmt == "sharded" or tcfg.async_checkpoint or (fmt == "auto" and d.enabled and not lora):
         return ShardedWriter(out, d, tcfg.async_checkpoint)
     return None
 
