@@ -166,6 +166,8 @@ class DataConfig:
                                "example per row")
     sft_overlong: str = _f("drop", "fine-tuning data: an example longer than the context is dropped or truncated "
                                    "(the count is printed)", choices=("drop", "truncate"))
+    pref_negatives: int = _f(4, "embedded stdlib-prefs: wrong answers paired with each training question (one pair "
+                                "each); the held-out questions always keep 4, so the held-out pairs do not change")
 
 
 @dataclass
@@ -475,6 +477,7 @@ def check_configs(d: DataConfig, t: TrainConfig) -> None:
              (t.max_bad_steps >= 1, "max_bad_steps must be >= 1"),
              (t.global_batch_tokens is None or t.global_batch_tokens >= 1, "global_batch_tokens must be >= 1"),
              (0 <= d.val_fraction < 1, "val_fraction must be in [0, 1)"), (d.prep_workers >= 1, "prep_workers >= 1"),
+             (d.pref_negatives >= 1, f"--pref-negatives must be >= 1, got {d.pref_negatives}"),
              (d.max_tokens is None or d.max_tokens >= 1, "max_tokens must be >= 1"),
              (t.lora_rank is None or t.lora_rank >= 1, f"--lora-rank must be >= 1, got {t.lora_rank}"),
              (0 <= t.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import metrics_records, train_argv, write_code_corpus
 
 from llm import lora
-from llm.config import DataConfig
+from llm.config import ConfigError, DataConfig, TrainConfig, check_configs
 from llm.data import preference
 from llm.data.corpus import DataError
 from llm.loading import load_model
@@ -80,6 +80,27 @@ def test_embedded_pairs_take_wrong_answers_from_their_own_split():
         assert rejected[-1]["content"] in answers[split]
         per_question.setdefault(name, set()).add(rejected[-1]["content"])
     assert {len(v) for v in per_question.values()} == {preference.NEGATIVES}  # distinct wrong answers
+
+
+def test_more_training_negatives_leave_the_held_out_pairs_unchanged(tmp_path):
+    """--pref-negatives N: N distinct wrong answers per training question, the held-out pairs exactly as by
+    default (the benchmark's held-out accuracy is measured on the same pairs), prepared under another name."""
+    default = list(preference.pairs(DataConfig(dataset=preference.EMBEDDED)))
+    more = list(preference.pairs(DataConfig(dataset=preference.EMBEDDED, pref_negatives=7)))
+    assert [r for r in more if r[0] == "val"] == [r for r in default if r[0] == "val"]
+    per_question: dict[str, set] = {}
+    for split, name, chosen, rejected in more:
+        if split == "train":
+            assert rejected[-1]["content"] != chosen[-1]["content"]
+            per_question.setdefault(name, set()).add(rejected[-1]["content"])
+    assert {len(v) for v in per_question.values()} == {7}
+    assert len(more) - len(default) == 3 * len(per_question)
+    tok = type("T", (), {"info": {"kind": "tiktoken", "name": "t"}})  # dataset_dir reads only its slug
+    dirs = {n: preference.dataset_dir(DataConfig(dataset=preference.EMBEDDED, pref_negatives=n), tok, 64).name
+            for n in (4, 7)}
+    assert dirs[4] != dirs[7] and dirs[4].startswith(f"{preference.EMBEDDED}-x4-")
+    with pytest.raises(ConfigError, match="--pref-negatives"):
+        check_configs(DataConfig(dataset=preference.EMBEDDED, pref_negatives=0), TrainConfig())
 
 
 def test_an_edited_preference_file_is_prepared_again(runs, tmp_path):

@@ -3,7 +3,9 @@
 Inputs (`--dataset`, with `--objective reward|dpo`):
   stdlib-prefs  embedded, offline: every stdlib-qa question ("What does json.dumps do?") with its docstring
                 summary as the chosen answer and another function's summary as the rejected one (the name
-                `json.dumps` a fixed stride further down the list), held out by a hash of the name as stdlib-qa is
+                `json.dumps` a fixed stride further down the list), held out by a hash of the name as stdlib-qa is;
+                --pref-negatives such pairs per training question (4, each with another wrong answer), 4 per
+                held-out one
   FILE.jsonl    one pair per line, the TRL / Anthropic-HH shape:
                 {"prompt": str | [messages], "chosen": str | [messages], "rejected": str | [messages]}
                 or {"messages": [...], "chosen": ..., "rejected": ...}; a string answer is one assistant turn,
@@ -40,6 +42,7 @@ from llm.tokenizer import Tokenizer
 EMBEDDED = "stdlib-prefs"
 STRIDE = 101  # the rejected answer of pair i is the chosen answer of pair (i + STRIDE) mod n
 NEGATIVES = 4  # pairs per question, each with another wrong answer: more pairs to rank, less to memorise
+# (held-out questions always get NEGATIVES; training questions get --pref-negatives, NEGATIVES by default)
 SIDES = ("chosen", "rejected")
 
 
@@ -56,19 +59,21 @@ def is_preference(cfg: DataConfig) -> bool:
 
 def stdlib_prefs(val_fraction: float, negatives: int = NEGATIVES) -> Iterator[tuple[str, list[dict], list[dict]]]:
     """(name, chosen conversation, rejected conversation): the stdlib-qa question answered by its own docstring
-    summary (chosen) and by another question's (rejected; never the same text), `negatives` pairs per question,
-    each with a different wrong answer. Wrong answers come from the same split (held-out questions by the rule
+    summary (chosen) and by another question's (rejected; never the same text), `negatives` pairs per training
+    question and NEGATIVES per held-out one (the held-out pairs stay the same whatever `negatives` is), each with
+    a different wrong answer. Wrong answers come from the same split (held-out questions by the rule
     that holds them out of stdlib-qa fine-tuning): a held-out pair never pits an unseen answer against one that
     an SFT model has learned, and neither split's pairs teach the other's answers."""
     rows = list(stdlib_qa())
     groups: dict[bool, list] = {}
     for name, msgs in rows:
         groups.setdefault(_in_val(name, val_fraction), []).append((name, msgs))
-    for group in groups.values():
+    for held_out, group in groups.items():
         m, texts = len(group), {msgs[-1]["content"] for _, msgs in group}
+        per = NEGATIVES if held_out else negatives
         for i, (name, msgs) in enumerate(group):
             answer, used = msgs[-1]["content"], set()
-            for k in range(1, min(negatives, len(texts) - 1) + 1):
+            for k in range(1, min(per, len(texts) - 1) + 1):
                 j = (i + k * STRIDE) % m
                 while group[j][1][-1]["content"] in used | {answer}:
                     j = (j + 1) % m
@@ -116,7 +121,8 @@ def read_jsonl(path: Path) -> Iterator[tuple[str, list[dict], list[dict]]]:
 
 def pairs(cfg: DataConfig) -> Iterator[tuple[str, str, list[dict], list[dict]]]:
     """(split, name, chosen, rejected) of the dataset; val by a hash of the name (at least one held out)."""
-    rows = list(stdlib_prefs(cfg.val_fraction) if cfg.dataset == EMBEDDED else read_jsonl(Path(cfg.dataset)))
+    embedded = cfg.dataset == EMBEDDED
+    rows = list(stdlib_prefs(cfg.val_fraction, cfg.pref_negatives) if embedded else read_jsonl(Path(cfg.dataset)))
     if not rows:
         raise DataError(f"dataset {cfg.dataset!r} holds no preference pairs")
     val = {r[0] for r in rows if _in_val(r[0], cfg.val_fraction)} or {rows[-1][0]}
@@ -131,7 +137,7 @@ def dataset_dir(cfg: DataConfig, tok: Tokenizer, block_size: int) -> Path:
     """Where the prepared pairs live: named by the source (for a file: its path, size and modification time, so an
     edited file is prepared again), the block size and the tokenizer."""
     if cfg.dataset == EMBEDDED:
-        src = f"{EMBEDDED}-x{NEGATIVES}-val{cfg.val_fraction:g}"  # the pairs depend on both
+        src = f"{EMBEDDED}-x{cfg.pref_negatives}-val{cfg.val_fraction:g}"  # the pairs depend on both
     else:
         f = Path(cfg.dataset).resolve()
         st = f.stat()
