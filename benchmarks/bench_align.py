@@ -8,7 +8,9 @@ back in this process, on every held-out pair of the prepared preference data (no
 
 * reward model: pairwise accuracy (r(chosen) > r(rejected)) on the held-out pairs;
 * policy (SFT, then DPO): preference accuracy (log pi(chosen) > log pi(rejected), summed over the answer
-  tokens, as DPO ranks them) and the per-token loss on the chosen answers (is SFT quality kept?);
+  tokens, as DPO ranks them) and the per-token loss on the chosen answers (is SFT quality kept?); and, only as
+  a diagnostic of how much of the summed ranking is length (not the goal's metric), `diag_pref_acc_per_token`:
+  the same pairs ranked by the mean log-prob per answer token;
 * GRPO: the mean reward per step from each seed's metrics.jsonl (exact match on the embedded
   `stdlib-modules` task), plotted.
 
@@ -42,7 +44,7 @@ def eval_pairs(checkpoint: str | Path, data: str | Path, batch: int = 16) -> dic
     model, _, _ = load_model(checkpoint, "cpu")
     loader = PreferenceLoader(Path(data), "val", batch, model.cfg.block_size, seed=0)
     n = loader.n
-    right_pi = right_r = 0
+    right_pi = right_r = right_tok = 0
     nll, count = 0.0, 0
     for a in range(0, n, batch):
         idx = list(range(a, min(a + batch, n)))
@@ -51,14 +53,16 @@ def eval_pairs(checkpoint: str | Path, data: str | Path, batch: int = 16) -> dic
         logps, counts = answer_logps(h, model.lm_head.weight, y)
         pc, pr = logps.chunk(2)
         right_pi += int((pc > pr).sum())
-        nc = counts.chunk(2)[0]
+        nc, nr = counts.chunk(2)
+        right_tok += int((pc / nc > pr / nr).sum())
         nll += float(-pc.sum())
         count += int(nc.sum())
         if model.reward_head is not None:
             r = scores(model, model.reward_head, x, y)
             rc, rr = r.chunk(2)
             right_r += int((rc > rr).sum())
-    out = {"pairs": n, "pref_acc": right_pi / n, "chosen_nll": nll / count}
+    out = {"pairs": n, "pref_acc": right_pi / n, "chosen_nll": nll / count,
+           "diag_pref_acc_per_token": right_tok / n}
     if model.reward_head is not None:
         out["reward_acc"] = right_r / n
     return out
@@ -119,7 +123,8 @@ def pipeline(args) -> None:
     sft = stage("sft", ["train", "--init-from", args.base, "--dataset", "stdlib-qa", "--max-steps",
                         str(args.sft_steps), "--lr", "1e-3", *common])
     rm = stage("rm", ["train", "--objective", "reward", "--init-from", str(sft), "--dataset", "stdlib-prefs",
-                      "--max-steps", str(args.rm_steps), "--lr", "3e-4", *common])
+                      "--pref-negatives", str(args.rm_negatives), "--max-steps", str(args.rm_steps), "--lr",
+                      str(args.rm_lr), *common])
     dpo = stage("dpo", ["train", "--objective", "dpo", "--init-from", str(sft), "--dataset", "stdlib-prefs",
                         "--max-steps", str(args.dpo_steps), "--lr", str(args.dpo_lr), "--dpo-beta",
                         str(args.dpo_beta), "--dpo-nll", str(args.dpo_nll), *common])
@@ -175,7 +180,8 @@ def report(args, ev: dict, curves: dict, cmds: list[str], secs: dict) -> None:
         "| chosen-answer loss (nats/token) |",
         "|---|---|---|---|",
         f"| SFT | - | {sft['pref_acc']:.1%} | {sft['chosen_nll']:.4f} |",
-        f"| reward model (from SFT) | {rm['reward_acc']:.1%} | - | - |",
+        f"| reward model (from SFT, {args.rm_negatives} wrong answers per training question) "
+        f"| {rm['reward_acc']:.1%} | - | - |",
         f"| DPO (from SFT, beta {args.dpo_beta}, --dpo-nll {args.dpo_nll}) "
         f"| - | {dpo['pref_acc']:.1%} | {dpo['chosen_nll']:.4f} "
         f"({dpo['chosen_nll'] / sft['chosen_nll'] - 1:+.1%} vs SFT) |", "",
@@ -210,6 +216,10 @@ def main(argv: list[str] | None = None) -> None:
     al.add_argument("--again", action="store_true", help="re-run stages whose output exists")
     al.add_argument("--sft-steps", type=int, default=150)
     al.add_argument("--rm-steps", type=int, default=500)
+    al.add_argument("--rm-lr", type=float, default=3e-4)
+    al.add_argument("--rm-negatives", type=int, default=4,
+                    help="the reward model's training pairs per question (llm train --pref-negatives); the held-out "
+                         "pairs are the same for any value")
     al.add_argument("--dpo-steps", type=int, default=300)
     al.add_argument("--dpo-lr", type=float, default=1e-4)
     al.add_argument("--dpo-beta", type=float, default=0.1)
