@@ -272,12 +272,16 @@ def test_bad_lora_flags_are_one_line(runs, capsys, flags, msg):
     assert len(err.splitlines()) == 1 and re.search(msg, err), err
 
 
-def test_compiled_lora_run_equals_eager(runs, monkeypatch):
+def test_compiled_lora_run_equals_eager(runs):
     """--compile with LoRA: the same losses as eager (fp32, fused kernels round differently), one graph for every
-    step (the SFT rows are padded to the block size when compiling; any recompile is an error here)."""
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    step (the SFT rows are padded to the block size when compiling; any recompile is an error here).
+
+    torch's own config patcher, not pytest's monkeypatch: the dynamo config module serves its values through
+    __getattr__, so pytest 9 records "no attribute" and undoes the patch with delattr, which hides the option
+    from every later compile in the process (they then fail reading it)."""
     assert main(ft_argv(runs, "lora-eager", max_steps=3, lora_dropout=0.0, dropout=0.0)) == 0
-    assert main(ft_argv(runs, "lora-compiled", max_steps=3, lora_dropout=0.0, dropout=0.0) + ["--compile"]) == 0
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert main(ft_argv(runs, "lora-compiled", max_steps=3, lora_dropout=0.0, dropout=0.0) + ["--compile"]) == 0
     eager, compiled = step_losses(runs / "lora-eager"), step_losses(runs / "lora-compiled")
     assert sorted(compiled) == [1, 2, 3]
     assert all(abs(compiled[s] - eager[s]) <= 1e-5 * abs(eager[s]) for s in eager), (compiled, eager)
