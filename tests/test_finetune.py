@@ -351,3 +351,36 @@ def test_qlora_run_on_an_int8_base_resumes_exactly(runs, capsys):
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert cfg["quantization"]["mode"] == "int8" and all(m.qweight.dtype == torch.int8 for m in layers)
     assert sum(isinstance(m, lora.QuantLoRALinear) for m in layers) == 5 * model.cfg.n_layer  # wqkv, wo, w1, w2, w3
+
+
+def test_init_from_takes_the_base_shape_and_applies_only_run_time_model_flags():
+    """--init-from: a model flag that would change the base is named in one note line (it used to be dropped
+    silently);
+    --doc-mask / --doc-positions apply to the base (attention only) with the tokenizer's end-of-text id; a prefix
+    cannot be trained under --doc-mask (its rows are a cache the mask does not cover)."""
+    from llm.config import ConfigError, ModelConfig, TrainConfig
+    from llm.train.finetune import base_config
+    base = ModelConfig(n_layer=4, n_embd=64, n_head=4, n_kv_head=4, vocab_size=300)
+    tcfg = TrainConfig(init_from="base-dir")
+    said: list[str] = []
+    assert base_config(base, ModelConfig(n_layer=8, n_head=2), {"n_layer", "n_head"}, 2, tcfg, said.append) == base
+    assert said == ["note: --init-from base-dir: the model comes from the base as it is; ignoring --n-head 2 (the "
+                    "base has 4), --n-layer 8 (the base has 4)"]
+    said.clear()
+    assert base_config(base, ModelConfig(n_layer=4), {"n_layer"}, 2, tcfg, said.append) == base  # same value
+    assert base_config(base, ModelConfig(n_layer=8), set(), 2, tcfg, said.append) == base  # a preset's, not a flag
+    assert said == []
+    cfg = base_config(base, ModelConfig(doc_mask=True, doc_positions="restart"), {"doc_mask", "doc_positions"}, 7,
+                      tcfg)
+    assert (cfg.doc_mask, cfg.eot_id, cfg.doc_positions, cfg.n_layer) == (True, 7, "restart", 4)
+    with pytest.raises(ConfigError, match="--doc-mask with --peft prefix"):
+        base_config(base, ModelConfig(doc_mask=True), {"doc_mask"}, 7, TrainConfig(init_from="b", peft="prefix"))
+
+
+def test_doc_mask_given_to_a_fine_tune_reaches_its_checkpoint(tmp_path):
+    """The flag is not dropped on the way: the fine-tuned checkpoint's config carries doc_mask and eot_id."""
+    write_code_corpus(tmp_path)
+    assert main(train_argv(tmp_path, "base", max_steps=2)) == 0
+    assert main(train_argv(tmp_path, "ft", max_steps=2, init_from=tmp_path / "base") + ["--doc-mask"]) == 0
+    saved = load_model(str(tmp_path / "ft"), "cpu", torch.float32)[0].cfg
+    assert saved.doc_mask and saved.eot_id is not None

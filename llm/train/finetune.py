@@ -6,6 +6,7 @@ pretraining ones.
   check        refuse what does not combine, before anything is loaded (no --init-from, bad method settings)
   check_base   a quantized --init-from trains only PEFT parameters around its frozen codes (QLoRA-style); a
                prefix must leave room in the base's context
+  base_config  the base's model config, with --doc-mask / --doc-positions applied; other model flags noted
   tokenizer    the base's tokenizer with the chat template's special tokens (our checkpoints: ChatML)
   token_block  tokens per training row: the context, less a prefix's rows
   prepare      the examples encoded with that tokenizer (masked answers), or the pretraining shards
@@ -15,6 +16,7 @@ pretraining ones.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +25,7 @@ import torch
 from llm import bottleneck, lora, peft, prefix, quant
 from llm import checkpoint as ckpt_io
 from llm.chat import chat_tokenizer
-from llm.config import ConfigError, DataConfig, TrainConfig
+from llm.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from llm.data import preference, prompts, sft
 from llm.data.mixture import parse_mixture, prepare_mixture
 from llm.data.shards import prepare as prepare_shards
@@ -86,6 +88,34 @@ def check_base(cfg: dict, tcfg: TrainConfig) -> None:
     if quant.check_scheme(scheme).get("embeddings"):
         raise ConfigError("--init-from: the base's embedding and head are quantized (--embeddings); PEFT needs "
                           "them in full precision for the added chat tokens: quantize without --embeddings")
+
+
+# Model flags a fine-tune applies to its base: they change how the model runs, not its weights' shapes.
+APPLIED_TO_BASE = ("doc_mask", "doc_positions", "dropout", "kernels")
+
+
+def base_config(base: ModelConfig, user: ModelConfig, explicit: set[str] | frozenset, eot_id: int,
+                tcfg: TrainConfig, say: Say = print) -> ModelConfig:
+    """The config a fine-tune runs its --init-from base with: the base's own, plus --doc-mask / --doc-positions
+    when given (attention over packed documents; no weight changes). Any other model flag given explicitly with a
+    value that differs from the base's cannot apply to trained weights: one note line names it (it used to be
+    dropped without a word)."""
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    differ = sorted(k for k in explicit & fields
+                    if k not in APPLIED_TO_BASE and getattr(user, k) != getattr(base, k))
+    if differ:
+        flags = ", ".join(f"--{k.replace('_', '-')} {getattr(user, k)} (the base has {getattr(base, k)})"
+                          for k in differ)
+        say(f"note: --init-from {tcfg.init_from}: the model comes from the base as it is; ignoring {flags}")
+    cfg = base
+    if "doc_mask" in explicit and user.doc_mask != base.doc_mask:
+        if user.doc_mask and method(tcfg) == "prefix":
+            raise ConfigError("--doc-mask with --peft prefix: the prefix's rows are a KV cache every token attends "
+                              "to, which document masking does not cover; train the prefix without --doc-mask")
+        cfg = dataclasses.replace(cfg, doc_mask=user.doc_mask, eot_id=eot_id if user.doc_mask else cfg.eot_id)
+    if "doc_positions" in explicit:
+        cfg = dataclasses.replace(cfg, doc_positions=user.doc_positions)
+    return cfg
 
 
 def token_block(block_size: int, tcfg: TrainConfig) -> int:

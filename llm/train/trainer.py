@@ -262,7 +262,7 @@ def _reduce(sums: dict[str, torch.Tensor], count: int, d: dd.Dist) -> dict[str, 
 
 
 def _model_and_data(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, d: dd.Dist, say: Say, init: bool,
-                    objective: objectives.Objective
+                    objective: objectives.Objective, explicit: set[str] | frozenset = frozenset()
                     ) -> tuple[ModelConfig, Transformer, Tokenizer, Path, dict, dict | None]:
     """The dataset prepared (local rank 0 first) and the model, seeded and built, or loaded with its tokenizer
     from --init-from when `init` (fine-tuning: chat tokens added, LoRA applied, llm/train/finetune.py):
@@ -275,7 +275,8 @@ def _model_and_data(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, d: d
         finetune.check_base(init_cfg, tcfg)
         base_vocab = init_tok.n_vocab
         init_tok, added = finetune.tokenizer(init_tok, dcfg)
-        mcfg = init_model.cfg
+        init_model.cfg = mcfg = finetune.base_config(init_model.cfg, mcfg, explicit, init_tok.eot_id, tcfg,
+                                                                   say)
     say(describe_config(mcfg, dcfg, tcfg))
     T = finetune.token_block(mcfg.block_size, tcfg)  # a prefix takes some of the positions
     if d.local_rank == 0:
@@ -351,7 +352,7 @@ def _setup(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str |
     objective = objectives.make(tcfg, dcfg)
     init = bool(tcfg.init_from) and (src is None or finetune.is_finetune(dcfg, tcfg))  # a fine-tune reloads its base
     mcfg, model, tok, data_path, manifest, adapter = _model_and_data(mup.configure(mcfg, tcfg), dcfg, tcfg, d, say,
-                                                                     init, objective)
+                                                                     init, objective, explicit)
     if src is None and not init:
         mup.scale_init(model, mcfg, tcfg)  # µP's init (nothing without --mup)
     objective.setup(objectives.Context(tcfg, dcfg, tok, model, device, dtype, say))  # may add a head: before resume
