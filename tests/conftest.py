@@ -222,3 +222,31 @@ def skip_fp32_kernel_on_cuda(dtype: torch.dtype) -> None:
     the reference for fp32 CUDA tensors), so on a GPU only their fp16/bf16 cases apply."""
     if HAS_CUDA and dtype == torch.float32:
         pytest.skip("fp32 attention/decode kernels run only under TRITON_INTERPRET (GPU: the reference)")
+
+
+# ----------------------------------------------------------------------------- serving tests' shared pieces
+
+SERVE_TEXT = "def f(x):\n    return x + 1\n# 日本語 中文 😀 🎉\nclass Point:\n    x: int = 0\n" * 30
+
+
+def serve_checkpoint(folder: Path, seed: int, **cfg) -> Path:
+    """A random model on a 300-token BPE of SERVE_TEXT (ids of multi-byte characters included), saved as a
+    checkpoint in folder; cfg: ModelConfig fields beside the vocabulary (n_layer, n_embd, ...)."""
+    from llm import checkpoint as ck
+
+    tok = Tokenizer.train([SERVE_TEXT], 300)
+    torch.manual_seed(seed)
+    return ck.save(folder, "ckpt", Transformer(ModelConfig(vocab_size=tok.n_vocab, **cfg)), tok)
+
+
+def post_all(url: str, bodies: list[dict], route: str = "/v1/completions", timeout: float = 120) -> list[dict]:
+    """POST every body to url + route at once (concurrent requests) -> the JSON answers, in order."""
+    import asyncio
+
+    import httpx
+
+    async def go():
+        async with httpx.AsyncClient(timeout=timeout) as c:
+            return await asyncio.gather(*(c.post(url + route, json=b) for b in bodies))
+
+    return [r.json() for r in asyncio.run(go())]

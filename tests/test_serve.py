@@ -386,3 +386,10 @@ def test_tokenize_and_detokenize(server, loaded):
                        ("/tokenize", {"model": "gpt-9", "prompt": "x"}), ("/detokenize", {"tokens": "x"})):
         r = httpx.post(server.url + path, json=body)
         assert r.status_code in (400, 404) and r.json()["error"]["message"], (path, body)
+
+
+def test_the_context_length_error_names_what_a_client_can_change(server):
+    r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "x" * 20, "max_tokens": 127})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == "context_length_exceeded"
+    assert err["message"].endswith("shorten the prompt or lower max_tokens") and "--" not in err["message"]

@@ -9,7 +9,7 @@ scratch block, and the pool returns to empty. Unsupported combinations are one `
 
 from __future__ import annotations
 
-import asyncio
+import time
 
 import pytest
 import torch
@@ -17,8 +17,9 @@ import torch
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
+from conftest import post_all, serve_checkpoint  # noqa: E402
+
 from kernels import reference as ref  # noqa: E402
-from llm import checkpoint as ck  # noqa: E402
 from llm import ops  # noqa: E402
 from llm.config import ModelConfig  # noqa: E402
 from llm.generate import SamplingParams, complete  # noqa: E402
@@ -27,19 +28,14 @@ from llm.model import Transformer  # noqa: E402
 from llm.paged_cache import PagedKVCache  # noqa: E402
 from llm.serve.captured import CapturedDecode, batch_buckets  # noqa: E402
 from llm.serve.launch import ThreadedServer, build, main  # noqa: E402
-from llm.tokenizer import Tokenizer  # noqa: E402
-
-TEXT = "def f(x):\n    return x + 1\n# 日本語 中文 😀 🎉\nclass Point:\n    x: int = 0\n" * 30
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
-    tok = Tokenizer.train([TEXT], 300)
-    torch.manual_seed(1)
-    cfg = ModelConfig(vocab_size=tok.n_vocab, block_size=64, n_layer=1, n_head=4, n_kv_head=2, n_embd=64)
-    path = ck.save(tmp_path_factory.mktemp("compile"), "ckpt", Transformer(cfg), tok)
+    path = serve_checkpoint(tmp_path_factory.mktemp("compile"), 1, block_size=64, n_layer=1, n_head=4, n_kv_head=2,
+                            n_embd=64)
     model, tok, _ = load_model(path, "cpu", torch.float32, kernels="torch")
     return model, tok
 
@@ -97,20 +93,14 @@ def test_compiled_server_equals_sample_py_without_recompiles_and_leaks_no_block(
     prompts = ["def f(x):", "# 日本語", "class Point:\n" * 3, "x", "return x + 1 " * 2]
     cases = [(p, 6 + 5 * i, 0.0 if i % 2 == 0 else 0.9, i) for i, p in enumerate(prompts)]
 
-    async def run_all(url):
-        async with httpx.AsyncClient(timeout=120) as c:
-            async def one(p, n, temp, seed):
-                r = await c.post(url + "/v1/completions", json={"model": "tiny", "prompt": p, "max_tokens": n,
-                                                                "temperature": temp, "top_k": 20, "seed": seed})
-                return r.json()["choices"][0]["text"]
-            return await asyncio.gather(*(one(*case) for case in cases))
-
+    bodies = [{"model": "tiny", "prompt": p, "max_tokens": n, "temperature": temp, "top_k": 20, "seed": seed}
+              for p, n, temp, seed in cases]
     with ThreadedServer(app, sched, drain_timeout=2.0) as srv:
-        got = asyncio.run(run_all(srv.url))
+        got = [r["choices"][0]["text"] for r in post_all(srv.url, bodies)]
         for _ in range(200):
             if sched.idle() and sched.pool.used == 0:
                 break
-            asyncio.run(asyncio.sleep(0.02))
+            time.sleep(0.02)
     want = [complete(model, tok, p, n, params=SamplingParams(temp, top_k=20), seed=seed)[0].text
             for p, n, temp, seed in cases]
     assert got == want
@@ -120,7 +110,6 @@ def test_compiled_server_equals_sample_py_without_recompiles_and_leaks_no_block(
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--compile", "--lora", "a={tmp}"], "--compile with --lora is not supported"),
     (["--compile-buckets", "2"], "--compile-buckets needs --compile"),
     (["--compile", "--max-batch", "4", "--compile-buckets", "8"], "give batch sizes from 1 to --max-batch (4)"),
 ])

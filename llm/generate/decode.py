@@ -33,10 +33,12 @@ DEFAULT_NEW_TOKENS = 200
 
 
 def fit_prompts(prompts: list[list[int]], max_new_tokens: int, block_size: int,
-                truncate: bool = False) -> list[list[int]]:
+                truncate: bool = False, fix: str = "shorten them or truncate the prompt (--truncate-prompt)"
+                ) -> list[list[int]]:
     """Check, before any compute, that each prompt + max_new_tokens fits the context.
 
-    truncate=True keeps the last block_size - max_new_tokens tokens of a prompt that is too long.
+    truncate=True keeps the last block_size - max_new_tokens tokens of a prompt that is too long; fix: what the
+    error for one that does not fit tells the user to do (the server has no --truncate-prompt).
     """
     if max_new_tokens < 1:
         raise SamplingError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -53,8 +55,7 @@ def fit_prompts(prompts: list[list[int]], max_new_tokens: int, block_size: int,
                                     f"context length {block_size}")
             if not truncate:
                 raise SamplingError(f"prompt ({n} tokens) + max_new_tokens ({max_new_tokens}) = {n + max_new_tokens} "
-                                    f"exceeds the context length {block_size}; shorten them or truncate the prompt "
-                                    "(--truncate-prompt)")
+                                    f"exceeds the context length {block_size}; {fix}")
             ids = ids[-room:]
         out.append(list(ids))
     return out

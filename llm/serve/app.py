@@ -71,7 +71,7 @@ class Server:
     def __init__(self, sched: Scheduler, tok, model_name: str, block_size: int, chat: ChatFormat) -> None:
         self.sched, self.tok, self.model_name, self.block_size = sched, tok, model_name, block_size
         self.chat, self.grammars = chat, Grammars(tok)
-        self.adapters = [k for k in sched.engine.models if k is not None]
+        self.adapters = list(sched.engine.adapters)
         self.created = int(time.time())
 
     # ------------------------------------------------------------------ request -> seqs
@@ -108,7 +108,7 @@ class Server:
     def seqs(self, body, prompts: list[list[int]], max_tokens: int, stop: list[str], logprobs: int | None = None,
              echo: bool = False, stop_ids: frozenset[int] = frozenset(), grammar: str | None = None) -> list[Seq]:
         try:
-            fit_prompts(prompts, max(1, max_tokens), self.block_size)
+            fit_prompts(prompts, max(1, max_tokens), self.block_size, fix="shorten the prompt or lower max_tokens")
             params = SamplingParams(1.0 if body.temperature is None else body.temperature, body.top_k, body.top_p,
                                     body.min_p, body.repetition_penalty or 1.0)
         except SamplingError as e:

@@ -13,6 +13,10 @@ blocks, and their logits are dropped. Then:
          between steps: the same view objects, buffers refilled in place)
   CUDA   one CUDA graph per bucket (`llm.generate.decode.capture`), captured by `warmup`, replayed per step
 
+With LoRA adapters (`llm serve --lora`, the model stacked by `llm.multi_lora`) each row's adapter index is one
+more fixed buffer per bucket, (b,) with its mask (b, N, 1), refilled in place like the tokens; padding rows take
+the base (index 0). Every step through here sets them, all-base steps included, so each bucket is one graph.
+
 Sampling stays outside (per-row parameters, seeds, grammars: `Engine._sample_all`), and so does every step that
 carries a prefill chunk or needs prompt logprobs (the engine's eager ragged forward). The static view's attention
 reads all W blocks of each row (masked past its length), which is what keeps it shape-static; with the reference
@@ -30,6 +34,7 @@ from torch import Tensor
 
 from llm.generate.decode import capture, compiled
 from llm.model import Transformer
+from llm.multi_lora import AdapterRows
 from llm.paged_cache import BlockPool, PagedKVCache
 
 
@@ -47,10 +52,10 @@ class CapturedDecode:
     """Decode-only steps of up to max_batch rows: (token ids, block tables, lengths) -> logits (rows, V) fp32."""
 
     def __init__(self, model: Transformer, pool: BlockPool, max_batch: int, start: int = 0,
-                 buckets: list[int] | None = None) -> None:
+                 buckets: list[int] | None = None, rows: AdapterRows | None = None) -> None:
         """start: rows of a shared region at the head of every sequence (a prefix, as in `PagedKVCache`);
         buckets: the batch sizes to compile (default `batch_buckets(max_batch)`); a step of more rows than the
-        largest stays eager."""
+        largest stays eager; rows: the adapter indices of a model with stacked LoRA adapters (None: no adapters)."""
         if buckets is not None and (not buckets or min(buckets) < 1 or max(buckets) > max_batch):
             raise ValueError(f"--compile-buckets {buckets}: give batch sizes from 1 to --max-batch ({max_batch})")
         if model.cfg.n_experts:
@@ -63,6 +68,11 @@ class CapturedDecode:
         self.width = pool.blocks_for(model.cfg.block_size)  # a full context: the prefix's rows + n_positions
         self.views = {b: PagedKVCache.static_rows(pool, b, self.width, start) for b in self.buckets}
         self.tokens = {b: torch.zeros(b, dtype=torch.long, device=self.device) for b in self.buckets}
+        self.rows = rows
+        if rows is not None:  # per bucket: the rows' adapter indices and masks, refilled in place
+            self.adapter_idx = {b: torch.zeros(b, dtype=torch.long, device=self.device) for b in self.buckets}
+            self.adapter_mask = {b: torch.zeros(b, rows.n, 1, dtype=torch.bool, device=self.device)
+                                 for b in self.buckets}
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self.run = self._step
         if self.mode == "compile":  # one graph per bucket on one code object: dynamo must keep them all
@@ -77,14 +87,20 @@ class CapturedDecode:
         return logits[:, 0]
 
     def _call(self, b: int) -> Tensor:
-        if self.mode == "compile":
-            return self.run(self.tokens[b], self.views[b])
-        if b not in self.graphs:
-            view = self.views[b]
-            self.graphs[b] = capture(lambda: self._step(self.tokens[b], view), lambda: view.load([], []))
-        graph, out = self.graphs[b]
-        graph.replay()
-        return out
+        if self.rows is not None:  # the layers read this bucket's buffers (the same tensors every step)
+            self.rows.idx, self.rows.mask = self.adapter_idx[b], self.adapter_mask[b]
+        try:
+            if self.mode == "compile":
+                return self.run(self.tokens[b], self.views[b])
+            if b not in self.graphs:
+                view = self.views[b]
+                self.graphs[b] = capture(lambda: self._step(self.tokens[b], view), lambda: view.load([], []))
+            graph, out = self.graphs[b]
+            graph.replay()
+            return out
+        finally:
+            if self.rows is not None:
+                self.rows.set(None)
 
     @torch.inference_mode()  # the engine steps in inference mode: the compiled graphs' guards expect it
     def warmup(self) -> dict[int, float]:
@@ -93,6 +109,7 @@ class CapturedDecode:
         for b in self.buckets:
             t0 = time.perf_counter()
             self.views[b].load([], [])
+            self._load_adapters(b, [])
             self._call(b)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -106,12 +123,23 @@ class CapturedDecode:
         return (f"decode step {what} for batch buckets {', '.join(map(str, self.buckets))} "
                 f"(warm-up {sum(self.warmup_s.values()):.1f} s; per bucket {times})")
 
-    def __call__(self, ids: list[int], tables: list[list[int]], lengths: list[int]) -> Tensor:
-        """One token per row: ids (k,), each row's block table and tokens already cached -> logits (k, V), fp32.
-        The rows' blocks must hold their new token's slot (the engine grows them before the step)."""
+    def _load_adapters(self, b: int, adapters: list[int]) -> None:
+        """Bucket b's adapter buffers <- the rows' adapter indices (padding rows: 0, the base)."""
+        if self.rows is None:
+            return
+        idx = torch.tensor(list(adapters) + [0] * (b - len(adapters)), dtype=torch.long)
+        self.adapter_idx[b].copy_(idx)
+        self.adapter_mask[b].copy_(self.rows.mask_of(idx))
+
+    def __call__(self, ids: list[int], tables: list[list[int]], lengths: list[int],
+                 adapters: list[int] | None = None) -> Tensor:
+        """One token per row: ids (k,), each row's block table and tokens already cached, its adapter index (0 or
+        None: the base) -> logits (k, V), fp32. The rows' blocks must hold their new token's slot (the engine grows
+        them before the step)."""
         k = len(ids)
         b = self.buckets[bisect.bisect_left(self.buckets, k)]  # IndexError past max_batch: never planned
         self.views[b].load(tables, lengths)
+        self._load_adapters(b, adapters or [0] * k)
         self.tokens[b].copy_(torch.tensor(list(ids) + [0] * (b - k), dtype=torch.long))
         out = self._call(b)
         self.steps += 1

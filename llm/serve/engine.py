@@ -37,6 +37,7 @@ text `sample.py` gives for it, whatever else is in the batch. Text goes through 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,7 @@ from torch import Tensor
 from llm.generate.sampling import SamplingParams, row_uniforms, sample, seen_mask
 from llm.generate.text import TextStream
 from llm.model import Transformer
+from llm.multi_lora import stack_adapters
 from llm.paged_cache import BlockPool, PagedKVCache, block_hash
 from llm.serve.captured import CapturedDecode
 from llm.serve.grammar import Masker
@@ -120,9 +122,11 @@ class Engine:
 
     def __init__(self, model: Transformer, tok, pool: BlockPool, max_step_tokens: int = 256,
                  prefix_cache: bool = True, adapters: dict[str, Transformer] | None = None,
-                 compile_batch: int = 0, compile_buckets: list[int] | None = None) -> None:
+                 compile_batch: int = 0, compile_buckets: list[int] | None = None, mix_adapters: bool = True) -> None:
         """adapters: name -> the base with a LoRA adapter on top, sharing its weights
-        (`llm.loading.adapter_on_shared_base`); a step runs one forward per adapter in it.
+        (`llm.loading.adapter_on_shared_base`), stacked into one model (`llm.multi_lora`): a step's rows of every
+        adapter and of the base run in one forward, each row with its own adapter (mix_adapters=False: one forward
+        per adapter in the step, the schedule before mixing, kept for the benchmark's side-by-side).
         compile_batch > 0: steps of decode rows only (up to that many) run through a captured step
         (`llm.serve.captured`: torch.compile on the CPU, CUDA graphs on CUDA; the pool needs a scratch block);
         `warmup()` compiles or captures it before the first request; compile_buckets: its batch sizes (default
@@ -132,11 +136,14 @@ class Engine:
         if model.prefix is not None and adapters:
             raise ValueError("LoRA adapters over a prefix-tuned base are not served (one prefix per server, on the "
                              "base model): serve the prefix checkpoint alone")
-        if compile_batch and adapters:
-            raise ValueError("--compile with --lora is not supported: the captured decode step runs the base model "
-                             "only (serve adapters without --compile)")
         self.model, self.tok, self.pool = model.decode_layout(), tok, pool
-        self.models = {None: self.model} | {k: m.decode_layout() for k, m in (adapters or {}).items()}
+        self.adapters = list(adapters or {})  # names; row index k + 1 in the stacked model, 0 the base
+        self.rows = None  # the stacked model's per-row adapter indices (llm.multi_lora.AdapterRows)
+        if adapters:
+            self.model, self.rows = stack_adapters(self.model, {k: m.decode_layout() for k, m in adapters.items()})
+        self.mix_adapters = mix_adapters
+        self.steps = self.forwards = 0  # steps that ran something, forwards they ran
+        self.mixed_forwards = 0  # forwards whose rows carried >= 2 adapters (the base counted as one)
         self.max_step_tokens, self.prefix_cache = max_step_tokens, prefix_cache
         self.device = model.lm_head.weight.device
         self.vocab = min(tok.n_vocab, model.cfg.padded_vocab_size)
@@ -146,8 +153,8 @@ class Engine:
         self.prefix_rows, self.head, self.shared, self.tail = 0, [], [], None  # a prefix's region (none: no prefix)
         if model.prefix is not None:
             self._place_prefix(model)
-        self.captured = (CapturedDecode(self.model, pool, compile_batch, self.prefix_rows, compile_buckets)
-                         if compile_batch else None)
+        self.captured = (CapturedDecode(self.model, pool, compile_batch, self.prefix_rows, compile_buckets,
+                                        self.rows) if compile_batch else None)
 
     def warmup(self) -> dict[int, float]:
         """Compile or capture the decode step at every batch bucket -> {bucket: seconds} ({} without --compile)."""
@@ -291,22 +298,30 @@ class Engine:
     @torch.inference_mode()
     def step(self, seqs: list[Seq]) -> None:
         plan = self.plan([s for s in seqs if s.finish is None])
-        for adapter in dict.fromkeys(s.adapter for s, _ in plan):  # rows of different adapters: forwards apart
-            self._forward(self.models[adapter], [(s, n) for s, n in plan if s.adapter == adapter])
+        self.steps += bool(plan)
+        if self.mix_adapters:
+            groups = [plan] if plan else []
+        else:  # the schedule before mixing: rows of different adapters in forwards apart
+            groups = [[(s, n) for s, n in plan if s.adapter == a] for a in dict.fromkeys(s.adapter for s, _ in plan)]
+        for g in groups:
+            self._forward(g)
 
-    def _decode_only(self, model: Transformer, plan: list[tuple[Seq, int]]) -> bool:
+    def _decode_only(self, plan: list[tuple[Seq, int]]) -> bool:
         """Whether the captured step can run this plan: every row feeds its one last known token (a decode), none
-        wants prompt logprobs, the base model, at most the largest bucket of rows."""
-        return (self.captured is not None and model is self.model and len(plan) <= self.captured.buckets[-1]
+        wants prompt logprobs, at most the largest bucket of rows."""
+        return (self.captured is not None and len(plan) <= self.captured.buckets[-1]
                 and all(n == 1 and s.length + 1 == s.known and not (s.prompt_logprobs and not s.out)
                         for s, n in plan))
 
-    def _forward(self, model: Transformer, plan: list[tuple[Seq, int]]) -> None:
-        """One ragged forward over the planned rows (or the captured step, for decode rows only), then their prompt
-        logprobs and samples."""
-        if self._decode_only(model, plan):
+    def _forward(self, plan: list[tuple[Seq, int]]) -> None:
+        """One ragged forward over the planned rows, each with its adapter (or the captured step, for decode rows
+        only), then their prompt logprobs and samples."""
+        index = [0 if s.adapter is None else self.adapters.index(s.adapter) + 1 for s, _ in plan]
+        self.forwards += 1
+        self.mixed_forwards += len(set(index)) > 1
+        if self._decode_only(plan):
             logits = self.captured([s.tokens(s.length, s.known)[0] for s, _ in plan], [s.blocks for s, _ in plan],
-                                   [s.length for s, _ in plan])[:, : self.vocab]
+                                   [s.length for s, _ in plan], index)[:, : self.vocab]
             self._after_forward(plan, [(s, i, 1, i) for i, (s, _) in enumerate(plan)], logits)
             return
         ids, rows, r0 = [], [], 0  # rows: (seq, first logits row, count, at) of the seqs that need logits
@@ -324,7 +339,11 @@ class Engine:
         cache = PagedKVCache.ragged(self.pool, [s.blocks for s, _ in plan], [s.length for s, _ in plan],
                                     [n for _, n in plan], start=self.prefix_rows)
         at = torch.tensor([a + j for _, _, k, a in rows for j in range(k)], dtype=torch.long, device=self.device)
-        logits = model(torch.tensor(ids, device=self.device)[:, None], cache=cache, logits_rows=at)[0]
+        idx = None  # every row the base: the adapters' layers compute nothing
+        if any(index):
+            idx = torch.tensor([k for k, (_, n) in zip(index, plan) for _ in range(n)], device=self.device)
+        with self.rows.use(idx) if self.rows is not None else contextlib.nullcontext():
+            logits = self.model(torch.tensor(ids, device=self.device)[:, None], cache=cache, logits_rows=at)[0]
         logits = logits[:, 0, : self.vocab]  # (K, V): one row per token that needs logits
         self._after_forward(plan, rows, logits)
 

@@ -175,7 +175,8 @@ def parser() -> argparse.ArgumentParser:
                    "one gets a plain 'System:/User:/Assistant:' text)")
     p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
                    help="serve a LoRA adapter (a LoRA run's checkpoint or out-dir) over the base as model NAME "
-                   "(repeatable); requests pick it with \"model\": NAME; it shares the base's weights")
+                   "(repeatable); requests pick it with \"model\": NAME; it shares the base's weights, and rows of "
+                   "different adapters and of the base run in one forward (each row with its own adapter)")
     p.add_argument("--no-ui", action="store_true", help="do not serve the chat page at GET /")
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="turn off automatic prefix caching (reusing the KV blocks of prompts that start alike)")
@@ -183,7 +184,8 @@ def parser() -> argparse.ArgumentParser:
                    help="capture the decode step: steps of decode rows only run at batch buckets 1, 2, 4, ... "
                    "--max-batch (rows padded to the bucket) through torch.compile on the CPU, CUDA graphs on CUDA; "
                    "every bucket is compiled at start (seconds to tens of seconds each on a CPU), never per request. "
-                   "Not with --lora or a mixture-of-experts model")
+                   "With --lora each row's adapter is one more input of the compiled step. Not with a "
+                   "mixture-of-experts model")
     p.add_argument("--compile-buckets", type=int, nargs="+", default=None, metavar="N",
                    help="with --compile: the batch sizes to compile (default 1 2 4 ... --max-batch); a decode step "
                    "is padded to the smallest that holds it, one with more rows than the largest runs eagerly")
@@ -208,9 +210,6 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--compile-buckets needs --compile")
         if args.compile_buckets and (min(args.compile_buckets) < 1 or max(args.compile_buckets) > args.max_batch):
             raise ValueError(f"--compile-buckets: give batch sizes from 1 to --max-batch ({args.max_batch})")
-        if args.compile and loras:
-            raise ValueError("--compile with --lora is not supported: the captured decode step runs the base model "
-                             "only (serve adapters without --compile)")
         set_threads(args.threads)
         device = pick_device(args.device)
         overrides = {"kernels": args.kernels} if args.kernels else {}
