@@ -152,14 +152,28 @@ def run_scenario(pool, model, tok, args, scenario: str, prefix_cache: bool) -> l
                        num_blocks=blocks, max_step_tokens=args.max_step_tokens, prefix_cache=prefix_cache)
     label = scenario + ("" if scenario == "random" else " +cache" if prefix_cache else " no-cache")
     rows = []
+    prof = None
+    if args.profile:
+        from benchmarks import serve_profile
+
+        prof = serve_profile.StepProfile()
+        prof.install(sched.engine, tok)
     with ThreadedServer(app, sched, drain_timeout=5) as srv:
         pool.apply(run_load, (srv.url, make_prompts(tok, scenario, 2, 1, args, 99), 4))  # warm-up (shared: the
         # prefix is then cached, as on a server that has answered before; the no-cache run gets the same requests)
         for c in args.clients:
             prompts = make_prompts(tok, scenario, c, args.requests_per_client, args, seed=c)
+            if prof is not None:
+                prof.reset()
+                names = serve_profile.thread_names()
+                cpu0 = serve_profile.thread_cpu(names)
             results, wall = pool.apply(run_load, (srv.url, prompts, args.max_tokens))
             rows.append({"scenario": label} | summarize(results, wall, c))
             print(json.dumps(rows[-1]), flush=True)
+            if prof is not None:
+                print(f"--- engine thread profile, {label}, {c} clients:")
+                serve_profile.report(prof, wall, cpu0, serve_profile.thread_cpu(names),
+                                     sum(r["tokens"] for r in results if r["ok"]))
         if args.total and scenario == "random":
             c = max(args.clients)
             prompts = make_prompts(tok, scenario, c, -(-args.total // c), args, seed=7)
@@ -276,6 +290,8 @@ def main() -> None:
     ap.add_argument("--max-step-tokens", type=int, default=256)
     ap.add_argument("--total", type=int, default=0, help="one more run of this many requests at the top client count")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--profile", action="store_true", help="print where the engine thread's time goes at each "
+                    "client count (benchmarks/serve_profile.py: model forward vs host work vs waiting for the GIL)")
     ap.add_argument("--decode-step", action="store_true", help="eager vs captured decode step instead (see above)")
     ap.add_argument("--context", type=int, default=CONTEXT, help="the model's context length (tokens)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="--decode-step: rows per step")
