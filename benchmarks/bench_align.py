@@ -34,15 +34,17 @@ LLM = [sys.executable, "-m", "llm"]
 
 
 @torch.inference_mode()
-def eval_pairs(checkpoint: str | Path, data: str | Path, batch: int = 16) -> dict[str, float]:
-    """Held-out metrics of one checkpoint on every val pair of prepared preference data `data`."""
+def eval_pairs(checkpoint: str | Path, data: str | Path, batch: int = 16, split: str = "val") -> dict[str, float]:
+    """Metrics of one checkpoint on every pair of one split of prepared preference data `data`: "val", the held-out
+    test pairs (every reported number), or "dev" (carved from the training questions: what checkpoint selection
+    may look at)."""
     from llm.data.preference import PreferenceLoader
     from llm.loading import load_model
     from llm.train.objectives.pairs import answer_logps
     from llm.train.objectives.reward import scores
 
     model, _, _ = load_model(checkpoint, "cpu")
-    loader = PreferenceLoader(Path(data), "val", batch, model.cfg.block_size, seed=0)
+    loader = PreferenceLoader(Path(data), split, batch, model.cfg.block_size, seed=0)
     n = loader.n
     right_pi = right_r = right_tok = 0
     nll, count = 0.0, 0
@@ -210,6 +212,9 @@ def main(argv: list[str] | None = None) -> None:
     ev = sub.add_parser("eval", help="one checkpoint on the held-out pairs")
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("--data", required=True, help="prepared preference data (data/stdlib-prefs-...)")
+    ev.add_argument("--split", default="val", choices=("val", "dev"),
+                    help="val: the held-out test pairs (what the goals count); dev: the pairs carved from the "
+                         "training questions (--pref-dev-fraction), for choosing among checkpoints")
     al = sub.add_parser("all", help="SFT, reward model, DPO, GRPO x seeds; measure and write the results")
     al.add_argument("--base", default="out", help="the pretrained model (make train's out)")
     al.add_argument("--work", default="/tmp/bench_align", help="where the runs go (reused when present)")
@@ -234,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     al.add_argument("--window", type=int, default=10, help="steps per moving-average point")
     args = ap.parse_args(argv)
     if args.cmd == "eval":
-        print(json.dumps(eval_pairs(args.checkpoint, args.data)))
+        print(json.dumps(eval_pairs(args.checkpoint, args.data, split=args.split)))
     else:
         from benchmarks.common import short_name
 

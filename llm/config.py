@@ -168,6 +168,10 @@ class DataConfig:
                                    "(the count is printed)", choices=("drop", "truncate"))
     pref_negatives: int = _f(4, "embedded stdlib-prefs: wrong answers paired with each training question (one pair "
                                 "each); the held-out questions always keep 4, so the held-out pairs do not change")
+    pref_dev_fraction: float = _f(0.05, "preference data: share of the TRAINING questions (lines of a .jsonl) carved "
+                                        "out as a dev split by a hash of the name, on which the trainer validates "
+                                        "and picks its best checkpoint, so the held-out pairs stay a clean test "
+                                        "(they do not change); 0: no dev split (validate on the held-out pairs)")
 
 
 @dataclass
@@ -478,6 +482,7 @@ def check_configs(d: DataConfig, t: TrainConfig) -> None:
              (t.global_batch_tokens is None or t.global_batch_tokens >= 1, "global_batch_tokens must be >= 1"),
              (0 <= d.val_fraction < 1, "val_fraction must be in [0, 1)"), (d.prep_workers >= 1, "prep_workers >= 1"),
              (d.pref_negatives >= 1, f"--pref-negatives must be >= 1, got {d.pref_negatives}"),
+             (0 <= d.pref_dev_fraction < 1, f"--pref-dev-fraction must be in [0, 1), got {d.pref_dev_fraction:g}"),
              (d.max_tokens is None or d.max_tokens >= 1, "max_tokens must be >= 1"),
              (t.lora_rank is None or t.lora_rank >= 1, f"--lora-rank must be >= 1, got {t.lora_rank}"),
              (0 <= t.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),

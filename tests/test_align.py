@@ -65,7 +65,7 @@ def test_answer_logps_sum_only_the_answer_tokens():
 
 def test_embedded_pairs_share_the_prompt_and_differ_in_the_answer():
     rows = list(preference.pairs(DataConfig(dataset=preference.EMBEDDED)))
-    assert len(rows) > 1000 and {s for s, *_ in rows} == {"train", "val"}
+    assert len(rows) > 1000 and {s for s, *_ in rows} == {"train", "val", "dev"}
     for _, name, chosen, rejected in rows[:200]:
         assert chosen[:-1] == rejected[:-1] and chosen[-1]["content"] != rejected[-1]["content"]
         assert name.split(".")[-1] in chosen[0]["content"]
@@ -74,7 +74,7 @@ def test_embedded_pairs_share_the_prompt_and_differ_in_the_answer():
 def test_embedded_pairs_take_wrong_answers_from_their_own_split():
     """A held-out pair never pits an unseen answer against one that fine-tuning on stdlib-qa has taught."""
     rows = list(preference.pairs(DataConfig(dataset=preference.EMBEDDED)))
-    answers = {s: {c[-1]["content"] for t, _, c, _ in rows if t == s} for s in ("train", "val")}
+    answers = {s: {c[-1]["content"] for t, _, c, _ in rows if t == s} for s in ("train", "val", "dev")}
     per_question: dict[str, set] = {}
     for split, name, _, rejected in rows:
         assert rejected[-1]["content"] in answers[split]
@@ -101,6 +101,34 @@ def test_more_training_negatives_leave_the_held_out_pairs_unchanged(tmp_path):
     assert dirs[4] != dirs[7] and dirs[4].startswith(f"{preference.EMBEDDED}-x4-")
     with pytest.raises(ConfigError, match="--pref-negatives"):
         check_configs(DataConfig(dataset=preference.EMBEDDED, pref_negatives=0), TrainConfig())
+
+
+def test_the_dev_split_comes_from_the_training_questions_and_leaves_the_test_pairs_unchanged(runs, tmp_path):
+    """--pref-dev-fraction carves a dev split (the trainer's validation) out of the TRAINING questions: the held-out
+    pairs are the same pairs, prepared into the same bytes (manifest sha256s) as with no dev split; no question is
+    in two splits; dev questions get 4 pairs like held-out ones."""
+    rows = {f: list(preference.pairs(DataConfig(dataset=preference.EMBEDDED, pref_dev_fraction=f)))
+            for f in (0.0, 0.05, 0.2)}
+    assert [r for r in rows[0.0] if r[0] == "val"] == [r for r in rows[0.05] if r[0] == "val"] == \
+        [r for r in rows[0.2] if r[0] == "val"]
+    assert "dev" not in {r[0] for r in rows[0.0]}
+    names = {f: {s: {r[1] for r in rs if r[0] == s} for s in ("train", "val", "dev")} for f, rs in rows.items()}
+    for n in names.values():
+        assert not (n["train"] & n["dev"]) and not (n["val"] & n["dev"]) and not (n["train"] & n["val"])
+    assert names[0.0]["train"] == names[0.05]["train"] | names[0.05]["dev"]
+    assert 0.03 < len(names[0.05]["dev"]) / len(names[0.0]["train"]) < 0.07 and names[0.05]["dev"] < names[0.2]["dev"]
+    per = [r[1] for r in rows[0.05] if r[0] == "dev"]
+    assert {per.count(n) for n in set(per)} == {preference.NEGATIVES}
+    _, tok, _ = load_model(runs / "sft")
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"Q{i}", "chosen": "a", "rejected": "b"}) + "\n" for i in range(60)))
+    made = {d: preference.prepare(DataConfig(dataset=str(f), data_dir=str(tmp_path / "data"), pref_dev_fraction=d),
+                                  tok, 32, log=lambda _: None) for d in (0.0, 0.1)}
+    m = {d: json.loads((p / "manifest.json").read_text())["splits"] for d, p in made.items()}
+    assert made[0.0] != made[0.1] and m[0.0]["val"] == m[0.1]["val"] and "dev" not in m[0.0]
+    assert m[0.1]["dev"]["pairs"] >= 1 and m[0.1]["train"]["pairs"] + m[0.1]["dev"]["pairs"] == m[0.0]["train"]["pairs"]
+    with pytest.raises(ConfigError, match="--pref-dev-fraction"):
+        check_configs(DataConfig(dataset=preference.EMBEDDED, pref_dev_fraction=1.0), TrainConfig())
 
 
 def test_an_edited_preference_file_is_prepared_again(runs, tmp_path):
@@ -161,6 +189,7 @@ def align_argv(tmp: Path, out: str, **kw) -> list[str]:
 
 def test_reward_model_trains_saves_and_scores(runs, capsys):
     assert main(align_argv(runs, "rm", objective="reward")) == 0
+    assert "validating on the dev split" in capsys.readouterr().out  # not on the held-out pairs
     recs = metrics_records(runs / "rm")
     steps = [r for r in recs if "loss" in r]
     assert abs(steps[0]["loss"] - 0.6931) < 1e-3  # the zero-initialised head scores every answer 0: log 2

@@ -12,10 +12,15 @@ Inputs (`--dataset`, with `--objective reward|dpo`):
                 a message list continues the prompt's conversation (it must end with an assistant answer)
 A line without the fields, or with a conversation out of order, is one DataError naming the file and line.
 
+Three splits: "val", the held-out pairs (by a hash of the name; the benchmark's test pairs, the same for any
+--pref-negatives / --pref-dev-fraction), "dev" (--pref-dev-fraction of the other names by a second hash, 4 pairs
+per embedded question: the trainer validates and picks its best checkpoint there, so nothing is selected on the
+test pairs), and "train" (the rest).
+
 Both conversations are rendered with the tokenizer's chat template (llm/chat.py) and only the answer tokens
 are scored, exactly as SFT data (llm/data/sft.py). A pair where either side is longer than block_size + 1 is
 dropped (counted). Prepared once, like SFT data:
-  <data_dir>/<dataset>-pref-T<block>-<tokenizer>/{train,val}.{chosen,rejected}.{ids,mask,offsets}.bin + manifest
+  <data_dir>/<dataset>-pref-T<block>-<tokenizer>/{train,val,dev}.{chosen,rejected}.{ids,mask,offsets}.bin + manifest
 `PreferenceLoader.batch(i)` gives x, y of shape (2B, L): rows 0..B-1 the chosen conversations, rows B..2B-1
 the rejected ones of the same pairs, y = -100 outside the answers (SFT's batch, twice), and depends only on
 (seed, rank, i, split).
@@ -24,7 +29,6 @@ the rejected ones of the same pairs, y = -100 outside the answers (SFT's batch, 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +39,7 @@ import torch
 from llm.chat import ChatError, encode_chat
 from llm.config import DataConfig
 from llm.data.corpus import DataError, _in_val
-from llm.data.sft import IGNORE, check_messages, first_record, publish, stdlib_qa, work_dir
+from llm.data.sft import IGNORE, check_messages, first_record, jsonl_records, publish, stdlib_qa, work_dir
 from llm.data.shards import MANIFEST, Split, load_manifest, tokenizer_slug
 from llm.tokenizer import Tokenizer
 
@@ -57,20 +61,30 @@ def is_preference(cfg: DataConfig) -> bool:
 # ----------------------------------------------------------------------------- pairs
 
 
-def stdlib_prefs(val_fraction: float, negatives: int = NEGATIVES) -> Iterator[tuple[str, list[dict], list[dict]]]:
+def split_of(name: str, val_fraction: float, dev_fraction: float) -> str:
+    """"val" (held out by a hash of the name, as stdlib-qa holds it out: the test pairs), "dev" (a share
+    `dev_fraction` of the other names, by a second hash: the trainer's validation and best checkpoint), or "train"."""
+    if _in_val(name, val_fraction):
+        return "val"
+    return "dev" if _in_val(f"{Path(name).name}#dev", dev_fraction) else "train"
+
+
+def stdlib_prefs(val_fraction: float, negatives: int = NEGATIVES, dev_fraction: float = 0.0
+                 ) -> Iterator[tuple[str, list[dict], list[dict]]]:
     """(name, chosen conversation, rejected conversation): the stdlib-qa question answered by its own docstring
     summary (chosen) and by another question's (rejected; never the same text), `negatives` pairs per training
-    question and NEGATIVES per held-out one (the held-out pairs stay the same whatever `negatives` is), each with
-    a different wrong answer. Wrong answers come from the same split (held-out questions by the rule
-    that holds them out of stdlib-qa fine-tuning): a held-out pair never pits an unseen answer against one that
-    an SFT model has learned, and neither split's pairs teach the other's answers."""
+    question and NEGATIVES per held-out or dev one (the held-out pairs stay the same whatever `negatives` and
+    `dev_fraction` are), each with a different wrong answer. Wrong answers come from the same split (held-out
+    questions by the rule that holds them out of stdlib-qa fine-tuning; dev questions, carved from the training
+    ones by `split_of`, from the dev split): a held-out pair never pits an unseen answer against one that an SFT
+    model has learned, and no split's pairs teach another's answers."""
     rows = list(stdlib_qa())
-    groups: dict[bool, list] = {}
+    groups: dict[str, list] = {}
     for name, msgs in rows:
-        groups.setdefault(_in_val(name, val_fraction), []).append((name, msgs))
-    for held_out, group in groups.items():
+        groups.setdefault(split_of(name, val_fraction, dev_fraction), []).append((name, msgs))
+    for split, group in groups.items():
         m, texts = len(group), {msgs[-1]["content"] for _, msgs in group}
-        per = NEGATIVES if held_out else negatives
+        per = negatives if split == "train" else NEGATIVES
         for i, (name, msgs) in enumerate(group):
             answer, used = msgs[-1]["content"], set()
             for k in range(1, min(per, len(texts) - 1) + 1):
@@ -107,27 +121,29 @@ def to_pair(obj, where: str) -> tuple[list[dict], list[dict]]:
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[str, list[dict], list[dict]]]:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{i}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                raise DataError(f"{where} is not valid JSON (.jsonl holds one JSON object per line)") from None
-            yield (where, *to_pair(obj, where))
+    """("path:line", chosen, rejected) per line (the SFT reader's lines, llm/data/sft.py); DataError on file:line."""
+    for where, obj in jsonl_records(path):
+        yield (where, *to_pair(obj, where))
 
 
 def pairs(cfg: DataConfig) -> Iterator[tuple[str, str, list[dict], list[dict]]]:
-    """(split, name, chosen, rejected) of the dataset; val by a hash of the name (at least one held out)."""
+    """(split, name, chosen, rejected) of the dataset: "val" by a hash of the name (at least one held out), "dev"
+    a share --pref-dev-fraction of the rest by a second hash (at least one when that leaves a training name;
+    none with 0), the rest "train"."""
     embedded = cfg.dataset == EMBEDDED
-    rows = list(stdlib_prefs(cfg.val_fraction, cfg.pref_negatives) if embedded else read_jsonl(Path(cfg.dataset)))
+    rows = list(stdlib_prefs(cfg.val_fraction, cfg.pref_negatives, cfg.pref_dev_fraction) if embedded
+                else read_jsonl(Path(cfg.dataset)))
     if not rows:
         raise DataError(f"dataset {cfg.dataset!r} holds no preference pairs")
     val = {r[0] for r in rows if _in_val(r[0], cfg.val_fraction)} or {rows[-1][0]}
+    rest = list(dict.fromkeys(r[0] for r in rows if r[0] not in val))
+    dev = {n for n in rest if split_of(n, cfg.val_fraction, cfg.pref_dev_fraction) == "dev"}
+    if not dev and cfg.pref_dev_fraction > 0 and len(rest) > 1:
+        dev = {rest[-1]}
+    if len(dev) == len(rest) and rest:
+        dev.discard(rest[0])  # something left to train on
     for name, chosen, rejected in rows:
-        yield ("val" if name in val else "train"), name, chosen, rejected
+        yield ("val" if name in val else "dev" if name in dev else "train"), name, chosen, rejected
 
 
 # ----------------------------------------------------------------------------- preparation
@@ -137,12 +153,14 @@ def dataset_dir(cfg: DataConfig, tok: Tokenizer, block_size: int) -> Path:
     """Where the prepared pairs live: named by the source (for a file: its path, size and modification time, so an
     edited file is prepared again), the block size and the tokenizer."""
     if cfg.dataset == EMBEDDED:
-        src = f"{EMBEDDED}-x{cfg.pref_negatives}-val{cfg.val_fraction:g}"  # the pairs depend on both
+        src = f"{EMBEDDED}-x{cfg.pref_negatives}-val{cfg.val_fraction:g}"  # the pairs depend on all three
+        src += f"-dev{cfg.pref_dev_fraction:g}" if cfg.pref_dev_fraction else ""
     else:
         f = Path(cfg.dataset).resolve()
         st = f.stat()
         key = f"{f}:{st.st_size}:{st.st_mtime_ns}"
         src = f"{f.stem[:40]}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+        src += f"-dev{cfg.pref_dev_fraction:g}" if cfg.pref_dev_fraction else ""
     return Path(cfg.data_dir) / f"{src}-pref-T{block_size}-{tokenizer_slug(tok)}"
 
 
@@ -156,6 +174,8 @@ def prepare(cfg: DataConfig, tok: Tokenizer, block_size: int, log: Callable[[str
     rows: dict[str, dict[str, list]] = {s: {side: [] for side in SIDES} for s in ("train", "val")}
     stats = {s: {"pairs": 0, "tokens": 0, "dropped": 0} for s in rows}
     for split, name, *convs in pairs(cfg):
+        if split not in rows:  # "dev": only when the data has one
+            rows[split], stats[split] = {side: [] for side in SIDES}, {"pairs": 0, "tokens": 0, "dropped": 0}
         try:
             enc = [encode_chat(tok, msgs) for msgs in convs]
         except ChatError as e:

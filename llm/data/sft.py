@@ -98,8 +98,9 @@ def stdlib_qa() -> Iterator[tuple[str, list[dict]]]:
             yield name, [{"role": "user", "content": q}, {"role": "assistant", "content": summary}]
 
 
-def read_jsonl(path: Path) -> Iterator[tuple[str, list[dict]]]:
-    """(name "path:line", conversation) per line; a DataError naming path:line for anything malformed."""
+def jsonl_records(path: Path) -> Iterator[tuple[str, object]]:
+    """("path:line", parsed JSON value) per non-blank line; a DataError naming path:line for a line that is not
+    JSON. The one reader of fine-tuning and preference .jsonl files (each checks its records' shape)."""
     with open(path, encoding="utf-8", errors="replace") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
@@ -109,7 +110,13 @@ def read_jsonl(path: Path) -> Iterator[tuple[str, list[dict]]]:
                 obj = json.loads(line)
             except json.JSONDecodeError:
                 raise DataError(f"{where} is not valid JSON (.jsonl holds one JSON object per line)") from None
-            yield where, to_messages(obj, where)
+            yield where, obj
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[str, list[dict]]]:
+    """(name "path:line", conversation) per line; a DataError naming path:line for anything malformed."""
+    for where, obj in jsonl_records(path):
+        yield where, to_messages(obj, where)
 
 
 def to_messages(obj, where: str) -> list[dict]:

@@ -313,7 +313,8 @@ def _announce(run: Run, mcfg: ModelConfig, dcfg: DataConfig, init: bool, resumed
     say(f"model: {run.n_params / 1e6:.2f}M parameters ({model.num_params(True) / 1e6:.2f}M non-embedding), "
         f"{mcfg.n_layer} layers, width {mcfg.n_embd}, heads {mcfg.n_head}/{mcfg.n_kv_head} (q/kv), context "
         f"{mcfg.block_size}, vocab {mcfg.vocab_size}" + (f"; initialised from {tcfg.init_from}" if init else ""))
-    say(f"data: {run.data_path} ({run.manifest['splits']['train']['tokens']:,} train tokens)")
+    say(f"data: {run.data_path} ({run.manifest['splits']['train']['tokens']:,} train tokens"
+        + (f"; validating on the {run.val_loader.split} split" if run.val_loader.split != "val" else "") + ")")
     say(f"plan: {run.plan.describe()}")
     say(f"device: {device_name(device)} x {W}, {str(run.dtype).replace('torch.', '')}, kernels={mcfg.kernels}"
         f"{', FSDP2' if tcfg.fsdp and run.d.dp_world > 1 else ', DDP' if run.d.dp_world > 1 else ''}"
@@ -381,7 +382,8 @@ def _setup(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str |
     run = Run(d=d, tcfg=tcfg, dtype=dtype, model=model, n_params=n_params, fwd=fwd, objective=objective,
               optimizer=optimizer, scaler=scaler,
               train_loader=objective.open_loader(data_path, "train", tcfg.batch_size, T, tcfg.seed, tcfg.compile),
-              val_loader=objective.open_loader(data_path, "val", tcfg.batch_size, T, tcfg.seed), plan=plan,
+              val_loader=objective.open_loader(data_path, objective.val_split(manifest), tcfg.batch_size, T,
+                                               tcfg.seed), plan=plan,
               adapter=adapter,
               flops_per_token=flops_per_token, peak=peak_flops(device, dtype), say=say, out=out, tok=tok,
               extra={"train": asdict(tcfg), "data": asdict(dcfg) | {"path": str(data_path)}},

@@ -10,6 +10,7 @@ The trainer calls, in order:
   check(tcfg, dcfg)                      refuse bad settings before anything is loaded (one ConfigError)
   prepare(dcfg, tok, block_size, say)    the prepared dataset's directory (tokenized, manifest.json)
   open_loader(path, split, B, T, seed)   a loader whose .batch(index, device) gives this objective's batches
+  val_split(manifest)                    the split validation (and the best checkpoint) uses: "val" or "dev"
   setup(ctx)                             once the model is built and on its device, before it is wrapped:
                                          load and check extra models (they are frozen, never in the optimizer)
   loss(fwd, batch)                       per micro-batch: (scalar loss to backpropagate, {metric: 0-dim tensor})
@@ -68,6 +69,10 @@ class Objective:
     def open_loader(self, path: Path, split: str, batch_size: int, block_size: int, seed: int,
                     fixed: bool = False):
         return open_loader(path, split, batch_size, block_size, seed, fixed, pack=self.dcfg.sft_pack)
+
+    def val_split(self, manifest: dict) -> str:
+        """The prepared split the trainer validates on and picks its best checkpoint by."""
+        return "val"
 
     def setup(self, ctx: Context) -> None:
         """Load extra models here (frozen, in eval mode)."""

@@ -41,6 +41,11 @@ class PairObjective(Objective):
                     fixed: bool = False):
         return preference.PreferenceLoader(path, split, batch_size, block_size, seed, fixed=fixed)
 
+    def val_split(self, manifest: dict) -> str:
+        """"dev" (carved from the training questions, --pref-dev-fraction) when the data has it: the held-out
+        "val" pairs stay a test that no checkpoint was selected on."""
+        return "dev" if "dev" in manifest["splits"] else "val"
+
 
 def check_same_tokenizer(tok: Tokenizer, other: Tokenizer, vocab: int, other_vocab: int, what: str,
                          source: str) -> None:
