@@ -72,7 +72,8 @@ class CheckpointError(ValueError):
 def save(out_dir: str | Path, name: str, model: torch.nn.Module, tokenizer: Tokenizer, extra: dict | None = None,
          optimizer: torch.optim.Optimizer | dict | None = None, trainer_state: dict | None = None,
          model_state: dict[str, torch.Tensor] | None = None, weights_file: str = MODEL_FILE,
-         json_files: dict[str, dict] | None = None, pointer: str | None = LATEST) -> Path:
+         json_files: dict[str, dict] | None = None, pointer: str | None = LATEST,
+         averaged: tuple[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Write checkpoint `out_dir/name` atomically and point `out_dir/latest` at it (pointer=None: no pointer,
     for a checkpoint that is its own directory, e.g. a quantized copy).
 
@@ -80,6 +81,9 @@ def save(out_dir: str | Path, name: str, model: torch.nn.Module, tokenizer: Toke
     dict to write instead of `model.state_dict()` (FSDP gathers both from every rank first).
     A LoRA run writes its adapter tensors as `model_state` into weights_file="adapter.safetensors",
     and json_files {name: dict} adds files such as adapter_config.json.
+    averaged (subdir, state): a second loadable checkpoint inside this one (same config, tokenizer, weights file and
+    json files, no optimizer or trainer state) holding `state`: the trainer's weight average (llm/train/ema.py),
+    written before the rename, so the checkpoint appears with it or not at all.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -100,6 +104,9 @@ def save(out_dir: str | Path, name: str, model: torch.nn.Module, tokenizer: Toke
         _write_json(tmp / fname, obj)
     for f in tmp.iterdir():
         _fsync(f)
+    if averaged is not None:
+        save(tmp, averaged[0], model, tokenizer, extra, model_state=averaged[1], weights_file=weights_file,
+             json_files=json_files, pointer=None)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -224,6 +224,10 @@ class TrainConfig:
     async_checkpoint: bool = _f(False, "write sharded checkpoints in the background (dcp.async_save on its own gloo "
                                        "group) while training continues; the next save or the end of the run waits "
                                        "for it, and `latest` moves only then")
+    ema_decay: float | None = _f(None, "keep an exponential moving average of the trained weights (ema = D * ema + "
+                                       "(1 - D) * w after every step; llm/train/ema.py): validated beside the raw "
+                                       "weights (val/ema_loss), it picks the best checkpoint and is saved in every "
+                                       "checkpoint as the loadable checkpoint <ckpt>/ema; resumed exactly")
     keep_last: int = _f(3, "periodic checkpoints to keep (the best-by-validation one is kept too; 0 = all)")
     max_bad_steps: int = _f(5, "stop after this many consecutive steps with a NaN/Inf loss or gradient")
     deterministic: bool = _f(False, "deterministic algorithms only (bit-exact resume on GPU; slower)")
@@ -482,6 +486,10 @@ def check_configs(d: DataConfig, t: TrainConfig) -> None:
              (t.global_batch_tokens is None or t.global_batch_tokens >= 1, "global_batch_tokens must be >= 1"),
              (0 <= d.val_fraction < 1, "val_fraction must be in [0, 1)"), (d.prep_workers >= 1, "prep_workers >= 1"),
              (d.pref_negatives >= 1, f"--pref-negatives must be >= 1, got {d.pref_negatives}"),
+             (t.ema_decay is None or 0 < t.ema_decay < 1, f"--ema-decay must be in (0, 1), got {t.ema_decay}"),
+             (t.ema_decay is None or not (t.fsdp or t.tp > 1 or t.async_checkpoint or t.checkpoint_format == "sharded"),
+              "--ema-decay keeps and saves whole tensors: single-file checkpoints only (drop --fsdp / --tp / "
+              "--checkpoint-format sharded / --async-checkpoint)"),
              (0 <= d.pref_dev_fraction < 1, f"--pref-dev-fraction must be in [0, 1), got {d.pref_dev_fraction:g}"),
              (d.max_tokens is None or d.max_tokens >= 1, "max_tokens must be >= 1"),
              (t.lora_rank is None or t.lora_rank >= 1, f"--lora-rank must be >= 1, got {t.lora_rank}"),

@@ -354,3 +354,64 @@ def test_preference_objectives_under_ddp_and_fsdp_match_one_process(runs):
             two = step_losses(runs / f"{name}-{kind}")
             assert sorted(two) == [1, 2, 3], (name, kind, two)
             assert all(abs(two[s] - one[s]) <= 1e-5 * abs(one[s]) + 1e-7 for s in one), (name, kind, two, one)
+
+
+# ----------------------------------------------------------------------------- weight averaging (--ema-decay)
+
+
+def test_ema_is_the_moving_average_of_the_saved_weights_and_loads_as_a_checkpoint(runs):
+    """--ema-decay d with a reward model: <ckpt>/ema holds d^3 w0 + d^2 (1-d) w1 + d (1-d) w2 + (1-d) w3 of the
+    trained tensors (w_t saved at every step, w0 the SFT model with the zero head), the frozen LM head as it is;
+    it loads as a reward model; the run validates it (val/ema_loss) and its best checkpoint is picked by it."""
+    d = 0.6
+    assert main(align_argv(runs, "rm-ema", objective="reward", ema_decay=d, max_steps=3, save_interval=1,
+                           keep_last=0, eval_interval=1)) == 0
+    w = [load_model(runs / "rm-ema" / f"ckpt-{s:07d}")[0].state_dict() for s in (1, 2, 3)]
+    sft = load_model(runs / "sft")[0].state_dict()
+    w = [sft | {"reward_head.weight": torch.zeros_like(w[0]["reward_head.weight"])}] + w
+    avg, _, cfg = load_model(runs / "rm-ema" / "ckpt-0000003" / "ema")
+    assert cfg["model"]["reward_head"]
+    weights = [d ** 3, d ** 2 * (1 - d), d * (1 - d), 1 - d]
+    for k, v in avg.state_dict().items():
+        if k == "lm_head.weight" or not v.is_floating_point():  # frozen (the reward objective does not train it)
+            assert torch.equal(v, w[3][k]), k
+            continue
+        want = sum(c * t[k].float() for c, t in zip(weights, w))
+        assert torch.allclose(v, want, rtol=1e-5, atol=1e-6), k
+    assert not torch.equal(avg.reward_head.weight, w[3]["reward_head.weight"])
+    recs = metrics_records(runs / "rm-ema")
+    ema_vals = {r["step"]: r["val/ema_loss"] for r in recs if "val/ema_loss" in r}
+    assert sorted(ema_vals) == [1, 2, 3] and any("val/ema/reward/acc" in r for r in recs)
+    best = (runs / "rm-ema" / "best").read_text().strip()
+    assert best == f"ckpt-{min(ema_vals, key=ema_vals.get):07d}"
+    convo = [{"role": "user", "content": "Double 3."}, {"role": "assistant", "content": "6"}]
+    assert isinstance(score(avg, load_model(runs / "rm-ema")[1], convo), float)
+
+
+@pytest.mark.parametrize("extra", [{}, {"lora_rank": 4}], ids=["full", "lora"])
+def test_ema_resumes_exactly(runs, extra):
+    """6 steps == 3 + resume + 3 with --ema-decay (SFT cross-entropy: every objective averages): the losses and the
+    final average bitwise; a LoRA run's average is an adapter on the same base."""
+    kw = dict(init_from=runs / "base", dataset=runs / "sft.jsonl", ema_decay=0.7, eval_interval=3) | extra
+    argv = lambda out, **k: [a for a in align_argv(runs, out, **(kw | k)) if a]  # noqa: E731
+    assert main(argv("ema-a")) == 0
+    assert main(argv("ema-b", max_steps=3)) == 0
+    assert main(argv("ema-b") + ["--resume"]) == 0
+    a = [r["loss"] for r in metrics_records(runs / "ema-a") if "loss" in r]
+    b = [r["loss"] for r in metrics_records(runs / "ema-b") if "loss" in r]
+    assert a == b[:3] + b[-3:]
+    ea, eb = (load_model(runs / o / "ckpt-0000006" / "ema")[0].state_dict() for o in ("ema-a", "ema-b"))
+    assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
+    raw = load_model(runs / "ema-a")[0].state_dict()
+    assert any(not torch.equal(ea[k], raw[k]) for k in ea)
+    if extra:
+        assert (runs / "ema-a" / "ckpt-0000006" / "ema" / lora.ADAPTER_FILE).is_file()
+
+
+def test_ema_bad_settings_are_one_line(runs, capsys):
+    for flags, msg in ((dict(ema_decay=1.0), "--ema-decay must be in (0, 1)"),
+                       (dict(ema_decay=0.9, checkpoint_format="sharded"), "single-file checkpoints only")):
+        capsys.readouterr()
+        assert main(align_argv(runs, "bad-ema", objective="reward", **flags)) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and msg in err and "\n" not in err

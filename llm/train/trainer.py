@@ -40,6 +40,7 @@ from llm.runtime import pick_dtype
 from llm.tokenizer import Tokenizer
 from llm.train import dcp as dcp_io
 from llm.train import distributed as dd
+from llm.train import ema as ema_io
 from llm.train import finetune, mup, objectives, tasks, tp
 from llm.train.distributed import fmt_bytes
 from llm.train.health import Health, SpikeDetector, plot_health
@@ -119,6 +120,7 @@ class Run:
     spike_z: float | None = None     # the last step's loss z-score (None: not measured or non-finite)
     health_rec: dict = field(default_factory=dict)  # the gradient / update statistics of the last health step
     metrics: dict = field(default_factory=dict)     # the objective's metrics of the last step
+    ema: ema_io.EMA | None = None    # --ema-decay: the moving average of the trained weights
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype == torch.float32:
@@ -165,6 +167,8 @@ class Run:
         self.optimizer.zero_grad(set_to_none=True)
         if not bad and math.isfinite(gnorm_val):
             self.model.after_step()
+            if self.ema is not None:
+                self.ema.update()
         if snap is not None:
             self.health_rec = self.health.after_update(snap)
         return loss_val, gnorm_val, bad
@@ -225,14 +229,15 @@ class Run:
         rngs = dd.all_gather_objects(dd.rng_state(d.device), d)
         if d.main:
             st["rng"] = rngs
+            averaged = None if self.ema is None else (ema_io.DIR, self.ema.saved_state(self.adapter is not None))
             if name != self.saved_name and self.adapter is not None:
                 ckpt_io.save(self.out, name, self.model, self.tok, self.extra, osd, st,
                              peft.saved_tensors(self.model, msd),
                              weights_file=lora.ADAPTER_FILE,
-                             json_files={lora.ADAPTER_CONFIG: self.adapter})
+                             json_files={lora.ADAPTER_CONFIG: self.adapter}, averaged=averaged)
                 self.saved_name = name
             elif name != self.saved_name:
-                ckpt_io.save(self.out, name, self.model, self.tok, self.extra, osd, st, msd)
+                ckpt_io.save(self.out, name, self.model, self.tok, self.extra, osd, st, msd, averaged=averaged)
                 self.saved_name = name
             if best:
                 ckpt_io.set_pointer(self.out, name, ckpt_io.BEST)
@@ -391,6 +396,13 @@ def _setup(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str |
               best_val=best_val, skipped=skipped,
               saved_name=src.name if src is not None and src.parent.resolve() == out.resolve() else None)
     run.sharded = dcp_io.writer_for(tcfg, d, adapter is not None, out)
+    if tcfg.ema_decay is not None:
+        if run.sharded is not None:
+            raise ConfigError("--ema-decay saves its average as a single-file checkpoint: add --checkpoint-format "
+                              "single (under torchrun the default is sharded)")
+        run.ema = ema_io.EMA(model, tcfg.ema_decay)  # the weights the run starts (or resumes) from
+        if src is not None and not run.ema.load(src, adapter, device):
+            say(f"note: {src} holds no weight average; the average starts from its weights")
     run.health = Health(model, tcfg.health_interval, d, sharded=tcfg.fsdp and d.enabled)
     run.spikes = SpikeDetector(tcfg.spike_window, tcfg.spike_zscore)
     if state is not None:
@@ -467,16 +479,24 @@ def _loop(run: Run, stop: _StopFlag, callbacks: Sequence[Callable[[int, dict], b
                 continue  # rolled back: run.step is the checkpoint's
             if step % tcfg.eval_interval == 0 or step == tcfg.max_steps:
                 run.val_loss, val_metrics = run.evaluate()
+                selected = run.val_loss
                 run.logger.log({"step": step, "val_loss": run.val_loss,
                                 **{f"val/{k}": v for k, v in val_metrics.items()}})
                 progress.write(f"step {step}: train loss {run.loss:.4f}, val loss {run.val_loss:.4f}"
                                + "".join(f", val {k} {v:.4g}" for k, v in val_metrics.items()))
+                if run.ema is not None:  # the average is what a run with --ema-decay deploys: it picks the best
+                    with run.ema.swapped():
+                        selected, ema_metrics = run.evaluate()
+                    run.logger.log({"step": step, "val/ema_loss": selected,
+                                    **{f"val/ema/{k}": v for k, v in ema_metrics.items()}})
+                    progress.write(f"step {step}: EMA val loss {selected:.4f}"
+                                   + "".join(f", EMA val {k} {v:.4g}" for k, v in ema_metrics.items()))
                 if tcfg.eval_tasks and d.main:
                     scores = tasks.task_scores(run.model, run.tok, tcfg)
                     run.logger.log({"step": step, **scores})
                     progress.write(f"step {step}: " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in scores.items()))
-                if run.val_loss < run.best_val:
-                    run.best_val = run.val_loss
+                if selected < run.best_val:
+                    run.best_val = selected
                     run.save(best=True)
             if step % tcfg.save_interval == 0 and step < tcfg.max_steps and not streak:
                 run.save()  # never during a run of bad steps: the last good checkpoint stays the newest
@@ -513,6 +533,8 @@ def _on_bad_step(run: Run, progress: Progress, streak: int, gnorm: float) -> boo
         progress.write(f"step {step}: {streak} bad steps in a row but no checkpoint yet to roll back to")
         return False
     to = rollback(run.out / good, run.model, run.optimizer, run.scaler, run.d, tcfg)
+    if run.ema is not None:
+        run.ema.load(run.out / good, run.adapter, run.d.device)
     run.data_skip += step - to  # the next step reads the data after the bad batches
     run.step, run.saved_name, run.rollbacks = to, good, run.rollbacks + 1
     run.logger.rewind(to)
@@ -546,8 +568,11 @@ def _finish(run: Run, stop: _StopFlag, t0: float) -> dict:
             msg += f" (unigram entropy of the corpus: {manifest['unigram_entropy']:.4f})"
         say(msg)
         best = ckpt_io.pointed(out, ckpt_io.BEST)
-        say(f"checkpoint: {path}" + (f"; best (val {run.best_val:.4f}): {out / best}" if best else "")
-            + (f"; loss curve: {png}" if png else ""))
+        say(f"checkpoint: {path}" + (f"; best ({'EMA ' if run.ema else ''}val {run.best_val:.4f}): {out / best}"
+                                     if best else "") + (f"; loss curve: {png}" if png else ""))
+        if run.ema is not None:
+            say(f"weight average (EMA, decay {run.tcfg.ema_decay:g}): {path / ema_io.DIR}"
+                + (f"; best: {out / best / ema_io.DIR}" if best else ""))
         say(run.objective.next_command(out))
     return summary
 
