@@ -15,7 +15,8 @@ the generated ids agree (fp32: they should; bf16 may drift).
 Providers: ours (eager on CPU, CUDA graph on CUDA), ours+compile (torch.compile'd decode step;
 its one-off compile time is reported apart), hf (generate(), default dynamic cache, SDPA), and the
 weight-only quantized copies int8, int4 (group 64), int8+emb, int4+emb (head and embedding too), run
-like `ours` (llm.quant; on CPU the C GEMVs of kernels/cpu_gemv.py, see llm.ops), and on CPU with
+like `ours` (llm.quant; on CPU the C GEMVs of kernels/cpu_gemv.py, see llm.ops), each also compiled as
+`<name>+compile` (e.g. int4+compile: the GEMVs stay custom ops inside the compiled step), and on CPU with
 llama-cpp-python installed (the `llamacpp` extra) llama.cpp:f32, llama.cpp:f16, llama.cpp:q8_0, llama.cpp:q4_0:
 the same weights written by llm.interop.gguf and decoded by llama.cpp (batch 1, torch's thread count; its
 roofline bytes are the GGUF tensors' but the embedding's).
@@ -206,11 +207,12 @@ def bench_case(model: Transformer, hf, prompt: torch.Tensor, n: int, providers: 
             "ours+compile": partial(run_ours, model, prompt, n, "compile"),
             "hf": partial(run_hf, hf, prompt, n)}
     models = {"ours": model, "ours+compile": model, "hf": model}
-    for k, spec in QUANT.items():
-        if k in providers:
-            qm = quantize_model(copy.deepcopy(model), make_scheme(*spec)).to(model.lm_head.weight.dtype)
+    for k in providers:
+        base, compiled = k.removesuffix("+compile"), k.endswith("+compile")
+        if base in QUANT:
+            qm = quantize_model(copy.deepcopy(model), make_scheme(*QUANT[base])).to(model.lm_head.weight.dtype)
             models[k] = qm
-            runs[k] = partial(run_ours, qm, prompt, n, "graph" if cuda else "eager")
+            runs[k] = partial(run_ours, qm, prompt, n, "compile" if compiled else "graph" if cuda else "eager")
     nbytes = {}
     for k in providers:
         if k.startswith("llama.cpp:") and not cuda:
@@ -233,7 +235,7 @@ def bench_case(model: Transformer, hf, prompt: torch.Tensor, n: int, providers: 
         tps = statistics.median(r[1] for r in rs)
         row = dict(provider=k, ttft_ms=1e3 * statistics.median(r[0] for r in rs), tok_s=tps,
                    vs_hf=tps / base if base else None, same=bool(torch.equal(first[k][0][2].cpu(), ref.cpu())),
-                   compile_s=first[k][1] if k == "ours+compile" else None)
+                   compile_s=first[k][1] if k.endswith("+compile") else None)
         kv = step_bytes(model, B, P + n / 2) - step_bytes(model, B, 0)  # the KV cache's bytes (same for all)
         wbytes = nbytes[k] + kv if k in nbytes else step_bytes(models[k], B, P + n / 2)
         row["roofline"] = wbytes * tps / B / bw  # bw: bytes/s

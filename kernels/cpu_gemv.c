@@ -3,9 +3,15 @@
  * from memory and widened in registers: no dequantized copy of W is ever written. x, y, scales, offsets
  * and bias are fp32 (the Python side converts). The 16-bit kernel widens W to fp32 and accumulates in
  * fp32 (FMA): the reference's product up to the order of the sum. The int8 / int4 kernels multiply the
- * codes with x rounded to int16 per block (see quant_x16 below: error <= 1.5e-5 of the block's largest
- * |x| per value, the bound tests/test_cpu_gemv.py checks), with exact int32 sums per block that are
- * scaled to fp32 once per block.
+ * codes with x rounded to integers per block, with exact int32 sums per block that are scaled to fp32 once
+ * per block, at one of two activation precisions (abits, the bound tests/test_cpu_gemv.py checks):
+ *   abits = 8:  x to int8 per block (int8 weights: 32 values, llama.cpp's q8_0 activations; int4: the
+ *               weight's group), error <= 1/254 of the block's largest |x| per value; products by
+ *               vpmaddubsw (unsigned x signed bytes, 32 per instruction) then vpmaddwd by 1 into int32
+ *               (int8 weights: maddubs(|w|, sign(w) x)). The default.
+ *   abits = 16: x to int16 per block (quant_x16: error <= 1.5e-5 of the block's largest |x|), products by
+ *               vpmaddwd (16 per instruction) on the codes widened to int16: half the products per
+ *               instruction.
  *
  * Formats (kernels/reference.py):
  *   int8  q (N, K) int8,            w[n, k] = q[n, k] s[n]
@@ -82,9 +88,66 @@ static void quant_x16(const float *x, int16_t *xq, float *xs, int K, int block) 
     }
 }
 
+/* ------------------------------------------------------------------ activations as int8
+
+ * abits = 8: x is quantized per block of QB = 32 values (int4: per weight group, int4_prep8):
+ * xs = max|x| / 127, xq = round(x / xs) (|xq| <= 127), so each value moves by at most xs / 2 = max|x| / 254. */
+
+#define QB 32
+
+static void quant_x8(const float *x, int8_t *xq, float *xs, int K) {
+    for (int b0 = 0, j = 0; b0 < K; b0 += QB, j++) {
+        int b1 = b0 + QB < K ? b0 + QB : K;
+        float amax = 0.0f;
+        for (int k = b0; k < b1; k++) amax = fabsf(x[k]) > amax ? fabsf(x[k]) : amax;
+        float s = amax > 0.0f ? amax / 127.0f : 1.0f, inv = 1.0f / s;
+        xs[j] = s;
+        for (int k = b0; k < b1; k++) xq[k] = (int8_t)lrintf(x[k] * inv);
+    }
+}
+
+#ifdef __AVX2__
+/* 32 signed-byte products summed to 8 int32 lanes: maddubs wants one unsigned operand, so it gets |w| and
+ * x takes w's sign (|w| <= 128, |x| <= 127: a pair sum <= 32512 never saturates int16). */
+static inline __m256i dot_i8(__m256i w, __m256i x) {
+    __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+}
+#endif
+
 /* ------------------------------------------------------------------ int8 */
 
-static float int8_dot(const int8_t *q, const int16_t *xq, const float *xs, const float *x, int K) {
+/* abits = 8: sum over full 32-blocks of xs_j (sum q xq), the last partial block in exact fp32. */
+static float int8_dot8(const int8_t *q, const int8_t *xq, const float *xs, const float *x, int K) {
+    float s = 0.0f;
+    int k = 0;
+#ifdef __AVX2__
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int j = 0;
+    for (; k + 2 * QB <= K; k += 2 * QB, j += 2) {
+        __m256i p0 = dot_i8(_mm256_loadu_si256((const __m256i *)(q + k)), _mm256_loadu_si256((const __m256i *)(xq + k)));
+        __m256i p1 = dot_i8(_mm256_loadu_si256((const __m256i *)(q + k + QB)),
+                            _mm256_loadu_si256((const __m256i *)(xq + k + QB)));
+        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(xs + j), a0);
+        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_broadcast_ss(xs + j + 1), a1);
+    }
+    for (; k + QB <= K; k += QB, j++) {
+        __m256i p0 = dot_i8(_mm256_loadu_si256((const __m256i *)(q + k)), _mm256_loadu_si256((const __m256i *)(xq + k)));
+        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(xs + j), a0);
+    }
+    s = hsum8(_mm256_add_ps(a0, a1));
+#else
+    for (int j = 0; k + QB <= K; k += QB, j++) {
+        int32_t t = 0;
+        for (int i = k; i < k + QB; i++) t += (int32_t)q[i] * xq[i];
+        s += xs[j] * (float)t;
+    }
+#endif
+    for (; k < K; k++) s += (float)q[k] * x[k];  /* the last partial block: exact fp32 */
+    return s;
+}
+
+static float int8_dot16(const int8_t *q, const int16_t *xq, const float *xs, const float *x, int K) {
     float s = 0.0f;
     int k = 0;
 #ifdef __AVX2__
@@ -105,7 +168,24 @@ static float int8_dot(const int8_t *q, const int16_t *xq, const float *xs, const
 }
 
 void int8_gemv(const float *x, const int8_t *q, const float *scale, const float *bias, float *y,
-               int M, int N, int K) {
+               int M, int N, int K, int abits) {
+    if (abits == 8) {
+        int nb = (K + QB - 1) / QB;
+        int8_t *xq = malloc((size_t)M * K + 32);
+        float *xs = malloc(sizeof(float) * M * nb);
+        for (int m = 0; m < M; m++) quant_x8(x + (int64_t)m * K, xq + (int64_t)m * K, xs + m * nb, K);
+        #pragma omp parallel for schedule(static) if ((int64_t)N * K > 65536)
+        for (int n = 0; n < N; n++) {
+            const int8_t *qr = q + (int64_t)n * K;
+            for (int m = 0; m < M; m++) {
+                float d = int8_dot8(qr, xq + (int64_t)m * K, xs + m * nb, x + (int64_t)m * K, K);
+                y[(int64_t)m * N + n] = d * scale[n] + (bias ? bias[n] : 0.0f);
+            }
+        }
+        free(xq);
+        free(xs);
+        return;
+    }
     int nb = (K + XB - 1) / XB;
     int16_t *xq = malloc(sizeof(int16_t) * M * K);
     float *xs = malloc(sizeof(float) * M * nb);
@@ -114,7 +194,7 @@ void int8_gemv(const float *x, const int8_t *q, const float *scale, const float 
     for (int n = 0; n < N; n++) {
         const int8_t *qr = q + (int64_t)n * K;
         for (int m = 0; m < M; m++) {
-            float d = int8_dot(qr, xq + (int64_t)m * K, xs + m * nb, x + (int64_t)m * K, K);
+            float d = int8_dot16(qr, xq + (int64_t)m * K, xs + m * nb, x + (int64_t)m * K, K);
             y[(int64_t)m * N + n] = d * scale[n] + (bias ? bias[n] : 0.0f);
         }
     }
@@ -123,6 +203,21 @@ void int8_gemv(const float *x, const int8_t *q, const float *scale, const float 
 }
 
 /* ------------------------------------------------------------------ int4 */
+
+/* The offsets' part of one output, sum_g (z_g - 8 s_g) xsum_g (8 groups per vector under AVX2). */
+static float int4_offsets(const float *sn, const float *zn, const float *xsum_m, int n_groups) {
+    float zacc = 0.0f;
+    int g = 0;
+#ifdef __AVX2__
+    __m256 v = _mm256_setzero_ps(), eight = _mm256_set1_ps(8.0f);
+    for (; g + 8 <= n_groups; g += 8)
+        v = _mm256_fmadd_ps(_mm256_fnmadd_ps(eight, _mm256_loadu_ps(sn + g), _mm256_loadu_ps(zn + g)),
+                            _mm256_loadu_ps(xsum_m + g), v);
+    zacc = hsum8(v);
+#endif
+    for (; g < n_groups; g++) zacc += (zn[g] - 8.0f * sn[g]) * xsum_m[g];
+    return zacc;
+}
 
 /* Per group: xq rearranged per 32-block as [16 even k | 16 odd k] (zeros past K), xs its activation scale
  * (one per weight group), xsum the exact fp32 sum of x over the group. */
@@ -167,8 +262,7 @@ static inline __m256i int4_block(__m128i b, const int16_t *xqk, __m256i ia) {
  * 32-block that runs past the row's bytes is copied into a zeroed buffer (its codes past K meet xq = 0). */
 static float int4_row(const uint8_t *qrow, const float *sn, const float *zn, const int16_t *xqm,
                       const float *xsm, const float *xsum_m, int n_groups, int G, int Kp, int row_bytes) {
-    float zacc = 0.0f;
-    for (int g = 0; g < n_groups; g++) zacc += (zn[g] - 8.0f * sn[g]) * xsum_m[g];
+    float zacc = int4_offsets(sn, zn, xsum_m, n_groups);
 #ifdef __AVX2__
     __m256 facc = _mm256_setzero_ps();
     int k_safe = (row_bytes - 16) * 2;  /* blocks starting at k <= k_safe load 16 bytes inside the row */
@@ -205,9 +299,148 @@ static float int4_row(const uint8_t *qrow, const float *sn, const float *zn, con
 #endif
 }
 
+/* abits = 8: xq per block of BW = 32 (G = 32) or 64 (G >= 64) values as [BW/2 even k | BW/2 odd k] int8 (zeros
+ * past K), one scale xs per weight group (max|x| over the group / 127), xsum per weight group as above. */
+static void int4_prep8(const float *x, int8_t *xq, float *xs, float *xsum, int M, int K, int Kp, int G,
+                       int n_groups, int BW) {
+    for (int m = 0; m < M; m++) {
+        const float *xm = x + (int64_t)m * K;
+        int8_t *qm = xq + (int64_t)m * Kp;
+        for (int g = 0; g < n_groups; g++) {
+            int k0 = g * G, k1 = k0 + G < K ? k0 + G : K;
+            float amax = 0.0f, sum = 0.0f;
+            for (int k = k0; k < k1; k++) {
+                amax = fabsf(xm[k]) > amax ? fabsf(xm[k]) : amax;
+                sum += xm[k];
+            }
+            float s = amax > 0.0f ? amax / 127.0f : 1.0f, inv = 1.0f / s;
+            xs[m * n_groups + g] = s;
+            xsum[m * n_groups + g] = sum;
+            for (int b = k0; b < k0 + G && b < Kp; b += BW)
+                for (int i = 0; i < BW / 2; i++) {
+                    int ke = b + 2 * i, ko = ke + 1;
+                    qm[b + i] = ke < K ? (int8_t)lrintf(xm[ke] * inv) : 0;
+                    qm[b + BW / 2 + i] = ko < K ? (int8_t)lrintf(xm[ko] * inv) : 0;
+                }
+        }
+    }
+}
+
+/* The exact integer sum of one group's (or its part's) codes times xq at abits = 8, blocks of BW values laid out
+ * as int4_prep8 says; bytes past the row's end are not read (their xq is 0). The scalar loop, and the vector
+ * path's last group when its loads would run past the row. */
+static int32_t int4_group8_scalar(const uint8_t *qrow, const int8_t *xqm, int k0, int k1, int row_bytes, int BW) {
+    int32_t s = 0;
+    for (int k = k0; k < k1; k += BW)
+        for (int i = 0; i < BW / 2 && k / 2 + i < row_bytes; i++) {
+            uint8_t byte = qrow[k / 2 + i];
+            s += (int32_t)(byte & 15) * xqm[k + i] + (int32_t)(byte >> 4) * xqm[k + BW / 2 + i];
+        }
+    return s;
+}
+
+#ifdef __AVX2__
+/* The int16 pair sums of one group's codes times xq at abits = 8, all loads inside the row. A block of BW = 32
+ * codes: 16 bytes -> low nibbles in the low 128-bit lane, high nibbles in the high one (xq's [even | odd]
+ * halves), one maddubs; of BW = 64: 32 bytes -> low nibbles, high nibbles, two maddubs. Codes 0..15 are
+ * unsigned and xq signed, so a pair sum is <= 3810 and the up to 4 (G = 128) sums per lane add up in int16
+ * without saturating. */
+static inline __attribute__((always_inline)) __m256i int4_group8(const uint8_t *qrow, const int8_t *xqm, int k0,
+                                                                 const int G, const int BW) {
+    const __m256i mask = _mm256_set1_epi8(0x0f);
+    __m256i a16 = _mm256_setzero_si256();
+    for (int k = k0; k < k0 + G; k += BW) {
+        if (BW == 32) {
+            __m128i b = _mm_loadu_si128((const __m128i *)(qrow + k / 2));
+            __m256i codes = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), mask);
+            a16 = _mm256_add_epi16(a16, _mm256_maddubs_epi16(codes, _mm256_loadu_si256((const __m256i *)(xqm + k))));
+        } else {
+            __m256i b = _mm256_loadu_si256((const __m256i *)(qrow + k / 2));
+            __m256i lo = _mm256_and_si256(b, mask), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+            a16 = _mm256_add_epi16(a16, _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(xqm + k))));
+            a16 = _mm256_add_epi16(a16, _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xqm + k + 32))));
+        }
+    }
+    return a16;
+}
+
+/* G a compile-time constant (the block loop unrolls). The groups whose loads lie inside the row (all but
+ * possibly the last), two per step into two accumulators (the FMA's latency off the critical path); the rest
+ * through the scalar sum. */
+static inline __attribute__((always_inline)) float int4_row8_g(const uint8_t *qrow, const float *sn,
+                                                               const int8_t *xqm, const float *xsm,
+                                                               int n_groups, const int G, int Kp, int row_bytes) {
+    const int BW = G == 32 ? 32 : 64;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 f0 = _mm256_setzero_ps(), f1 = _mm256_setzero_ps();
+    int lim = 2 * row_bytes < Kp ? 2 * row_bytes : Kp, n_fast = lim / G < n_groups ? lim / G : n_groups;
+    int g = 0;
+    for (; g + 2 <= n_fast; g += 2) {
+        __m256i a = int4_group8(qrow, xqm, g * G, G, BW), b = int4_group8(qrow, xqm, g * G + G, G, BW);
+        f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a, ones)), _mm256_set1_ps(sn[g] * xsm[g]), f0);
+        f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(b, ones)),
+                             _mm256_set1_ps(sn[g + 1] * xsm[g + 1]), f1);
+    }
+    if (g < n_fast) {
+        __m256i a = int4_group8(qrow, xqm, g * G, G, BW);
+        f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a, ones)), _mm256_set1_ps(sn[g] * xsm[g]), f0);
+        g++;
+    }
+    float tail = 0.0f;
+    for (; g < n_groups; g++) {
+        int k1 = g * G + G < Kp ? g * G + G : Kp;
+        tail += sn[g] * xsm[g] * (float)int4_group8_scalar(qrow, xqm, g * G, k1, row_bytes, BW);
+    }
+    return hsum8(_mm256_add_ps(f0, f1)) + tail;
+}
+#endif
+
+/* One output at abits = 8: sum_g s_g xs_g (sum_k code_k xq_k)  +  (z_g - 8 s_g) xsum_g, the integer sums exact
+ * in int32 per group, one fp32 scaling per group. */
+static float int4_row8(const uint8_t *qrow, const float *sn, const float *zn, const int8_t *xqm,
+                       const float *xsm, const float *xsum_m, int n_groups, int G, int Kp, int row_bytes) {
+    float zacc = int4_offsets(sn, zn, xsum_m, n_groups);
+#ifdef __AVX2__
+    switch (G) {
+        case 32: return zacc + int4_row8_g(qrow, sn, xqm, xsm, n_groups, 32, Kp, row_bytes);
+        case 64: return zacc + int4_row8_g(qrow, sn, xqm, xsm, n_groups, 64, Kp, row_bytes);
+        default: return zacc + int4_row8_g(qrow, sn, xqm, xsm, n_groups, 128, Kp, row_bytes);
+    }
+#else
+    int BW = G == 32 ? 32 : 64;
+    float acc = zacc;
+    for (int g = 0; g < n_groups; g++) {
+        int k1 = g * G + G < Kp ? g * G + G : Kp;
+        acc += sn[g] * xsm[g] * (float)int4_group8_scalar(qrow, xqm, g * G, k1, row_bytes, BW);
+    }
+    return acc;
+#endif
+}
+
 void int4_gemv(const float *x, const uint8_t *q, const float *scale, const float *zero, const float *bias,
-               float *y, int M, int N, int K, int G) {
+               float *y, int M, int N, int K, int G, int abits) {
     int Kp = (K + 31) / 32 * 32, n_groups = (K + G - 1) / G, row_bytes = (K + 1) / 2;
+    if (abits == 8) {
+        int BW = G == 32 ? 32 : 64;
+        Kp = (K + BW - 1) / BW * BW;
+        int8_t *xq = malloc((size_t)M * Kp);
+        float *xs = malloc(sizeof(float) * M * n_groups), *xsum = malloc(sizeof(float) * M * n_groups);
+        int4_prep8(x, xq, xs, xsum, M, K, Kp, G, n_groups, BW);
+        #pragma omp parallel for schedule(static) if ((int64_t)N * K > 131072)
+        for (int n = 0; n < N; n++) {
+            const uint8_t *qrow = q + (int64_t)n * row_bytes;
+            const float *sn = scale + (int64_t)n * n_groups, *zn = zero + (int64_t)n * n_groups;
+            for (int m = 0; m < M; m++) {
+                float acc = int4_row8(qrow, sn, zn, xq + (int64_t)m * Kp, xs + m * n_groups, xsum + m * n_groups,
+                                      n_groups, G, Kp, row_bytes);
+                y[(int64_t)m * N + n] = acc + (bias ? bias[n] : 0.0f);
+            }
+        }
+        free(xq);
+        free(xs);
+        free(xsum);
+        return;
+    }
     int16_t *xq = malloc(sizeof(int16_t) * M * Kp);  /* x per 32-block as [even | odd], int16 */
     float *xs = malloc(sizeof(float) * M * n_groups), *xsum = malloc(sizeof(float) * M * n_groups);
     int4_prep(x, xq, xs, xsum, M, K, Kp, G, n_groups);

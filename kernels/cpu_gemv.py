@@ -5,13 +5,15 @@ compiled on first use by the system C compiler into a per-user cache and called 
 threads come from torch's own libgomp, so `torch.set_num_threads` governs them. Why C and not torch's
 kernels: on an AVX2 CPU (no AVX-512, no native bf16) torch 2.13's `_weight_int8pack_mm` is vectorized for
 bf16 activations only and `_weight_int4pack_mm_for_cpu` reads its weight at a fraction of the memory rate
-(benchmarks/NOTES.md, issue 32). The int8 / int4 kernels round x to int16 per block (1.5e-5 of the block's
-largest |x|, finer than the bf16 rounding torch's kernels apply) and sum codes times x in int32 (vpmaddwd);
-the 16-bit kernel computes in fp32.
+(benchmarks/NOTES.md, issue 32). The int8 / int4 kernels round x to integers per block and sum codes times x
+in int32, at act_bits = 8 (int8 per 32 values as llama.cpp's q8_0 activations, or per int4 group, error
+<= 1/254 of the block's largest |x|, vpmaddubsw) or 16 (int16 per block, 1.5e-5, vpmaddwd: half the products
+per instruction); defaults INT8_ACT_BITS / INT4_ACT_BITS below. The 16-bit kernel computes in fp32.
 
     available() -> bool                      a compiler and a build, or False (the caller falls back)
-    int8_gemv(x, q, s, bias)                 x (M, K) float, q (N, K) int8, s (N,)            -> (M, N)
-    int4_gemv(x, q, s, z, group_size, bias)  q (N, ceil(K/2)) uint8, s, z (N, ceil(K/G))        -> (M, N)
+    int8_gemv(x, q, s, bias, act_bits)       x (M, K) float, q (N, K) int8, s (N,)            -> (M, N)
+    int4_gemv(x, q, s, z, group_size, bias, act_bits)
+                                             q (N, ceil(K/2)) uint8, s, z (N, ceil(K/G))        -> (M, N)
     w16_gemv(x, w, bias)                     w (N, K) fp16 / bf16                              -> (M, N)
 x may be fp32, fp16 or bf16 (widened to fp32 once, K values per row); y comes back in x's dtype.
 M <= MAX_M (decode rows); larger inputs belong to a GEMM.
@@ -32,6 +34,11 @@ import torch
 from torch import Tensor
 
 MAX_M = 16
+# Default activation precision per weight format, chosen on benchmarks/bench_cpu_gemv.py (benchmarks/NOTES.md,
+# issue 32 session 4): int4 at 8 bits runs ~2x its 16-bit kernel (two maddubs per 64 codes, no widening);
+# int8 at 8 bits (maddubs(|w|, sign(w) x), one fp32 scaling per 32 values) ran ~10% slower than at 16.
+INT8_ACT_BITS = 16
+INT4_ACT_BITS = 8
 GROUP_SIZES = (32, 64, 128)  # multiples of the kernel's 32-code step
 _SRC = Path(__file__).with_name("cpu_gemv.c")
 _P = ctypes.c_void_p
@@ -54,14 +61,14 @@ def _cache_dir() -> Path:
 
 
 @cache
-def _lib() -> ctypes.CDLL | None:
-    """Build (once per source + flags) and load the shared library; None without a C compiler or on failure."""
+def _build(simd: bool) -> ctypes.CDLL | None:
+    """Build (once per source + flags) and load the shared library, with AVX2/FMA/F16C (simd) or the scalar
+    loops only; None without a C compiler or on failure."""
     cc = shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc")
     if cc is None or not _SRC.exists():
         return None
     flags = ["-O3", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno"]
-    cpu = _cpu_flags()
-    if {"avx2", "fma", "f16c"} <= cpu:
+    if simd:
         flags += ["-mavx2", "-mfma", "-mf16c"]
     src = _SRC.read_bytes()
     tag = hashlib.sha256(src + " ".join([cc] + flags).encode()).hexdigest()[:16]
@@ -75,14 +82,21 @@ def _lib() -> ctypes.CDLL | None:
                 return None
             os.replace(tmp, out)  # atomic: a concurrent build writes the same bytes
     lib = ctypes.CDLL(str(out))  # torch (imported above) loaded libgomp.so.1 first: the library shares it
-    lib.int8_gemv.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I]
-    lib.int4_gemv.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I]
+    lib.int8_gemv.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _I]
+    lib.int4_gemv.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I]
     lib.w16_gemv.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I]
     for f in (lib.int8_gemv, lib.int4_gemv, lib.w16_gemv):
         f.restype = None
     return lib
 
 
+@cache
+def _lib() -> ctypes.CDLL | None:
+    """The build for this CPU: the AVX2 kernels where it has AVX2, FMA and F16C, else the scalar loops."""
+    return _build({"avx2", "fma", "f16c"} <= _cpu_flags())
+
+
+@torch.compiler.assume_constant_result  # torch.compile reads it once while tracing (it opens files: not traceable)
 def available() -> bool:
     """Whether the C kernels are built and loaded (a C compiler was found and compiled them)."""
     return _lib() is not None
@@ -113,21 +127,32 @@ def _out(y: Tensor, x: Tensor, N: int) -> Tensor:
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
-def int8_gemv(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = None) -> Tensor:
-    """y = x @ (q * s[:, None]).T + b; x (..., K), q (N, K) int8, s and b (N,); int8_matmul_ref's signature."""
+def _act_bits(act_bits: int) -> int:
+    if act_bits not in (8, 16):
+        raise ValueError(f"act_bits must be 8 or 16, got {act_bits}")
+    return act_bits
+
+
+def int8_gemv(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = None,
+              act_bits: int = INT8_ACT_BITS) -> Tensor:
+    """y = x @ (q * s[:, None]).T + b; x (..., K), q (N, K) int8, s and b (N,); int8_matmul_ref's signature
+    (x rounded to act_bits integers per block, see the module docstring)."""
     N, K = qweight.shape
+    _act_bits(act_bits)
     if qweight.dtype != torch.int8 or not qweight.is_contiguous():
         raise ValueError("int8_gemv: qweight must be a contiguous int8 (N, K) tensor")
     x2, s, b = _rows(x, K), _f32(scales), _f32(bias)
     M = x2.shape[0]
     y = torch.empty(M, N)
-    _lib().int8_gemv(x2.data_ptr(), qweight.data_ptr(), s.data_ptr(), _ptr(b), y.data_ptr(), M, N, K)
+    _lib().int8_gemv(x2.data_ptr(), qweight.data_ptr(), s.data_ptr(), _ptr(b), y.data_ptr(), M, N, K, act_bits)
     return _out(y, x, N)
 
 
 def int4_gemv(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
-              bias: Tensor | None = None) -> Tensor:
-    """y = x @ dequant(q).T + b; q (N, ceil(K/2)) uint8, s and z (N, ceil(K/G)); int4_matmul_ref's signature."""
+              bias: Tensor | None = None, act_bits: int = INT4_ACT_BITS) -> Tensor:
+    """y = x @ dequant(q).T + b; q (N, ceil(K/2)) uint8, s and z (N, ceil(K/G)); int4_matmul_ref's signature
+    (x rounded to act_bits integers per block, see the module docstring)."""
+    _act_bits(act_bits)
     N, K = qweight.shape[0], x.shape[-1]
     n_groups = -(-K // group_size)
     if group_size not in GROUP_SIZES:
@@ -140,7 +165,7 @@ def int4_gemv(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_s
     M = x2.shape[0]
     y = torch.empty(M, N)
     _lib().int4_gemv(x2.data_ptr(), qweight.data_ptr(), s.data_ptr(), z.data_ptr(), _ptr(b), y.data_ptr(),
-                     M, N, K, group_size)
+                     M, N, K, group_size, act_bits)
     return _out(y, x, N)
 
 

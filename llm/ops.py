@@ -374,12 +374,13 @@ def moe_experts(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, topk_id
 # ----------------------------------------------------------------------------- weight-only quantized linears
 
 # CPU decode rows (up to CPU_WOQ_MAX_M) take kernels/cpu_gemv.py: C GEMVs that read each int8 / int4 code once and
-# widen it in registers (activations rounded to int16 per block, exact int32 sums, fp32 scaling). Where
-# no C compiler built them, or under torch.compile (a ctypes call would break the graph), torch's own weight-only
-# kernels (aten._weight_int8pack_mm, _weight_int4pack_mm_for_cpu) take the rows: vectorized for bf16
-# activations only (on this AVX2 CPU fp32 activations ran 10x slower than fp32 F.linear), so x is rounded to
-# bf16 and the result cast back. Longer inputs (prefill) take the reference, dequantize + one fp32 GEMM, which
-# beats a per-row loop there. Measurements: benchmarks/NOTES.md (issues 21 and 32).
+# multiply it in registers (activations rounded to int16 / int8 per block, exact int32 sums, fp32 scaling). Under
+# torch.compile they are the custom ops cpu_int8_gemv / cpu_int4_gemv below (opaque to the graph, which fuses the
+# rest of the step around them; a bare ctypes call would break the graph). Where no C compiler built them,
+# torch's own weight-only kernels (aten._weight_int8pack_mm, _weight_int4pack_mm_for_cpu) take the rows:
+# vectorized for bf16 activations only (on this AVX2 CPU fp32 activations ran 10x slower than fp32 F.linear), so
+# x is rounded to bf16 and the result cast back. Longer inputs (prefill) take the reference, dequantize + one fp32
+# GEMM, which beats a per-row loop there. Measurements: benchmarks/NOTES.md (issues 21 and 32).
 CPU_WOQ_MAX_M = 8
 
 
@@ -395,8 +396,32 @@ def _cpu_rows(kernels: str, x: Tensor) -> bool:
 
 
 def _cpu_gemv(kernels: str, x: Tensor) -> bool:
-    """The C GEMVs serve these rows: CPU decode, eager, and the library built."""
-    return _cpu_rows(kernels, x) and not torch.compiler.is_compiling() and cpu_gemv.available()
+    """The C GEMVs serve these rows: CPU decode and the library built."""
+    return _cpu_rows(kernels, x) and cpu_gemv.available()
+
+
+@torch.library.custom_op("llm::cpu_int8_gemv", mutates_args=())
+def cpu_int8_gemv(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = None) -> Tensor:
+    """kernels.cpu_gemv.int8_gemv as an op torch.compile keeps whole: x (..., K) -> (..., N) in x's dtype."""
+    return cpu_gemv.int8_gemv(x, qweight, scales, bias)
+
+
+@cpu_int8_gemv.register_fake
+def _(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = None) -> Tensor:
+    return x.new_empty(x.shape[:-1] + (qweight.shape[0],))
+
+
+@torch.library.custom_op("llm::cpu_int4_gemv", mutates_args=())
+def cpu_int4_gemv(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                  bias: Tensor | None = None) -> Tensor:
+    """kernels.cpu_gemv.int4_gemv as an op torch.compile keeps whole: x (..., K) -> (..., N) in x's dtype."""
+    return cpu_gemv.int4_gemv(x, qweight, scales, zeros, group_size, bias)
+
+
+@cpu_int4_gemv.register_fake
+def _(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+      bias: Tensor | None = None) -> Tensor:
+    return x.new_empty(x.shape[:-1] + (qweight.shape[0],))
 
 
 def _cpu_woq(kernels: str, x: Tensor, op: str) -> bool:
@@ -412,7 +437,9 @@ def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None 
 
         return kernel(x, qweight, scales, bias)
     if _cpu_gemv(kernels, x):
-        return cpu_gemv.int8_gemv(x, qweight, scales, bias)
+        if torch.compiler.is_compiling():
+            return cpu_int8_gemv(x, qweight, scales, bias)
+        return cpu_gemv.int8_gemv(x, qweight, scales, bias)  # eager: no dispatcher hop
     if _cpu_woq(kernels, x, "_weight_int8pack_mm"):
         x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
         y = torch.ops.aten._weight_int8pack_mm(x2, qweight, scales.to(torch.bfloat16)).float()
@@ -425,9 +452,9 @@ def int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group
                 bias: Tensor | None = None, kernels: str = "auto", cache: dict | None = None) -> Tensor:
     """x @ dequant(q).T + b for a group-wise int4 weight (kernels/reference.py has the format).
 
-    Triton W4A16 on CUDA; for a few CPU rows the C GEMV (any K: a last group shorter than G included), or
-    (no C build, or under torch.compile) torch's kernel (aten._weight_int4pack_mm_for_cpu) when the shape
-    fits it (N % 16 == 0, G divides K); else the reference. torch's kernel wants its own packing: it is
+    Triton W4A16 on CUDA; for a few CPU rows the C GEMV (any K: a last group shorter than G included; under
+    torch.compile the custom op cpu_int4_gemv), or (no C build) torch's kernel (aten._weight_int4pack_mm_for_cpu)
+    when the shape fits it (N % 16 == 0, G divides K); else the reference. torch's kernel wants its own packing: it is
     built on first use and kept in `cache` (a dict the caller owns, one per weight), keyed by the weight's
     storage.
     """
@@ -436,7 +463,9 @@ def int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group
 
         return kernel(x, qweight, scales, zeros, group_size, bias)
     if _cpu_gemv(kernels, x):
-        return cpu_gemv.int4_gemv(x, qweight, scales, zeros, group_size, bias)
+        if torch.compiler.is_compiling():
+            return cpu_int4_gemv(x, qweight, scales, zeros, group_size, bias)
+        return cpu_gemv.int4_gemv(x, qweight, scales, zeros, group_size, bias)  # eager: no dispatcher hop
     N, K = qweight.shape[0], x.shape[-1]
     if (cache is not None and N % 16 == 0 and K % group_size == 0
             and _cpu_woq(kernels, x, "_weight_int4pack_mm_for_cpu")):
