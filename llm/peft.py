@@ -36,8 +36,9 @@ def method_of(cfg: Config) -> str:
 
 
 def tensor_name(name: str) -> str | None:
-    """A parameter / buffer / state-dict name -> the name its tensor has in adapter.safetensors, or None (base)."""
-    if name.startswith("prefix.") or ".adapter." in name:
+    """A parameter / buffer / state-dict name -> the name its tensor has in adapter.safetensors, or None (base).
+    A head the objective adds (the reward model's scalar head) trains and is saved with the adapter."""
+    if name.startswith(("prefix.", "reward_head.")) or ".adapter." in name:
         return name
     return lora.adapter_name(name)
 
@@ -123,6 +124,8 @@ def load_adapter(model: Transformer, directory: str | Path) -> Transformer:
     n_new = len(cfg.get("added_tokens") or [])
     lora.grow_vocab(model, cfg["base_vocab"] + n_new)
     apply(model, config_from(cfg), (cfg["base_vocab"], n_new) if n_new else None, cfg["base_vocab"], train=False)
+    if cfg.get("reward_head"):  # a LoRA reward model: its head is in the adapter file
+        model.add_reward_head()
     path = Path(directory) / lora.ADAPTER_FILE
     load_tensors(model, read_tensors(path)[0], path)
     return model

@@ -213,6 +213,46 @@ def test_reward_model_trains_saves_and_scores(runs, capsys):
     assert "has no reward head" in capsys.readouterr().err
 
 
+def test_lora_reward_model_saves_its_head_with_the_adapter_scores_and_rewards_grpo(runs, capsys):
+    """--objective reward --lora-rank: the base frozen, LoRA and the scalar head trained and saved together in
+    adapter.safetensors; the checkpoint loads (on its recorded base) as a reward model with that head, scores
+    from `llm score`, resumes exactly (6 == 3 + resume + 3) and serves as GRPO's --reward-model."""
+    assert main(align_argv(runs, "rm-lora", objective="reward", lora_rank=4)) == 0
+    ckpt = runs / "rm-lora" / "ckpt-0000006"
+    saved = load_model(runs / "sft")[0].state_dict()
+    adapter = json.loads((ckpt / lora.ADAPTER_CONFIG).read_text())
+    assert adapter["reward_head"] and not (ckpt / "model.safetensors").exists()
+    from safetensors.torch import load_file
+
+    tensors = load_file(ckpt / lora.ADAPTER_FILE)
+    assert "reward_head.weight" in tensors and any(".lora_" in k for k in tensors)
+    assert not any(k in saved for k in tensors if k != "reward_head.weight")  # no base tensor: only the adapter
+    model, tok, cfg = load_model(runs / "rm-lora")
+    assert model.reward_head is not None and torch.equal(model.reward_head.weight, tensors["reward_head.weight"])
+    assert model.reward_head.weight.abs().sum() > 0  # it trained
+    for k, v in model.state_dict().items():  # the base as it was
+        if ".lora_" not in k and k != "reward_head.weight" and k in saved:
+            assert torch.equal(v, saved[k]), k
+    convo = [{"role": "user", "content": "Double 3."}, {"role": "assistant", "content": "6"}]
+    s = score(model, tok, convo)
+    from llm.train.score import main as score_main
+
+    capsys.readouterr()
+    assert score_main(["--checkpoint", str(runs / "rm-lora"), "--prompt", "Double 3.", "--answer", "6",
+                       "--json"]) == 0
+    assert abs(json.loads(capsys.readouterr().out)[0]["score"] - s) < 1e-6
+    assert main(align_argv(runs, "rm-lora2", objective="reward", lora_rank=4, max_steps=3)) == 0
+    assert main(align_argv(runs, "rm-lora2", objective="reward", lora_rank=4) + ["--resume"]) == 0
+    a = [r["loss"] for r in metrics_records(runs / "rm-lora") if "loss" in r]
+    b = [r["loss"] for r in metrics_records(runs / "rm-lora2") if "loss" in r]
+    assert a == b[:3] + b[-3:]
+    assert main(align_argv(runs, "grpo-lora-rm", objective="grpo", dataset=runs / "sft.jsonl",
+                           reward_model=runs / "rm-lora", grpo_group=3, grpo_max_new=4, batch_size=2,
+                           max_steps=1)) == 0
+    r = [r for r in metrics_records(runs / "grpo-lora-rm") if "loss" in r][0]
+    assert math.isfinite(r["grpo/reward"]) and r["grpo/reward"] != 0.0  # scored by the LoRA reward model
+
+
 def test_dpo_full_finetune_resumes_exactly(runs):
     """DPO against a frozen copy of the starting policy: 6 steps == 3 + resume + 3 (losses and metrics bitwise)."""
     assert main(align_argv(runs, "dpo", objective="dpo")) == 0

@@ -362,6 +362,8 @@ def _setup(mcfg: ModelConfig, dcfg: DataConfig, tcfg: TrainConfig, resume: str |
     if src is None and not init:
         mup.scale_init(model, mcfg, tcfg)  # µP's init (nothing without --mup)
     objective.setup(objectives.Context(tcfg, dcfg, tok, model, device, dtype, say))  # may add a head: before resume
+    if adapter is not None and getattr(model, "reward_head", None) is not None:
+        adapter["reward_head"] = True  # the head trains and is saved with the adapter (peft.tensor_name)
     mcfg = model.cfg
     tp.check(mcfg, tcfg, d.world)  # again: --init-from brings its own heads and widths
     n_params = model.num_params()

@@ -6,7 +6,9 @@ answer token, trained on preference pairs with the Bradley-Terry loss
 The --init-from model (usually the SFT model) gets a zero-initialised head (Transformer.add_reward_head), so
 every score starts at 0 and the loss at log 2. Its LM head is frozen (the score does not read it; under DDP a
 trainable weight without a gradient would stall the reducer). The checkpoint is the whole model with the
-head (config `reward_head: true`): `score` reads it back, and --objective grpo can use it as its reward.
+head (config `reward_head: true`), or with --lora-rank (any --peft) the adapter with the head beside it in
+adapter.safetensors (adapter_config.json `reward_head: true`; the base stays frozen): `score` reads either back
+(a LoRA one on its recorded base), and --objective grpo can use either as its reward (--reward-model).
 Metrics: reward/acc (pairs ranked right), reward/margin, reward/chosen, reward/rejected.
 """
 
@@ -42,16 +44,11 @@ class Reward(PairObjective):
     def next_command(self, out) -> str:
         return f"score with: llm score --checkpoint {out} --prompt QUESTION --answer ANSWER [--answer ANSWER ...]"
 
-    def check(self) -> None:
-        super().check()
-        if self.tcfg.lora_rank is not None:
-            raise ConfigError("--objective reward trains the whole model and its head; drop --lora-rank")
-
     def setup(self, ctx: Context) -> None:
         model = ctx.model
         model.add_reward_head()
         if not model.cfg.tie_embeddings:
-            model.lm_head.weight.requires_grad_(False)
+            model.lm_head.requires_grad_(False)  # its chat-token rows too, when a PEFT run added them
         self.head = model.reward_head
         ctx.say("reward model: a scalar head on the last answer token's hidden state (Bradley-Terry loss)")
 
