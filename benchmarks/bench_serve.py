@@ -322,7 +322,8 @@ def main() -> None:
     for r in rows:
         r["provider"] = f"{r['scenario']} ({args.preset}, {device_name()})"
     goals(rows)
-    write_results(f"serve_{args.preset}", rows, x="clients", y="tok_s",
+    tag = "" if args.max_step_tokens == 256 else f"_step{args.max_step_tokens}"  # the default keeps its name
+    write_results(f"serve_{args.preset}{tag}", rows, x="clients", y="tok_s",
                   title=f"Serving, {args.preset}, greedy, max_tokens {args.max_tokens}, max_batch {args.max_batch}, "
                   f"max_step_tokens {args.max_step_tokens}", xlabel="concurrent clients",
                   ylabel="generated tokens/s (all clients)", legend="scenario")
