@@ -393,3 +393,40 @@ def test_the_context_length_error_names_what_a_client_can_change(server):
     err = r.json()["error"]
     assert r.status_code == 400 and err["code"] == "context_length_exceeded"
     assert err["message"].endswith("shorten the prompt or lower max_tokens") and "--" not in err["message"]
+
+
+def test_a_steps_events_reach_the_event_loop_in_one_hand_over(loaded):
+    """The engine thread hands each step's events over once (one callback on the event loop per step, carrying
+    every row's token), not once per token; the streams are still complete, in order, and equal sample.py."""
+    with serve(loaded) as srv:
+        sched, calls = srv.sched, []
+        deliver = sched._deliver
+
+        def counting(items):
+            calls.append(len(items))
+            deliver(items)
+
+        sched._deliver = counting
+        steps0 = sched.engine.steps
+        body = {"model": "tiny", "max_tokens": 12, "temperature": 0, "stream": True}
+        prompts = ["def", "class", "x = 1", "# a"]
+
+        async def run_all():
+            async with httpx.AsyncClient(timeout=60) as c:
+                async def one(p):
+                    text = ""
+                    async with c.stream("POST", srv.url + "/v1/completions", json=body | {"prompt": p}) as r:
+                        async for line in r.aiter_lines():
+                            if line.startswith("data: {"):
+                                text += json.loads(line[6:])["choices"][0]["text"]
+                    return text
+                return await asyncio.gather(*(one(p) for p in prompts))
+
+        texts = asyncio.run(run_all())
+        wait_idle(srv)
+        steps = sched.engine.steps - steps0
+    for p, t in zip(prompts, texts):
+        assert t == unbatched(loaded, p, 12, SamplingParams(0.0))
+    assert sum(calls) >= len(prompts) * 2  # every row's events went through the hand-over
+    assert len(calls) <= steps, (len(calls), steps)  # at most one hand-over per step (per-token would be ~4x)
+    assert max(calls) >= 2  # a step's hand-over carried several rows' events
