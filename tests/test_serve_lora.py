@@ -100,7 +100,9 @@ def test_adapters_share_the_base_and_each_request_gets_its_own_models_text(dirs,
     with ThreadedServer(app, sched, drain_timeout=2.0) as srv:
         ids = [m["id"] for m in httpx.get(srv.url + "/v1/models").json()["data"]]
         assert ids == ["base", "math", "code"]
-        got = [r["choices"][0]["text"] for r in post_all(srv.url, jobs)]
+        answers = post_all(srv.url, jobs)
+        got = [r["choices"][0]["text"] for r in answers]
+        assert [r["model"] for r in answers] == [j["model"] for j in jobs]  # each answer names its adapter
         assert httpx.post(srv.url + "/v1/completions", json={"model": "nope", "prompt": "x"}).status_code == 404
     assert got == want
     assert len(set(want[0::3])) + len(set(want[1::3])) > 2  # the adapters do change the text

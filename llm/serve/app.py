@@ -76,6 +76,10 @@ class Server:
 
     # ------------------------------------------------------------------ request -> seqs
 
+    def model_id(self, name: str | None) -> str:
+        """The id an answer names: the adapter the request picked, else the base's."""
+        return name if name in self.adapters else self.model_name
+
     def check_model(self, name: str) -> str | None:
         """The LoRA adapter a request's `model` names (None: the base); 404 for any other name."""
         if name in self.adapters:
@@ -354,7 +358,7 @@ def create_app(sched: Scheduler, tok, model_name: str, block_size: int, api_key:
         choices = [Choice(srv, s.prompt, texts[k // body.n], body.echo) for k, s in enumerate(seqs)]
         job = srv.submit(seqs)
         rid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
-        head = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
+        head = {"id": rid, "object": "text_completion", "created": created, "model": srv.model_id(body.model)}
         want_lp = body.logprobs is not None
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
@@ -383,7 +387,7 @@ def create_app(sched: Scheduler, tok, model_name: str, block_size: int, api_key:
                         stop_ids=srv.chat.stop_ids, grammar=srv.grammar(body, schema))
         job = srv.submit(seqs)
         head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "object": "chat.completion", "created": int(time.time()),
-                "model": model_name}
+                "model": srv.model_id(body.model)}
         usage = body.stream_options is not None and body.stream_options.include_usage
         calls = "forced" if schema is not None else "auto" if shown else None
         if body.stream:
