@@ -284,9 +284,15 @@ def test_cli_names_the_run_and_sigterm_drains_with_503_for_new_requests(ckpt):
                 got = [next(lines)]
                 pool = ThreadPoolExecutor(1)
                 later = pool.submit(asyncio.run, background())
+                deadline = time.monotonic() + 120
                 while "llm_queue_depth 0.0" in httpx.get(url + "/metrics").text or \
                         "llm_queue_depth 1.0" in httpx.get(url + "/metrics").text:
-                    time.sleep(0.01)  # until the jobs wait in the queue (one 4-row job runs at a time at batch 4)
+                    # until the jobs wait in the queue (one 4-row job runs at a time at batch 4); a bound, so a
+                    # machine too loaded to see them wait fails here instead of polling forever
+                    if later.done() or time.monotonic() > deadline:
+                        pytest.fail("the queued jobs were never seen waiting (/metrics llm_queue_depth < 2) before "
+                                    f"they {'finished' if later.done() else 'timed out'}")
+                    time.sleep(0.01)
                 proc.send_signal(signal.SIGTERM)
                 while httpx.get(url + "/health", timeout=5).status_code == 200:  # a refused connection fails here
                     time.sleep(0.01)
