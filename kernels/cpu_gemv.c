@@ -77,12 +77,22 @@ static inline float f16_to_f32(uint16_t h) {
 
 #define XB 64  /* int8: x values per activation scale */
 
+/* The symmetric scale of x[k0:k1) for integer codes up to qmax: max|x| / qmax (1 for an all-zero block, whose
+ * codes are then 0); with sum, also the block's exact fp32 sum (int4's offset term). */
+static inline float block_scale(const float *x, int k0, int k1, float qmax, float *sum) {
+    float amax = 0.0f, total = 0.0f;
+    for (int k = k0; k < k1; k++) {
+        amax = fabsf(x[k]) > amax ? fabsf(x[k]) : amax;
+        total += x[k];
+    }
+    if (sum) *sum = total;
+    return amax > 0.0f ? amax / qmax : 1.0f;
+}
+
 static void quant_x16(const float *x, int16_t *xq, float *xs, int K, int block) {
     for (int b0 = 0, j = 0; b0 < K; b0 += block, j++) {
         int b1 = b0 + block < K ? b0 + block : K;
-        float amax = 0.0f;
-        for (int k = b0; k < b1; k++) amax = fabsf(x[k]) > amax ? fabsf(x[k]) : amax;
-        float s = amax > 0.0f ? amax / 32767.0f : 1.0f, inv = 1.0f / s;
+        float s = block_scale(x, b0, b1, 32767.0f, NULL), inv = 1.0f / s;
         xs[j] = s;
         for (int k = b0; k < b1; k++) xq[k] = (int16_t)lrintf(x[k] * inv);
     }
@@ -98,9 +108,7 @@ static void quant_x16(const float *x, int16_t *xq, float *xs, int K, int block) 
 static void quant_x8(const float *x, int8_t *xq, float *xs, int K) {
     for (int b0 = 0, j = 0; b0 < K; b0 += QB, j++) {
         int b1 = b0 + QB < K ? b0 + QB : K;
-        float amax = 0.0f;
-        for (int k = b0; k < b1; k++) amax = fabsf(x[k]) > amax ? fabsf(x[k]) : amax;
-        float s = amax > 0.0f ? amax / 127.0f : 1.0f, inv = 1.0f / s;
+        float s = block_scale(x, b0, b1, 127.0f, NULL), inv = 1.0f / s;
         xs[j] = s;
         for (int k = b0; k < b1; k++) xq[k] = (int8_t)lrintf(x[k] * inv);
     }
@@ -228,14 +236,8 @@ static void int4_prep(const float *x, int16_t *xq, float *xs, float *xsum, int M
         int16_t *qm = xq + (int64_t)m * Kp;
         for (int g = 0; g < n_groups; g++) {
             int k0 = g * G, k1 = k0 + G < K ? k0 + G : K;
-            float amax = 0.0f, sum = 0.0f;
-            for (int k = k0; k < k1; k++) {
-                amax = fabsf(xm[k]) > amax ? fabsf(xm[k]) : amax;
-                sum += xm[k];
-            }
-            float s = amax > 0.0f ? amax / 32767.0f : 1.0f, inv = 1.0f / s;
+            float s = block_scale(xm, k0, k1, 32767.0f, &xsum[m * n_groups + g]), inv = 1.0f / s;
             xs[m * n_groups + g] = s;
-            xsum[m * n_groups + g] = sum;
             for (int b = k0; b < k0 + G && b < Kp; b += 32)
                 for (int i = 0; i < 16; i++) {
                     int ke = b + 2 * i, ko = ke + 1;
@@ -308,14 +310,8 @@ static void int4_prep8(const float *x, int8_t *xq, float *xs, float *xsum, int M
         int8_t *qm = xq + (int64_t)m * Kp;
         for (int g = 0; g < n_groups; g++) {
             int k0 = g * G, k1 = k0 + G < K ? k0 + G : K;
-            float amax = 0.0f, sum = 0.0f;
-            for (int k = k0; k < k1; k++) {
-                amax = fabsf(xm[k]) > amax ? fabsf(xm[k]) : amax;
-                sum += xm[k];
-            }
-            float s = amax > 0.0f ? amax / 127.0f : 1.0f, inv = 1.0f / s;
+            float s = block_scale(xm, k0, k1, 127.0f, &xsum[m * n_groups + g]), inv = 1.0f / s;
             xs[m * n_groups + g] = s;
-            xsum[m * n_groups + g] = sum;
             for (int b = k0; b < k0 + G && b < Kp; b += BW)
                 for (int i = 0; i < BW / 2; i++) {
                     int ke = b + 2 * i, ko = ke + 1;
