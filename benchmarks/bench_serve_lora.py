@@ -64,16 +64,17 @@ def make_adapters(model: Transformer, tok, n: int, rank: int, targets: str, fold
 
 
 def forms(C: int, rank: int, n: int, reps: int = 200) -> list[dict]:
-    """Per-row LoRA product of one (C -> 3C) projection in three forms at T = 8 and 256 rows -> rows of us."""
+    """Per-row LoRA product of one (C -> 3C) projection in three forms (and the base product alone) at T = 8 and 256
+    rows -> one row per (rows, form): {rows, C, form, us}."""
     out = []
     for T in (8, 256):
-        out.append(_forms_at(T, C, rank, n, reps))
+        out += _forms_at(T, C, rank, n, reps)
         print(f"forms, {T} rows, C {C} -> {3 * C}, {n} adapters of rank {rank}: " + ", ".join(
-            f"{k[:-3]} {v:.0f} us" for k, v in out[-1].items() if k.endswith("_us")), flush=True)
+            f"{r['form']} {r['us']:.0f} us" for r in out if r["rows"] == T), flush=True)
     return out
 
 
-def _forms_at(T: int, C: int, rank: int, n: int, reps: int) -> dict:
+def _forms_at(T: int, C: int, rank: int, n: int, reps: int) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     x, W = torch.randn(T, 1, C, generator=g), torch.randn(3 * C, C, generator=g)
     idx = torch.arange(T) % (n + 1)  # 0: the base
@@ -104,7 +105,7 @@ def _forms_at(T: int, C: int, rank: int, n: int, reps: int) -> dict:
         return y.view(T, 1, -1)
 
     want = gather()
-    row = {"rows": T, "C": C}
+    rows = []
     for name, f in (("base", base), ("masked", masked), ("gather_bmm", gather), ("segments", segments)):
         if name != "base":
             torch.testing.assert_close(f(), want, rtol=1e-4, atol=1e-3)
@@ -113,8 +114,8 @@ def _forms_at(T: int, C: int, rank: int, n: int, reps: int) -> dict:
         t0 = time.perf_counter()
         for _ in range(reps):
             f()
-        row[f"{name}_us"] = (time.perf_counter() - t0) / reps * 1e6
-    return row
+        rows.append({"rows": T, "C": C, "form": name, "us": (time.perf_counter() - t0) / reps * 1e6})
+    return rows
 
 
 def run(model: Transformer, tok, adapters: dict[str, Transformer], args) -> list[dict]:
@@ -190,9 +191,11 @@ def main() -> None:
     load = os.getloadavg()
     print(f"threads {torch.get_num_threads()}, load average {load[0]:.2f} (1 min) at start", flush=True)
     if args.forms:
-        write_results("serve_lora_forms", forms(model.cfg.n_embd, args.rank, args.adapters), x="rows", y="masked_us",
-                      series="C", title=f"Per-row LoRA product, {args.adapters} adapters of rank {args.rank}",
-                      xlabel="rows", ylabel="us", legend="n_embd")
+        write_results("serve_lora_forms", forms(model.cfg.n_embd, args.rank, args.adapters), x="rows", y="us",
+                      series="form", kind="bars",
+                      title=f"Per-row LoRA product of one C -> 3C projection (C = {model.cfg.n_embd}), "
+                            f"{args.adapters} adapters of rank {args.rank}",
+                      xlabel="decode rows in the step", ylabel="time per call (us)", legend="form")
     with tempfile.TemporaryDirectory() as tmp:
         adapters = make_adapters(model, tok, args.adapters, args.rank, args.targets, Path(tmp))
         rows = run(model, tok, adapters, args)
