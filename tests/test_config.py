@@ -61,3 +61,16 @@ def test_min_lr_default_follows_a_peak_below_it(flags, want):
 
     _, _, tcfg, _ = resolve_configs(flags)
     assert tcfg.min_lr == pytest.approx(want, rel=1e-12, abs=0)
+
+
+@pytest.mark.parametrize("flags,want", [
+    ([], "warmup 50 steps to lr 3.00e-03, cosine decay to 3.00e-04 at step 600"),
+    (["--lr", "3e-4"], "then constant (--min-lr 3.00e-04 equals --lr"),
+    (["--lr", "1e-4", "--warmup-steps", "0"], "lr 1.00e-04, cosine decay to 1.00e-05")])
+def test_the_schedule_line_says_when_the_learning_rate_stays_flat(flags, want):
+    """The trainer's `schedule:` line: at --lr 3e-4 the default floor equals the peak, so it says nothing decays."""
+    from llm.train.cli import resolve_configs
+    from llm.train.optim import schedule_line
+
+    _, _, tcfg, _ = resolve_configs(flags)
+    assert want in schedule_line(tcfg)

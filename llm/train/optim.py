@@ -29,6 +29,15 @@ def lr_at(step: int, t: TrainConfig) -> float:
     return t.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (t.lr - t.min_lr)
 
 
+def schedule_line(t: TrainConfig) -> str:
+    """One console line saying what lr_at will do, so a flat schedule (min_lr == lr) is never a surprise."""
+    warm = f"warmup {t.warmup_steps} steps to lr {t.lr:.2e}, " if t.warmup_steps else f"lr {t.lr:.2e}, "
+    if t.min_lr == t.lr:
+        return (f"schedule: {warm}then constant (--min-lr {t.min_lr:.2e} equals --lr: pass a lower --min-lr "
+                "for a cosine decay)")
+    return f"schedule: {warm}cosine decay to {t.min_lr:.2e} at step {t.max_steps}"
+
+
 def make_optimizer(model: torch.nn.Module, t: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters: weight_decay on those with >= 2 dims, none on the rest; or Muon.
 

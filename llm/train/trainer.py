@@ -45,7 +45,7 @@ from llm.train import finetune, mup, objectives, tasks, tp
 from llm.train.distributed import fmt_bytes
 from llm.train.health import Health, SpikeDetector, plot_health
 from llm.train.metrics import MetricsLogger, Progress, device_name, fmt_duration, mfu, peak_flops, plot_losses
-from llm.train.optim import lr_at, make_optimizer
+from llm.train.optim import lr_at, make_optimizer, schedule_line
 from llm.train.resume import check_resume, restore, rollback
 
 Say = Callable[..., None]
@@ -321,6 +321,7 @@ def _announce(run: Run, mcfg: ModelConfig, dcfg: DataConfig, init: bool, resumed
     say(f"data: {run.data_path} ({run.manifest['splits']['train']['tokens']:,} train tokens"
         + (f"; validating on the {run.val_loader.split} split" if run.val_loader.split != "val" else "") + ")")
     say(f"plan: {run.plan.describe()}")
+    say(schedule_line(tcfg))
     say(f"device: {device_name(device)} x {W}, {str(run.dtype).replace('torch.', '')}, kernels={mcfg.kernels}"
         f"{', FSDP2' if tcfg.fsdp and run.d.dp_world > 1 else ', DDP' if run.d.dp_world > 1 else ''}"
         f"{f', tensor parallel {run.d.tp} x {run.d.dp_world} data-parallel' if run.d.tp > 1 else ''}"
