@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-import textwrap
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -70,8 +70,24 @@ def is_number(v: Any) -> bool:
 
 
 def wrap(text: str, width: int) -> str:
-    """text broken into lines of at most `width` characters (on spaces where it can)."""
-    return "\n".join(textwrap.wrap(str(text), max(width, 8), break_on_hyphens=False)) or str(text)
+    """text broken into lines of at most `width` characters: on spaces where it can; a word longer than a line
+    after the joiners of a compound label ("int8+emb+compile", "hf-16x1024/q4_0": after + / , =), and mid-word
+    only for a run without joiners longer than a whole line."""
+    width = max(width, 8)
+    lines: list[str] = []
+    cur = ""
+    for word in str(text).split():
+        pieces = [word] if len(word) <= width else re.split(r"(?<=[+/,=])", word)  # whole words move as one
+        for j, piece in enumerate(pieces):
+            sep = " " if j == 0 and cur else ""
+            if cur and len(cur) + len(sep) + len(piece) > width:
+                lines.append(cur)
+                cur, sep = "", ""
+            cur += sep + piece
+            while len(cur) > width:  # one unbreakable run longer than a line
+                lines.append(cur[:width])
+                cur = cur[width:]
+    return "\n".join(lines + [cur] if cur else lines) or str(text)
 
 
 def style(i: int, n_points: int) -> dict:

@@ -8,13 +8,14 @@ import subprocess
 from pathlib import Path
 
 import matplotlib
+import pytest
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.container import BarContainer  # noqa: E402
 
 from benchmarks import replot  # noqa: E402
-from llm.plotting import PlotSpec, add_legend, render  # noqa: E402
+from llm.plotting import PlotSpec, add_legend, render, wrap  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -110,3 +111,16 @@ def test_write_results_keeps_the_spec_that_replot_redraws_from(tmp_path, monkeyp
     assert (spec.x, spec.y, spec.ylabel, spec.series) == ("provider", "tok_s", "tokens/s", "provider")
     assert replot.main([str(out / "demo.plot.json"), "--out", str(tmp_path / "again")]) == 0
     assert (tmp_path / "again" / "demo.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("text,width,want", [
+    ("int8+emb+compile", 10, "int8+emb+\ncompile"),  # after a joiner, not "int8+emb+c\nompile"
+    ("a long title that would run into", 20, "a long title that\nwould run into"),
+    ("q4_0/llama.cpp ours", 11, "q4_0/\nllama.cpp\nours"),
+    ("max_batch 32, max_step_tokens 256", 24, "max_batch 32,\nmax_step_tokens 256"),  # identifiers stay whole
+    ("minus distilled (nats/token)", 20, "minus distilled\n(nats/token)"),  # a word that fits moves whole
+    ("x" * 20, 8, "xxxxxxxx\nxxxxxxxx\nxxxx"),  # a run longer than a line still fits the width
+])
+def test_wrap_breaks_compound_labels_after_their_joiners(text, width, want):
+    out = wrap(text, width)
+    assert out == want and all(len(line) <= width for line in out.split("\n"))
