@@ -16,7 +16,8 @@ Providers: ours (eager on CPU, CUDA graph on CUDA), ours+compile (torch.compile'
 its one-off compile time is reported apart), hf (generate(), default dynamic cache, SDPA), and the
 weight-only quantized copies int8, int4 (group 64), int8+emb, int4+emb (head and embedding too), run
 like `ours` (llm.quant; on CPU the C GEMVs of kernels/cpu_gemv.py, see llm.ops), each also compiled as
-`<name>+compile` (e.g. int4+compile: the GEMVs stay custom ops inside the compiled step), and on CPU with
+`<name>+compile` (e.g. int4+compile: the GEMVs stay custom ops inside the compiled step), on CPU ours-f16 and
+ours-bf16 (+compile): the linears' weights in 16 bits, fp32 compute (llm.weights16), and on CPU with
 llama-cpp-python installed (the `llamacpp` extra) llama.cpp:f32, llama.cpp:f16, llama.cpp:q8_0, llama.cpp:q4_0:
 the same weights written by llm.interop.gguf and decoded by llama.cpp (batch 1, torch's thread count; its
 roofline bytes are the GGUF tensors' but the embedding's).
@@ -62,10 +63,13 @@ from llm.loading import load_model
 from llm.model import Transformer
 from llm.quant import QuantLinear, make_scheme, quantize_model
 from llm.tokenizer import Tokenizer
+from llm.weights16 import W16Linear, to_w16
 
 # Weight-only quantized copies of the model, eager decode: provider -> (mode, group size, head + embedding too).
 QUANT = {"int8": ("int8", None, False), "int4": ("int4", 64, False), "int8+emb": ("int8", None, True),
          "int4+emb": ("int4", 64, True)}
+# 16-bit weights, fp32 compute (llm.weights16; CPU only): provider -> format.
+W16 = {"ours-f16": "f16", "ours-bf16": "bf16"}
 
 
 # Imported cases: a Llama saved by transformers (random weights, GQA, untied, a ~700-token vocabulary), read
@@ -193,7 +197,8 @@ def step_bytes(model: Transformer, B: int, kv_len: float) -> float:
     the embedding table (B rows), plus K and V."""
     c, elt = model.cfg, model.norm_f.weight.element_size()
     w = sum(p.numel() * p.element_size() for p in model.parameters())
-    w += sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, QuantLinear) for b in m.buffers())
+    w += sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, (QuantLinear, W16Linear))
+             for b in m.buffers())
     if not c.tie_embeddings and isinstance(model.tok_emb, torch.nn.Embedding):
         w -= model.tok_emb.weight.numel() * model.tok_emb.weight.element_size()
     return w + B * kv_len * c.n_layer * 2 * c.n_kv_head * c.head_dim * elt
@@ -209,8 +214,9 @@ def bench_case(model: Transformer, hf, prompt: torch.Tensor, n: int, providers: 
     models = {"ours": model, "ours+compile": model, "hf": model}
     for k in providers:
         base, compiled = k.removesuffix("+compile"), k.endswith("+compile")
-        if base in QUANT:
-            qm = quantize_model(copy.deepcopy(model), make_scheme(*QUANT[base])).to(model.lm_head.weight.dtype)
+        if base in QUANT or base in W16:
+            qm = (quantize_model(copy.deepcopy(model), make_scheme(*QUANT[base])).to(model.lm_head.weight.dtype)
+                  if base in QUANT else to_w16(copy.deepcopy(model), W16[base]))
             models[k] = qm
             runs[k] = partial(run_ours, qm, prompt, n, "compile" if compiled else "graph" if cuda else "eager")
     nbytes = {}

@@ -400,6 +400,12 @@ def int8_matmul_ref(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | N
     return (y if bias is None else y + bias.float()).to(x.dtype)
 
 
+def w16_matmul_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """y = x @ W.T + b with W (N, K) stored fp16 / bf16, widened to x's dtype (exact: every fp16 / bf16 value is an
+    fp32 one) before one GEMM. x (..., K); bias (N,). x's dtype."""
+    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
 def int4_matmul_ref(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
                     bias: Tensor | None = None) -> Tensor:
     """y = x @ dequant(q).T + b. x (..., K); qweight (N, ceil(K/2)) uint8; scales, zeros (N, ceil(K/G)). x's dtype."""

@@ -480,3 +480,35 @@ def int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group
         y = y if bias is None else y + bias.float()
         return y.to(x.dtype).view(*x.shape[:-1], N)
     return ref.int4_matmul_ref(x, qweight, scales, zeros, group_size, bias)
+
+
+# ----------------------------------------------------------------------------- 16-bit weights, fp32 compute
+
+# `--weights f16` (llm/weights16.py) stores the linears' weights in fp16 and computes in fp32: a CPU decode row
+# (up to W16_MAX_M rows) takes the C GEMV that widens each fp16 weight in registers (F16C) and accumulates in fp32,
+# so a step reads half of fp32's bytes; longer inputs (prefill) widen the weight once per call and run one fp32
+# GEMM (the widening costs ~10% of the GEMM at 128 rows; the GEMV re-widens per row and loses above ~4 rows).
+W16_MAX_M = 4
+
+
+@torch.library.custom_op("llm::cpu_w16_gemv", mutates_args=())
+def cpu_w16_gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """kernels.cpu_gemv.w16_gemv as an op torch.compile keeps whole: x (..., K) -> (..., N) in x's dtype."""
+    return cpu_gemv.w16_gemv(x, weight, bias)
+
+
+@cpu_w16_gemv.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    return x.new_empty(x.shape[:-1] + (weight.shape[0],))
+
+
+def w16_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, kernels: str = "auto") -> Tensor:
+    """x @ W.T + b for W (N, K) stored fp16 / bf16 and x fp32: the C GEMV for a few CPU rows (under torch.compile
+    the custom op cpu_w16_gemv), else the reference (W widened to x's dtype, one GEMM)."""
+    rows = x.numel() // max(1, x.shape[-1])
+    if (kernels == "auto" and x.device.type == "cpu" and rows <= W16_MAX_M and x.dtype == torch.float32
+            and cpu_gemv.available()):
+        if torch.compiler.is_compiling():
+            return cpu_w16_gemv(x, weight, bias)
+        return cpu_gemv.w16_gemv(x, weight, bias)  # eager: no dispatcher hop
+    return ref.w16_matmul_ref(x, weight, bias)

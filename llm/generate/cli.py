@@ -17,6 +17,7 @@ from llm.generate.stats import Stats
 from llm.loading import load_model
 from llm.quant import GROUP_SIZES, make_scheme
 from llm.runtime import pick_device, pick_dtype, set_threads
+from llm.weights16 import FORMATS, check_weights, to_w16
 
 
 def parser() -> argparse.ArgumentParser:
@@ -31,6 +32,9 @@ def parser() -> argparse.ArgumentParser:
                    help="quantize the weights at load (weight-only; see llm quantize)")
     g.add_argument("--group-size", type=int, default=64,
                    help=f"with --quantize int4: inputs per scale group, one of {', '.join(map(str, GROUP_SIZES))}")
+    g.add_argument("--weights", default=None, choices=tuple(FORMATS),
+                   help="CPU: keep the linears' weights in 16 bits and compute in fp32; decode reads half of fp32's "
+                        "bytes (f16 rounds each weight to 11 significant bits, bf16 to 8; see docs/inference.md)")
     g.add_argument("--device", default="auto", help="cpu, cuda or auto")
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weights and compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
@@ -133,7 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.system is not None and not args.chat:
             raise SamplingError("--system needs --chat")
         scheme = make_scheme(args.quantize, args.group_size) if args.quantize else None
+        check_weights(args.weights, device, dtype, args.quantize, args.lora)
         model, tok, _ = load_model(args.checkpoint, device, dtype, quantize=scheme, lora=args.lora, **overrides)
+        if args.weights:
+            model = to_w16(model, args.weights)
         spec = _speculation(args, model, tok, device, dtype, overrides)
         context = min([model.n_positions] + ([spec.draft.cfg.block_size] if spec and spec.draft else []))
         interactive = args.chat and not (args.prompt or args.prompt_file)

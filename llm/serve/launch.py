@@ -28,6 +28,7 @@ from llm.serve.captured import batch_buckets
 from llm.serve.engine import Engine
 from llm.serve.scheduler import Scheduler
 from llm.serve.templates import ChatFormat, read_template
+from llm.weights16 import FORMATS, check_weights, to_w16
 
 
 def build(model: Transformer, tok, model_name: str = "llm", max_batch: int = 16, max_queue: int = 64,
@@ -193,6 +194,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     p.add_argument("--kernels", default=None, choices=("auto", "triton", "torch"))
+    p.add_argument("--weights", default=None, choices=tuple(FORMATS),
+                   help="CPU: keep the linears' weights in 16 bits and compute in fp32 (decode reads half the "
+                        "bytes; llm.weights16)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     return p
 
@@ -213,7 +217,11 @@ def main(argv: list[str] | None = None) -> int:
         set_threads(args.threads)
         device = pick_device(args.device)
         overrides = {"kernels": args.kernels} if args.kernels else {}
-        model, tok, _ = load_model(args.checkpoint, device, pick_dtype(args.dtype, device), **overrides)
+        dtype = pick_dtype(args.dtype, device)
+        check_weights(args.weights, device, dtype, lora=loras or None)
+        model, tok, _ = load_model(args.checkpoint, device, dtype, **overrides)
+        if args.weights:
+            model = to_w16(model, args.weights)
         if model.prefix is not None and loras:
             raise ValueError(f"{args.checkpoint} is prefix-tuned: --lora adapters are served over a plain base only "
                              "(the server holds one prefix, the checkpoint's)")
