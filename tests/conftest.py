@@ -250,3 +250,19 @@ def post_all(url: str, bodies: list[dict], route: str = "/v1/completions", timeo
             return await asyncio.gather(*(c.post(url + route, json=b) for b in bodies))
 
     return [r.json() for r in asyncio.run(go())]
+
+
+GGUF_CORPUS = ["def f(x):\n    return x + 1\n" * 20,
+               "héllo wörld, 123 4567 日本語 🙂\n\n\n  tabs\tand 'quotes' it's\r\n"]
+
+
+@pytest.fixture(scope="module")
+def gguf_model_and_tok() -> tuple[Transformer, Tokenizer]:
+    """A random 2-layer GQA model (untied head) and a 320-token BPE trained on GGUF_CORPUS: the GGUF / llama.cpp
+    tests' model (byte-level edge cases in the corpus: accents, CJK, emoji, tabs, CRLF, quotes)."""
+    tok = Tokenizer.train(GGUF_CORPUS, 320)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.n_vocab, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                      intermediate_size=96, tie_embeddings=False)
+    return Transformer(cfg).eval(), tok
+
