@@ -21,7 +21,7 @@ from functools import cache
 import torch
 from torch import Tensor
 
-from kernels import cpu_gemv
+from kernels import cpu_gemv, cpu_prefill
 from kernels import reference as ref
 
 KERNEL_CHOICES = ("auto", "triton", "torch")
@@ -379,8 +379,9 @@ def moe_experts(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, topk_id
 # rest of the step around them; a bare ctypes call would break the graph). Where no C compiler built them,
 # torch's own weight-only kernels (aten._weight_int8pack_mm, _weight_int4pack_mm_for_cpu) take the rows:
 # vectorized for bf16 activations only (on this AVX2 CPU fp32 activations ran 10x slower than fp32 F.linear), so
-# x is rounded to bf16 and the result cast back. Longer inputs (prefill) take the reference, dequantize + one fp32
-# GEMM, which beats a per-row loop there. Measurements: benchmarks/NOTES.md (issues 21 and 32).
+# x is rounded to bf16 and the result cast back. Longer inputs (prefill) dequantize a block of output rows at a time
+# into one reused fp32 buffer and run one GEMM per block (kernels/cpu_prefill.py: ~5x the whole-weight reference
+# for int4 at 128 rows). Measurements: benchmarks/NOTES.md (issues 21 and 32).
 CPU_WOQ_MAX_M = 8
 
 
@@ -428,6 +429,12 @@ def _cpu_woq(kernels: str, x: Tensor, op: str) -> bool:
     return _cpu_rows(kernels, x) and _torch_cpu_op(op)
 
 
+def _cpu_prefill(kernels: str, x: Tensor) -> bool:
+    """Other CPU inputs (prefill, or decode without the C build) dequantize a block of rows per GEMM
+    (kernels/cpu_prefill.py) in eager mode; under torch.compile the reference is traced (inductor fuses it)."""
+    return kernels == "auto" and x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = None,
                 kernels: str = "auto") -> Tensor:
     """x @ (q * s[:, None]).T + b for an int8 per-channel weight q (N, K): the Triton W8A16 kernel; for a few
@@ -445,6 +452,8 @@ def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None 
         y = torch.ops.aten._weight_int8pack_mm(x2, qweight, scales.to(torch.bfloat16)).float()
         y = y if bias is None else y + bias.float()
         return y.to(x.dtype).view(*x.shape[:-1], qweight.shape[0])
+    if _cpu_prefill(kernels, x):
+        return cpu_prefill.int8_matmul(x, qweight, scales, bias)
     return ref.int8_matmul_ref(x, qweight, scales, bias)
 
 
@@ -479,6 +488,8 @@ def int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, cache["packed"], group_size, cache["scales_zeros"]).float()
         y = y if bias is None else y + bias.float()
         return y.to(x.dtype).view(*x.shape[:-1], N)
+    if _cpu_prefill(kernels, x):
+        return cpu_prefill.int4_matmul(x, qweight, scales, zeros, group_size, bias)
     return ref.int4_matmul_ref(x, qweight, scales, zeros, group_size, bias)
 
 

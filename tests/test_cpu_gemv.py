@@ -142,7 +142,8 @@ def test_16bit_weight_gemv_equals_fp32_product_of_the_same_weights(M, N, K, wdty
 
 def test_int4_decode_never_dequantizes_the_whole_weight(monkeypatch):
     """The int4 cliff: K = 1376 with groups of 64 (the last group half full) decodes through the GEMV; the
-    reference's whole-weight dequantization is not called for decode rows (it still serves prefill)."""
+    reference's whole-weight dequantization is called neither for decode rows nor for prefill rows (those
+    dequantize a block of rows per GEMM: kernels/cpu_prefill.py, tests/test_cpu_prefill.py)."""
     lin = torch.nn.Linear(1376, 48)
     m = quant.QuantLinear.from_linear(lin, "int4", 64, "auto")
     x = torch.randn(1, 1376)
@@ -154,8 +155,8 @@ def test_int4_decode_never_dequantizes_the_whole_weight(monkeypatch):
     monkeypatch.setattr(ref, "int4_dequant_ref", lambda *a: calls.append(a) or real(*a))
     _check(m(x), hp, lp, torch.float32, "int4 K=1376 g64", _bound(x, sq, cpu_gemv.INT4_ACT_BITS, 64))
     assert calls == []
-    m(torch.randn(ops.CPU_WOQ_MAX_M + 1, 1376))  # prefill rows: the reference, by design
-    assert len(calls) == 1
+    m(torch.randn(ops.CPU_WOQ_MAX_M + 1, 1376))  # prefill rows
+    assert calls == []
 
 
 @pytest.mark.parametrize("act_bits", [8, 16], ids=["a8", "a16"])
