@@ -2,10 +2,12 @@
 
     python -m benchmarks.bench_cpu_gemv [--shapes 1024x512 1408x512 512x1408 2816x1024 1024x2816]
                                         [--rows 1] [--threads 1] [--repeats 5] [--name bench_cpu_gemv]
+                                        [--providers fp32 f16 ...]
 
 For each weight shape N x K (the default ones are the hf-8x512 and hf-16x1024 imports' linears: fused
 q/k/v, w1 = w3 and w2) and x (rows, K) fp32, the providers compute y = x @ W^T with W held as:
   fp32           F.linear on the fp32 weight (torch's GEMV)
+  fp32 kmajor    F.linear on the same weight stored K-major (Transformer.decode_layout: what fp32 decode runs)
   f16            kernels.cpu_gemv.w16_gemv, fp16 weight widened in registers, fp32 FMA
   int8 a16/a8    kernels.cpu_gemv.int8_gemv, per-channel int8 codes, activations rounded to int16 (vpmaddwd)
                  or int8 per 32 values (vpmaddubsw: llama.cpp's q8_0 activations)
@@ -32,6 +34,7 @@ from kernels import cpu_gemv
 from llm.quant import quantize_int4, quantize_int8
 
 COPIES = 8
+PROVIDERS = ("fp32", "fp32 kmajor", "f16", "int8 a16", "int8 a8", "int4 a16", "int4 a8")
 
 
 def _providers(N: int, K: int) -> dict[str, tuple[list, int]]:
@@ -44,6 +47,7 @@ def _providers(N: int, K: int) -> dict[str, tuple[list, int]]:
     b8 = N * K + 4 * N
     b4 = N * ((K + 1) // 2) + 2 * 4 * N * (-(-K // 64))
     return {"fp32": ([("fp32", w) for w in ws], 4 * N * K),
+            "fp32 kmajor": ([("fp32", w.t().contiguous().t()) for w in ws], 4 * N * K),
             "f16": ([("f16", w) for w in f16], 2 * N * K),
             "int8 a16": ([("int8", q, s, 16) for q, s in i8], b8),
             "int8 a8": ([("int8", q, s, 8) for q, s in i8], b8),
@@ -62,8 +66,8 @@ def _call(x: torch.Tensor, a: tuple) -> torch.Tensor:
     return cpu_gemv.int4_gemv(x, a[1], a[2], a[3], 64, act_bits=a[4])
 
 
-def bench_shape(N: int, K: int, M: int, repeats: int) -> list[dict]:
-    provs = _providers(N, K)
+def bench_shape(N: int, K: int, M: int, repeats: int, names: list[str]) -> list[dict]:
+    provs = {k: v for k, v in _providers(N, K).items() if k in names}
     x = torch.randn(M, K)
     calls = {k: max(8, int(256e6 // nbytes)) for k, (_, nbytes) in provs.items()}
     for args, _ in provs.values():  # warm-up (and the first build of the library)
@@ -86,7 +90,7 @@ def bench_shape(N: int, K: int, M: int, repeats: int) -> list[dict]:
                    gb_s=nbytes / t / 1e9, vs_fp32=base / t,
                    vs_a16=statistics.median(times[a16]) / t if k.endswith(" a8") else None)
         rows.append(row)
-        print(f"{row['shape']:>10s} M{M:<2d} {k:9s} {row['us']:9.1f} us (spread {row['spread_us']:6.1f})  "
+        print(f"{row['shape']:>10s} M{M:<2d} {k:11s} {row['us']:9.1f} us (spread {row['spread_us']:6.1f})  "
               f"{row['gb_s']:6.2f} GB/s  x{row['vs_fp32']:.2f} vs fp32"
               + (f"  x{row['vs_a16']:.2f} vs a16" if row["vs_a16"] else ""), flush=True)
     return rows
@@ -99,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=1, help=f"rows of x (decode batch), 1 .. {cpu_gemv.MAX_M}")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (torch's and the kernels' OpenMP)")
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds per provider, median")
+    p.add_argument("--providers", nargs="+", default=list(PROVIDERS),
+                   help=f"which to run (fp32 always runs: the baseline), of {', '.join(PROVIDERS)}")
     p.add_argument("--name", default="bench_cpu_gemv", help="result file name under benchmarks/results/<device>/")
     args = p.parse_args(argv)
     shapes = []
@@ -108,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             p.error(f"--shapes: {s!r} is not N x K (e.g. 2816x1024)")
         shapes.append((n, k))
+    bad = [k for k in args.providers if k not in PROVIDERS]
+    if bad:
+        p.error(f"--providers: unknown {', '.join(bad)}; choose from {', '.join(PROVIDERS)}")
     if not 1 <= args.rows <= cpu_gemv.MAX_M:
         p.error(f"--rows must be 1 .. {cpu_gemv.MAX_M}")
     if not cpu_gemv.available():
@@ -118,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU GEMV benchmark on {where}: {args.rows} row(s) of x, median of {args.repeats}", flush=True)
     rows = []
     for N, K in shapes:
-        rows += bench_shape(N, K, args.rows, args.repeats)
+        rows += bench_shape(N, K, args.rows, args.repeats, ["fp32"] + [k for k in args.providers if k != "fp32"])
     write_results(args.name, rows, x="shape", y="gb_s", title=f"CPU decode GEMVs, {where}, {args.rows} row(s)",
                   xlabel="weight N x K", ylabel="weight bytes read (GB/s)", kind="bars")
     return 0

@@ -252,13 +252,15 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def decode_layout(self) -> Transformer:
-        """CPU inference: store every fp32 linear weight (N, K) K-major, same values and shape; returns self.
+        """CPU inference: store each fp32 linear weight (N, K) with N >= K K-major, same values and shape; returns
+        self.
 
         A decode step is one GEMV per weight, x (1, K) @ W.T; MKL's single-row GEMM reads a K-major W
-        (x @ W with W (K, N) contiguous) 10-25% faster than an N-major one on this project's CPU bench
-        machine (benchmarks/NOTES.md, "CPU decode"). Only the strides change (each Parameter keeps its
-        identity; a tied head moves the embedding table with it), so results equal the N-major ones up
-        to fp32 summation order; checkpoints save contiguous copies. A no-op on CUDA, in training mode,
+        (x @ W with W (K, N) contiguous) 1.2-1.7x faster than an N-major one when N >= K (q/k/v, w1, w3, the head)
+        but 0.8-0.9x when N < K (w2), on this project's CPU bench machine (benchmarks/NOTES.md, "CPU decode" and
+        issue 32 session 5: hf-8x512 decode 12.31 -> 11.87 ms/step keeping w2 N-major). Only the strides change
+        (each Parameter keeps its identity; a tied head moves the embedding table with it), so results equal the
+        N-major ones up to fp32 summation order; checkpoints save contiguous copies. A no-op on CUDA, in training mode,
         in other dtypes, and for weights already K-major. The samplers call it (stream_tokens, beam,
         speculative, the server's engine).
         """
@@ -268,7 +270,7 @@ class Transformer(nn.Module):
             for m in self.modules():
                 w = getattr(m, "weight", None) if isinstance(m, nn.Linear) else None
                 if (w is not None and w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2
-                        and w.is_contiguous() and min(w.shape) > 1):
+                        and w.is_contiguous() and min(w.shape) > 1 and w.shape[0] >= w.shape[1]):
                     w.data = w.data.t().contiguous().t()
         return self
 

@@ -127,7 +127,8 @@ def test_tied_embeddings_share_storage():
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_decode_layout_changes_strides_only(tied, tmp_path):
-    """decode_layout stores each fp32 linear weight K-major: same shape and values, same Parameter objects
+    """decode_layout stores each fp32 linear weight with N >= K K-major (wide-K ones, w2, stay N-major): same shape
+    and values, same Parameter objects
     (a tied head moves the embedding table with it), the same logits up to summation order and the same
     greedy tokens; a no-op in training mode and the second time; a checkpoint saved after it loads back."""
     from llm import checkpoint as ck
@@ -147,8 +148,8 @@ def test_decode_layout_changes_strides_only(tied, tmp_path):
     ids0 = list(stream_tokens(model, [[3, 1, 4, 1, 5]], 20, SamplingParams(0.0)))  # stream_tokens applies it
     for n, p in model.named_parameters():  # the sampler runs in inference mode: the weights stay normal tensors
         assert p is params[n] and torch.equal(p, before[n]) and not p.is_inference()
-        if p.dim() == 2 and n != "tok_emb.weight" or tied and n == "tok_emb.weight":
-            assert p.stride() == (1, p.shape[0]), n
+        if p.dim() == 2 and n != "tok_emb.weight" or tied and n == "tok_emb.weight":  # K-major where N >= K
+            assert p.stride() == ((1, p.shape[0]) if p.shape[0] >= p.shape[1] else (p.shape[1], 1)), n
     assert (model.lm_head.weight is model.tok_emb.weight) == tied
     torch.testing.assert_close(model(idx)[0], logits0, atol=1e-5, rtol=1e-5)
     assert list(stream_tokens(model, [[3, 1, 4, 1, 5]], 20, SamplingParams(0.0))) == ids0
