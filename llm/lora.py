@@ -338,14 +338,19 @@ def check_base(model: Transformer, cfg: dict, directory: str | Path) -> None:
                               + ", ".join(f"{k} {cfg['base_model'][k]} vs base {arch.get(k)}" for k in diff[:6]))
 
 
-def load_adapter_tensors(model: nn.Module, tensors: dict[str, Tensor], source: Path) -> None:
-    """Strict: every adapter tensor present with its shape, nothing else."""
-    own = adapter_tensors(model)
+def copy_exactly(own: dict[str, Tensor], tensors: dict[str, Tensor], source: Path | str, what: str) -> None:
+    """Copy tensors[k] into own[k] for every k, strictly: the same names and shapes, nothing missing or extra
+    (else one CheckpointError naming up to six differences and `what` the model's tensors are)."""
     bad = sorted(set(own) ^ set(tensors)) + sorted(
         f"{k} {tuple(tensors[k].shape)} vs {tuple(p.shape)}" for k, p in own.items()
         if k in tensors and tensors[k].shape != p.shape)
     if bad:
-        raise CheckpointError(f"{source} does not fit the model's LoRA layers: {', '.join(bad[:6])}")
+        raise CheckpointError(f"{source} does not fit the model's {what}: {', '.join(bad[:6])}")
     with torch.no_grad():
         for k, p in own.items():
             p.copy_(tensors[k])
+
+
+def load_adapter_tensors(model: nn.Module, tensors: dict[str, Tensor], source: Path) -> None:
+    """Strict: every adapter tensor present with its shape, nothing else."""
+    copy_exactly(adapter_tensors(model), tensors, source, "LoRA layers")

@@ -17,7 +17,6 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 from torch import Tensor
 
@@ -137,14 +136,7 @@ def load_tensors(model: nn.Module, tensors: dict[str, Tensor], source: Path) -> 
     own = trained_tensors(model)
     if any(k.startswith("prefix.") for k in own):
         tensors = {k: v for k, v in tensors.items() if not k.startswith("prefix.") or k in own}
-    bad = sorted(set(own) ^ set(tensors)) + sorted(
-        f"{k} {tuple(tensors[k].shape)} vs {tuple(p.shape)}" for k, p in own.items()
-        if k in tensors and tensors[k].shape != p.shape)
-    if bad:
-        raise CheckpointError(f"{source} does not fit the model's adapter tensors: {', '.join(bad[:6])}")
-    with torch.no_grad():
-        for k, p in own.items():
-            p.copy_(tensors[k])
+    lora.copy_exactly(own, tensors, source, "adapter tensors")
 
 
 def merge(model: Transformer) -> Transformer:
