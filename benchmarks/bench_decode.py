@@ -35,7 +35,15 @@ Speculative decoding (needs trained weights: with random ones acceptance means n
                                       [--prompt-lookup 3] [--speculate 4] [--new-tokens 64]
 runs plain greedy, prompt lookup and (with a draft) draft-model speculation side by side on the
 file's first tokens (as many as fit the context with --new-tokens), and reports tok/s, the speedup
-over plain, acceptance, tokens per target pass, and whether the ids equal plain greedy's.
+over plain, acceptance, tokens per target pass, and whether the ids equal plain greedy's; --speculate takes
+several K, --draft-quant int8 / int4 adds the target itself quantized as a draft.
+Quantized self-speculation on the presets (random weights; the draft is the target quantized, so acceptance is
+the quantized model's agreement with the fp32 one):
+    python -m benchmarks.bench_decode --presets hf-16x1024 --prompt 128 --new-tokens 64 --threads 1
+                                      --draft-quant int8 --speculate 2 3 4
+plain, each draft decoding alone (its step cost) and each (draft, K) side by side, interleaved: tok/s with its
+spread over the repeats, ms/token, x vs plain, acceptance, tokens per target pass, verify_steps (a round's time
+less its K draft steps, in plain steps: the verify pass plus the round's overhead) and same (ids == plain's).
 """
 
 from __future__ import annotations
@@ -57,7 +65,7 @@ from llm.config import ModelConfig, preset
 from llm.generate import Stats, stream_tokens
 from llm.generate.api import complete
 from llm.generate.sampling import SamplingParams
-from llm.generate.speculative import Speculation, check_tokenizers
+from llm.generate.speculative import Speculation, check_tokenizers, stream_speculative
 from llm.interop.gguf import export_gguf
 from llm.loading import load_model
 from llm.model import Transformer
@@ -252,15 +260,18 @@ def bench_case(model: Transformer, hf, prompt: torch.Tensor, n: int, providers: 
 def bench_speculative(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> int:
     """Plain greedy vs prompt lookup vs a draft model on one prompt of a trained checkpoint."""
     model, tok, _ = load_model(args.checkpoint, device, dtype)
-    N, K = args.new_tokens, args.speculate
-    ids = tok.encode(open(args.prompt_file, encoding="utf-8").read())[: model.cfg.block_size - N]
+    N, Ks = args.new_tokens, args.speculate
+    ids = tok.encode(open(args.prompt_file, encoding="utf-8").read())[: model.cfg.block_size - N - max(Ks)]
     text = tok.decode(ids)
-    specs: dict[str, Speculation | None] = {"plain": None, f"lookup n={args.prompt_lookup} k={K}":
-                                            Speculation(K, lookup=args.prompt_lookup)}
+    specs: dict[str, Speculation | None] = {"plain": None}
+    specs |= {f"lookup n={args.prompt_lookup} k={K}": Speculation(K, lookup=args.prompt_lookup) for K in Ks}
     if args.draft_checkpoint:
         draft, draft_tok, _ = load_model(args.draft_checkpoint, device, dtype)
         check_tokenizers(tok, draft_tok)
-        specs[f"draft k={K}"] = Speculation(K, draft=draft)
+        specs |= {f"draft k={K}": Speculation(K, draft=draft) for K in Ks}
+    for q in args.draft_quant or []:  # the target itself, quantized
+        qd = quantize_model(copy.deepcopy(model), make_scheme(*QUANT[q])).to(dtype)
+        specs |= {f"{q} self-draft k={K}": Speculation(K, draft=qd) for K in Ks}
     where = f"{device_name()} ({device.type}, {torch.get_num_threads()} threads), {args.dtype}"
     print(f"speculative decoding on {where}: {args.checkpoint}, prompt {args.prompt_file} ({len(ids)} tokens), "
           f"{N} new tokens, greedy, median of {args.repeats}", flush=True)
@@ -293,6 +304,70 @@ def bench_speculative(args: argparse.Namespace, device: torch.device, dtype: tor
     return 0 if all(r["same"] for r in rows) else 1
 
 
+def run_spec(model: Transformer, prompt: list[int], n: int, spec: Speculation | None) -> tuple[Stats, list[int]]:
+    """Greedy decode of one row, plain (spec None) or speculative: (its Stats, the new ids)."""
+    st = Stats()
+    if spec is None:
+        ids = [s[0] for s in stream_tokens(model, [prompt], n, SamplingParams(0.0), mode="eager", stats=st)]
+    else:
+        ids = [i for r in stream_speculative(model, [prompt], n, SamplingParams(0.0), spec, stats=st) for i in r[0]]
+    return st, ids
+
+
+def bench_speculative_presets(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> int:
+    """Plain greedy vs draft-model speculation with a quantized copy of the target as the draft (quantized
+    self-speculation: --draft-quant int8 / int4), per preset and K, on a random prompt, eager, interleaved."""
+    where = f"{device_name()} (CPU, {torch.get_num_threads()} threads), {args.dtype}"
+    P, N = args.prompt[0], args.new_tokens
+    print(f"speculative decoding on {where}: batch 1, prompt {P}, {N} new tokens, greedy, eager, draft = the target "
+          f"quantized ({', '.join(args.draft_quant)}), k in {args.speculate}, median of {args.repeats} interleaved",
+          flush=True)
+    rows = []
+    for name in args.presets:
+        if name in IMPORTED:
+            model, hf = build_imported(name, P + N + max(args.speculate) + 1, device, dtype)
+            del hf
+        else:
+            model = build(name, P + N + max(args.speculate) + 1, device, dtype)
+        torch.manual_seed(1)
+        prompt = torch.randint(0, model.cfg.vocab_size, (P,)).tolist()
+        drafts = {q: quantize_model(copy.deepcopy(model), make_scheme(*QUANT[q])).to(dtype) for q in args.draft_quant}
+        runs: dict[str, tuple[Transformer, Speculation | None]] = {"plain": (model, None)}
+        runs |= {f"{q} draft alone": (d, None) for q, d in drafts.items()}  # its step time: c_draft
+        runs |= {f"{q} draft k={k}": (model, Speculation(k, draft=d))
+                 for q, d in drafts.items() for k in args.speculate}
+        for m, spec in runs.values():  # warm-up
+            run_spec(m, prompt, N, spec)
+        res: dict[str, list] = {k: [] for k in runs}
+        for _ in range(args.repeats):  # interleaved, so load changes hit every case alike
+            for k, (m, spec) in runs.items():
+                res[k].append(run_spec(m, prompt, N, spec))
+        ms = {k: 1e3 / statistics.median(st.decode_tok_s for st, _ in rs) for k, rs in res.items()}
+        for k, rs in res.items():
+            st, ids = rs[0]
+            tps = [s.decode_tok_s for s, _ in rs]
+            tpp = 1 + st.accepted / st.row_passes if st.row_passes else 1.0
+            spec = runs[k][1]
+            q = k.split()[0]
+            # per target pass: tokens_per_pass tokens at ms[k] each = K draft steps + the verify pass (+ overhead)
+            verify = (ms[k] * tpp - spec.k * ms[f"{q} draft alone"]) / ms["plain"] if spec else None
+            row = dict(case=name, provider=k, prompt=P, new=len(ids), tok_s=statistics.median(tps),
+                       ms_token=ms[k], spread=f"{min(tps):.1f}-{max(tps):.1f}", vs_plain=ms["plain"] / ms[k],
+                       step_vs_plain=ms[k] / ms["plain"] if k.endswith("alone") else None,
+                       same=ids == res["plain"][0][1] if not k.endswith("alone") else None,
+                       acceptance=st.acceptance, tokens_per_pass=tpp if spec else None,
+                       verify_steps=verify)
+            rows.append(row)
+            extra = (f"  acceptance {100 * st.acceptance:.0f}%  {tpp:.2f} tok/pass  verify+rest {verify:.2f} steps"
+                     f"  same={row['same']}" if spec else "")
+            print(f"{name:10s} {k:18s} {row['tok_s']:7.1f} tok/s ({row['spread']})  {ms[k]:7.2f} ms/token  "
+                  f"x{row['vs_plain']:.2f} vs plain{extra}", flush=True)
+        del model, drafts
+    write_results(args.name, rows, x="provider", y="tok_s", panels="case", title=f"speculative decoding, {where}",
+                  xlabel="decoding", ylabel="decode throughput (tokens/s)", panel_label="preset")
+    return 0 if all(r["same"] is not False for r in rows) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -313,12 +388,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--draft-checkpoint", default=None, help="speculative: a trained draft (same tokenizer)")
     p.add_argument("--prompt-file", default=None, help="speculative: the prompt (its first tokens that fit)")
     p.add_argument("--prompt-lookup", type=int, default=3, help="speculative: n-gram size of prompt lookup")
-    p.add_argument("--speculate", type=int, default=4, help="speculative: tokens drafted per target pass")
+    p.add_argument("--speculate", type=int, nargs="+", default=[4],
+                   help="speculative: tokens drafted per target pass (several: one case each)")
+    p.add_argument("--draft-quant", nargs="+", default=None, choices=("int8", "int4"),
+                   help="speculative: the draft is the target quantized (quantized self-speculation); without "
+                        "--checkpoint, on the presets (random weights: --presets hf-16x1024 ...)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if cuda else "cpu")
     dtype = getattr(torch, args.dtype)
+    if args.draft_quant and not args.checkpoint:
+        if args.name == "bench_decode":
+            args.name = "bench_speculative_quant"
+        return bench_speculative_presets(args, device, dtype)
     if args.checkpoint:
         if not args.prompt_file:
             p.error("--checkpoint (the speculative benchmark) needs --prompt-file")

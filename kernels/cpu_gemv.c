@@ -26,6 +26,7 @@
  * Built by kernels/cpu_gemv.py with -O3 -mavx2 -mfma -mf16c; without AVX2 the scalar loops run.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -485,6 +486,86 @@ void w16_gemv(const float *x, const uint16_t *w, const float *bias, float *y, in
 #endif
             for (; k < K; k++) s += (kind == 0 ? f16_to_f32(wr[k]) : bf16_to_f32(wr[k])) * xm[k];
             y[(int64_t)m * N + n] = s + (bias ? bias[n] : 0.0f);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ fp32 weights stored K-major, a few rows */
+
+/* y (M, N) = x (M, K) @ wt + b for wt (K, N) row-major: an fp32 weight W (N, K) in the K-major layout that
+ * Transformer.decode_layout gives it (W.t() contiguous). For 2..MAX_M rows: a speculative verify pass (the
+ * last id + K drafts). MKL's sgemm on this AVX2 CPU costs about one GEMV per row at 2-8 rows; here every weight
+ * is read once for all M rows (benchmarks/NOTES.md, "Draft-model speculative decoding, session 5"). Each thread
+ * owns a range of columns (a multiple of 16) and walks the rows of wt F32_KB at a time (F32_KB sequential
+ * streams, the next block's lines prefetched); each 16-column tile of y (up to 6 rows x 16 in registers per
+ * pass; 7-16 rows in even passes) takes the block's F32_KB rank-1 updates and goes back to y (L1/L2: M x N
+ * fp32). Sums in fp32, in k order per element; columns past the last full tile in scalar loops. */
+#define F32_KB 8
+
+#ifdef __AVX2__
+static inline __attribute__((always_inline)) void f32_tile(const float *x, const float *wt, float *y, int mm,
+                                                          int N, int K, int k0, int k1, int n, int pf) {
+    __m256 a[6][2];
+    _Pragma("GCC unroll 6") for (int i = 0; i < mm; i++) {
+        a[i][0] = _mm256_loadu_ps(y + (int64_t)i * N + n);
+        a[i][1] = _mm256_loadu_ps(y + (int64_t)i * N + n + 8);
+    }
+    for (int k = k0; k < k1; k++) {
+        const float *w = wt + (int64_t)k * N + n;
+        if (pf) _mm_prefetch((const char *)(w + (int64_t)(k1 - k0) * N), _MM_HINT_T0);  /* the next block's line */
+        __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);
+        _Pragma("GCC unroll 6") for (int i = 0; i < mm; i++) {
+            __m256 b = _mm256_broadcast_ss(x + (int64_t)i * K + k);
+            a[i][0] = _mm256_fmadd_ps(b, w0, a[i][0]);
+            a[i][1] = _mm256_fmadd_ps(b, w1, a[i][1]);
+        }
+    }
+    _Pragma("GCC unroll 6") for (int i = 0; i < mm; i++) {
+        _mm256_storeu_ps(y + (int64_t)i * N + n, a[i][0]);
+        _mm256_storeu_ps(y + (int64_t)i * N + n + 8, a[i][1]);
+    }
+}
+
+static void f32_tile_m(const float *x, const float *wt, float *y, int mm, int N, int K, int k0, int k1, int n,
+                       int pf) {
+    switch (mm) {  /* a constant row count per call: the tile's accumulators stay in registers */
+    case 1: f32_tile(x, wt, y, 1, N, K, k0, k1, n, pf); break;
+    case 2: f32_tile(x, wt, y, 2, N, K, k0, k1, n, pf); break;
+    case 3: f32_tile(x, wt, y, 3, N, K, k0, k1, n, pf); break;
+    case 4: f32_tile(x, wt, y, 4, N, K, k0, k1, n, pf); break;
+    case 5: f32_tile(x, wt, y, 5, N, K, k0, k1, n, pf); break;
+    default: f32_tile(x, wt, y, 6, N, K, k0, k1, n, pf); break;
+    }
+}
+#endif
+
+void f32_kmajor_gemm(const float *x, const float *wt, const float *bias, float *y, int M, int N, int K) {
+    #pragma omp parallel if ((int64_t)N * K > 65536)
+    {
+        int nt = omp_get_num_threads(), id = omp_get_thread_num();
+        int per = ((N + nt - 1) / nt + 15) / 16 * 16;
+        int c0 = id * per < N ? id * per : N, c1 = c0 + per < N ? c0 + per : N;
+        int KB = F32_KB, mp = (M + (M + 5) / 6 - 1) / ((M + 5) / 6);  /* rows per pass: <= 6, even split */
+        for (int m = 0; m < M; m++)
+            for (int n = c0; n < c1; n++) y[(int64_t)m * N + n] = bias ? bias[n] : 0.0f;
+        int n = c0;
+#ifdef __AVX2__
+        int nv = c0 + (c1 - c0) / 16 * 16;
+        for (int k0 = 0; k0 < K; k0 += KB) {
+            int k1 = k0 + KB < K ? k0 + KB : K;
+            for (int t = c0; t < nv; t += 16)
+                for (int m0 = 0; m0 < M; m0 += mp)
+                    f32_tile_m(x + (int64_t)m0 * K, wt, y + (int64_t)m0 * N, M - m0 < mp ? M - m0 : mp, N, K,
+                               k0, k1, t, m0 == 0 && k1 + KB <= K);
+        }
+        n = nv;
+#endif
+        for (int k = 0; k < K; k++) {  /* the columns left over (scalar; all of them without AVX2) */
+            const float *w = wt + (int64_t)k * N;
+            for (int m = 0; m < M; m++) {
+                float xv = x[(int64_t)m * K + k];
+                for (int j = n; j < c1; j++) y[(int64_t)m * N + j] += xv * w[j];
+            }
         }
     }
 }

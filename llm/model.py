@@ -8,6 +8,8 @@ Every op goes through `llm.ops`, which picks the Triton kernel or the PyTorch re
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
@@ -17,7 +19,7 @@ from torch import Tensor
 from llm import ops
 from llm.config import ModelConfig
 from llm.kvcache import KVCache
-from llm.layers import MLP, FeedForward, Norm, rope_tables
+from llm.layers import MLP, FeedForward, Norm, RowsLinear, rope_tables
 from llm.moe import MoE
 from llm.paged_cache import BlockPool, PagedKVCache
 from llm.vocab_parallel import VocabSplit, vocab_parallel_cross_entropy
@@ -273,6 +275,23 @@ class Transformer(nn.Module):
                         and w.is_contiguous() and min(w.shape) > 1 and w.shape[0] >= w.shape[1]):
                     w.data = w.data.t().contiguous().t()
         return self
+
+    @contextmanager
+    def few_rows(self) -> Iterator[Transformer]:
+        """For the passes inside: every plain fp32 CPU nn.Linear (kernels "auto") computes 2..8 rows with
+        ops.f32_rows_linear, which reads each K-major weight once for all rows (MKL's sgemm costs ~one GEMV per
+        row there); the speculative decoder's verify pass (1 + K ids) runs in it. Afterwards they are plain
+        nn.Linear again (the class is swapped in place: parameters, hooks and identity unchanged)."""
+        mods = [] if self.cfg.kernels != "auto" else [
+            m for m in self.modules() if type(m) is nn.Linear and m.weight.device.type == "cpu"
+            and m.weight.dtype == torch.float32]
+        for m in mods:
+            m.__class__ = RowsLinear
+        try:
+            yield self
+        finally:
+            for m in mods:
+                m.__class__ = nn.Linear
 
     @property
     def n_positions(self) -> int:

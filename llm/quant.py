@@ -85,7 +85,7 @@ def refuse_training(cfg: dict, flag: str) -> None:
 
 def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
     """(q (N, K) int8, s (N,) fp16) with w ~ q * s[:, None]; |w - q s| <= s / 2."""
-    w = w.detach().float()
+    w = w.detach().float().contiguous()  # a K-major weight (Transformer.decode_layout) gives N-major codes too
     s = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-8).to(SCALE_DTYPE)
     q = torch.round(w / s.float()[:, None]).clamp(-127, 127).to(torch.int8)
     return q, s
@@ -93,7 +93,7 @@ def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
 
 def quantize_int4(w: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
     """(q (N, ceil(K/2)) uint8 packed, s, z (N, ceil(K/G)) fp16) with w ~ (q - 8) s + z per group."""
-    w = w.detach().float()
+    w = w.detach().float().contiguous()
     N, K = w.shape
     n_groups = -(-K // group_size)
     pad = n_groups * group_size - K

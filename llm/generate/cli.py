@@ -69,11 +69,16 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("speculative decoding")
     g.add_argument("--draft-checkpoint", default=None,
                    help="speculative decoding: a small model with the same tokenizer drafts, the target verifies")
+    g.add_argument("--draft-quant", default=None, choices=("int8", "int4"),
+                   help="speculative decoding whose draft is a quantized model (weight-only, as llm quantize): the "
+                        "target's own weights (quantized self-speculation: no second checkpoint; an int8 draft agrees "
+                        "with the target on most tokens and reads a quarter of fp32's weight bytes), or the "
+                        "--draft-checkpoint model; int4 uses --group-size. Greedy output is the target's")
     g.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
                    help="speculative decoding without a second model: draft what followed the last <= N tokens "
                         "where they occur earlier in the prompt or output")
     g.add_argument("--speculate", type=int, default=None, metavar="K",
-                   help="tokens drafted per target pass (default 4 with --draft-checkpoint / --prompt-lookup)")
+                   help="tokens drafted per target pass (default 4 with a draft model / --prompt-lookup)")
     g.add_argument("--compare-plain", action="store_true",
                    help="with speculative decoding: also run plain decoding and print both speeds")
     g = p.add_argument_group("decoding speed")
@@ -104,16 +109,18 @@ def _check_args(args: argparse.Namespace) -> SamplingParams:
         if args.num_samples > args.num_beams:
             raise SamplingError(f"--num-samples ({args.num_samples}) shows the best beams: at most --num-beams "
                                 f"({args.num_beams})")
-        if args.draft_checkpoint is not None or args.prompt_lookup is not None:
+        if args.draft_checkpoint is not None or args.prompt_lookup is not None or args.draft_quant is not None:
             raise SamplingError("speculative decoding samples one sequence per row: it does not combine with "
                                 "--num-beams > 1")
         return SamplingParams(0.0, repetition_penalty=args.repetition_penalty)
-    speculative = args.draft_checkpoint is not None or args.prompt_lookup is not None
-    if args.draft_checkpoint is not None and args.prompt_lookup is not None:
-        raise SamplingError("--draft-checkpoint and --prompt-lookup are two proposers: give one")
+    draft = args.draft_checkpoint is not None or args.draft_quant is not None
+    speculative = draft or args.prompt_lookup is not None
+    if draft and args.prompt_lookup is not None:
+        given = "--draft-checkpoint" if args.draft_checkpoint is not None else "--draft-quant"
+        raise SamplingError(f"{given} (a draft model) and --prompt-lookup are two proposers: give one")
     if not speculative and (args.speculate is not None or args.compare_plain):
-        raise SamplingError("--speculate / --compare-plain need a proposer: --draft-checkpoint DIR or "
-                            "--prompt-lookup N")
+        raise SamplingError("--speculate / --compare-plain need a proposer: --draft-checkpoint DIR, --draft-quant "
+                            "int8|int4 or --prompt-lookup N")
     if speculative and args.compile:
         raise SamplingError("speculative decoding runs eagerly: --compile does not apply")
     temperature = 0.8 if args.temperature is None else args.temperature
@@ -240,9 +247,13 @@ def _speculation(args: argparse.Namespace, model, tok, device, dtype, overrides:
     k = 4 if args.speculate is None else args.speculate
     if args.prompt_lookup is not None:
         return Speculation(k, lookup=args.prompt_lookup)
-    if args.draft_checkpoint is None:
+    if args.draft_checkpoint is None and args.draft_quant is None:
         return None
-    draft, draft_tok, _ = load_model(args.draft_checkpoint, device, dtype, **overrides)
+    scheme = make_scheme(args.draft_quant, args.group_size) if args.draft_quant else None
+    if args.draft_checkpoint is None:  # quantized self-speculation: the target's checkpoint (and adapter) quantized
+        draft, _, _ = load_model(args.checkpoint, device, dtype, quantize=scheme, lora=args.lora, **overrides)
+        return Speculation(k, draft=draft)
+    draft, draft_tok, _ = load_model(args.draft_checkpoint, device, dtype, quantize=scheme, **overrides)
     check_tokenizers(tok, draft_tok)
     return Speculation(k, draft=draft)
 

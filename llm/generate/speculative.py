@@ -199,7 +199,8 @@ class SpeculativeDecoder:
             ids[b, : 1 + n_draft[b]] = torch.tensor([rows.seq[b][-1]] + props[b], dtype=torch.long)
         drafts, nd = ids[:, 1:].to(self.device), torch.tensor(n_draft, device=self.device)
         self.cache.set_lengths(rows.lengths(fed))
-        logits, _ = self.model(ids.to(self.device), cache=self.cache)  # (B, T, V)
+        with self.model.few_rows():  # T = 1 + k_max rows: on CPU fp32, each weight read once for all of them
+            logits, _ = self.model(ids.to(self.device), cache=self.cache)  # (B, T, V)
         logits = logits[..., : self.vocab]
         if self.gens is None:
             a, nxt = accept_greedy(logits.argmax(-1), drafts, nd)

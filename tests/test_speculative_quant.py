@@ -1,0 +1,152 @@
+"""Speculative decoding with a quantized draft (quantized self-speculation) and the fp32 few-row kernel its verify
+pass runs on: f32_kmajor_gemm against an fp64 reference (awkward shapes, 1 and 2 threads, the scalar build),
+Transformer.few_rows (the C kernel is called, the result equals the plain forward, the classes come back), greedy
+ids with an int8 / int4 draft equal plain greedy ids, and `llm sample --draft-quant` (same text as plain decoding,
+one-line refusals)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from kernels import cpu_gemv
+from llm import checkpoint as ck
+from llm.config import ModelConfig
+from llm.generate import SamplingParams, Stats, complete
+from llm.generate.cli import main as sample_main
+from llm.generate.speculative import Speculation
+from llm.layers import RowsLinear
+from llm.model import Transformer
+from llm.quant import make_scheme, quantize_model
+from llm.tokenizer import Tokenizer
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(not cpu_gemv.available(), reason="the C kernels did not build (no C compiler)")]
+
+TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n    y: int = 0\n" * 30
+
+
+def _kmajor(w: torch.Tensor) -> torch.Tensor:
+    return w.t().contiguous().t()
+
+
+def _check_gemm(M: int, N: int, K: int, bias: bool) -> None:
+    x, w = torch.randn(M, K), _kmajor(torch.randn(N, K))
+    b = torch.randn(N) if bias else None
+    y = cpu_gemv.f32_kmajor_gemm(x, w, b)
+    ref = x.double() @ w.double().t() + (b.double() if bias else 0)
+    bound = 4 * K * torch.finfo(torch.float32).eps * (x.double().abs() @ w.double().abs().t()) + 1e-6
+    assert y.shape == (M, N) and y.dtype == torch.float32
+    assert ((y.double() - ref).abs() <= bound).all(), (M, N, K, (y.double() - ref).abs().max().item())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("M", [1, 2, 5, 7, 8, 13, 16])
+def test_f32_kmajor_gemm_equals_the_fp64_product_on_awkward_shapes(M, threads):
+    torch.set_num_threads(threads)
+    for N, K, bias in ((2, 1, False), (15, 9, True), (16, 8, False), (17, 33, True), (100, 130, False),
+                       (700, 260, True), (1000, 64, False)):  # tiles of 16 columns, blocks of 8 rows, leftovers
+        _check_gemm(M, N, K, bias)
+
+
+def test_f32_kmajor_gemm_scalar_build_and_refusals(monkeypatch):
+    with pytest.raises(ValueError, match="K-major"):
+        cpu_gemv.f32_kmajor_gemm(torch.randn(2, 8), torch.randn(16, 8))  # N-major
+    with pytest.raises(ValueError, match="at most"):
+        cpu_gemv.f32_kmajor_gemm(torch.randn(cpu_gemv.MAX_M + 1, 8), _kmajor(torch.randn(16, 8)))
+    scalar = cpu_gemv._build(False)
+    if scalar is None:
+        pytest.skip("the scalar build failed")
+    monkeypatch.setattr(cpu_gemv, "_lib", lambda: scalar)
+    for M, N, K in ((1, 5, 3), (5, 37, 70), (8, 33, 17)):
+        _check_gemm(M, N, K, True)
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.train([TEXT], 300)
+
+
+def _model(tok, kernels: str = "auto") -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.n_vocab, block_size=128, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                      kernels=kernels)
+    return Transformer(cfg).eval().decode_layout()
+
+
+@pytest.fixture(scope="module")
+def model(tok) -> Transformer:
+    return _model(tok)
+
+
+def test_few_rows_runs_the_c_kernel_equals_the_plain_forward_and_restores_the_linears(model, tok, monkeypatch):
+    reference_model = _model(tok, kernels="torch")
+    with torch.inference_mode():
+        _few_rows(model, reference_model, tok, monkeypatch)
+
+
+def _few_rows(model, reference_model, tok, monkeypatch):
+    calls = []
+    real = cpu_gemv.f32_kmajor_gemm
+    monkeypatch.setattr(cpu_gemv, "f32_kmajor_gemm", lambda *a: calls.append(a[0].shape) or real(*a))
+    ids = torch.tensor([tok.encode("def add(a, b):\n    return")[:6]])
+    plain, _ = model(ids)
+    assert not calls
+    with model.few_rows():
+        assert all(type(m) is RowsLinear for m in (model.lm_head, model.blocks[0].attn.wqkv))
+        fast, _ = model(ids)
+    n_linears = sum(type(m) is torch.nn.Linear for m in model.modules())
+    assert len(calls) == n_linears and all(s[-2] == 6 for s in calls)  # every linear, the 6 rows at once
+    assert torch.allclose(fast, plain, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="boom"), model.few_rows():
+        raise RuntimeError("boom")
+    assert not any(type(m) is RowsLinear for m in model.modules())  # taken back, also after an exception
+    calls.clear()
+    with reference_model.few_rows() as m:  # kernels="torch": the reference everywhere
+        m(ids)
+    assert not calls
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_greedy_with_a_quantized_draft_equals_plain_greedy(model, tok, mode):
+    draft = quantize_model(copy.deepcopy(model), make_scheme(mode, 32))
+    prompts = ["def add(a, b):", "class Point:\n    x"]
+    plain = complete(model, tok, prompts, 24, params=SamplingParams(0.0))
+    for k in (2, 5):
+        stats = Stats()
+        spec = complete(model, tok, prompts, 24, params=SamplingParams(0.0), stats=stats,
+                        speculative=Speculation(k, draft=draft))
+        assert [c.tokens for c in spec] == [c.tokens for c in plain]
+        assert stats.target_passes < stats.new_tokens // 2 and stats.accepted > 0
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, tok, model):
+    return ck.save(tmp_path_factory.mktemp("ckpt"), "ckpt-1", model, tok)
+
+
+def test_sample_draft_quant_prints_the_plain_greedy_text(ckpt, capsys):
+    args = ["--checkpoint", str(ckpt), "--prompt", "def add(a, b):", "--max-new-tokens", "24", "--temperature", "0"]
+    assert sample_main([*args, "--quiet"]) == 0
+    plain = capsys.readouterr().out
+    assert sample_main([*args, "--draft-quant", "int8", "--speculate", "3", "--compare-plain"]) == 0
+    out = capsys.readouterr()
+    assert out.out.endswith(plain) and "drafted tokens accepted" in out.err and "plain decoding" in out.err
+    assert sample_main([*args, "--quiet", "--draft-quant", "int4", "--group-size", "32"]) == 0
+    assert capsys.readouterr().out == plain
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--draft-quant", "int8", "--prompt-lookup", "3"], "--draft-quant (a draft model) and --prompt-lookup"),
+    (["--draft-quant", "int8", "--num-beams", "2"], "does not combine with --num-beams"),
+    (["--draft-quant", "int8", "--compile"], "--compile does not apply"),
+    (["--speculate", "3"], "--draft-quant int8|int4"),
+])
+def test_sample_draft_quant_bad_combinations_get_one_line(ckpt, capsys, extra, msg):
+    assert sample_main(["--checkpoint", str(ckpt), "--prompt", "x", "--max-new-tokens", "4", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and msg in err, err
+    with pytest.raises(SystemExit):
+        sample_main(["--checkpoint", str(ckpt), "--draft-quant", "int3"])
