@@ -569,3 +569,56 @@ void f32_kmajor_gemm(const float *x, const float *wt, const float *bias, float *
         }
     }
 }
+
+/* y (M, N) = x (M, K) @ W^T + b for W (N, K) row-major (N-major, the layout decode_layout leaves a weight with
+ * N < K): each row of W is read once for all M rows of x (x stays in L1), up to 8 rows of x per pass with one
+ * accumulator each; fp32 sums (8 lanes, then the lanes added). The N-major partner of f32_kmajor_gemm. */
+#ifdef __AVX2__
+static inline __attribute__((always_inline)) void f32_row(const float *x, const float *wr, float *y, int mm,
+                                                         int N, int K, int n, float b) {
+    __m256 a[8];
+    _Pragma("GCC unroll 8") for (int i = 0; i < mm; i++) a[i] = _mm256_setzero_ps();
+    int k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 w = _mm256_loadu_ps(wr + k);
+        _Pragma("GCC unroll 8") for (int i = 0; i < mm; i++)
+            a[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + (int64_t)i * K + k), a[i]);
+    }
+    _Pragma("GCC unroll 8") for (int i = 0; i < mm; i++) {
+        float s = hsum8(a[i]);
+        for (int j = k; j < K; j++) s += wr[j] * x[(int64_t)i * K + j];
+        y[(int64_t)i * N + n] = s + b;
+    }
+}
+
+static void f32_row_m(const float *x, const float *wr, float *y, int mm, int N, int K, int n, float b) {
+    switch (mm) {  /* a constant row count per call: the accumulators stay in registers */
+    case 1: f32_row(x, wr, y, 1, N, K, n, b); break;
+    case 2: f32_row(x, wr, y, 2, N, K, n, b); break;
+    case 3: f32_row(x, wr, y, 3, N, K, n, b); break;
+    case 4: f32_row(x, wr, y, 4, N, K, n, b); break;
+    case 5: f32_row(x, wr, y, 5, N, K, n, b); break;
+    case 6: f32_row(x, wr, y, 6, N, K, n, b); break;
+    case 7: f32_row(x, wr, y, 7, N, K, n, b); break;
+    default: f32_row(x, wr, y, 8, N, K, n, b); break;
+    }
+}
+#endif
+
+void f32_nmajor_gemm(const float *x, const float *w, const float *bias, float *y, int M, int N, int K) {
+    #pragma omp parallel for schedule(static) if ((int64_t)N * K > 65536)
+    for (int n = 0; n < N; n++) {
+        const float *wr = w + (int64_t)n * K;
+        float b = bias ? bias[n] : 0.0f;
+#ifdef __AVX2__
+        for (int m0 = 0; m0 < M; m0 += 8)
+            f32_row_m(x + (int64_t)m0 * K, wr, y + (int64_t)m0 * N, M - m0 < 8 ? M - m0 : 8, N, K, n, b);
+#else
+        for (int m = 0; m < M; m++) {
+            float s = 0.0f;
+            for (int k = 0; k < K; k++) s += wr[k] * x[(int64_t)m * K + k];
+            y[(int64_t)m * N + n] = s + b;
+        }
+#endif
+    }
+}

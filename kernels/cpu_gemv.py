@@ -15,7 +15,7 @@ per instruction); defaults INT8_ACT_BITS / INT4_ACT_BITS below. The 16-bit kerne
     int4_gemv(x, q, s, z, group_size, bias, act_bits)
                                              q (N, ceil(K/2)) uint8, s, z (N, ceil(K/G))        -> (M, N)
     w16_gemv(x, w, bias)                     w (N, K) fp16 / bf16                              -> (M, N)
-    f32_kmajor_gemm(x, w, bias)              w (N, K) fp32 stored K-major (w.t() contiguous)   -> (M, N)
+    f32_rows_gemm(x, w, bias)                w (N, K) fp32, contiguous or K-major (w.t() is)   -> (M, N)
 x may be fp32, fp16 or bf16 (widened to fp32 once, K values per row); y comes back in x's dtype.
 M <= MAX_M (decode rows); larger inputs belong to a GEMM.
 """
@@ -86,8 +86,8 @@ def _build(simd: bool) -> ctypes.CDLL | None:
     lib.int8_gemv.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _I]
     lib.int4_gemv.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I]
     lib.w16_gemv.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I]
-    lib.f32_kmajor_gemm.argtypes = [_P, _P, _P, _P, _I, _I, _I]
-    for f in (lib.int8_gemv, lib.int4_gemv, lib.w16_gemv, lib.f32_kmajor_gemm):
+    lib.f32_kmajor_gemm.argtypes = lib.f32_nmajor_gemm.argtypes = [_P, _P, _P, _P, _I, _I, _I]
+    for f in (lib.int8_gemv, lib.int4_gemv, lib.w16_gemv, lib.f32_kmajor_gemm, lib.f32_nmajor_gemm):
         f.restype = None
     return lib
 
@@ -188,13 +188,16 @@ def is_kmajor(weight: Tensor) -> bool:
     return weight.dim() == 2 and weight.t().is_contiguous()
 
 
-def f32_kmajor_gemm(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """y = x @ W.T + b for W (N, K) fp32 stored K-major, x (..., K) with at most MAX_M rows; every weight read
-    once for all rows (MKL's sgemm costs ~one GEMV per row at 2-8 rows on AVX2, see the C source)."""
+def f32_rows_gemm(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """y = x @ W.T + b for W (N, K) fp32, x (..., K) with at most MAX_M rows; every weight read once for all rows
+    (MKL's sgemm costs about one GEMV per row at 2-8 rows on this AVX2 CPU). W contiguous (N-major: a dot per
+    output) or K-major (W.t() contiguous, Transformer.decode_layout's layout: rank-1 updates of 16-column tiles)."""
     N, K = weight.shape
-    if weight.dtype != torch.float32 or not is_kmajor(weight):
-        raise ValueError("f32_kmajor_gemm: weight must be an fp32 (N, K) tensor stored K-major (w.t() contiguous)")
+    kmajor = is_kmajor(weight)
+    if weight.dtype != torch.float32 or not (kmajor or weight.is_contiguous()):
+        raise ValueError("f32_rows_gemm: weight must be an fp32 (N, K) tensor, contiguous or K-major (w.t() is)")
     x2, b = _rows(x, K), _f32(bias)
     y = torch.empty(x2.shape[0], N)
-    _lib().f32_kmajor_gemm(x2.data_ptr(), weight.data_ptr(), _ptr(b), y.data_ptr(), x2.shape[0], N, K)
+    fn = _lib().f32_kmajor_gemm if kmajor else _lib().f32_nmajor_gemm
+    fn(x2.data_ptr(), weight.data_ptr(), _ptr(b), y.data_ptr(), x2.shape[0], N, K)
     return _out(y, x, N)

@@ -375,20 +375,21 @@ def moe_experts(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, topk_id
 
 # A speculative verify pass feeds the target 1 + K ids: K + 1 rows against every weight. On this AVX2 CPU MKL's
 # sgemm costs about one GEMV per row at 2-8 rows (1.7-3.4x a single-row GEMV on the 16x1024 shapes), so the
-# pass cost ~K + 1 decode steps and speculation could not win. kernels/cpu_gemv.c's f32_kmajor_gemm reads each
-# fp32 weight once for all rows (it needs the K-major layout of Transformer.decode_layout); measurements in
+# pass cost ~K + 1 decode steps and speculation could not win. kernels/cpu_gemv.c's f32_*major_gemm read each
+# fp32 weight once for all rows (either layout Transformer.decode_layout leaves); measurements in
 # benchmarks/NOTES.md ("Draft-model speculative decoding, session 5"). One row stays on MKL's GEMV.
 CPU_F32_MAX_M = 8
 
 
 def f32_rows_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear, except 2..CPU_F32_MAX_M fp32 CPU rows against a K-major fp32 weight (no autograd, not under
-    torch.compile, the C kernels built): kernels/cpu_gemv.py's f32_kmajor_gemm. Same math, fp32 sums in k order."""
+    """F.linear, except 2..CPU_F32_MAX_M fp32 CPU rows against an fp32 weight, contiguous or K-major (no autograd,
+    not under torch.compile, the C kernels built): kernels/cpu_gemv.py's f32_rows_gemm. Same math, fp32 sums."""
     rows = x.numel() // max(1, x.shape[-1])
     if (1 < rows <= CPU_F32_MAX_M and x.device.type == "cpu" and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and cpu_gemv.is_kmajor(weight) and not torch.compiler.is_compiling()
+            and weight.dtype == torch.float32 and (cpu_gemv.is_kmajor(weight) or weight.is_contiguous())
+            and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) and cpu_gemv.available()):
-        return cpu_gemv.f32_kmajor_gemm(x, weight, bias)
+        return cpu_gemv.f32_rows_gemm(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
 
 

@@ -1,5 +1,6 @@
 """Speculative decoding with a quantized draft (quantized self-speculation) and the fp32 few-row kernel its verify
-pass runs on: f32_kmajor_gemm against an fp64 reference (awkward shapes, 1 and 2 threads, the scalar build),
+pass runs on: f32_rows_gemm against an fp64 reference (both weight layouts, awkward shapes, 1 and 2 threads, the
+scalar build),
 Transformer.few_rows (the C kernel is called, the result equals the plain forward, the classes come back), greedy
 ids with an int8 / int4 draft equal plain greedy ids, and `llm sample --draft-quant` (same text as plain decoding,
 one-line refusals)."""
@@ -33,9 +34,13 @@ def _kmajor(w: torch.Tensor) -> torch.Tensor:
 
 
 def _check_gemm(M: int, N: int, K: int, bias: bool) -> None:
-    x, w = torch.randn(M, K), _kmajor(torch.randn(N, K))
-    b = torch.randn(N) if bias else None
-    y = cpu_gemv.f32_kmajor_gemm(x, w, b)
+    for w in (_kmajor(torch.randn(N, K)), torch.randn(N, K)):
+        _check_one(torch.randn(M, K), w, torch.randn(N) if bias else None)
+
+
+def _check_one(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
+    (M, K), N, bias = x.shape, w.shape[0], b is not None
+    y = cpu_gemv.f32_rows_gemm(x, w, b)
     ref = x.double() @ w.double().t() + (b.double() if bias else 0)
     bound = 4 * K * torch.finfo(torch.float32).eps * (x.double().abs() @ w.double().abs().t()) + 1e-6
     assert y.shape == (M, N) and y.dtype == torch.float32
@@ -44,18 +49,18 @@ def _check_gemm(M: int, N: int, K: int, bias: bool) -> None:
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("M", [1, 2, 5, 7, 8, 13, 16])
-def test_f32_kmajor_gemm_equals_the_fp64_product_on_awkward_shapes(M, threads):
+def test_f32_rows_gemm_equals_the_fp64_product_on_awkward_shapes(M, threads):
     torch.set_num_threads(threads)
     for N, K, bias in ((2, 1, False), (15, 9, True), (16, 8, False), (17, 33, True), (100, 130, False),
                        (700, 260, True), (1000, 64, False)):  # tiles of 16 columns, blocks of 8 rows, leftovers
         _check_gemm(M, N, K, bias)
 
 
-def test_f32_kmajor_gemm_scalar_build_and_refusals(monkeypatch):
+def test_f32_rows_gemm_scalar_build_and_refusals(monkeypatch):
     with pytest.raises(ValueError, match="K-major"):
-        cpu_gemv.f32_kmajor_gemm(torch.randn(2, 8), torch.randn(16, 8))  # N-major
+        cpu_gemv.f32_rows_gemm(torch.randn(2, 8), torch.randn(16, 16)[:, ::2])  # neither layout
     with pytest.raises(ValueError, match="at most"):
-        cpu_gemv.f32_kmajor_gemm(torch.randn(cpu_gemv.MAX_M + 1, 8), _kmajor(torch.randn(16, 8)))
+        cpu_gemv.f32_rows_gemm(torch.randn(cpu_gemv.MAX_M + 1, 8), _kmajor(torch.randn(16, 8)))
     scalar = cpu_gemv._build(False)
     if scalar is None:
         pytest.skip("the scalar build failed")
@@ -89,8 +94,8 @@ def test_few_rows_runs_the_c_kernel_equals_the_plain_forward_and_restores_the_li
 
 def _few_rows(model, reference_model, tok, monkeypatch):
     calls = []
-    real = cpu_gemv.f32_kmajor_gemm
-    monkeypatch.setattr(cpu_gemv, "f32_kmajor_gemm", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = cpu_gemv.f32_rows_gemm
+    monkeypatch.setattr(cpu_gemv, "f32_rows_gemm", lambda *a: calls.append(a[0].shape) or real(*a))
     ids = torch.tensor([tok.encode("def add(a, b):\n    return")[:6]])
     plain, _ = model(ids)
     assert not calls
