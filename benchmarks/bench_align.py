@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_align all --base out --work /tmp/align      # SFT, RM, DPO, GRPO x 3 seeds
     python -m benchmarks.bench_align eval --checkpoint CKPT --data DIR      # one checkpoint on held-out pairs
+    python -m benchmarks.bench_align select --run RUN --data DIR          # pick a run's checkpoint on the dev split
 
 Every stage is one `llm train` run (subprocess, the commands printed); the measurements read the checkpoints
 back in this process, on every held-out pair of the prepared preference data (not a sample of batches):
@@ -68,6 +69,40 @@ def eval_pairs(checkpoint: str | Path, data: str | Path, batch: int = 16, split:
     if model.reward_head is not None:
         out["reward_acc"] = right_r / n
     return out
+
+
+def candidates(run_dir: str | Path) -> list[Path]:
+    """Every saved checkpoint of one run, in step order, each followed by its weight average (`<ckpt>/ema`) when the
+    run had --ema-decay."""
+    out = []
+    for c in sorted(Path(run_dir).glob("ckpt-*")):
+        out += [c] + ([c / "ema"] if (c / "ema").is_dir() else [])
+    return out
+
+
+def select(run_dir: str | Path, data: str | Path, ref: str | Path | None = None, tol: float = 0.05,
+           log=print) -> tuple[Path | None, list[tuple[Path, dict]]]:
+    """(the checkpoint chosen on the DEV split only, [(candidate, its dev metrics)]). A reward model: the highest dev
+    reward accuracy. A policy: the highest dev preference accuracy among the candidates whose dev chosen-answer loss
+    is at most (1 + tol) x the reference's (`ref`, by default the run's --init-from model), None when no candidate
+    is; ties go to the earlier one. The held-out (val) pairs are never read here."""
+    rows = [(c, eval_pairs(c, data, split="dev")) for c in candidates(run_dir)]
+    if not rows:
+        sys.exit(f"error: no checkpoint (ckpt-*) under {run_dir}")
+    if "reward_acc" in rows[0][1]:
+        ok, key = rows, "reward_acc"
+    else:
+        if ref is None:
+            from llm.config import load_toml
+
+            ref = load_toml(str(Path(run_dir) / "config.toml"))["init_from"]
+        limit = (1 + tol) * eval_pairs(ref, data, split="dev")["chosen_nll"]
+        log(f"reference {ref}: dev chosen-answer loss limit {limit:.4f} (+{tol:.0%})")
+        ok, key = [(c, m) for c, m in rows if m["chosen_nll"] <= limit], "pref_acc"
+    for c, m in rows:
+        log(f"{c.relative_to(run_dir)}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "pairs"))
+    best = max(ok, key=lambda r: r[1][key], default=None)  # max keeps the first of equal values
+    return (best[0] if best else None), rows
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -215,6 +250,12 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--split", default="val", choices=("val", "dev"),
                     help="val: the held-out test pairs (what the goals count); dev: the pairs carved from the "
                          "training questions (--pref-dev-fraction), for choosing among checkpoints")
+    se = sub.add_parser("select", help="choose one run's checkpoint on the dev split, then score it on held-out pairs")
+    se.add_argument("--run", required=True, help="a reward / DPO run's output folder (its ckpt-* and ckpt-*/ema)")
+    se.add_argument("--data", required=True, help="prepared preference data with a dev split")
+    se.add_argument("--ref", help="a policy's reference for the chosen-loss limit (default: the run's --init-from)")
+    se.add_argument("--tol", type=float, default=0.05,
+                    help="a policy may lose at most this fraction of the reference's dev chosen-answer loss")
     al = sub.add_parser("all", help="SFT, reward model, DPO, GRPO x seeds; measure and write the results")
     al.add_argument("--base", default="out", help="the pretrained model (make train's out)")
     al.add_argument("--work", default="/tmp/bench_align", help="where the runs go (reused when present)")
@@ -240,6 +281,12 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.cmd == "eval":
         print(json.dumps(eval_pairs(args.checkpoint, args.data, split=args.split)))
+    elif args.cmd == "select":
+        best, _ = select(args.run, args.data, args.ref, args.tol)
+        if best is None:
+            sys.exit(f"error: no checkpoint of {args.run} keeps the dev chosen-answer loss within +{args.tol:.0%}")
+        print(f"selected on dev: {best}")
+        print(json.dumps({"checkpoint": str(best), "split": "val"} | eval_pairs(best, args.data)))
     else:
         from benchmarks.common import short_name
 

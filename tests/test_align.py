@@ -455,3 +455,41 @@ def test_ema_bad_settings_are_one_line(runs, capsys):
         assert main(align_argv(runs, "bad-ema", objective="reward", **flags)) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and msg in err and "\n" not in err
+
+
+def test_bench_align_select_chooses_on_the_dev_split_only(runs, capsys, tmp_path):
+    """benchmarks/bench_align.py select: every checkpoint and its EMA is scored on the dev split; the pick is the best
+    dev preference accuracy among those within (1 + tol) x the reference's dev chosen-answer loss (the rule written
+    out here), and the same pick comes out with the held-out (val) files deleted: it never looks at the test pairs."""
+    import shutil
+
+    from benchmarks.bench_align import candidates, eval_pairs, select
+    from benchmarks.bench_align import main as bench
+
+    assert main(align_argv(runs, "dpo-sel", objective="dpo", ema_decay=0.6, max_steps=3, save_interval=1,
+                           keep_last=0, lr=1e-2)) == 0
+    _, tok, _ = load_model(runs / "sft")
+    data = preference.dataset_dir(DataConfig(dataset=str(runs / "prefs.jsonl"), data_dir=str(runs / "data"),
+                                             val_fraction=0.1), tok, 32)
+    run = runs / "dpo-sel"
+    cands = candidates(run)
+    assert [str(c.relative_to(run)) for c in cands] == [f"ckpt-{s:07d}{e}" for s in (1, 2, 3) for e in ("", "/ema")]
+    dev = [eval_pairs(c, data, split="dev") for c in cands]
+    limit = 1.05 * eval_pairs(runs / "sft", data, split="dev")["chosen_nll"]
+    ok = [i for i, m in enumerate(dev) if m["chosen_nll"] <= limit]
+    want = cands[max(ok, key=lambda i: (dev[i]["pref_acc"], -i))] if ok else None
+    best, rows = select(run, data, log=lambda _: None)
+    assert best == want and [m for _, m in rows] == dev
+    no_test = tmp_path / "no-test"
+    shutil.copytree(data, no_test)
+    for f in no_test.glob("val.*"):
+        f.unlink()
+    assert select(run, no_test, log=lambda _: None)[0] == want
+    capsys.readouterr()
+    bench(["select", "--run", str(run), "--data", str(data), "--tol", "100"])  # any loss allowed: best dev accuracy
+    out = capsys.readouterr().out.splitlines()
+    pick = cands[max(range(len(cands)), key=lambda i: (dev[i]["pref_acc"], -i))]
+    assert out[-2] == f"selected on dev: {pick}"
+    assert json.loads(out[-1]) == {"checkpoint": str(pick), "split": "val"} | eval_pairs(pick, data)
+    with pytest.raises(SystemExit, match="^error: no checkpoint of .* keeps the dev chosen-answer loss"):
+        bench(["select", "--run", str(run), "--data", str(data), "--tol", "-1"])
