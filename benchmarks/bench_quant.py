@@ -5,7 +5,9 @@
 One model (default: the `make train` checkpoint, out/), the same tokens for every variant: the
 validation documents of pystdlib (the files the trainer holds out, by the same hash), cut into
 non-overlapping windows. Variants: fp32, bf16 (weights and compute), int8, int4 at group 32/64/128,
-and int8 / int4 g64 with --embeddings (head and embedding quantized too). Per variant: perplexity,
+int8 / int4 g64 with --embeddings (head and embedding quantized too), and w16 f16 / bf16 (`--weights`: the
+block linears and the head in 16 bits, fp32 compute; llm.weights16; a tied head is untied, so its bytes count
+twice). Per variant: perplexity,
 its change vs fp32, top-1 agreement (fraction of positions whose argmax equals fp32's), and the bytes
 of the weights as stored (the tensors of model.safetensors: fp16 scales, the rest as the source) over
 the fp32 bytes; the same byte ratio for the `small` preset's shapes. Quantized variants run the ops
@@ -29,10 +31,12 @@ from llm.config import DataConfig, ModelConfig, preset
 from llm.data.corpus import _in_val, pystdlib_files, read_text
 from llm.loading import load_model
 from llm.model import Transformer
+from llm.weights16 import to_w16
 
 VARIANTS = [("fp32", None), ("bf16", None), ("int8", ("int8", None, False)), ("int4 g32", ("int4", 32, False)),
             ("int4 g64", ("int4", 64, False)), ("int4 g128", ("int4", 128, False)),
-            ("int8 +emb", ("int8", None, True)), ("int4 g64 +emb", ("int4", 64, True))]
+            ("int8 +emb", ("int8", None, True)), ("int4 g64 +emb", ("int4", 64, True)),
+            ("w16 f16", "f16"), ("w16 bf16", "bf16")]
 
 
 def val_tokens(tok, max_tokens: int) -> torch.Tensor:
@@ -67,6 +71,8 @@ def score(model: Transformer, windows: torch.Tensor, batch: int = 8) -> tuple[fl
 
 
 def variant(src: str, name: str, spec) -> Transformer:
+    if isinstance(spec, str):  # 16-bit weights, fp32 compute
+        return to_w16(load_model(src, "cpu", torch.float32)[0], spec)
     dtype = torch.bfloat16 if name == "bf16" else torch.float32
     scheme = quant.make_scheme(*spec) if spec else None
     model, _, _ = load_model(src, "cpu", dtype, quantize=scheme)
@@ -78,6 +84,11 @@ def small_ratio(spec) -> float:
     with torch.device("meta"):
         m = Transformer(ModelConfig(**preset("small")))
     fp32 = sum(t.numel() * 4 for t in m.state_dict().values())
+    if isinstance(spec, str):  # 16-bit block linears and head, the rest fp32 (a tied head: the state dict holds
+        # it under both names, so the head's entry becomes the 16-bit copy and the embedding's stays fp32)
+        lin = sum(mod.weight.numel() for n, mod in m.named_modules()
+                  if type(mod) is torch.nn.Linear and (n.startswith("blocks.") or n == "lm_head"))
+        return (fp32 - 2 * lin) / fp32
     total = 0
     for n, mod in m.named_modules():
         is_block_lin = n.startswith("blocks.") and type(mod) is torch.nn.Linear
@@ -99,8 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=32768)
     p.add_argument("--context", type=int, default=None, help="window length (default: the model's context)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--variants", nargs="+", default=[n for n, _ in VARIANTS],
+                   help=f"which to run (fp32 always: the baseline), of {', '.join(n for n, _ in VARIANTS)}")
     p.add_argument("--name", default="bench_quant")
     args = p.parse_args(argv)
+    known = [n for n, _ in VARIANTS]
+    if any(v not in known for v in args.variants):
+        p.error(f"--variants: choose from {', '.join(known)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     base, tok, _ = load_model(args.checkpoint, "cpu", torch.float32)
@@ -113,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     fp32_bytes = stored_bytes(base)
     rows = []
     for name, spec in VARIANTS:
+        if name != "fp32" and name not in args.variants:
+            continue
         model = base if name == "fp32" else variant(args.checkpoint, name, spec)
         nll, top = (ref_nll, ref_top) if name == "fp32" else score(model, windows)
         size = stored_bytes(model) if name != "bf16" else fp32_bytes // 2
