@@ -300,7 +300,7 @@ class Transformer(nn.Module):
 
     def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
         """A KV cache for max_len tokens per row; with a prefix, its P rows come first, already filled."""
-        p, P = self.lm_head.weight, 0 if self.prefix is None else self.prefix.n_tokens
+        p, P = self.norm_f.weight, 0 if self.prefix is None else self.prefix.n_tokens  # the compute dtype/device
         if P and P + max_len > self.cfg.block_size:
             raise ValueError(f"{max_len} tokens (prompt + new) + the prefix's {P} rows exceed the context length "
                              f"{self.cfg.block_size}: at most {self.cfg.block_size - P} tokens fit")
@@ -313,7 +313,7 @@ class Transformer(nn.Module):
     def new_pool(self, n_blocks: int, block_size: int, device=None, dtype=None, scratch: bool = False) -> BlockPool:
         """A paged KV store (llm.paged_cache) of n_blocks blocks of block_size tokens per layer (scratch: and one
         block no sequence gets, for a static decode step's padding rows)."""
-        p = self.lm_head.weight
+        p = self.norm_f.weight  # the compute dtype and device (a 16-bit or quantized head's .weight would widen it)
         return BlockPool(self.cfg.n_layer, n_blocks, block_size, self.cfg.n_kv_head, self.cfg.head_dim,
                          device or p.device, dtype or p.dtype, scratch=scratch)
 

@@ -44,7 +44,7 @@ def beam_search(model, prompts: list[list[int]], max_new_tokens: int, num_beams:
     prompts = fit_prompts(prompts, max_new_tokens, model.n_positions)
     model.decode_layout()
     t0 = time.perf_counter()
-    B, device = len(prompts), model.lm_head.weight.device
+    B, device = len(prompts), model.norm_f.weight.device
     V = min(vocab_limit or model.cfg.padded_vocab_size, model.cfg.padded_vocab_size)
 
     cache = model.new_cache(B, max(map(len, prompts)) + max_new_tokens)

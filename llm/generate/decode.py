@@ -247,7 +247,7 @@ def _stream(model: Transformer, prompts: list[list[int]], max_new_tokens: int, p
     t0 = time.perf_counter()
     if relayout:
         model.decode_layout()
-    device = model.lm_head.weight.device
+    device = model.norm_f.weight.device
     B, V = len(prompts), model.cfg.padded_vocab_size
     vocab = min(vocab_limit or V, V)
     if seed is None:

@@ -145,7 +145,7 @@ class Engine:
         self.steps = self.forwards = 0  # steps that ran something, forwards they ran
         self.mixed_forwards = 0  # forwards whose rows carried >= 2 adapters (the base counted as one)
         self.max_step_tokens, self.prefix_cache = max_step_tokens, prefix_cache
-        self.device = model.lm_head.weight.device
+        self.device = model.norm_f.weight.device
         self.vocab = min(tok.n_vocab, model.cfg.padded_vocab_size)
         self.prefix_queried = self.prefix_hits = 0  # prompt tokens looked up in / found in the prefix cache
         self.preemptions = 0
