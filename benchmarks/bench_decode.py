@@ -304,11 +304,12 @@ def bench_speculative(args: argparse.Namespace, device: torch.device, dtype: tor
     return 0 if all(r["same"] for r in rows) else 1
 
 
-def run_spec(model: Transformer, prompt: list[int], n: int, spec: Speculation | None) -> tuple[Stats, list[int]]:
-    """Greedy decode of one row, plain (spec None) or speculative: (its Stats, the new ids)."""
+def run_spec(model: Transformer, prompt: list[int], n: int, spec: Speculation | None,
+             mode: str = "eager") -> tuple[Stats, list[int]]:
+    """Greedy decode of one row, plain (spec None; `mode` a Decoder mode) or speculative: (its Stats, the new ids)."""
     st = Stats()
     if spec is None:
-        ids = [s[0] for s in stream_tokens(model, [prompt], n, SamplingParams(0.0), mode="eager", stats=st)]
+        ids = [s[0] for s in stream_tokens(model, [prompt], n, SamplingParams(0.0), mode=mode, stats=st)]
     else:
         ids = [i for r in stream_speculative(model, [prompt], n, SamplingParams(0.0), spec, stats=st) for i in r[0]]
     return st, ids
@@ -332,25 +333,31 @@ def bench_speculative_presets(args: argparse.Namespace, device: torch.device, dt
         torch.manual_seed(1)
         prompt = torch.randint(0, model.cfg.vocab_size, (P,)).tolist()
         drafts = {q: quantize_model(copy.deepcopy(model), make_scheme(*QUANT[q])).to(dtype) for q in args.draft_quant}
-        runs: dict[str, tuple[Transformer, Speculation | None]] = {"plain": (model, None)}
-        runs |= {f"{q} draft alone": (d, None) for q, d in drafts.items()}  # its step time: c_draft
-        runs |= {f"{q} draft k={k}": (model, Speculation(k, draft=d))
-                 for q, d in drafts.items() for k in args.speculate}
-        for m, spec in runs.values():  # warm-up
-            run_spec(m, prompt, N, spec)
+        # label -> (model, speculation or None, plain decode mode); "+compile": the draft's step compiled (and a
+        # compiled plain decoder beside the eager one, the baseline a --compile user has)
+        runs: dict[str, tuple[Transformer, Speculation | None, str]] = {"plain": (model, None, "eager")}
+        if args.compile_draft:
+            runs["plain+compile"] = (model, None, "compile")
+        for c in [False] + [True] * args.compile_draft:
+            tag = "+compile" if c else ""
+            runs |= {f"{q} draft{tag} alone": (d, None, "compile" if c else "eager") for q, d in drafts.items()}
+            runs |= {f"{q} draft{tag} k={k}": (model, Speculation(k, draft=d, compile_draft=c), "eager")
+                     for q, d in drafts.items() for k in args.speculate}
+        for m, spec, mode in runs.values():  # warm-up (and the compiles)
+            run_spec(m, prompt, N, spec, mode)
         res: dict[str, list] = {k: [] for k in runs}
         for _ in range(args.repeats):  # interleaved, so load changes hit every case alike
-            for k, (m, spec) in runs.items():
-                res[k].append(run_spec(m, prompt, N, spec))
+            for k, (m, spec, mode) in runs.items():
+                res[k].append(run_spec(m, prompt, N, spec, mode))
         ms = {k: 1e3 / statistics.median(st.decode_tok_s for st, _ in rs) for k, rs in res.items()}
         for k, rs in res.items():
             st, ids = rs[0]
             tps = [s.decode_tok_s for s, _ in rs]
             tpp = 1 + st.accepted / st.row_passes if st.row_passes else 1.0
             spec = runs[k][1]
-            q = k.split()[0]
+            alone = k.rsplit(" k=", 1)[0] + " alone"
             # per target pass: tokens_per_pass tokens at ms[k] each = K draft steps + the verify pass (+ overhead)
-            verify = (ms[k] * tpp - spec.k * ms[f"{q} draft alone"]) / ms["plain"] if spec else None
+            verify = (ms[k] * tpp - spec.k * ms[alone]) / ms["plain"] if spec else None
             row = dict(case=name, provider=k, prompt=P, new=len(ids), tok_s=statistics.median(tps),
                        ms_token=ms[k], spread=f"{min(tps):.1f}-{max(tps):.1f}", vs_plain=ms["plain"] / ms[k],
                        step_vs_plain=ms[k] / ms["plain"] if k.endswith("alone") else None,
@@ -360,7 +367,7 @@ def bench_speculative_presets(args: argparse.Namespace, device: torch.device, dt
             rows.append(row)
             extra = (f"  acceptance {100 * st.acceptance:.0f}%  {tpp:.2f} tok/pass  verify+rest {verify:.2f} steps"
                      f"  same={row['same']}" if spec else "")
-            print(f"{name:10s} {k:18s} {row['tok_s']:7.1f} tok/s ({row['spread']})  {ms[k]:7.2f} ms/token  "
+            print(f"{name:10s} {k:26s} {row['tok_s']:7.1f} tok/s ({row['spread']})  {ms[k]:7.2f} ms/token  "
                   f"x{row['vs_plain']:.2f} vs plain{extra}", flush=True)
         del model, drafts
     write_results(args.name, rows, x="provider", y="tok_s", panels="case", title=f"speculative decoding, {where}",
@@ -390,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-lookup", type=int, default=3, help="speculative: n-gram size of prompt lookup")
     p.add_argument("--speculate", type=int, nargs="+", default=[4],
                    help="speculative: tokens drafted per target pass (several: one case each)")
+    p.add_argument("--compile-draft", action="store_true",
+                   help="speculative, --draft-quant on the presets: also the draft's step compiled (llm sample "
+                        "--draft-quant ... --compile) and compiled plain decoding beside eager")
     p.add_argument("--draft-quant", nargs="+", default=None, choices=("int8", "int4"),
                    help="speculative: the draft is the target quantized (quantized self-speculation); without "
                         "--checkpoint, on the presets (random weights: --presets hf-16x1024 ...)")

@@ -127,6 +127,20 @@ def test_greedy_with_a_quantized_draft_equals_plain_greedy(model, tok, mode):
         assert stats.target_passes < stats.new_tokens // 2 and stats.accepted > 0
 
 
+def test_a_compiled_draft_step_keeps_plain_greedy_and_times_its_compile_apart(model, tok):
+    """Speculation(compile_draft=True) (llm sample --draft-quant int8 --compile): the draft's one-token step runs
+    compiled with its cache in static mode, rolled back between rounds like the eager one; ids equal plain."""
+    draft = quantize_model(copy.deepcopy(model), make_scheme("int8", None))
+    prompts = ["def add(a, b):", "class Point:\n    x"]
+    plain = complete(model, tok, prompts, 24, params=SamplingParams(0.0))
+    stats = Stats()
+    spec = complete(model, tok, prompts, 24, params=SamplingParams(0.0), stats=stats,
+                    speculative=Speculation(3, draft=draft, compile_draft=True))
+    assert [c.tokens for c in spec] == [c.tokens for c in plain]
+    assert stats.warmup > 0 and stats.warmup_tokens > 0 and stats.warmup_what == "compile"
+    assert stats.target_passes < stats.new_tokens // 2
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, tok, model):
     return ck.save(tmp_path_factory.mktemp("ckpt"), "ckpt-1", model, tok)
@@ -146,7 +160,7 @@ def test_sample_draft_quant_prints_the_plain_greedy_text(ckpt, capsys):
 @pytest.mark.parametrize("extra, msg", [
     (["--draft-quant", "int8", "--prompt-lookup", "3"], "--draft-quant (a draft model) and --prompt-lookup"),
     (["--draft-quant", "int8", "--num-beams", "2"], "does not combine with --num-beams"),
-    (["--draft-quant", "int8", "--compile"], "--compile does not apply"),
+    (["--prompt-lookup", "3", "--compile"], "prompt lookup drafts without a model"),
     (["--speculate", "3"], "--draft-quant int8|int4"),
 ])
 def test_sample_draft_quant_bad_combinations_get_one_line(ckpt, capsys, extra, msg):

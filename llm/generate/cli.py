@@ -88,7 +88,8 @@ def parser() -> argparse.ArgumentParser:
                    help="on CUDA, replay each decode step as one captured CUDA graph")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (static shapes; seconds to minutes to compile once per "
-                        "batch and length, then the fastest CPU path)")
+                        "batch and length, then the fastest CPU path); with a draft model (speculative decoding) "
+                        "the draft's step is compiled and the target's verify pass stays eager")
     g = p.add_argument_group("output")
     g.add_argument("--stream", action="store_true", help="print the text as it is generated (one row)")
     g.add_argument("--quiet", action="store_true", help="print only the generated text (no timing line)")
@@ -121,8 +122,9 @@ def _check_args(args: argparse.Namespace) -> SamplingParams:
     if not speculative and (args.speculate is not None or args.compare_plain):
         raise SamplingError("--speculate / --compare-plain need a proposer: --draft-checkpoint DIR, --draft-quant "
                             "int8|int4 or --prompt-lookup N")
-    if speculative and args.compile:
-        raise SamplingError("speculative decoding runs eagerly: --compile does not apply")
+    if args.prompt_lookup is not None and args.compile:
+        raise SamplingError("prompt lookup drafts without a model: --compile (which compiles a draft model's step) "
+                            "does not apply")
     temperature = 0.8 if args.temperature is None else args.temperature
     return SamplingParams(temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
 
@@ -198,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             print(stats.spec_line(), file=sys.stderr)
     if args.compare_plain:
         plain = Stats()
-        complete(model, tok, prompts, n_new, **(kw | dict(speculative=None, stats=plain)))
+        complete(model, tok, prompts, n_new, mode="compile" if args.compile else None,
+                 **(kw | dict(speculative=None, stats=plain)))
         a, b = stats.decode_tok_s, plain.decode_tok_s
         ratio = f" | speculative x{a / b:.2f}" if a and b else ""
         print(f"--- plain decoding: {plain.line()[4:]}{ratio}", file=sys.stderr)
@@ -252,10 +255,10 @@ def _speculation(args: argparse.Namespace, model, tok, device, dtype, overrides:
     scheme = make_scheme(args.draft_quant, args.group_size) if args.draft_quant else None
     if args.draft_checkpoint is None:  # quantized self-speculation: the target's checkpoint (and adapter) quantized
         draft, _, _ = load_model(args.checkpoint, device, dtype, quantize=scheme, lora=args.lora, **overrides)
-        return Speculation(k, draft=draft)
+        return Speculation(k, draft=draft, compile_draft=args.compile)
     draft, draft_tok, _ = load_model(args.draft_checkpoint, device, dtype, quantize=scheme, **overrides)
     check_tokenizers(tok, draft_tok)
-    return Speculation(k, draft=draft)
+    return Speculation(k, draft=draft, compile_draft=args.compile)
 
 
 def _unescape(s: str) -> str:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from llm.generate.decode import PLAIN, fit_prompts, prefill
+from llm.generate.decode import PLAIN, compiled, fit_prompts, prefill
 from llm.generate.sampling import SamplingError, SamplingParams, draw_probs, warp
 from llm.generate.stats import Stats
 from llm.model import Transformer
@@ -42,6 +42,7 @@ class Speculation:
     k: int = 4
     draft: Transformer | None = None
     lookup: int | None = None
+    compile_draft: bool = False  # the draft's one-token step through torch.compile (static cache, decode.compiled)
 
     def __post_init__(self) -> None:
         if (self.draft is None) == (self.lookup is None):
@@ -50,6 +51,8 @@ class Speculation:
             raise SamplingError(f"speculate k must be >= 1 drafted tokens per step, got {self.k}")
         if self.lookup is not None and self.lookup < 1:
             raise SamplingError(f"prompt lookup n-gram size must be >= 1, got {self.lookup}")
+        if self.compile_draft and self.draft is None:
+            raise SamplingError("compiling the draft needs a draft model (prompt lookup has no step to compile)")
 
 
 def check_tokenizers(tok, draft_tok) -> None:
@@ -146,6 +149,24 @@ class SpeculativeDecoder:
         self.gens = None if params.greedy else [torch.Generator().manual_seed(seed + b) for b in range(B)]
         self.drafted = self.accepted = self.passes = self.row_passes = 0
         self.device = device
+        self.dstep: Callable[[Tensor], Tensor] | None = None  # the compiled draft step, built on first use
+
+    def _draft_step(self, d: Tensor) -> Tensor:
+        """The draft fed one id per row (B,) -> logits (B, 1, V). Compiled: the step runs with the draft cache in
+        static mode (fixed shapes, no host state; decode.Decoder's rule) and the host lengths move on after it."""
+        draft, cache = self.spec.draft, self.dcache
+        if not self.spec.compile_draft:
+            return draft(d[:, None], cache=cache)[0]
+        cache.check_room(1, host=True)
+        if self.dstep is None:
+            self.dstep = compiled(lambda tok: draft(tok[:, None], cache=cache)[0], d.device)
+        cache.static = True
+        try:
+            logits = self.dstep(d)
+        finally:
+            cache.static = False
+        cache.advance_host(1)
+        return logits
 
     def _uniforms(self, n: int) -> Tensor:
         """(B, n) uniforms for this round; only unfinished rows draw, so a row's stream is its own."""
@@ -241,7 +262,7 @@ class SpeculativeDecoder:
             toks.append(d)
             qs.append(qi)
             if i < k - 1:
-                logits, _ = draft(d[:, None], cache=cache)
+                logits = self._draft_step(d)
         out = torch.stack(toks, 1).tolist()  # (B, k)
         return out, None if u is None else torch.stack(qs, 1)
 
@@ -286,6 +307,7 @@ def stream_speculative(model: Transformer, prompts: list[list[int]], max_new_tok
     rows = _Rows(prompts, max_new_tokens)
     dec = SpeculativeDecoder(model, spec, rows, params, vocab, seed)
     eos, new = set(eos_ids), [[i] for i in dec.first(prefill_chunk)]
+    warm, warm_tokens = 0.0, 0
     while True:
         out = [_take(rows, b, ids, eos, stop) for b, ids in enumerate(new)]
         if stats is not None and not stats.ttft:
@@ -294,11 +316,16 @@ def stream_speculative(model: Transformer, prompts: list[list[int]], max_new_tok
         if all(rows.done):
             break
         dec.commit()
+        r0, compiling = time.perf_counter(), spec.compile_draft and dec.dstep is None
         new = dec.round()
+        if compiling and dec.dstep is not None:  # this round compiled the draft step: timed apart, with its tokens
+            warm, warm_tokens = time.perf_counter() - r0, sum(map(len, new))
     if stats is not None:
         stats.record(prompt_tokens=sum(map(len, prompts)), rows=len(prompts), new_tokens=sum(rows.new),
                      total=time.perf_counter() - t0, drafted=dec.drafted, accepted=dec.accepted,
                      target_passes=dec.passes, row_passes=dec.row_passes, plain_passes=max(rows.new) - 1)
+        if warm_tokens:
+            stats.record(warmup=warm, warmup_tokens=warm_tokens, warmup_what="compile")
 
 
 def _take(rows: _Rows, b: int, ids: list[int], eos: set[int], stop: Callable[[int, int], bool] | None) -> list[int]:
