@@ -140,7 +140,7 @@ class SpeculativeDecoder:
     def __init__(self, model: Transformer, spec: Speculation, rows: _Rows, params: SamplingParams,
                  vocab: int, seed: int | None) -> None:
         self.model, self.spec, self.rows, self.params, self.vocab = model, spec, rows, params, vocab
-        device = model.lm_head.weight.device
+        device = model.norm_f.weight.device  # not lm_head.weight: a 16-bit or quantized head widens its weight
         B, longest = len(rows.seq), max(map(len, rows.seq))
         blocks = [model.n_positions] + ([spec.draft.cfg.block_size] if spec.draft is not None else [])
         self.limit = min(min(blocks), longest + rows.n + spec.k)  # no pass may write at or past this position
