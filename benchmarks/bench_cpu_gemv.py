@@ -29,7 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import device_name, write_results
+from benchmarks.common import device_name, weight_shape, write_results
 from kernels import cpu_gemv
 from llm.quant import quantize_int4, quantize_int8
 
@@ -98,7 +98,8 @@ def bench_shape(N: int, K: int, M: int, repeats: int, names: list[str]) -> list[
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shapes", nargs="+", default=["1024x512", "1408x512", "512x1408", "2816x1024", "1024x2816"],
+    p.add_argument("--shapes", nargs="+", type=weight_shape,
+                   default=[(1024, 512), (1408, 512), (512, 1408), (2816, 1024), (1024, 2816)],
                    help="weight shapes N x K (output features x input features)")
     p.add_argument("--rows", type=int, default=1, help=f"rows of x (decode batch), 1 .. {cpu_gemv.MAX_M}")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (torch's and the kernels' OpenMP)")
@@ -107,13 +108,6 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"which to run (fp32 always runs: the baseline), of {', '.join(PROVIDERS)}")
     p.add_argument("--name", default="bench_cpu_gemv", help="result file name under benchmarks/results/<device>/")
     args = p.parse_args(argv)
-    shapes = []
-    for s in args.shapes:
-        try:
-            n, k = (int(v) for v in s.lower().split("x"))
-        except ValueError:
-            p.error(f"--shapes: {s!r} is not N x K (e.g. 2816x1024)")
-        shapes.append((n, k))
     bad = [k for k in args.providers if k not in PROVIDERS]
     if bad:
         p.error(f"--providers: unknown {', '.join(bad)}; choose from {', '.join(PROVIDERS)}")
@@ -126,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     where = f"{device_name()} (CPU, {args.threads} threads)"
     print(f"CPU GEMV benchmark on {where}: {args.rows} row(s) of x, median of {args.repeats}", flush=True)
     rows = []
-    for N, K in shapes:
+    for N, K in args.shapes:
         rows += bench_shape(N, K, args.rows, args.repeats, ["fp32"] + [k for k in args.providers if k != "fp32"])
     write_results(args.name, rows, x="shape", y="gb_s", title=f"CPU decode GEMVs, {where}, {args.rows} row(s)",
                   xlabel="weight N x K", ylabel="weight bytes read (GB/s)", kind="bars")

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.bench_decode import IMPORTED, build_imported
-from benchmarks.common import device_name, write_results
+from benchmarks.common import device_name, weight_shape, write_results
 from kernels import cpu_prefill
 from kernels import reference as ref
 from llm import ops
@@ -106,8 +106,9 @@ def bench_model(name: str, M: int, repeats: int) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shapes", nargs="+", default=["1536x512", "1408x512", "512x1408", "2048x1024", "2816x1024",
-                                                   "1024x2816"], help="weight shapes N x K")
+    p.add_argument("--shapes", nargs="+", type=weight_shape,
+                   default=[(1536, 512), (1408, 512), (512, 1408), (2048, 1024), (2816, 1024), (1024, 2816)],
+                   help="weight shapes N x K")
     p.add_argument("--rows", type=int, default=128, help="prompt tokens (rows of x)")
     p.add_argument("--model", default="hf-16x1024", choices=[*IMPORTED, "none"],
                    help="whole-prompt TTFT on this imported model (none: skip)")
@@ -115,13 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds per provider, median")
     p.add_argument("--name", default="bench_cpu_prefill", help="result file name under benchmarks/results/<device>/")
     args = p.parse_args(argv)
-    shapes = []
-    for s in args.shapes:
-        try:
-            n, k = (int(v) for v in s.lower().split("x"))
-        except ValueError:
-            p.error(f"--shapes: {s!r} is not N x K (e.g. 2816x1024)")
-        shapes.append((n, k))
     if args.rows <= ops.CPU_WOQ_MAX_M:
         p.error(f"--rows must be above {ops.CPU_WOQ_MAX_M} (fewer rows are decode: the C GEMVs, bench_cpu_gemv)")
     torch.set_num_threads(args.threads)
@@ -129,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU prefill through quantized weights on {device_name()} (CPU, {threads}): {args.rows} rows, "
           f"median of {args.repeats}", flush=True)
     rows = []
-    for N, K in shapes:
+    for N, K in args.shapes:
         rows += bench_shape(N, K, args.rows, args.repeats)
     if args.model != "none":
         rows += bench_model(args.model, args.rows, args.repeats)

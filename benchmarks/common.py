@@ -115,6 +115,17 @@ def cpu_read_bandwidth(nbytes: int, rep: int = 9) -> float:
     return max(rates)
 
 
+def weight_shape(text: str) -> tuple[int, int]:
+    """argparse type of a weight shape "N x K" ("2816x1024": output features x input features)."""
+    import argparse
+
+    try:
+        n, k = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not N x K (e.g. 2816x1024)") from None
+    return n, k
+
+
 def versions() -> str:
     try:
         import triton

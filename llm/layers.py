@@ -48,13 +48,13 @@ def _scale_inv_freq(inv_freq: Tensor, s: dict) -> Tensor:
     return torch.where(is_mid, mid, scaled)
 
 
-
 class RowsLinear(nn.Linear):
     """An nn.Linear whose forward is ops.f32_rows_linear (a few fp32 CPU rows: the C kernel that reads each
     weight once). Transformer.few_rows() gives its fp32 CPU linears this class for a pass, then takes it back."""
 
     def forward(self, x: Tensor) -> Tensor:
         return ops.f32_rows_linear(x, self.weight, self.bias)
+
 
 class Norm(nn.Module):
     """RMSNorm (Zhang & Sennrich 2019) or LayerNorm, over the last dim. x (..., C)."""

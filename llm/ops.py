@@ -373,6 +373,11 @@ def moe_experts(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, topk_id
 
 # ----------------------------------------------------------------------------- fp32 linears, a few CPU rows
 
+def n_rows(x: Tensor) -> int:
+    """Rows of x (..., K): the number of vectors a linear multiplies (decode: the batch; prefill: batch x tokens)."""
+    return x.numel() // max(1, x.shape[-1])
+
+
 # A speculative verify pass feeds the target 1 + K ids: K + 1 rows against every weight. On this AVX2 CPU MKL's
 # sgemm costs about one GEMV per row at 2-8 rows (1.7-3.4x a single-row GEMV on the 16x1024 shapes), so the
 # pass cost ~K + 1 decode steps and speculation could not win. kernels/cpu_gemv.c's f32_*major_gemm read each
@@ -384,8 +389,7 @@ CPU_F32_MAX_M = 8
 def f32_rows_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear, except 2..CPU_F32_MAX_M fp32 CPU rows against an fp32 weight, contiguous or K-major (no autograd,
     not under torch.compile, the C kernels built): kernels/cpu_gemv.py's f32_rows_gemm. Same math, fp32 sums."""
-    rows = x.numel() // max(1, x.shape[-1])
-    if (1 < rows <= CPU_F32_MAX_M and x.device.type == "cpu" and x.dtype == torch.float32
+    if (1 < n_rows(x) <= CPU_F32_MAX_M and x.device.type == "cpu" and x.dtype == torch.float32
             and weight.dtype == torch.float32 and (cpu_gemv.is_kmajor(weight) or weight.is_contiguous())
             and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) and cpu_gemv.available()):
@@ -414,8 +418,7 @@ def _torch_cpu_op(name: str) -> bool:
 
 
 def _cpu_rows(kernels: str, x: Tensor) -> bool:
-    rows = x.numel() // max(1, x.shape[-1])
-    return kernels == "auto" and x.device.type == "cpu" and rows <= CPU_WOQ_MAX_M
+    return kernels == "auto" and x.device.type == "cpu" and n_rows(x) <= CPU_WOQ_MAX_M
 
 
 def _cpu_gemv(kernels: str, x: Tensor) -> bool:
@@ -538,8 +541,7 @@ def _(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 def w16_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, kernels: str = "auto") -> Tensor:
     """x @ W.T + b for W (N, K) stored fp16 / bf16 and x fp32: the C GEMV for a few CPU rows (under torch.compile
     the custom op cpu_w16_gemv), else the reference (W widened to x's dtype, one GEMM)."""
-    rows = x.numel() // max(1, x.shape[-1])
-    if (kernels == "auto" and x.device.type == "cpu" and rows <= W16_MAX_M and x.dtype == torch.float32
+    if (kernels == "auto" and x.device.type == "cpu" and n_rows(x) <= W16_MAX_M and x.dtype == torch.float32
             and cpu_gemv.available()):
         if torch.compiler.is_compiling():
             return cpu_w16_gemv(x, weight, bias)
