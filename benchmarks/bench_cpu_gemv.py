@@ -29,7 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import device_name, weight_shape, write_results
+from benchmarks.common import device_name, threads_text, weight_shape, write_results
 from kernels import cpu_gemv
 from llm.quant import quantize_int4, quantize_int8
 
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the C GEMVs did not build (no C compiler?): nothing to measure", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    where = f"{device_name()} (CPU, {args.threads} threads)"
+    where = f"{device_name()} (CPU, {threads_text(args.threads)})"
     print(f"CPU GEMV benchmark on {where}: {args.rows} row(s) of x, median of {args.repeats}", flush=True)
     rows = []
     for N, K in args.shapes:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.bench_decode import IMPORTED, build_imported
-from benchmarks.common import device_name, weight_shape, write_results
+from benchmarks.common import device_name, threads_text, weight_shape, write_results
 from kernels import cpu_prefill
 from kernels import reference as ref
 from llm import ops
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rows <= ops.CPU_WOQ_MAX_M:
         p.error(f"--rows must be above {ops.CPU_WOQ_MAX_M} (fewer rows are decode: the C GEMVs, bench_cpu_gemv)")
     torch.set_num_threads(args.threads)
-    threads = f"{args.threads} thread{'s' if args.threads > 1 else ''}"
+    threads = threads_text(args.threads)
     print(f"CPU prefill through quantized weights on {device_name()} (CPU, {threads}): {args.rows} rows, "
           f"median of {args.repeats}", flush=True)
     rows = []

@@ -60,7 +60,7 @@ from types import SimpleNamespace
 import gguf
 import torch
 
-from benchmarks.common import cpu_read_bandwidth, device_name, measure_ceilings, short_name, write_results
+from benchmarks.common import cpu_read_bandwidth, device_name, measure_ceilings, short_name, threads_text, write_results
 from llm.config import ModelConfig, preset
 from llm.generate import Stats, stream_tokens
 from llm.generate.api import complete
@@ -272,7 +272,7 @@ def bench_speculative(args: argparse.Namespace, device: torch.device, dtype: tor
     for q in args.draft_quant or []:  # the target itself, quantized
         qd = quantize_model(copy.deepcopy(model), make_scheme(*QUANT[q])).to(dtype)
         specs |= {f"{q} self-draft k={K}": Speculation(K, draft=qd) for K in Ks}
-    where = f"{device_name()} ({device.type}, {torch.get_num_threads()} threads), {args.dtype}"
+    where = f"{device_name()} ({device.type}, {threads_text(torch.get_num_threads())}), {args.dtype}"
     print(f"speculative decoding on {where}: {args.checkpoint}, prompt {args.prompt_file} ({len(ids)} tokens), "
           f"{N} new tokens, greedy, median of {args.repeats}", flush=True)
 
@@ -318,7 +318,7 @@ def run_spec(model: Transformer, prompt: list[int], n: int, spec: Speculation | 
 def bench_speculative_presets(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> int:
     """Plain greedy vs draft-model speculation with a quantized copy of the target as the draft (quantized
     self-speculation: --draft-quant int8 / int4), per preset and K, on a random prompt, eager, interleaved."""
-    where = f"{device_name()} (CPU, {torch.get_num_threads()} threads), {args.dtype}"
+    where = f"{device_name()} (CPU, {threads_text(torch.get_num_threads())}), {args.dtype}"
     P, N = args.prompt[0], args.new_tokens
     print(f"speculative decoding on {where}: batch 1, prompt {P}, {N} new tokens, greedy, eager, draft = the target "
           f"quantized ({', '.join(args.draft_quant)}), k in {args.speculate}, median of {args.repeats} interleaved",

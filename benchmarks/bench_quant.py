@@ -24,7 +24,7 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import device_name, short_name, write_results
+from benchmarks.common import device_name, short_name, threads_text, write_results
 from llm import quant
 from llm.checkpoint import model_tensors
 from llm.config import DataConfig, ModelConfig, preset
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     T = (args.context or base.cfg.block_size) + 1
     ids = val_tokens(tok, args.max_tokens)
     windows = ids[: len(ids) // T * T].view(-1, T)
-    print(f"quant quality on {device_name()} (CPU, {torch.get_num_threads()} threads): {args.checkpoint}, "
+    print(f"quant quality on {device_name()} (CPU, {threads_text(torch.get_num_threads())}): {args.checkpoint}, "
           f"{windows.numel():,} pystdlib validation tokens in {len(windows)} windows of {T - 1}", flush=True)
     ref_nll, ref_top = score(base, windows)
     fp32_bytes = stored_bytes(base)

@@ -115,6 +115,11 @@ def cpu_read_bandwidth(nbytes: int, rep: int = 9) -> float:
     return max(rates)
 
 
+def threads_text(n: int) -> str:
+    """"1 thread" / "n threads", for titles and console lines."""
+    return f"{n} thread{'' if n == 1 else 's'}"
+
+
 def weight_shape(text: str) -> tuple[int, int]:
     """argparse type of a weight shape "N x K" ("2816x1024": output features x input features)."""
     import argparse
