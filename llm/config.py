@@ -252,6 +252,9 @@ class TrainConfig:
     dpo_beta: float = _f(0.1, "--objective dpo: beta, the strength of the implicit KL penalty to the reference")
     dpo_nll: float = _f(0.0, "--objective dpo: weight of the chosen answers' per-token NLL added to the DPO loss "
                              "(RPO, Pang et al. 2024; TRL's rpo_alpha): keeps the chosen answers likely")
+    reward_smoothing: float = _f(0.0, "--objective reward: label smoothing eps of the Bradley-Terry loss, -(1 - eps) "
+                                      "log sigmoid(d) - eps log sigmoid(-d) for the margin d = r(chosen) - "
+                                      "r(rejected): the loss stops rewarding margins beyond log((1 - eps) / eps)")
     reward: str | None = _f(None, "--objective grpo: the reward function, a built-in (exact_match, prefix_match) or "
                                   "module:function taking (prompt, answer, reference) -> float")
     reward_model: str | None = _f(None, "--objective grpo: score answers with this reward model (a checkpoint "

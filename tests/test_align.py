@@ -19,7 +19,7 @@ from llm.loading import load_model
 from llm.train.cli import main
 from llm.train.objectives.dpo import dpo_loss
 from llm.train.objectives.pairs import answer_logps, last_scored
-from llm.train.objectives.reward import bradley_terry, score
+from llm.train.objectives.reward import Reward, bradley_terry, score
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,6 +32,21 @@ def test_bradley_terry_equals_the_formula():
     rc, rr = torch.randn(7, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
     want = torch.stack([-torch.log(1 / (1 + torch.exp(-(a - b)))) for a, b in zip(rc, rr)]).mean()
     assert torch.allclose(bradley_terry(rc, rr), want, rtol=1e-12, atol=1e-12)
+
+
+def test_smoothed_bradley_terry_equals_the_formula():
+    """--reward-smoothing eps: each pair is right with probability 1 - eps (cDPO's conservative loss on the margin):
+    -(1 - eps) log sigmoid(d) - eps log sigmoid(-d), minimal at d = log((1 - eps) / eps); eps 0 is plain BT."""
+    torch.manual_seed(3)
+    rc, rr = torch.randn(9, dtype=torch.float64) * 4, torch.randn(9, dtype=torch.float64) * 4
+    sig = lambda z: 1 / (1 + torch.exp(-z))  # noqa: E731
+    for eps in (0.0, 0.1, 0.3):
+        want = torch.stack([-(1 - eps) * torch.log(sig(a - b)) - eps * torch.log(sig(b - a))
+                            for a, b in zip(rc, rr)]).mean()
+        assert torch.allclose(bradley_terry(rc, rr, eps), want, rtol=1e-12, atol=1e-12)
+    d = torch.tensor([math.log(0.9 / 0.1)], dtype=torch.float64, requires_grad=True)
+    bradley_terry(d, torch.zeros(1, dtype=torch.float64), 0.1).backward()
+    assert abs(d.grad.item()) < 1e-12  # no pull past the smoothed optimum
 
 
 def test_dpo_loss_equals_the_formula():
@@ -213,6 +228,22 @@ def test_reward_model_trains_saves_and_scores(runs, capsys):
     assert "has no reward head" in capsys.readouterr().err
 
 
+def test_reward_smoothing_reaches_the_objectives_loss():
+    """--reward-smoothing flows from the config into the reward objective's loss: on fixed hidden states (a stub
+    model) its loss is bradley_terry(scores of the chosen rows, of the rejected rows, eps)."""
+    torch.manual_seed(4)
+    x, y = torch.zeros(6, 5, dtype=torch.long), torch.full((6, 5), 1)  # 3 pairs: chosen rows first
+    h = torch.randn(6, 5, 8)
+    head = torch.nn.Linear(8, 1)
+    r = head(h[:, -1]).squeeze(-1)
+    for eps in (0.0, 0.2):
+        obj = Reward(TrainConfig(objective="reward", reward_smoothing=eps), DataConfig())
+        obj.head = head
+        loss, metrics = obj.loss(lambda x, hidden: (h, None), (x, y))
+        assert torch.allclose(loss, bradley_terry(r[:3], r[3:], eps))
+        assert torch.allclose(metrics["reward/margin"], (r[:3] - r[3:]).mean())
+
+
 def test_lora_reward_model_saves_its_head_with_the_adapter_scores_and_rewards_grpo(runs, capsys):
     """--objective reward --lora-rank: the base frozen, LoRA and the scalar head trained and saved together in
     adapter.safetensors; the checkpoint loads (on its recorded base) as a reward model with that head, scores
@@ -296,9 +327,10 @@ def test_dpo_with_lora_uses_the_base_as_reference(runs):
 @pytest.mark.parametrize("flags,msg", [
     (dict(objective="dpo", dpo_beta=0), "--dpo-beta must be > 0"),
     (dict(objective="dpo", dpo_nll=-1), "--dpo-nll must be >= 0"),
+    (dict(objective="reward", reward_smoothing=0.5), "--reward-smoothing must be in [0, 0.5)"),
     (dict(objective="reward", dataset="SFT"), "trains on preference pairs"),
     (dict(objective="dpo", ref="OTHER"), "another tokenizer"),
-], ids=["beta-0", "nll-negative", "not-preference-data", "ref-other-tokenizer"])
+], ids=["beta-0", "nll-negative", "smoothing-half", "not-preference-data", "ref-other-tokenizer"])
 def test_bad_preference_settings_are_one_line(runs, capsys, flags, msg):
     if flags.get("dataset") == "SFT":
         flags = flags | {"dataset": runs / "sft.jsonl"}

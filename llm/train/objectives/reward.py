@@ -3,6 +3,13 @@ answer token, trained on preference pairs with the Bradley-Terry loss
 
     loss = -log sigmoid(r(chosen) - r(rejected))
 
+or with --reward-smoothing eps (label smoothing: each pair counts as right with probability 1 - eps, the
+"conservative" loss of cDPO / TRL's label_smoothing, here on the reward margin d = r(chosen) - r(rejected))
+
+    loss = -(1 - eps) log sigmoid(d) - eps log sigmoid(-d)
+
+whose minimum is at d = log((1 - eps) / eps), so a pair already ranked by that margin stops pulling the weights.
+
 The --init-from model (usually the SFT model) gets a zero-initialised head (Transformer.add_reward_head), so
 every score starts at 0 and the loss at log 2. Its LM head is frozen (the score does not read it; under DDP a
 trainable weight without a gradient would stall the reducer). The checkpoint is the whole model with the
@@ -25,9 +32,14 @@ from llm.train.objectives.base import Context
 from llm.train.objectives.pairs import PairObjective, last_scored
 
 
-def bradley_terry(r_chosen: Tensor, r_rejected: Tensor) -> Tensor:
-    """Mean of -log sigmoid(r_c - r_r) over the pairs (B,)."""
-    return -F.logsigmoid(r_chosen - r_rejected).mean()
+def bradley_terry(r_chosen: Tensor, r_rejected: Tensor, smoothing: float = 0.0) -> Tensor:
+    """Mean over the pairs (B,) of -(1 - eps) log sigmoid(d) - eps log sigmoid(-d), d = r_c - r_r, eps = smoothing
+    (0: the plain Bradley-Terry loss)."""
+    d = r_chosen - r_rejected
+    loss = -F.logsigmoid(d)
+    if smoothing:
+        loss = (1 - smoothing) * loss - smoothing * F.logsigmoid(-d)
+    return loss.mean()
 
 
 def scores(fwd: nn.Module, head: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -44,6 +56,12 @@ class Reward(PairObjective):
     def next_command(self, out) -> str:
         return f"score with: llm score --checkpoint {out} --prompt QUESTION --answer ANSWER [--answer ANSWER ...]"
 
+    def check(self) -> None:
+        super().check()
+        if not 0 <= self.tcfg.reward_smoothing < 0.5:
+            raise ConfigError(f"--reward-smoothing must be in [0, 0.5) (got {self.tcfg.reward_smoothing:g}): the share "
+                              "of each pair's loss that counts it as ranked the other way")
+
     def setup(self, ctx: Context) -> None:
         model = ctx.model
         model.add_reward_head()
@@ -57,8 +75,9 @@ class Reward(PairObjective):
         r = scores(fwd, self.head, x, y)
         rc, rr = r.chunk(2)
         margin = (rc - rr).detach()
-        return bradley_terry(rc, rr), {"reward/acc": (margin > 0).float().mean(), "reward/margin": margin.mean(),
-                                       "reward/chosen": rc.detach().mean(), "reward/rejected": rr.detach().mean()}
+        loss = bradley_terry(rc, rr, self.tcfg.reward_smoothing)
+        return loss, {"reward/acc": (margin > 0).float().mean(), "reward/margin": margin.mean(),
+                      "reward/chosen": rc.detach().mean(), "reward/rejected": rr.detach().mean()}
 
 
 @torch.inference_mode()
