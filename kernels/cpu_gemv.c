@@ -577,54 +577,93 @@ void f32_kmajor_gemm(const float *x, const float *wt, const float *bias, float *
 }
 
 /* y (M, N) = x (M, K) @ W^T + b for W (N, K) row-major (N-major, the layout decode_layout leaves a weight with
- * N < K): each row of W is read once for all M rows of x (x stays in L1), up to 8 rows of x per pass with one
- * accumulator each; fp32 sums (8 lanes, then the lanes added). The N-major partner of f32_kmajor_gemm. */
+ * N < K): every row of W is read once for all M rows of x. NB rows of W per pass (NB = 4 / 3 / 2 / 1 for M =
+ * 1-2 / 3 / 4-6 / 7-8: NB x M accumulators + NB weight vectors fit the 16 registers), so each 8 values of x
+ * loaded serve NB rows: with one row per pass x (M x K fp32, 34 KB at M = 3, K = 2816: past L1) was re-read from
+ * L2 for every output; with the machine's other vCPU busy the 1024x2816 weight then cost 1.35-1.6 GEMVs at 3-4
+ * rows, 0.95-1.2 blocked (quiet, both ~1.1; benchmarks/NOTES.md, "Speculative decoding, session 6"). Each weight
+ * stream is prefetched F32_NPF values ahead.
+ * Per output one accumulator (8 lanes) in k order, the lanes added, then the tail: fp32 sums. The N-major partner
+ * of f32_kmajor_gemm. */
+#define F32_NPF 256
+
 #ifdef __AVX2__
-static inline __attribute__((always_inline)) void f32_row(const float *x, const float *wr, float *y, int mm,
-                                                         int N, int K, int n, float b) {
-    __m256 a[8];
-    _Pragma("GCC unroll 8") for (int i = 0; i < mm; i++) a[i] = _mm256_setzero_ps();
+static inline __attribute__((always_inline)) void f32_rows_nb(const float *x, const float *w, const float *bias,
+                                                             float *y, int nb, int mm, int N, int K, int n) {
+    __m256 a[4][8];
+    _Pragma("GCC unroll 4") for (int j = 0; j < nb; j++)
+        _Pragma("GCC unroll 8") for (int i = 0; i < mm; i++) a[j][i] = _mm256_setzero_ps();
     int k = 0;
     for (; k + 8 <= K; k += 8) {
-        __m256 w = _mm256_loadu_ps(wr + k);
-        _Pragma("GCC unroll 8") for (int i = 0; i < mm; i++)
-            a[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + (int64_t)i * K + k), a[i]);
+        __m256 wv[4];
+        _Pragma("GCC unroll 4") for (int j = 0; j < nb; j++) {
+            const float *wr = w + (int64_t)(n + j) * K + k;
+            _mm_prefetch((const char *)(wr + F32_NPF), _MM_HINT_T0);
+            wv[j] = _mm256_loadu_ps(wr);
+        }
+        _Pragma("GCC unroll 8") for (int i = 0; i < mm; i++) {
+            __m256 xv = _mm256_loadu_ps(x + (int64_t)i * K + k);
+            _Pragma("GCC unroll 4") for (int j = 0; j < nb; j++) a[j][i] = _mm256_fmadd_ps(wv[j], xv, a[j][i]);
+        }
     }
-    _Pragma("GCC unroll 8") for (int i = 0; i < mm; i++) {
-        float s = hsum8(a[i]);
-        for (int j = k; j < K; j++) s += wr[j] * x[(int64_t)i * K + j];
-        y[(int64_t)i * N + n] = s + b;
+    _Pragma("GCC unroll 4") for (int j = 0; j < nb; j++) {
+        const float *wr = w + (int64_t)(n + j) * K;
+        _Pragma("GCC unroll 8") for (int i = 0; i < mm; i++) {
+            float s = hsum8(a[j][i]);
+            for (int kk = k; kk < K; kk++) s += wr[kk] * x[(int64_t)i * K + kk];
+            y[(int64_t)i * N + n + j] = s + (bias ? bias[n + j] : 0.0f);
+        }
     }
 }
 
-static void f32_row_m(const float *x, const float *wr, float *y, int mm, int N, int K, int n, float b) {
-    switch (mm) {  /* a constant row count per call: the accumulators stay in registers */
-    case 1: f32_row(x, wr, y, 1, N, K, n, b); break;
-    case 2: f32_row(x, wr, y, 2, N, K, n, b); break;
-    case 3: f32_row(x, wr, y, 3, N, K, n, b); break;
-    case 4: f32_row(x, wr, y, 4, N, K, n, b); break;
-    case 5: f32_row(x, wr, y, 5, N, K, n, b); break;
-    case 6: f32_row(x, wr, y, 6, N, K, n, b); break;
-    case 7: f32_row(x, wr, y, 7, N, K, n, b); break;
-    default: f32_row(x, wr, y, 8, N, K, n, b); break;
+/* Rows n .. n + nb - 1 of W against all M rows of x (nb = f32_nb(M), or 1 for the rows left over). */
+static void f32_rows_at(const float *x, const float *w, const float *bias, float *y, int nb, int M, int N, int K,
+                        int n) {
+    if (nb == 1) {  /* constant (nb, M) per call: the accumulators stay in registers */
+        switch (M) {
+        case 1: f32_rows_nb(x, w, bias, y, 1, 1, N, K, n); break;
+        case 2: f32_rows_nb(x, w, bias, y, 1, 2, N, K, n); break;
+        case 3: f32_rows_nb(x, w, bias, y, 1, 3, N, K, n); break;
+        case 4: f32_rows_nb(x, w, bias, y, 1, 4, N, K, n); break;
+        case 5: f32_rows_nb(x, w, bias, y, 1, 5, N, K, n); break;
+        case 6: f32_rows_nb(x, w, bias, y, 1, 6, N, K, n); break;
+        case 7: f32_rows_nb(x, w, bias, y, 1, 7, N, K, n); break;
+        default: f32_rows_nb(x, w, bias, y, 1, 8, N, K, n); break;
+        }
+        return;
+    }
+    switch (M) {
+    case 1: f32_rows_nb(x, w, bias, y, 4, 1, N, K, n); break;
+    case 2: f32_rows_nb(x, w, bias, y, 4, 2, N, K, n); break;
+    case 3: f32_rows_nb(x, w, bias, y, 3, 3, N, K, n); break;
+    case 4: f32_rows_nb(x, w, bias, y, 2, 4, N, K, n); break;
+    case 5: f32_rows_nb(x, w, bias, y, 2, 5, N, K, n); break;
+    default: f32_rows_nb(x, w, bias, y, 2, 6, N, K, n); break;
     }
 }
+
+static inline int f32_nb(int M) { return M <= 2 ? 4 : M == 3 ? 3 : M <= 6 ? 2 : 1; }
 #endif
 
 void f32_nmajor_gemm(const float *x, const float *w, const float *bias, float *y, int M, int N, int K) {
+#ifdef __AVX2__
+    for (int m0 = 0; m0 < M; m0 += 8) {  /* at most 8 rows of x per pass over W */
+        int mm = M - m0 < 8 ? M - m0 : 8, nb = f32_nb(mm), nblk = N / nb;
+        const float *xm = x + (int64_t)m0 * K;
+        float *ym = y + (int64_t)m0 * N;
+        #pragma omp parallel for schedule(static) if ((int64_t)N * K > 65536)
+        for (int b = 0; b < nblk; b++) f32_rows_at(xm, w, bias, ym, nb, mm, N, K, b * nb);
+        for (int n = nblk * nb; n < N; n++) f32_rows_at(xm, w, bias, ym, 1, mm, N, K, n);
+    }
+#else
     #pragma omp parallel for schedule(static) if ((int64_t)N * K > 65536)
     for (int n = 0; n < N; n++) {
         const float *wr = w + (int64_t)n * K;
-        float b = bias ? bias[n] : 0.0f;
-#ifdef __AVX2__
-        for (int m0 = 0; m0 < M; m0 += 8)
-            f32_row_m(x + (int64_t)m0 * K, wr, y + (int64_t)m0 * N, M - m0 < 8 ? M - m0 : 8, N, K, n, b);
-#else
         for (int m = 0; m < M; m++) {
             float s = 0.0f;
             for (int k = 0; k < K; k++) s += wr[k] * x[(int64_t)m * K + k];
-            y[(int64_t)m * N + n] = s + b;
+            y[(int64_t)m * N + n] = s + (bias ? bias[n] : 0.0f);
         }
-#endif
     }
+#endif
 }

@@ -16,6 +16,7 @@ per instruction); defaults INT8_ACT_BITS / INT4_ACT_BITS below. The 16-bit kerne
                                              q (N, ceil(K/2)) uint8, s, z (N, ceil(K/G))        -> (M, N)
     w16_gemv(x, w, bias)                     w (N, K) fp16 / bf16                              -> (M, N)
     f32_rows_gemm(x, w, bias)                w (N, K) fp32, contiguous or K-major (w.t() is)   -> (M, N)
+    f32_rows_plan(w, bias) -> run(x)         the same bound to one weight, checked once (few_rows' linears)
 x may be fp32, fp16 or bf16 (widened to fp32 once, K values per row); y comes back in x's dtype.
 M <= MAX_M (decode rows); larger inputs belong to a GEMM.
 """
@@ -28,6 +29,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -201,3 +203,28 @@ def f32_rows_gemm(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
     fn = _lib().f32_kmajor_gemm if kmajor else _lib().f32_nmajor_gemm
     fn(x2.data_ptr(), weight.data_ptr(), _ptr(b), y.data_ptr(), x2.shape[0], N, K)
     return _out(y, x, N)
+
+
+def f32_rows_plan(weight: Tensor, bias: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+    """f32_rows_gemm bound to one weight: its checks done and its pointers taken once, so each call is a ctypes
+    call on x's rows (a speculative verify pass runs ~100 of them; the per-call checks of f32_rows_gemm cost
+    more than the F.linear dispatch they replace). The returned run(x) takes a contiguous fp32 x (..., K) of
+    1..MAX_M rows -> (..., N) fp32. The weight must not move while the plan is in use (it keeps it alive)."""
+    N, K = weight.shape
+    kmajor = is_kmajor(weight)
+    if weight.dtype != torch.float32 or not (kmajor or weight.is_contiguous()):
+        raise ValueError("f32_rows_plan: weight must be an fp32 (N, K) tensor, contiguous or K-major (w.t() is)")
+    b = _f32(bias)
+    fn = _lib().f32_kmajor_gemm if kmajor else _lib().f32_nmajor_gemm
+    w_ptr, b_ptr = weight.data_ptr(), _ptr(b)
+
+    def run(x: Tensor) -> Tensor:
+        M = x.numel() // K
+        if x.shape[-1] != K or x.dtype != torch.float32 or not x.is_contiguous() or not 0 < M <= MAX_M:
+            raise ValueError(f"f32_rows_plan: x must be contiguous fp32 (..., {K}) with 1..{MAX_M} rows")
+        y = torch.empty(x.shape[:-1] + (N,))
+        fn(x.data_ptr(), w_ptr, b_ptr, y.data_ptr(), M, N, K)
+        return y
+
+    run.weight, run.bias = weight, b  # alive as long as the plan
+    return run

@@ -287,6 +287,26 @@ def one_query_attention_ref(q: Tensor, k: Tensor, v: Tensor, scale: float | None
     return o.reshape(B, 1, H, D).to(q.dtype)
 
 
+def few_query_attention_ref(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
+    """T new tokens per row attending to all S keys, causal among themselves (query t sits at S - T + t): a
+    speculative verify pass of 1 + K ids continuing a cache of one length.
+
+    q (B, T, H, D), k/v (B, S, Hkv, D), T <= S -> (B, T, H, D) in q's dtype, math in fp32. As
+    `one_query_attention_ref` with the T queries of a KV head's group as G * T rows: two batched matmuls and a
+    softmax, with the future keys of the last T columns set to -inf in the scores (no (T, S) boolean mask,
+    no SDPA dispatch). Equals `attention_ref(q, k, v, causal=True)`.
+    """
+    B, T, H, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    qg = q.float().transpose(1, 2).reshape(B, Hkv, (H // Hkv) * T, D)  # rows (g, t) of each KV head
+    s = torch.matmul(qg, k.float().permute(0, 2, 3, 1)) * scale  # (B, Hkv, G T, S)
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)  # key S - T + j for query t: j > t
+    s.view(B, Hkv, H // Hkv, T, S)[..., S - T:].masked_fill_(future, float("-inf"))
+    o = torch.matmul(s.softmax(-1), v.float().transpose(1, 2))  # (B, Hkv, G T, D)
+    return o.view(B, H, T, D).transpose(1, 2).to(q.dtype)
+
+
 def decode_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor,
                          scale: float | None = None) -> Tensor:
     """New query tokens against a KV cache with a per-row valid length (the Triton decode kernel's reference).

@@ -7,6 +7,8 @@ SwiGLU (Shazeer 2020): w2(silu(w1 x) * w3 x);  GELU MLP for GPT-2 classic.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -49,11 +51,14 @@ def _scale_inv_freq(inv_freq: Tensor, s: dict) -> Tensor:
 
 
 class RowsLinear(nn.Linear):
-    """An nn.Linear whose forward is ops.f32_rows_linear (a few fp32 CPU rows: the C kernel that reads each
-    weight once). Transformer.few_rows() gives its fp32 CPU linears this class for a pass, then takes it back."""
+    """An nn.Linear whose forward is its `rows` plan (ops.f32_rows_linear_plan: a few fp32 CPU rows through the C
+    kernel that reads each weight once, else F.linear). Transformer.few_rows() gives its fp32 CPU linears this
+    class and their plans for a pass, then takes both back."""
+
+    rows: Callable[[Tensor], Tensor]
 
     def forward(self, x: Tensor) -> Tensor:
-        return ops.f32_rows_linear(x, self.weight, self.bias)
+        return self.rows(x)
 
 
 class Norm(nn.Module):

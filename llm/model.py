@@ -8,7 +8,7 @@ Every op goes through `llm.ops`, which picks the Triton kernel or the PyTorch re
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -62,6 +62,7 @@ class Attention(nn.Module):
             self.k_norm = Norm(cfg.head_dim, cfg)
         self.drop = nn.Dropout(cfg.dropout)
         self.score_scale = cfg.attn_mult / math.sqrt(cfg.head_dim)  # what q.k is multiplied by before the softmax
+        self.few_rows = False  # inside Transformer.few_rows: a few new tokens (ops.kv_attention's `few`)
 
     def forward(self, x: Tensor, rope: ops.Rotary | None, positions: Tensor,
                 cache: KVCache | PagedKVCache | None = None, segments: Tensor | None = None) -> Tensor:
@@ -87,7 +88,8 @@ class Attention(nn.Module):
         else:  # store the new k, v, then attend over each row's cache
             k_all, v_all, lengths, host_lengths = cache.update(self.layer, k, v, positions)
             o = ops.kv_attention(q, k_all, v_all, lengths, host_lengths, window=self.cfg.window,
-                                 kernels=self.cfg.kernels, block_table=cache.block_table, segments=cache.segments)
+                                 kernels=self.cfg.kernels, block_table=cache.block_table, segments=cache.segments,
+                                 few=self.few_rows)
         y = self.wo(o.reshape(B, T, H * D))  # (B, T, C)
         return self.drop(y) if self.training else y  # dropout is the identity in eval: no module call
 
@@ -276,22 +278,40 @@ class Transformer(nn.Module):
                     w.data = w.data.t().contiguous().t()
         return self
 
+    def rows_plans(self) -> list[tuple[nn.Module, Callable[[Tensor], Tensor]]]:
+        """What few_rows() switches: every plain fp32 CPU nn.Linear (kernels "auto") with its
+        ops.f32_rows_linear_plan. Taking them costs ~1 ms (a walk over the modules, one plan per weight): a caller
+        running many few-row passes (the speculative decoder) takes them once, after decode_layout, and passes them
+        to each few_rows(plans); the weights must stay where they are meanwhile."""
+        if self.cfg.kernels != "auto":
+            return []
+        return [(m, ops.f32_rows_linear_plan(m.weight, m.bias)) for m in self.modules()
+                if type(m) is nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
+
     @contextmanager
-    def few_rows(self) -> Iterator[Transformer]:
-        """For the passes inside: every plain fp32 CPU nn.Linear (kernels "auto") computes 2..8 rows with
-        ops.f32_rows_linear, which reads each K-major weight once for all rows (MKL's sgemm costs ~one GEMV per
-        row there); the speculative decoder's verify pass (1 + K ids) runs in it. Afterwards they are plain
-        nn.Linear again (the class is swapped in place: parameters, hooks and identity unchanged)."""
-        mods = [] if self.cfg.kernels != "auto" else [
-            m for m in self.modules() if type(m) is nn.Linear and m.weight.device.type == "cpu"
-            and m.weight.dtype == torch.float32]
-        for m in mods:
-            m.__class__ = RowsLinear
+    def few_rows(self, plans: list[tuple[nn.Module, Callable[[Tensor], Tensor]]] | None = None
+                 ) -> Iterator[Transformer]:
+        """For the passes inside, which feed each row a few new tokens (the speculative decoder's verify pass of
+        1 + K ids): every plain fp32 CPU nn.Linear (kernels "auto") computes 2..8 rows with its
+        ops.f32_rows_linear_plan, which reads each weight once for all rows (MKL's sgemm costs ~one GEMV per row
+        there), and the attention layers take ops.kv_attention's few-query route. `plans`: rows_plans() taken
+        earlier (else taken here). Afterwards the linears are plain nn.Linear again (the class is swapped in place:
+        parameters, hooks and identity unchanged)."""
+        plans = self.rows_plans() if plans is None else plans
+        attns = [b.attn for b in self.blocks]
+        for m, plan in plans:
+            object.__setattr__(m, "__class__", RowsLinear)  # nn.Module.__setattr__'s checks cost ~7x this
+            m.__dict__["rows"] = plan
+        for a in attns:
+            a.__dict__["few_rows"] = True
         try:
             yield self
         finally:
-            for m in mods:
-                m.__class__ = nn.Linear
+            for m, _ in plans:
+                object.__setattr__(m, "__class__", nn.Linear)
+                m.__dict__.pop("rows", None)
+            for a in attns:
+                a.__dict__["few_rows"] = False
 
     @property
     def n_positions(self) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+from collections.abc import Callable
 from functools import cache
 
 import torch
@@ -303,9 +304,15 @@ def _segmented_paged(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Ten
     return out
 
 
+# A few-row pass (Transformer.few_rows) with rows at one length attends with few_query_attention_ref for up to this
+# many new tokens: on hf-16x1024's shapes (16 heads, 8 KV heads, 131 keys, 1 thread) the `attention` route (SDPA
+# with a (T, S) mask) cost 1.2-1.6x it at T = 3-5 (benchmarks/NOTES.md, "Speculative decoding, session 6").
+FEW_QUERIES = 8
+
+
 def kv_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, host_lengths: list[int] | None,
                  window: int | None = None, kernels: str = "auto", block_table: Tensor | None = None,
-                 segments: list[tuple[int, int]] | None = None) -> Tensor:
+                 segments: list[tuple[int, int]] | None = None, few: bool = False) -> Tensor:
     """Attention of q (B, T, H, D) over each row's KV cache -> (B, T, H, D): the one place that picks how.
 
     k_cache, v_cache (B, S_max, Hkv, D) hold the T new entries already; lengths (B,) counts each row's
@@ -317,6 +324,9 @@ def kv_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, h
                              slot (shape-static, it compiles into the step)
       rows at one length,    the reference route (CPU decode): `one_query_attention_ref` over the valid
       T = 1, no window       prefix, no mask and no sync; a Triton route goes on to `decode_attention`
+      rows at one length,    `few_query_attention_ref` over the valid prefix (two batched matmuls, the last
+      2 <= T <= FEW_QUERIES, T scores masked in place), when the caller says `few` (a few-row pass:
+      no window, `few`       Transformer.few_rows, the speculative verify pass); other passes keep the next route
       rows at one length,    `attention` over the valid keys: its bottom-right causal alignment is this
       T > 1 or a window      mask (with a window only the last w + T - 1 keys); one (T, S) mask, not one per row
       otherwise, no window   `decode_attention` (decode steps; ragged rows)
@@ -350,6 +360,8 @@ def kv_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, h
     lo, hi = min(host_lengths), max(host_lengths)
     if lo == hi and T == 1 and window is None and not _attention_triton(kernels, q):
         return ref.one_query_attention_ref(q, k_cache[:, :hi], v_cache[:, :hi])  # every key visible: no mask
+    if few and lo == hi and 1 < T <= min(FEW_QUERIES, hi) and window is None and not _attention_triton(kernels, q):
+        return ref.few_query_attention_ref(q, k_cache[:, :hi], v_cache[:, :hi])
     if lo == hi and (T > 1 or window is not None):
         s0 = 0 if window is None else max(0, hi - T - window + 1)
         return attention(q, k_cache[:, s0:hi], v_cache[:, s0:hi], causal=True, window=window, kernels=kernels)
@@ -386,15 +398,25 @@ def n_rows(x: Tensor) -> int:
 CPU_F32_MAX_M = 8
 
 
-def f32_rows_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear, except 2..CPU_F32_MAX_M fp32 CPU rows against an fp32 weight, contiguous or K-major (no autograd,
-    not under torch.compile, the C kernels built): kernels/cpu_gemv.py's f32_rows_gemm. Same math, fp32 sums."""
-    if (1 < n_rows(x) <= CPU_F32_MAX_M and x.device.type == "cpu" and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and (cpu_gemv.is_kmajor(weight) or weight.is_contiguous())
-            and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) and cpu_gemv.available()):
-        return cpu_gemv.f32_rows_gemm(x, weight, bias)
-    return torch.nn.functional.linear(x, weight, bias)
+def f32_rows_linear_plan(weight: Tensor, bias: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+    """linear(x) = F.linear(x, weight, bias) for one weight, except 2..CPU_F32_MAX_M contiguous fp32 CPU rows
+    against an fp32 CPU weight, contiguous or K-major (no autograd, not under torch.compile, the C kernels built):
+    kernels/cpu_gemv.py's f32_rows_plan, every weight read once for all rows. Same math, fp32 sums. The weight's
+    checks run once, here (Transformer.few_rows prepares one per linear: a verify pass calls ~100 linears, and
+    per-call checks cost more than F.linear's dispatch); each call checks only x."""
+    gemm = None
+    if (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
+            and (cpu_gemv.is_kmajor(weight) or weight.is_contiguous()) and cpu_gemv.available()):
+        gemm = cpu_gemv.f32_rows_plan(weight, bias)
+
+    def linear(x: Tensor) -> Tensor:
+        if (gemm is not None and 1 < n_rows(x) <= CPU_F32_MAX_M and x.dtype == torch.float32 and x.is_cpu
+                and x.is_contiguous() and not torch.compiler.is_compiling()
+                and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+            return gemm(x)
+        return torch.nn.functional.linear(x, weight, bias)
+
+    return linear
 
 
 # ----------------------------------------------------------------------------- weight-only quantized linears

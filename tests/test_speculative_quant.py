@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from kernels import cpu_gemv
+from kernels import reference as ref
 from llm import checkpoint as ck
 from llm.config import ModelConfig
 from llm.generate import SamplingParams, Stats, complete
@@ -93,25 +94,67 @@ def test_few_rows_runs_the_c_kernel_equals_the_plain_forward_and_restores_the_li
 
 
 def _few_rows(model, reference_model, tok, monkeypatch):
-    calls = []
-    real = cpu_gemv.f32_rows_gemm
-    monkeypatch.setattr(cpu_gemv, "f32_rows_gemm", lambda *a: calls.append(a[0].shape) or real(*a))
-    ids = torch.tensor([tok.encode("def add(a, b):\n    return")[:6]])
-    plain, _ = model(ids)
-    assert not calls
-    with model.few_rows():
-        assert all(type(m) is RowsLinear for m in (model.lm_head, model.blocks[0].attn.wqkv))
-        fast, _ = model(ids)
-    n_linears = sum(type(m) is torch.nn.Linear for m in model.modules())
-    assert len(calls) == n_linears and all(s[-2] == 6 for s in calls)  # every linear, the 6 rows at once
-    assert torch.allclose(fast, plain, rtol=1e-5, atol=1e-5)
+    calls, attn = [], []
+    real_plan, real_attn = cpu_gemv.f32_rows_plan, ref.few_query_attention_ref
+
+    def plan(w, b=None):
+        run = real_plan(w, b)
+        return lambda x: calls.append(x.shape) or run(x)
+
+    monkeypatch.setattr(cpu_gemv, "f32_rows_plan", plan)
+    monkeypatch.setattr(ref, "few_query_attention_ref", lambda *a: attn.append(a[0].shape) or real_attn(*a))
+    ids = torch.tensor([tok.encode("def add(a, b):\n    return a + b")[:9]])
+    cache = model.new_cache(1, 32)
+    model(ids[:, :3], cache=cache)  # 3 ids in the cache, then a pass of 6 continues it
+    plain, _ = model(ids[:, 3:], cache=cache)
+    assert not calls and not attn
+    for plans in (None, model.rows_plans()):  # taken on entry, or once ahead by a caller with many passes
+        cache.set_lengths([3])
+        with model.few_rows(plans):
+            assert all(type(m) is RowsLinear for m in (model.lm_head, model.blocks[0].attn.wqkv))
+            fast, _ = model(ids[:, 3:], cache=cache)
+        n_linears = sum(type(m) is torch.nn.Linear for m in model.modules())
+        assert len(calls) == n_linears and all(s[-2] == 6 for s in calls)  # every linear, the 6 rows at once
+        assert len(attn) == model.cfg.n_layer and all(s[1] == 6 for s in attn)  # few-query attention per layer
+        assert torch.allclose(fast, plain, rtol=1e-5, atol=1e-5)
+        calls.clear()
+        attn.clear()
     with pytest.raises(RuntimeError, match="boom"), model.few_rows():
         raise RuntimeError("boom")
-    assert not any(type(m) is RowsLinear for m in model.modules())  # taken back, also after an exception
-    calls.clear()
+    assert not any(type(m) is RowsLinear or "rows" in m.__dict__ for m in model.modules())  # taken back, also
+    assert not any(b.attn.few_rows for b in model.blocks)  # after an exception
+    cache.set_lengths([3])
+    model(ids[:, 3:], cache=cache)  # outside: SDPA and F.linear again
+    assert not calls and not attn
     with reference_model.few_rows() as m:  # kernels="torch": the reference everywhere
         m(ids)
     assert not calls
+
+
+@pytest.mark.parametrize("B, T, S, H, Hkv", [(1, 2, 2, 4, 2), (1, 3, 131, 16, 8), (2, 5, 40, 6, 3), (3, 8, 9, 4, 4),
+                                             (1, 7, 64, 8, 1)])
+def test_few_query_attention_equals_the_causal_reference(B, T, S, H, Hkv):
+    torch.manual_seed(T * S)
+    q, k, v = torch.randn(B, T, H, 16), torch.randn(B, S, Hkv, 16), torch.randn(B, S, Hkv, 16)
+    torch.testing.assert_close(ref.few_query_attention_ref(q, k, v), ref.attention_ref(q, k, v, causal=True),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ref.few_query_attention_ref(q[:, :1], k, v), ref.one_query_attention_ref(q[:, :1], k, v),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_f32_rows_plan_equals_f32_rows_gemm_and_checks_x():
+    for w in (_kmajor(torch.randn(37, 20)), torch.randn(37, 20)):
+        b = torch.randn(37)
+        run = cpu_gemv.f32_rows_plan(w, b)
+        for M in (1, 3, 8):
+            x = torch.randn(1, M, 20)
+            assert torch.equal(run(x), cpu_gemv.f32_rows_gemm(x, w, b))
+        for bad in (torch.randn(3, 21), torch.randn(3, 20).double(), torch.randn(20, 3).t(),
+                    torch.randn(cpu_gemv.MAX_M + 1, 20)):
+            with pytest.raises(ValueError, match="f32_rows_plan"):
+                run(bad)
+    with pytest.raises(ValueError, match="K-major"):
+        cpu_gemv.f32_rows_plan(torch.randn(16, 16)[:, ::2])
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])

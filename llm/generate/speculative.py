@@ -149,6 +149,9 @@ class SpeculativeDecoder:
         self.gens = None if params.greedy else [torch.Generator().manual_seed(seed + b) for b in range(B)]
         self.drafted = self.accepted = self.passes = self.row_passes = 0
         self.device = device
+        # the few-row plans of the target's verify pass and the draft's catch-up pass, taken once (~1 ms each)
+        self.plans = model.rows_plans()
+        self.dplans = spec.draft.rows_plans() if spec.draft is not None else []
         self.dstep: Callable[[Tensor], Tensor] | None = None  # the compiled draft step, built on first use
 
     def _draft_step(self, d: Tensor) -> Tensor:
@@ -220,7 +223,7 @@ class SpeculativeDecoder:
             ids[b, : 1 + n_draft[b]] = torch.tensor([rows.seq[b][-1]] + props[b], dtype=torch.long)
         drafts, nd = ids[:, 1:].to(self.device), torch.tensor(n_draft, device=self.device)
         self.cache.set_lengths(rows.lengths(fed))
-        with self.model.few_rows():  # T = 1 + k_max rows: on CPU fp32, each weight read once for all of them
+        with self.model.few_rows(self.plans):  # T = 1 + k_max rows: on CPU fp32 each weight read once for all
             logits, _ = self.model(ids.to(self.device), cache=self.cache)  # (B, T, V)
         logits = logits[..., : self.vocab]
         if self.gens is None:
@@ -254,7 +257,8 @@ class SpeculativeDecoder:
         start = rows.lengths(list(have))
         cache.set_lengths(start)
         at = torch.tensor([len(p) - 1 for p in pend], device=self.device)
-        logits, _ = draft(ids.to(self.device), cache=cache, logits_at=at)
+        with draft.few_rows(self.dplans):  # 1-2 ids per row (few-query attention; fp32 linears read once)
+            logits, _ = draft(ids.to(self.device), cache=cache, logits_at=at)
         cache.set_lengths([s + len(p) for s, p in zip(start, pend)])
         toks, qs = [], []
         for i in range(k):
