@@ -7,7 +7,11 @@
 For each weight shape N x K (the default ones are the hf-8x512 and hf-16x1024 imports' linears: fused
 q/k/v, w1 = w3 and w2) and x (rows, K) fp32, the providers compute y = x @ W^T with W held as:
   fp32           F.linear on the fp32 weight (torch's GEMV)
-  fp32 kmajor    F.linear on the same weight stored K-major (Transformer.decode_layout: what fp32 decode runs)
+  fp32 kmajor    F.linear on the same weight stored K-major (Transformer.decode_layout: what fp32 decode runs
+                 for N > K)
+  C fp32 rows    kernels.cpu_gemv.f32_rows_gemm on the N-major weight (f32_nmajor_gemm, the speculative verify
+                 pass's few-row kernel), at any row count (1 row: what it would give a plain decode step)
+  C fp32 kmajor  the same on the K-major weight (f32_kmajor_gemm)
   f16            kernels.cpu_gemv.w16_gemv, fp16 weight widened in registers, fp32 FMA
   int8 a16/a8    kernels.cpu_gemv.int8_gemv, per-channel int8 codes, activations rounded to int16 (vpmaddwd)
                  or int8 per 32 values (vpmaddubsw: llama.cpp's q8_0 activations)
@@ -34,7 +38,7 @@ from kernels import cpu_gemv
 from llm.quant import quantize_int4, quantize_int8
 
 COPIES = 8
-PROVIDERS = ("fp32", "fp32 kmajor", "f16", "int8 a16", "int8 a8", "int4 a16", "int4 a8")
+PROVIDERS = ("fp32", "fp32 kmajor", "C fp32 rows", "C fp32 kmajor", "f16", "int8 a16", "int8 a8", "int4 a16", "int4 a8")
 
 
 def _providers(N: int, K: int) -> dict[str, tuple[list, int]]:
@@ -48,6 +52,8 @@ def _providers(N: int, K: int) -> dict[str, tuple[list, int]]:
     b4 = N * ((K + 1) // 2) + 2 * 4 * N * (-(-K // 64))
     return {"fp32": ([("fp32", w) for w in ws], 4 * N * K),
             "fp32 kmajor": ([("fp32", w.t().contiguous().t()) for w in ws], 4 * N * K),
+            "C fp32 rows": ([("C", w) for w in ws], 4 * N * K),
+            "C fp32 kmajor": ([("C", w.t().contiguous().t()) for w in ws], 4 * N * K),
             "f16": ([("f16", w) for w in f16], 2 * N * K),
             "int8 a16": ([("int8", q, s, 16) for q, s in i8], b8),
             "int8 a8": ([("int8", q, s, 8) for q, s in i8], b8),
@@ -59,6 +65,8 @@ def _call(x: torch.Tensor, a: tuple) -> torch.Tensor:
     kind = a[0]
     if kind == "fp32":
         return F.linear(x, a[1])
+    if kind == "C":
+        return cpu_gemv.f32_rows_gemm(x, a[1])
     if kind == "f16":
         return cpu_gemv.w16_gemv(x, a[1])
     if kind == "int8":
