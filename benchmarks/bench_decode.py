@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         return bench_speculative(args, device, dtype)
     bw = measure_ceilings()[1] * 1e12 if cuda else None  # bytes/s, read + written
     N = args.new_tokens
-    where = f"{device_name()} ({'CUDA' if cuda else f'CPU, {torch.get_num_threads()} threads'}), {args.dtype}"
+    where = f"{device_name()} ({'CUDA' if cuda else f'CPU, {threads_text(torch.get_num_threads())}'}), {args.dtype}"
     print(f"decode benchmark on {where}; {N} new tokens, greedy, median of {args.repeats}"
           + (f"; measured copy bandwidth {bw / 1e12:.2f} TB/s" if bw else ""), flush=True)
     rows, skipped = [], 0
@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
             nbytes = step_bytes(model, max(args.batch), max(args.prompt) + N / 2)
             bw = cpu_read_bandwidth(nbytes)
             print(f"{name}: {n_params / 1e6:.1f}M parameters; CPU read bandwidth {bw / 1e9:.1f} GB/s "
-                  f"({torch.get_num_threads()} threads, the faster median of sum and a K-major GEMV over "
+                  f"({threads_text(torch.get_num_threads())}, the faster median of sum and a K-major GEMV over "
                   f"{nbytes / 1e6:.0f} MB)", flush=True)
         for B in args.batch:
             for P in args.prompt:
