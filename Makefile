@@ -5,6 +5,8 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 # The CPU build of torch keeps set-up small where there is no NVIDIA GPU.
 TORCH_PIN ?= 2.13.0
+LLAMACPP_PIN ?= 0.3.36
+LLAMACPP_STAMP := $(VENV)/.llamacpp-installed
 ARGS    ?=
 
 .PHONY: train test lint bench bench-kernels sample clean help aot check-gpu
@@ -34,7 +36,15 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(BIN)/python train.py $(ARGS)
 
-test: $(STAMP)
+# The test suite also needs llama-cpp-python (tests/test_llama_cpp.py: llama.cpp loads our GGUF files, tokenizes as we
+# do, and its f32 greedy tokens equal ours). pip builds llama.cpp from source: ~5.5 min on 2 idle cores the first
+# time (CMAKE_BUILD_PARALLEL_LEVEL: every core), then pip's cache holds the wheel. `make train` does not need it.
+$(LLAMACPP_STAMP): $(STAMP)
+	@echo "set-up for the tests: llama-cpp-python $(LLAMACPP_PIN) (builds llama.cpp from source the first time, ~5 min)"
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install "llama-cpp-python==$(LLAMACPP_PIN)"
+	touch $(LLAMACPP_STAMP)
+
+test: $(STAMP) $(LLAMACPP_STAMP)
 	$(BIN)/python -m pytest $(ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 lint: $(STAMP)
