@@ -18,7 +18,7 @@ from llm import checkpoint as ck
 from llm.config import ModelConfig
 from llm.generate import SamplingParams, Stats, complete
 from llm.generate.cli import main as sample_main
-from llm.generate.speculative import Speculation
+from llm.generate.speculative import Speculation, SpeculativeDecoder
 from llm.layers import RowsLinear
 from llm.model import Transformer
 from llm.quant import make_scheme, quantize_model
@@ -182,6 +182,28 @@ def test_a_compiled_draft_step_keeps_plain_greedy_and_times_its_compile_apart(mo
     assert [c.tokens for c in spec] == [c.tokens for c in plain]
     assert stats.warmup > 0 and stats.warmup_tokens > 0 and stats.warmup_what == "compile"
     assert stats.target_passes < stats.new_tokens // 2
+
+
+def test_a_compiled_draft_compiles_the_catch_up_pass_at_batch_1(model, tok, monkeypatch):
+    """At batch 1 the round's first draft pass (the 1-2 ids the draft has not seen) runs compiled as well (a graph
+    for T = 2 beside the one-id step), not as an eager few-row pass; ids equal plain greedy's."""
+    draft = quantize_model(copy.deepcopy(model), make_scheme("int8", None))
+    shapes, few = [], []
+    run = SpeculativeDecoder._draft_pass
+
+    def spy(self, ids):
+        shapes.append(tuple(ids.shape))
+        return run(self, ids)
+
+    monkeypatch.setattr(SpeculativeDecoder, "_draft_pass", spy)
+    monkeypatch.setattr(draft, "few_rows", lambda plans=None: few.append(1))  # an eager catch-up would call it
+    plain = complete(model, tok, "def add(a, b):", 24, params=SamplingParams(0.0))
+    stats = Stats()
+    spec = complete(model, tok, "def add(a, b):", 24, params=SamplingParams(0.0), stats=stats,
+                    speculative=Speculation(3, draft=draft, compile_draft=True))
+    assert spec[0].tokens == plain[0].tokens
+    assert not few and (1, 2) in shapes and (1, 1) in shapes and stats.accepted > 0
+    assert stats.warmup > 0 and stats.warmup_what == "compile"
 
 
 @pytest.fixture(scope="module")

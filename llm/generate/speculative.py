@@ -152,23 +152,26 @@ class SpeculativeDecoder:
         # the few-row plans of the target's verify pass and the draft's catch-up pass, taken once (~1 ms each)
         self.plans = model.rows_plans()
         self.dplans = spec.draft.rows_plans() if spec.draft is not None else []
-        self.dstep: Callable[[Tensor], Tensor] | None = None  # the compiled draft step, built on first use
+        self.dstep: Callable[[Tensor], Tensor] | None = None  # the compiled draft pass, built on first use
+        self.dshapes: set[int] = set()  # ids per row the compiled draft pass has run with (one graph each)
 
-    def _draft_step(self, d: Tensor) -> Tensor:
-        """The draft fed one id per row (B,) -> logits (B, 1, V). Compiled: the step runs with the draft cache in
-        static mode (fixed shapes, no host state; decode.Decoder's rule) and the host lengths move on after it."""
+    def _draft_pass(self, ids: Tensor) -> Tensor:
+        """The draft fed ids (B, T) after every row's cached entries -> logits (B, T, V). Compiled: the pass runs
+        with the draft cache in static mode (fixed shapes, no host state; decode.Decoder's rule; one graph per T,
+        compiled the first time that T runs) and the host lengths move on after it."""
         draft, cache = self.spec.draft, self.dcache
         if not self.spec.compile_draft:
-            return draft(d[:, None], cache=cache)[0]
-        cache.check_room(1, host=True)
+            return draft(ids, cache=cache)[0]
+        cache.check_room(ids.shape[1], host=True)
         if self.dstep is None:
-            self.dstep = compiled(lambda tok: draft(tok[:, None], cache=cache)[0], d.device)
+            self.dstep = compiled(lambda t: draft(t, cache=cache)[0], ids.device)
+        self.dshapes.add(ids.shape[1])
         cache.static = True
         try:
-            logits = self.dstep(d)
+            logits = self.dstep(ids)
         finally:
             cache.static = False
-        cache.advance_host(1)
+        cache.advance_host(ids.shape[1])
         return logits
 
     def _uniforms(self, n: int) -> Tensor:
@@ -242,7 +245,9 @@ class SpeculativeDecoder:
         """k tokens per row from the draft model -> (ids per row, their distributions (B, k, V) or None).
 
         First the ids the draft has not seen (1, or 2 after a round that accepted every draft) in one
-        ragged pass, then one pass per drafted token; the draft cache is rolled back in `commit`.
+        ragged pass, then one pass per drafted token; the draft cache is rolled back in `commit`. With
+        compile_draft the first pass is compiled too when every row feeds as many ids (always at batch 1; its eager
+        few-row pass cost 1.2-1.3 compiled draft steps, benchmarks/NOTES.md session 7), else it runs eager.
         """
         B = len(self.rows.seq)
         if k == 0:
@@ -256,17 +261,20 @@ class SpeculativeDecoder:
             ids[b, : len(p)] = torch.tensor(p, dtype=torch.long)
         start = rows.lengths(list(have))
         cache.set_lengths(start)
-        at = torch.tensor([len(p) - 1 for p in pend], device=self.device)
-        with draft.few_rows(self.dplans):  # 1-2 ids per row (few-query attention; fp32 linears read once)
-            logits, _ = draft(ids.to(self.device), cache=cache, logits_at=at)
-        cache.set_lengths([s + len(p) for s, p in zip(start, pend)])
+        if self.spec.compile_draft and min(map(len, pend)) == P:  # rows at one pending length: shape-static
+            logits = self._draft_pass(ids.to(self.device))[:, -1:]
+        else:
+            at = torch.tensor([len(p) - 1 for p in pend], device=self.device)
+            with draft.few_rows(self.dplans):  # 1-2 ids per row (few-query attention; fp32 linears read once)
+                logits, _ = draft(ids.to(self.device), cache=cache, logits_at=at)
+            cache.set_lengths([s + len(p) for s, p in zip(start, pend)])
         toks, qs = [], []
         for i in range(k):
             d, qi = self._pick(logits[:, -1, : self.vocab], None if u is None else u[:, i])
             toks.append(d)
             qs.append(qi)
             if i < k - 1:
-                logits = self._draft_step(d)
+                logits = self._draft_pass(d[:, None])
         out = torch.stack(toks, 1).tolist()  # (B, k)
         return out, None if u is None else torch.stack(qs, 1)
 
@@ -320,10 +328,10 @@ def stream_speculative(model: Transformer, prompts: list[list[int]], max_new_tok
         if all(rows.done):
             break
         dec.commit()
-        r0, compiling = time.perf_counter(), spec.compile_draft and dec.dstep is None
+        r0, graphs = time.perf_counter(), len(dec.dshapes)
         new = dec.round()
-        if compiling and dec.dstep is not None:  # this round compiled the draft step: timed apart, with its tokens
-            warm, warm_tokens = time.perf_counter() - r0, sum(map(len, new))
+        if len(dec.dshapes) > graphs:  # this round compiled a draft pass (a new T): timed apart, with its tokens
+            warm, warm_tokens = warm + time.perf_counter() - r0, warm_tokens + sum(map(len, new))
     if stats is not None:
         stats.record(prompt_tokens=sum(map(len, prompts)), rows=len(prompts), new_tokens=sum(rows.new),
                      total=time.perf_counter() - t0, drafted=dec.drafted, accepted=dec.accepted,
