@@ -89,7 +89,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (static shapes; seconds to minutes to compile once per "
                         "batch and length, then the fastest CPU path); with a draft model (speculative decoding) "
-                        "the draft's step is compiled and the target's verify pass stays eager")
+                        "the draft's passes are compiled and the target's verify pass stays eager")
     g = p.add_argument_group("output")
     g.add_argument("--stream", action="store_true", help="print the text as it is generated (one row)")
     g.add_argument("--quiet", action="store_true", help="print only the generated text (no timing line)")
