@@ -30,6 +30,10 @@ $(STAMP): pyproject.toml
 	fi
 	@echo "set-up 3/3: this project and its dev extra (triton ~1 GB, test tools ~0.7 GB: README.md says what takes the space)"
 	$(BIN)/pip install -e ".[dev]"
+	@# A venv set up while transformers 5.25 was allowed holds Hugging Face's `kernels`, whose import name is ours
+	@# (pyproject.toml says why transformers stays below 5.25): nothing here needs it, and outside the repo root it
+	@# would be imported in place of kernels/.
+	$(BIN)/pip uninstall -y -q kernels 2>/dev/null || true
 	touch $(STAMP)
 	@echo "set-up done: $(VENV) holds $$(du -sh $(VENV) | cut -f1)"
 
