@@ -3,6 +3,8 @@
     python -m benchmarks.bench_align all --base out --work /tmp/align      # SFT, RM, DPO, GRPO x 3 seeds
     python -m benchmarks.bench_align eval --checkpoint CKPT --data DIR      # one checkpoint on held-out pairs
     python -m benchmarks.bench_align select --run RUN --data DIR          # pick a run's checkpoint on the dev split
+    python -m benchmarks.bench_align eval --reward-ensemble A B C --data DIR [--soup] [--standardize]
+                                                         # several reward models as one: mean score, or mean weights
 
 Every stage is one `llm train` run (subprocess, the commands printed); the measurements read the checkpoints
 back in this process, on every held-out pair of the prepared preference data (not a sample of batches):
@@ -69,6 +71,64 @@ def eval_pairs(checkpoint: str | Path, data: str | Path, batch: int = 16, split:
     if model.reward_head is not None:
         out["reward_acc"] = right_r / n
     return out
+
+
+@torch.inference_mode()
+def reward_pairs(model, data: str | Path, split: str = "val", batch: int = 16) -> torch.Tensor:
+    """(pairs, 2): a reward model's scores of (chosen, rejected) for every pair of one split of prepared data."""
+    from llm.data.preference import PreferenceLoader
+    from llm.train.objectives.reward import scores
+
+    if model.reward_head is None:
+        sys.exit("error: a checkpoint without a reward head (train one with --objective reward)")
+    loader = PreferenceLoader(Path(data), split, batch, model.cfg.block_size, seed=0)
+    out = []
+    for a in range(0, loader.n, batch):
+        x, y = loader.rows(list(range(a, min(a + batch, loader.n))))
+        out.append(torch.stack(scores(model, model.reward_head, x, y).chunk(2), 1))
+    return torch.cat(out)
+
+
+def soup(checkpoints: list[str | Path]):
+    """One model whose every floating-point tensor is the uniform mean of the checkpoints' (a "model soup",
+    Wortsman et al. 2022: runs fine-tuned from one init); the other tensors must be equal. Loaded as the first."""
+    from llm.loading import load_model
+
+    model = load_model(checkpoints[0], "cpu")[0]
+    states = [model.state_dict()] + [load_model(c, "cpu")[0].state_dict() for c in checkpoints[1:]]
+    avg = {}
+    for k, v in states[0].items():
+        if any(s.keys() != states[0].keys() or s[k].shape != v.shape for s in states):
+            sys.exit(f"error: the checkpoints differ in tensor {k!r}: a soup needs one architecture")
+        if v.is_floating_point():
+            avg[k] = torch.stack([s[k].double() for s in states]).mean(0).to(v.dtype)
+        elif any(not torch.equal(s[k], v) for s in states):
+            sys.exit(f"error: the checkpoints differ in the non-float tensor {k!r}")
+        else:
+            avg[k] = v
+    model.load_state_dict(avg)
+    return model.eval()
+
+
+def eval_reward_ensemble(checkpoints: list[str | Path], data: str | Path, split: str = "val", weights: bool = False,
+                         standardize: bool = False) -> dict:
+    """Pairwise accuracy of several reward models used as one on every pair of `split`: the mean of their scores
+    (an ensemble; with standardize, each model's scores divided first by their standard deviation over the DEV
+    pairs, so no member dominates by scale; the test pairs are not read for it), or with weights=True the one
+    model of their averaged weights (`soup`). Also each member's own accuracy."""
+    from llm.loading import load_model
+
+    models = [soup(checkpoints)] if weights else [load_model(c, "cpu")[0] for c in checkpoints]
+    per = []
+    for m in models:
+        s = reward_pairs(m, data, split)
+        if standardize:
+            s = s / reward_pairs(m, data, "dev").std()
+        per.append(s)
+    mean = torch.stack(per).mean(0)
+    acc = lambda s: float((s[:, 0] > s[:, 1]).double().mean())  # noqa: E731
+    return {"pairs": len(mean), "reward_acc": acc(mean), "members": [acc(s) for s in per],
+            "kind": "soup" if weights else "ensemble" + (" (dev-standardized)" if standardize else "")}
 
 
 def candidates(run_dir: str | Path) -> list[Path]:
@@ -245,7 +305,13 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     ev = sub.add_parser("eval", help="one checkpoint on the held-out pairs")
-    ev.add_argument("--checkpoint", required=True)
+    one = ev.add_mutually_exclusive_group(required=True)
+    one.add_argument("--checkpoint")
+    one.add_argument("--reward-ensemble", nargs="+", metavar="CKPT",
+                     help="several reward models scored as one: the mean of their scores (or --soup)")
+    ev.add_argument("--soup", action="store_true", help="with --reward-ensemble: one model of the averaged weights")
+    ev.add_argument("--standardize", action="store_true",
+                    help="with --reward-ensemble: divide each model's scores by their std on the dev split first")
     ev.add_argument("--data", required=True, help="prepared preference data (data/stdlib-prefs-...)")
     ev.add_argument("--split", default="val", choices=("val", "dev"),
                     help="val: the held-out test pairs (what the goals count); dev: the pairs carved from the "
@@ -279,7 +345,12 @@ def main(argv: list[str] | None = None) -> None:
     al.add_argument("--seeds", type=int, default=3)
     al.add_argument("--window", type=int, default=10, help="steps per moving-average point")
     args = ap.parse_args(argv)
-    if args.cmd == "eval":
+    if args.cmd == "eval" and args.reward_ensemble:
+        print(json.dumps(eval_reward_ensemble(args.reward_ensemble, args.data, args.split, args.soup,
+                                              args.standardize)))
+    elif args.cmd == "eval":
+        if args.soup or args.standardize:
+            sys.exit("error: --soup and --standardize go with --reward-ensemble")
         print(json.dumps(eval_pairs(args.checkpoint, args.data, split=args.split)))
     elif args.cmd == "select":
         best, _ = select(args.run, args.data, args.ref, args.tol)

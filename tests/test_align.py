@@ -525,3 +525,45 @@ def test_bench_align_select_chooses_on_the_dev_split_only(runs, capsys, tmp_path
     assert json.loads(out[-1]) == {"checkpoint": str(pick), "split": "val"} | eval_pairs(pick, data)
     with pytest.raises(SystemExit, match="^error: no checkpoint of .* keeps the dev chosen-answer loss"):
         bench(["select", "--run", str(run), "--data", str(data), "--tol", "-1"])
+
+
+def test_bench_align_reward_ensemble_and_soup(runs, capsys):
+    """benchmarks/bench_align.py eval --reward-ensemble: the ensemble ranks a pair by the mean of its members' scores
+    (an ensemble of one is the model; each member's accuracy is eval_pairs'); --standardize divides each member's
+    scores by their std on the dev pairs first; --soup is one model whose float tensors are the members' mean
+    (a soup of one model is that model)."""
+    from benchmarks.bench_align import eval_pairs, eval_reward_ensemble, reward_pairs, soup
+    from benchmarks.bench_align import main as bench
+
+    for seed in (1, 2):
+        assert main(align_argv(runs, f"rm-ens{seed}", objective="reward", seed=seed, max_steps=4, lr=3e-3)) == 0
+    a, b = runs / "rm-ens1", runs / "rm-ens2"
+    _, tok, _ = load_model(runs / "sft")
+    data = preference.dataset_dir(DataConfig(dataset=str(runs / "prefs.jsonl"), data_dir=str(runs / "data"),
+                                             val_fraction=0.1), tok, 32)
+    ma, mb = load_model(a)[0], load_model(b)[0]
+    sa, sb = reward_pairs(ma, data), reward_pairs(mb, data)
+    assert not torch.equal(sa, sb)  # two different models
+    acc = lambda s: float((s[:, 0] > s[:, 1]).double().mean())  # noqa: E731
+    single = eval_pairs(a, data)["reward_acc"]
+    assert acc(sa) == single and eval_reward_ensemble([a], data)["reward_acc"] == single
+    ens = eval_reward_ensemble([a, b], data)
+    assert ens["members"] == [single, eval_pairs(b, data)["reward_acc"]]
+    assert ens["reward_acc"] == acc((sa + sb) / 2) and ens["pairs"] == len(sa)
+    da, db = reward_pairs(ma, data, "dev").std(), reward_pairs(mb, data, "dev").std()
+    assert eval_reward_ensemble([a, b], data, standardize=True)["reward_acc"] == acc(sa / da + sb / db)
+    ta, tb = ma.state_dict(), mb.state_dict()
+    one = soup([a]).state_dict()
+    assert all(torch.equal(one[k], ta[k]) for k in ta)
+    two = soup([a, b]).state_dict()
+    assert any(not torch.equal(ta[k], tb[k]) for k in ta)
+    for k, v in ta.items():
+        assert torch.allclose(two[k], (v + tb[k]) / 2, rtol=0, atol=1e-7), k
+    ma.load_state_dict({k: (v + tb[k]) / 2 for k, v in ta.items()})
+    want = acc(reward_pairs(ma, data))
+    assert eval_reward_ensemble([a, b], data, weights=True)["reward_acc"] == want
+    capsys.readouterr()
+    bench(["eval", "--reward-ensemble", str(a), str(b), "--data", str(data)])
+    assert json.loads(capsys.readouterr().out) == ens
+    with pytest.raises(SystemExit, match="^error: a checkpoint without a reward head"):
+        eval_reward_ensemble([a, runs / "sft"], data)
