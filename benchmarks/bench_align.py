@@ -91,22 +91,16 @@ def reward_pairs(model, data: str | Path, split: str = "val", batch: int = 16) -
 
 def soup(checkpoints: list[str | Path]):
     """One model whose every floating-point tensor is the uniform mean of the checkpoints' (a "model soup",
-    Wortsman et al. 2022: runs fine-tuned from one init); the other tensors must be equal. Loaded as the first."""
+    Wortsman et al. 2022: runs fine-tuned from one init; `llm checkpoint soup` writes it as a checkpoint)."""
+    from llm.checkpoint import MODEL_FILE, CheckpointError, average, load_into
     from llm.loading import load_model
 
-    model = load_model(checkpoints[0], "cpu")[0]
-    states = [model.state_dict()] + [load_model(c, "cpu")[0].state_dict() for c in checkpoints[1:]]
-    avg = {}
-    for k, v in states[0].items():
-        if any(s.keys() != states[0].keys() or s[k].shape != v.shape for s in states):
-            sys.exit(f"error: the checkpoints differ in tensor {k!r}: a soup needs one architecture")
-        if v.is_floating_point():
-            avg[k] = torch.stack([s[k].double() for s in states]).mean(0).to(v.dtype)
-        elif any(not torch.equal(s[k], v) for s in states):
-            sys.exit(f"error: the checkpoints differ in the non-float tensor {k!r}")
-        else:
-            avg[k] = v
-    model.load_state_dict(avg)
+    try:
+        tensors, first = average(checkpoints)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    model = load_model(first, "cpu")[0]
+    load_into(model, tensors, first / MODEL_FILE)
     return model.eval()
 
 

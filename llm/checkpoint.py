@@ -26,6 +26,7 @@ A multi-rank run writes a sharded checkpoint instead (llm/train/dcp.py writes it
 
 No DCP file is a pickle: the safetensors headers are the DCP metadata (HuggingFaceStorageReader rebuilds
 it from them). `llm checkpoint consolidate DIR OUT` (python -m llm.checkpoint ...) makes one a single file.
+`llm checkpoint soup OUT CKPT CKPT ...` writes the uniform average of several checkpoints' weights (a model soup).
 
 A save goes to a temporary sibling directory, every file is fsynced, the directory is
 renamed into place, then `latest` is replaced; a crash at any point leaves the previous
@@ -400,8 +401,55 @@ def consolidate(src: str | Path, out: str | Path) -> Path:
                 str(ckpt)}, model_state=tensors, pointer=None)
 
 
+def average(sources: list[str | Path]) -> tuple[dict[str, torch.Tensor], Path]:
+    """(the uniform mean of several single-file checkpoints' weights, the first checkpoint's dir): a "model soup"
+    (Wortsman et al. 2022), meaningful for runs fine-tuned from one init. Every floating-point tensor is averaged in
+    float64 and stored in its dtype; the model configs and tokenizers must be equal, other tensors too."""
+    ckpts = [resolve(s) for s in sources]
+    cfgs = [read_config(c) for c in ckpts]
+    for c, cfg in zip(ckpts, cfgs):
+        if is_sharded(c):
+            raise CheckpointError(f"{c} is sharded: make it one file first (llm checkpoint consolidate)")
+        if cfg.get("quantization") is not None:
+            raise CheckpointError(f"{c} is quantized: average full-precision checkpoints")
+        if not (c / MODEL_FILE).is_file():
+            raise CheckpointError(f"{c} holds no {MODEL_FILE} (an adapter?): average whole models")
+        if cfg["model"] != cfgs[0]["model"] or cfg["tokenizer"] != cfgs[0]["tokenizer"]:
+            raise CheckpointError(f"{c} and {ckpts[0]} differ in model config or tokenizer: a soup averages one "
+                                  "architecture")
+    states = [read_tensors(c / MODEL_FILE)[0] for c in ckpts]
+    avg = {}
+    for k, v in states[0].items():
+        for c, s in zip(ckpts, states):
+            if s.keys() != states[0].keys() or s[k].shape != v.shape or s[k].dtype != v.dtype:
+                raise CheckpointError(f"{c} and {ckpts[0]} hold different tensors ({k!r} or the names)")
+        if v.is_floating_point():
+            avg[k] = torch.stack([s[k].double() for s in states]).mean(0).to(v.dtype)
+        elif any(not torch.equal(s[k], v) for s in states):
+            raise CheckpointError(f"{k!r} is not a float tensor and differs between the checkpoints")
+        else:
+            avg[k] = v
+    return avg, ckpts[0]
+
+
+def soup(sources: list[str | Path], out: str | Path) -> Path:
+    """Write the checkpoint `out` (a new or empty dir) holding `average(sources)`, the first's config and
+    tokenizer, and `soup_of` (the sources) in its config."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{out} exists and is not an empty directory; choose a new one")
+    tensors, first = average(sources)
+    cfg = read_config(first)
+    with torch.device("meta"):
+        model = Transformer(model_config_from_dict(cfg["model"]))
+    load_into(model, tensors, first / MODEL_FILE)
+    extra = {k: v for k, v in cfg.items() if k not in ("format", "version", "model", "tokenizer")}
+    return save(out.parent, out.name, model, Tokenizer.load(first, cfg["tokenizer"]),
+                extra | {"soup_of": [str(resolve(s)) for s in sources]}, model_state=tensors, pointer=None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`llm checkpoint consolidate DIR OUT` (= python -m llm.checkpoint consolidate DIR OUT)."""
+    """`llm checkpoint consolidate DIR OUT` and `llm checkpoint soup OUT CKPT CKPT ...` (python -m llm.checkpoint)."""
     p = argparse.ArgumentParser(prog="llm checkpoint", description="Checkpoint tools.")
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("consolidate", help="a sharded (multi-rank) checkpoint -> a single-file checkpoint",
@@ -409,9 +457,16 @@ def main(argv: list[str] | None = None) -> int:
                                    "(what sample.py, the server, quantize, HF export and --init-from take).")
     c.add_argument("src", metavar="DIR", help="a sharded checkpoint dir, or a training out-dir (its latest)")
     c.add_argument("out", metavar="OUT", help="the single-file checkpoint directory to write (new or empty)")
+    s = sub.add_parser("soup", help="average several checkpoints' weights into one (a model soup)",
+                       description="Write one checkpoint whose every weight is the uniform mean of the given "
+                                   "checkpoints' (Wortsman et al. 2022's uniform soup): for runs fine-tuned from one "
+                                   "init, e.g. reward models from one SFT model with different seeds. Same "
+                                   "architecture and tokenizer; single-file, full-precision checkpoints.")
+    s.add_argument("out", metavar="OUT", help="the checkpoint directory to write (new or empty)")
+    s.add_argument("src", metavar="CKPT", nargs="+", help="checkpoints or training out-dirs (their latest)")
     args = p.parse_args(argv)
     try:
-        path = consolidate(args.src, args.out)
+        path = consolidate(args.src, args.out) if args.cmd == "consolidate" else soup(args.src, args.out)
     except (CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -94,3 +94,38 @@ def test_pickle_file_is_refused_and_never_run(tmp_path, tok):
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         ck.load_checkpoint(tmp_path / "c")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("kw", [{}, dict(tie_embeddings=True)], ids=["untied", "tied"])
+def test_soup_writes_the_mean_of_the_weights(tmp_path, tok, kw, capsys):
+    """`llm checkpoint soup OUT A B C`: every float tensor is the mean of the three (tied weights stay tied), the
+    config and tokenizer are the first's; a soup of one checkpoint is that checkpoint bitwise; another architecture,
+    or a non-empty OUT, is one error line."""
+    models = []
+    for i in range(3):
+        models.append(make(**kw))
+        torch.manual_seed(i)
+        with torch.no_grad():  # three different models (tiny_model seeds its own init)
+            for p in models[-1].parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        ck.save(tmp_path / f"m{i}", "ckpt-1", models[-1], tok)
+    assert ck.main(["soup", str(tmp_path / "soup"), *(str(tmp_path / f"m{i}") for i in range(3))]) == 0
+    assert "wrote" in capsys.readouterr().out
+    soup, tok2, cfg = ck.load_checkpoint(tmp_path / "soup")
+    states = [m.state_dict() for m in models]
+    for k, v in soup.state_dict().items():
+        want = (states[0][k].double() + states[1][k].double() + states[2][k].double()) / 3
+        assert torch.allclose(v.double(), want, rtol=0, atol=1e-7), k
+        assert not torch.equal(v, states[0][k]), k
+    if kw:
+        assert soup.lm_head.weight is soup.tok_emb.weight
+    assert len(cfg["soup_of"]) == 3 and tok2.encode("hello there") == tok.encode("hello there")
+    one = ck.soup([tmp_path / "m1"], tmp_path / "one")
+    loaded = ck.load_checkpoint(one)[0].state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in states[1].items())
+    ck.save(tmp_path / "other", "ckpt-1", make(block_size=64), tok)
+    for argv, msg in ((["soup", str(tmp_path / "x"), str(tmp_path / "m0"), str(tmp_path / "other")], "differ in model"),
+                      (["soup", str(tmp_path / "soup"), str(tmp_path / "m0")], "is not an empty directory")):
+        assert ck.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and msg in err and "\n" not in err
