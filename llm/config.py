@@ -258,7 +258,8 @@ class TrainConfig:
     reward: str | None = _f(None, "--objective grpo: the reward function, a built-in (exact_match, prefix_match) or "
                                   "module:function taking (prompt, answer, reference) -> float")
     reward_model: str | None = _f(None, "--objective grpo: score answers with this reward model (a checkpoint "
-                                        "trained with --objective reward) instead of --reward")
+                                        "trained with --objective reward) instead of --reward; several, comma-"
+                                        "separated: an ensemble, the mean of their scores")
     grpo_group: int = _f(4, "--objective grpo: answers sampled per prompt (advantages are relative to the group)")
     grpo_beta: float = _f(0.04, "--objective grpo: weight of the KL penalty to the reference")
     grpo_max_new: int = _f(32, "--objective grpo: most tokens per sampled answer")

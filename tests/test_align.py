@@ -567,3 +567,30 @@ def test_bench_align_reward_ensemble_and_soup(runs, capsys):
     assert json.loads(capsys.readouterr().out) == ens
     with pytest.raises(SystemExit, match="^error: a checkpoint without a reward head"):
         eval_reward_ensemble([a, runs / "sft"], data)
+
+
+def test_reward_ensemble_scores_and_rewards_grpo_with_the_mean(runs, capsys):
+    """Several reward models as one: `llm score --checkpoint A --checkpoint B` prints the mean of the two models'
+    scores, and GRPO with --reward-model A,B logs as its first step's mean reward the mean of the runs with A alone
+    and B alone (the same sampled answers: same policy and seed)."""
+    from llm.train.score import main as score_main
+
+    for seed in (1, 2):
+        assert main(align_argv(runs, f"rm-e{seed}", objective="reward", seed=seed, max_steps=3, lr=3e-3)) == 0
+    a, b = str(runs / "rm-e1"), str(runs / "rm-e2")
+    convo = [{"role": "user", "content": "Double 3."}, {"role": "assistant", "content": "7"}]
+    (ma, tok, _), (mb, _, _) = load_model(a), load_model(b)
+    sa, sb = score(ma, tok, convo), score(mb, tok, convo)
+    assert sa != sb
+    capsys.readouterr()
+    assert score_main(["--checkpoint", a, "--checkpoint", b, "--prompt", "Double 3.", "--answer", "7", "--json"]) == 0
+    assert abs(json.loads(capsys.readouterr().out)[0]["score"] - (sa + sb) / 2) < 1e-6
+    assert score_main(["--checkpoint", a, "--checkpoint", str(runs / "sft"), "--prompt", "x", "--answer", "y"]) == 2
+    assert "has no reward head" in capsys.readouterr().err
+    grpo = dict(objective="grpo", dataset=runs / "sft.jsonl", grpo_group=3, grpo_max_new=4, batch_size=2, max_steps=1)
+    reward = {}
+    for name, rm in (("a", a), ("b", b), ("ab", f"{a},{b}")):
+        assert main(align_argv(runs, f"grpo-ens-{name}", reward_model=rm, **grpo)) == 0
+        reward[name] = [r for r in metrics_records(runs / f"grpo-ens-{name}") if "loss" in r][0]["grpo/reward"]
+    assert reward["a"] != reward["b"]
+    assert abs(reward["ab"] - (reward["a"] + reward["b"]) / 2) < 1e-5

@@ -103,7 +103,9 @@ class GRPO(Objective):
         else:
             self.ref = copy.deepcopy(ctx.model).eval().requires_grad_(False)
             ctx.say(f"GRPO reference: a frozen copy of the starting policy ({t.init_from})")
-        self.reward_model = load_frozen(t.reward_model, ctx, "reward") if t.reward_model else None
+        # --reward-model A,B,...: an ensemble, the mean of the models' scores (Coste et al. 2023)
+        self.reward_models = [load_frozen(c, ctx, "reward") for c in t.reward_model.split(",")] if t.reward_model \
+            else []
         ctx.say(f"GRPO: {t.grpo_group} answers per prompt, up to {t.grpo_max_new} tokens at temperature "
                 f"{t.grpo_temperature:g}, KL weight {t.grpo_beta:g}, reward "
                 f"{t.reward or 'model ' + str(t.reward_model)}")
@@ -142,7 +144,8 @@ class GRPO(Objective):
             if self.reward_fn is not None:
                 out.append(float(self.reward_fn(self.tok.decode(prompts[p]), text, answers[p])))
             else:
-                out.append(score_ids(self.reward_model, prompts[p] + ids))
+                rs = [score_ids(m, prompts[p] + ids) for m in self.reward_models]
+                out.append(sum(rs) / len(rs))
         return torch.tensor(out, dtype=torch.float32)
 
     def loss(self, fwd, batch):
