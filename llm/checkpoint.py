@@ -418,11 +418,14 @@ def average(sources: list[str | Path]) -> tuple[dict[str, torch.Tensor], Path]:
             raise CheckpointError(f"{c} and {ckpts[0]} differ in model config or tokenizer: a soup averages one "
                                   "architecture")
     states = [read_tensors(c / MODEL_FILE)[0] for c in ckpts]
+    for c, s in zip(ckpts, states):
+        if s.keys() != states[0].keys():
+            raise CheckpointError(f"{c} and {ckpts[0]} hold different tensors (the names)")
     avg = {}
     for k, v in states[0].items():
         for c, s in zip(ckpts, states):
-            if s.keys() != states[0].keys() or s[k].shape != v.shape or s[k].dtype != v.dtype:
-                raise CheckpointError(f"{c} and {ckpts[0]} hold different tensors ({k!r} or the names)")
+            if s[k].shape != v.shape or s[k].dtype != v.dtype:
+                raise CheckpointError(f"{c} and {ckpts[0]} hold different tensors ({k!r})")
         if v.is_floating_point():
             avg[k] = torch.stack([s[k].double() for s in states]).mean(0).to(v.dtype)
         elif any(not torch.equal(s[k], v) for s in states):

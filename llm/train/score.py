@@ -57,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"{c} has no reward head: train one with llm train --objective reward")
             if models:
                 check_same_tokenizer(tok, t, models[0].cfg.padded_vocab_size, model.cfg.padded_vocab_size, "reward", c)
+            else:
+                tok = t
             models.append(model)
-            tok = t if tok is None else tok
 
         def score(msgs: list[dict]) -> float:  # one model's score, or the ensemble's mean
             return sum(score_one(m, tok, msgs) for m in models) / len(models)
